@@ -1,0 +1,53 @@
+"""``napari-feddp`` command line: a thin layer over the core packages.
+
+Each sub-command lives in :mod:`napari_feddp.commands` as a module with
+``add_parser(subparsers)`` (which sets ``func`` on its parser) so that commands
+stay small and independent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+#: Modules under napari_feddp.commands, in the order shown by --help.
+COMMAND_MODULES = ("info",)
+
+
+class CommandError(Exception):
+    """Bad input on the command line: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="napari-feddp",
+        description="Whole-slide segmentation and federated, differentially private training.",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-feddp {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"napari_feddp.commands.{name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("napari-feddp: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, FileNotFoundError, ValueError) as exc:
+        print(f"napari-feddp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``napari-feddp`` CLI (see :mod:`napari_feddp.cli`)."""

@@ -1,0 +1,281 @@
+"""Open a whole-slide image as a lazy dask pyramid (tifffile -> zarr -> dask).
+
+Nothing here decodes level-0 pixels: opening reads the TIFF directory only, and
+every array handed out is a dask array whose chunks are the file's own tiles.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import tifffile
+import zarr
+
+from ._metadata import SlideMetadata, read_slide_metadata
+from ._pyramid import lazy_pyramid
+
+#: Series names that hold a slide's label, macro or thumbnail picture. The
+#: label and macro can show patient identifiers: never opened unless asked.
+ASSOCIATED_NAMES = ("label", "macro", "thumbnail", "overview", "map")
+
+#: File name endings this package reads as slides.
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".tif", ".tiff")
+#: Endings that always mean "a slide" (a generic .tif may be anything).
+VENDOR_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif")
+
+#: Single-level images larger than this (pixels per side) get a lazy pyramid.
+PYRAMID_MIN_SIDE = 2048
+
+
+class SlideError(ValueError):
+    """A slide file exists but cannot be read; the message names file and reason."""
+
+
+class NotASlideError(SlideError):
+    """The file is readable but is not a slide (e.g. a 3-D stack or a float image)."""
+
+
+@dataclass(eq=False)
+class Slide:
+    """A lazily opened whole-slide image.
+
+    Attributes
+    ----------
+    path : Path
+        The file.
+    levels : list of dask.array.Array
+        Pyramid, highest resolution first. RGB slides are ``(Y, X, 3)`` uint8;
+        label images are ``(Y, X)`` integers.
+    downsamples : list of (float, float)
+        ``(y, x)`` factor of each level relative to level 0.
+    mpp : (float, float) or None
+        ``(y, x)`` micrometres per level-0 pixel; ``None`` when the file has none.
+    vendor : str
+        ``aperio``, ``hamamatsu``, ``leica``, ``ventana``, ``ome-tiff`` or ``generic-tiff``.
+    objective_power : float or None
+        Scanning magnification (e.g. 20, 40).
+    kind : str
+        ``"rgb"`` for tissue images, ``"labels"`` for label maps (our own exports).
+    associated : dict of str to int
+        Names of the label/macro/thumbnail images in the file and their series
+        index. They are *not* opened; see :meth:`read_associated`.
+    """
+
+    path: Path
+    levels: list[da.Array]
+    downsamples: list[tuple[float, float]]
+    mpp: tuple[float, float] | None
+    vendor: str
+    objective_power: float | None
+    kind: str
+    associated: dict[str, int] = field(default_factory=dict)
+    pyramid_in_file: bool = True
+    _tif: tifffile.TiffFile | None = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Level-0 ``(height, width)`` in pixels."""
+        return tuple(self.levels[0].shape[:2])  # type: ignore[return-value]
+
+    def level_mpp(self, level: int) -> tuple[float, float] | None:
+        """``(y, x)`` micrometres per pixel at ``level``, or None."""
+        if self.mpp is None:
+            return None
+        dy, dx = self.downsamples[level]
+        return (self.mpp[0] * dy, self.mpp[1] * dx)
+
+    def metadata(self) -> dict:
+        """Plain-data description, suitable for a napari layer's ``metadata``."""
+        return {
+            "path": str(self.path),
+            "vendor": self.vendor,
+            "mpp": list(self.mpp) if self.mpp else None,
+            "units": "micrometer" if self.mpp else "pixel",
+            "objective_power": self.objective_power,
+            "level_shapes": [list(lv.shape[:2]) for lv in self.levels],
+            "level_downsamples": [list(d) for d in self.downsamples],
+            "pyramid_in_file": self.pyramid_in_file,
+            "associated_images": sorted(self.associated),
+        }
+
+    def read_associated(self, name: str) -> np.ndarray:
+        """Decode the associated image ``name`` (e.g. ``"label"``, ``"macro"``).
+
+        Label and macro pictures can carry patient identifiers: call this only
+        on an explicit request from the user.
+        """
+        key = name.lower()
+        if key not in self.associated:
+            raise KeyError(
+                f"{self.path.name} has no associated image {name!r}; "
+                f"it has: {', '.join(sorted(self.associated)) or 'none'}"
+            )
+        tif = self._tif or tifffile.TiffFile(self.path)
+        return tif.series[self.associated[key]].asarray()
+
+    def close(self) -> None:
+        """Release the file handle (arrays become unreadable)."""
+        if self._tif is not None:
+            self._tif.close()
+            self._tif = None
+
+
+def is_slide_path(path: str | os.PathLike) -> bool:
+    """True when the file name has an ending this package reads."""
+    return str(path).lower().endswith(SLIDE_SUFFIXES)
+
+
+def open_slide(path: str | os.PathLike, *, maxworkers: int | None = None) -> Slide:
+    """Open ``path`` lazily.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A ``.svs``, ``.ndpi``, ``.scn``, ``.bif``, (OME-)TIFF file.
+    maxworkers : int, optional
+        Threads that decode tiles concurrently when a read spans several tiles
+        (default: the number of CPUs). Matters most for JPEG 2000 slides.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    NotASlideError
+        If the file is a TIFF but not an RGB slide or a 2-D label image.
+    SlideError
+        If the file is corrupt, truncated, or uses a codec that cannot be decoded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No such slide file: {path}")
+    try:
+        tif = tifffile.TiffFile(path)
+    except (tifffile.TiffFileError, ValueError, OSError, struct_error()) as exc:
+        raise SlideError(f"Cannot open {path.name}: not a readable TIFF-based slide ({exc})") from exc
+    try:
+        return _open_tiff(path, tif, maxworkers or os.cpu_count() or 1)
+    except Exception:
+        tif.close()
+        raise
+
+
+def struct_error() -> type[Exception]:
+    import struct
+
+    return struct.error
+
+
+def _open_tiff(path: Path, tif: tifffile.TiffFile, maxworkers: int) -> Slide:
+    if not tif.series:
+        raise SlideError(f"Cannot open {path.name}: the TIFF holds no image")
+    main_index, associated = _choose_series(tif)
+    series = tif.series[main_index]
+    kind, axes_order = _classify(series, path)
+    for level in series.levels:
+        for page in level.pages:
+            if page is not None:
+                _check_readable(path, tif, page)
+
+    store = series.aszarr(maxworkers=maxworkers)
+    group = zarr.open(store, mode="r")
+    if isinstance(group, zarr.Array):
+        arrays = [group]
+    else:
+        arrays = [group[str(i)] for i in range(len(series.levels))]
+    levels = [_to_standard_axes(da.from_zarr(a), series.levels[i].axes, axes_order) for i, a in enumerate(arrays)]
+
+    pyramid_in_file = len(levels) > 1
+    if not pyramid_in_file and max(levels[0].shape[:2]) > PYRAMID_MIN_SIDE:
+        levels = lazy_pyramid(levels[0], labels=(kind == "labels"))
+
+    base = levels[0].shape
+    downsamples = [(base[0] / lv.shape[0], base[1] / lv.shape[1]) for lv in levels]
+    meta: SlideMetadata = read_slide_metadata(tif, series.pages[0] if series.pages else tif.pages[0])
+    return Slide(
+        path=path,
+        levels=levels,
+        downsamples=downsamples,
+        mpp=meta.mpp,
+        vendor=meta.vendor,
+        objective_power=meta.objective_power,
+        kind=kind,
+        associated=associated,
+        pyramid_in_file=pyramid_in_file,
+        _tif=tif,
+    )
+
+
+def _choose_series(tif: tifffile.TiffFile) -> tuple[int, dict[str, int]]:
+    """Index of the main image (largest non-associated series) and the associated ones."""
+    associated: dict[str, int] = {}
+    candidates = []
+    for index, series in enumerate(tif.series):
+        name = (series.name or "").strip().lower()
+        if index > 0 and any(name.startswith(key) for key in ASSOCIATED_NAMES):
+            associated[name] = index
+        else:
+            candidates.append(index)
+    if not candidates:
+        raise SlideError(f"{tif.filename}: only label/macro images, no main image")
+    main = max(candidates, key=lambda i: int(np.prod(tif.series[i].shape[-3:])))
+    return main, associated
+
+
+def _classify(series: tifffile.TiffPageSeries, path: Path) -> tuple[str, str]:
+    """Decide whether ``series`` is an RGB slide or a label image; reject the rest."""
+    axes, shape, dtype = series.axes, series.shape, series.dtype
+    squeezed = "".join(a for a, n in zip(axes, shape) if n > 1 or a in "YX")
+    if squeezed in ("YXS",) and shape[axes.index("S")] in (3, 4) and dtype == np.uint8:
+        return "rgb", "YXS"
+    if squeezed in ("SYX", "CYX") and shape[axes.index(squeezed[0])] in (3, 4) and dtype == np.uint8:
+        return "rgb", squeezed
+    is_integer = np.issubdtype(dtype, np.integer)
+    if squeezed == "YX" and is_integer and (dtype != np.uint8 or "ome" in series.parent.flags):
+        # Our own exports (OME-TIFF label maps); plain 8-bit greyscale TIFFs are
+        # left to other readers.
+        return "labels", "YX"
+    raise NotASlideError(
+        f"{path.name} is not a slide: expected an RGB uint8 image (axes YXS) or a 2-D "
+        f"integer label image, got axes {axes!r}, shape {shape}, dtype {dtype}"
+    )
+
+
+def _to_standard_axes(array: da.Array, axes: str, order: str) -> da.Array:
+    """Drop length-1 axes and return (Y, X, 3) for RGB or (Y, X) for labels."""
+    keep = [i for i, (a, n) in enumerate(zip(axes, array.shape)) if n > 1 or a in "YX"]
+    index = tuple(slice(None) if i in keep else 0 for i in range(array.ndim))
+    array = array[index]
+    if order in ("SYX", "CYX"):
+        array = da.moveaxis(array, 0, -1)
+    if array.ndim == 3 and array.shape[-1] == 4:
+        array = array[..., :3]  # RGBA slides: alpha carries no tissue information
+    return array
+
+
+def _check_readable(path: Path, tif: tifffile.TiffFile, page: tifffile.TiffPage) -> None:
+    """Fail now, with a clear reason, if tiles lie past the end or cannot be decoded."""
+    keyframe = page.keyframe
+    try:
+        tifffile.TIFF.DECOMPRESSORS[keyframe.compression]
+    except KeyError as exc:
+        name = getattr(keyframe.compression, "name", keyframe.compression)
+        raise SlideError(
+            f"Cannot open {path.name}: tiles use compression {name} "
+            f"({int(keyframe.compression)}), which this installation cannot decode "
+            "(is imagecodecs installed and up to date?)"
+        ) from exc
+    offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+    counts = np.asarray(page.databytecounts, dtype=np.int64)
+    if offsets.size == 0:
+        return
+    end = int((offsets + counts).max())
+    size = tif.filehandle.size
+    if end > size:
+        raise SlideError(
+            f"Cannot open {path.name}: the file is truncated or corrupt "
+            f"(image data should reach byte {end:,} but the file has {size:,} bytes)"
+        )
