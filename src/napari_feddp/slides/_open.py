@@ -6,7 +6,9 @@ every array handed out is a dask array whose chunks are the file's own tiles.
 
 from __future__ import annotations
 
+import logging
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,21 +154,42 @@ def open_slide(path: str | os.PathLike, *, maxworkers: int | None = None) -> Sli
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No such slide file: {path}")
-    try:
-        tif = tifffile.TiffFile(path)
-    except (tifffile.TiffFileError, ValueError, OSError, struct_error()) as exc:
-        raise SlideError(f"Cannot open {path.name}: not a readable TIFF-based slide ({exc})") from exc
-    try:
-        return _open_tiff(path, tif, maxworkers or os.cpu_count() or 1)
-    except Exception:
-        tif.close()
-        raise
+    with _TiffProblems() as problems:
+        try:
+            tif = tifffile.TiffFile(path)
+        except (tifffile.TiffFileError, ValueError, OSError, struct.error) as exc:
+            raise SlideError(f"Cannot open {path.name}: not a readable TIFF-based slide ({exc})") from exc
+        try:
+            tif.series  # noqa: B018 - parse the directory chain now, while problems are recorded
+            if problems.messages:
+                raise SlideError(
+                    f"Cannot open {path.name}: the file is truncated or corrupt "
+                    f"({problems.messages[0]})"
+                )
+            return _open_tiff(path, tif, maxworkers or os.cpu_count() or 1)
+        except Exception:
+            tif.close()
+            raise
 
 
-def struct_error() -> type[Exception]:
-    import struct
+class _TiffProblems(logging.Handler):
+    """Collect the errors tifffile logs (it logs, rather than raises, on a broken IFD chain)."""
 
-    return struct.error
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.levelno >= logging.ERROR or any(w in message for w in ("invalid", "offset", "corrupt")):
+            self.messages.append(message)
+
+    def __enter__(self) -> _TiffProblems:
+        logging.getLogger("tifffile").addHandler(self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        logging.getLogger("tifffile").removeHandler(self)
 
 
 def _open_tiff(path: Path, tif: tifffile.TiffFile, maxworkers: int) -> Slide:

@@ -1,0 +1,113 @@
+"""Write label maps as tiled, compressed, pyramidal OME-TIFF (streamed, never whole)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import tifffile
+
+#: Tile side in pixels for every level; 256 is what QuPath and OpenSlide expect.
+TILE = 256
+#: Levels are added until the longest side is at most this.
+COARSEST_SIDE = 1024
+#: OME-TIFF has no 64-bit integer type; larger label ids are refused, not wrapped.
+_SAFE_DTYPES = (np.uint8, np.uint16, np.uint32, np.int8, np.int16, np.int32)
+
+
+def write_ome_labels(
+    path: str | os.PathLike,
+    labels,
+    *,
+    mpp: tuple[float, float] | None = None,
+    name: str = "labels",
+    compression: str = "zlib",
+) -> Path:
+    """Write a 2-D label image as a pyramidal OME-TIFF.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Output file; should end with ``.ome.tif`` or ``.ome.tiff``.
+    labels : array-like or list of array-like
+        ``(Y, X)`` integer labels (numpy, dask or zarr), or a multiscale list
+        whose first element is level 0 (coarser levels are recomputed by
+        nearest-neighbour subsampling so that every level is tile-aligned).
+    mpp : (float, float), optional
+        ``(y, x)`` micrometres per level-0 pixel, stored as OME
+        ``PhysicalSizeY/X`` and as TIFF resolution tags.
+    name : str
+        OME image name.
+    compression : str
+        Any tifffile compression; lossless ``zlib`` by default.
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    path = Path(path)
+    level0 = labels[0] if isinstance(labels, (list, tuple)) else labels
+    level0 = da.asarray(level0) if not isinstance(level0, da.Array) else level0
+    if level0.ndim != 2:
+        raise ValueError(f"labels must be 2-D (Y, X); got shape {tuple(level0.shape)}")
+    if not np.issubdtype(level0.dtype, np.integer) and level0.dtype != bool:
+        raise ValueError(f"labels must have an integer dtype; got {level0.dtype}")
+    dtype = _storage_dtype(level0.dtype)
+    levels = [level0]
+    while max(levels[-1].shape) > COARSEST_SIDE:
+        levels.append(levels[-1][::2, ::2])
+
+    metadata: dict = {"axes": "YX", "Name": name}
+    options: dict = {"tile": (TILE, TILE), "compression": compression, "dtype": dtype}
+    if mpp is not None:
+        metadata.update(
+            PhysicalSizeY=float(mpp[0]), PhysicalSizeYUnit="µm",
+            PhysicalSizeX=float(mpp[1]), PhysicalSizeXUnit="µm",
+        )
+        options.update(resolution=(1e4 / mpp[1], 1e4 / mpp[0]), resolutionunit="CENTIMETER")
+
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as writer:
+            writer.write(
+                _tiles(levels[0], dtype), shape=levels[0].shape,
+                subifds=len(levels) - 1, metadata=metadata, **options,
+            )
+            for level in levels[1:]:
+                writer.write(_tiles(level, dtype), shape=level.shape, subfiletype=1, metadata=None, **options)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _storage_dtype(dtype: np.dtype) -> np.dtype:
+    if dtype == bool:
+        return np.dtype(np.uint8)
+    if dtype in _SAFE_DTYPES:
+        return np.dtype(dtype)
+    return np.dtype(np.uint32 if np.issubdtype(dtype, np.unsignedinteger) else np.int32)
+
+
+def _tiles(level: da.Array, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """Yield ``TILE x TILE`` tiles in row-major order, one strip of tiles at a time."""
+    height, width = level.shape
+    info = np.iinfo(dtype)
+    for y in range(0, height, TILE):
+        strip = np.asarray(level[y : y + TILE].compute() if isinstance(level, da.Array) else level[y : y + TILE])
+        if strip.size and (strip.max() > info.max or strip.min() < info.min):
+            raise ValueError(
+                f"label values in rows {y}-{y + TILE} do not fit in {dtype} "
+                f"(range {strip.min()}..{strip.max()}); OME-TIFF has no 64-bit integers"
+            )
+        strip = strip.astype(dtype, copy=False)
+        for x in range(0, width, TILE):
+            tile = np.zeros((TILE, TILE), dtype)
+            part = strip[:, x : x + TILE]
+            tile[: part.shape[0], : part.shape[1]] = part
+            yield tile

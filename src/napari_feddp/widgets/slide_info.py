@@ -1,0 +1,92 @@
+"""Slide info dock widget: what the reader knows about the selected slide layer.
+
+It is also the explicit opt-in for a slide's label and macro pictures, which
+can show patient identifiers and are therefore never opened by default.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qtpy.QtWidgets import QLabel, QMessageBox, QPushButton, QVBoxLayout, QWidget
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
+
+
+def slide_info_text(meta: dict | None) -> str:
+    """Human-readable summary of a layer's FedDP slide metadata."""
+    if not meta:
+        return "Select a slide layer opened by FedDP."
+    mpp = meta.get("mpp")
+    mpp_text = f"{mpp[1]:.4g} × {mpp[0]:.4g} µm/px" if mpp else "unknown (shown in pixels)"
+    power = meta.get("objective_power")
+    shapes = meta.get("level_shapes") or []
+    lines = [
+        f"Vendor: {meta.get('vendor')}",
+        f"Pixel size: {mpp_text}",
+        f"Objective: {power:g}x" if power else "Objective: unknown",
+        f"Size: {shapes[0][1]} × {shapes[0][0]} px" if shapes else "Size: unknown",
+        f"Levels: {len(shapes)}" + ("" if meta.get("pyramid_in_file", True) else " (computed on the fly)"),
+        "Associated images: " + (", ".join(meta.get("associated_images") or []) or "none"),
+    ]
+    return "\n".join(lines)
+
+
+class SlideInfoWidget(QWidget):
+    """Shows slide metadata; a button opts in to the label/macro pictures."""
+
+    def __init__(self, napari_viewer: napari.Viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.info = QLabel()
+        self.info.setWordWrap(True)
+        self.show_associated = QPushButton("Show label && macro images…")
+        self.show_associated.setToolTip(
+            "Slide labels and macro photographs can show patient identifiers."
+        )
+        self.show_associated.clicked.connect(self._on_show_associated)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.info)
+        layout.addWidget(self.show_associated)
+        layout.addStretch()
+        self.viewer.layers.selection.events.active.connect(self._refresh)
+        self._refresh()
+
+    def _active_meta(self) -> dict | None:
+        layer = self.viewer.layers.selection.active
+        return None if layer is None else layer.metadata.get("feddp")
+
+    def _refresh(self, event=None) -> None:
+        meta = self._active_meta()
+        self.info.setText(slide_info_text(meta))
+        self.show_associated.setEnabled(bool(meta and meta.get("associated_images")))
+
+    def _on_show_associated(self, checked: bool = False, *, confirm: bool = True) -> int:
+        meta = self._active_meta()
+        if not meta or not meta.get("associated_images"):
+            return 0
+        if confirm:
+            answer = QMessageBox.question(
+                self,
+                "Show label and macro images?",
+                "Label and macro images can show patient names or identifiers.\n"
+                "Show them anyway?",
+            )
+            if answer != QMessageBox.StandardButton.Yes:
+                return 0
+        return self.add_associated_layers(meta["path"])
+
+    def add_associated_layers(self, path: str) -> int:
+        """Add the slide's associated pictures as layers; returns how many."""
+        from .._reader import associated_layer_data
+        from ..slides import open_slide
+
+        slide = open_slide(path)
+        try:
+            layers = associated_layer_data(slide)
+        finally:
+            slide.close()
+        for data, kwargs, _ in layers:
+            self.viewer.add_image(data, **kwargs)
+        return len(layers)
