@@ -29,6 +29,7 @@ def build_viewer(show: bool):
     viewer.open(str(sample_slide_path()), plugin="napari-feddp")
     for name in WIDGETS:
         viewer.window.add_plugin_dock_widget("napari-feddp", name)
+    viewer.scale_bar.visible = True  # the layer is in micrometres: the bar says so
     viewer.reset_view()
     return viewer
 
@@ -38,8 +39,12 @@ def run_headless(out_dir: Path) -> Path:
     from skimage.io import imsave
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    from qtpy.QtWidgets import QApplication
+
     viewer = build_viewer(show=True)  # shown on the virtual display only
     try:
+        for _ in range(20):  # let Qt lay out the docked widgets first
+            QApplication.processEvents()
         shot = viewer.screenshot(canvas_only=True, flash=False)
         target = out_dir / "slide-canvas.png"
         imsave(target, shot, check_contrast=False)

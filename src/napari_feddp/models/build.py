@@ -1,0 +1,154 @@
+"""Turn a model card into a network, and the default card for nuclei segmentation."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from torch import nn
+
+from .card import (
+    Architecture,
+    ClassInfo,
+    InputSpec,
+    ModelCard,
+    ModelCardError,
+    Normalization,
+    Provenance,
+)
+from .unet import UNet
+
+# Registry name -> factory taking the card's architecture.params as kwargs.
+# Checkpoints store only this name, so a renamed entry breaks old checkpoints.
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"unet": UNet}
+
+# ImageNet statistics: a neutral default until a model is trained on its own
+# H&E statistics; the card records whatever a trained model actually used.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+NUCLEI_CLASSES = (
+    ClassInfo(name="background", color="#000000"),
+    # Green stands out against the pink and purple of H&E stain.
+    ClassInfo(name="nucleus", color="#00ff7f"),
+)
+
+
+def register_architecture(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Make ``factory`` buildable from cards whose ``architecture.name`` is ``name``.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is already registered to a different factory.
+    """
+    existing = ARCHITECTURES.get(name)
+    if existing is not None and existing is not factory:
+        raise ValueError(f"architecture {name!r} is already registered to {existing!r}")
+    ARCHITECTURES[name] = factory
+
+
+def build_model(card: ModelCard) -> nn.Module:
+    """Build the untrained network that ``card.architecture`` describes.
+
+    Parameters
+    ----------
+    card : ModelCard
+        Card whose ``architecture.name`` is registered in :data:`ARCHITECTURES`.
+
+    Returns
+    -------
+    torch.nn.Module
+        Freshly initialised network (train mode, CPU).
+
+    Raises
+    ------
+    ModelCardError
+        If the architecture is unknown, its params are rejected by the factory,
+        or ``input.tile_size`` is not a size the network accepts.
+    """
+    factory = _factory_for(card.architecture)
+    try:
+        model = factory(**card.architecture.params)
+    except (TypeError, ValueError) as exc:
+        raise ModelCardError(
+            f"model card field 'architecture.params': expected arguments accepted by "
+            f"{card.architecture.name!r}, received {card.architecture.params!r} ({exc})"
+        ) from exc
+    _check_tile_size(model, card.input.tile_size)
+    return model
+
+
+def _factory_for(architecture: Architecture) -> Callable[..., nn.Module]:
+    factory = ARCHITECTURES.get(architecture.name)
+    if factory is None:
+        raise ModelCardError(
+            f"model card field 'architecture.name': expected one of {sorted(ARCHITECTURES)}, "
+            f"received {architecture.name!r}"
+        )
+    return factory
+
+
+def _check_tile_size(model: nn.Module, tile_size: int) -> None:
+    # Checked here rather than at the first forward pass, deep inside inference.
+    multiple = getattr(model, "size_multiple", 1)
+    if tile_size % multiple:
+        raise ModelCardError(
+            f"model card field 'input.tile_size': expected a multiple of {multiple} "
+            f"(the input sizes this {type(model).__name__} accepts), received {tile_size}"
+        )
+
+
+def default_card(
+    name: str = "he-nuclei-unet",
+    *,
+    mpp: float = 0.5,
+    tile_size: int = 256,
+    description: str = "U-Net for nuclei segmentation in H&E tiles (background / nucleus).",
+    training_data: str = "unspecified",
+    **unet_params: Any,
+) -> ModelCard:
+    """Card for a 2-class (background, nucleus) :class:`UNet` on H&E at 0.5 µm/px.
+
+    Parameters
+    ----------
+    name, description, training_data : str
+        Card name, free-text description, and a note on the training data.
+    mpp : float
+        Microns per pixel the model expects (0.5 ≈ 20x objective).
+    tile_size : int
+        Square tile edge in pixels; must suit the UNet depth.
+    **unet_params
+        Overrides of :class:`UNet` arguments (``depth``, ``base_width``, ...).
+
+    Returns
+    -------
+    ModelCard
+        Valid card with ImageNet normalisation, no metrics, no privacy claim
+        and no weights hash (filled by ``save_checkpoint``).
+
+    Raises
+    ------
+    ModelCardError
+        If ``unet_params`` holds an argument UNet does not have, or the
+        resulting card is inconsistent (e.g. ``n_classes`` other than 2).
+    """
+    try:
+        bound = inspect.signature(UNet).bind(**unet_params)
+    except TypeError as exc:
+        raise ModelCardError(
+            f"default_card unet_params: expected UNet arguments, received {sorted(unet_params)} ({exc})"
+        ) from exc
+    bound.apply_defaults()
+    return ModelCard(
+        name=name,
+        description=description,
+        architecture=Architecture(name="unet", params=dict(bound.arguments)),
+        classes=[ClassInfo(info.name, info.color) for info in NUCLEI_CLASSES],
+        input=InputSpec(
+            mpp=mpp,
+            tile_size=tile_size,
+            normalization=Normalization(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ),
+        provenance=Provenance(training_data=training_data),
+    )

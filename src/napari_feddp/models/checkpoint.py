@@ -1,0 +1,300 @@
+"""Checkpoints: ``<stem>.safetensors`` (weights) next to ``<stem>.json`` (model card).
+
+Weights are read only through ``safetensors.torch.load_file``, never through
+``torch.load`` or pickle: a checkpoint downloaded from a federation partner is
+untrusted data, and unpickling it would run arbitrary code.
+
+The card records the SHA-256 of the weights file, so a card and weights that
+drifted apart (one file replaced, copied from another run, or corrupted) are
+detected at load time instead of silently producing wrong segmentations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Mapping
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from .build import build_model
+from .card import ModelCard, ModelCardError
+
+WEIGHTS_SUFFIX = ".safetensors"
+CARD_SUFFIX = ".json"
+_LISTED_NAMES = 5  # how many offending tensor names an error message shows
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be saved or loaded; the message names the file and problem."""
+
+
+def checkpoint_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Return ``(weights_path, card_path)`` for a checkpoint.
+
+    ``path`` may name the weights file, the card file, or the common stem
+    without suffix: ``run/model``, ``run/model.json`` and
+    ``run/model.safetensors`` all give ``run/model.safetensors`` and
+    ``run/model.json``. Any other suffix is kept as part of the stem
+    (``model.v2`` -> ``model.v2.safetensors``).
+    """
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (WEIGHTS_SUFFIX, CARD_SUFFIX) else path
+    return stem.with_name(stem.name + WEIGHTS_SUFFIX), stem.with_name(stem.name + CARD_SUFFIX)
+
+
+# --- saving ----------------------------------------------------------------
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, card: ModelCard) -> Path:
+    """Write ``model``'s weights and ``card`` as a checkpoint pair.
+
+    Each file is written to a temporary name and moved into place with
+    ``os.replace``, so readers never see a half-written file. Weights are
+    written first: if the process dies between the two writes, the old card's
+    hash no longer matches and loading fails loudly rather than mixing runs.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Checkpoint location, with ``.safetensors``, ``.json`` or no suffix.
+        Missing parent folders are created.
+    model : torch.nn.Module
+        Network matching ``card.architecture``. Wrappers (Opacus
+        ``GradSampleModule``, ``DataParallel``, ``torch.compile``) are unwrapped.
+    card : ModelCard
+        Card to store. It is not modified; the stored copy has
+        ``weights_sha256`` and ``tensors`` (name -> shape) filled in.
+
+    Returns
+    -------
+    pathlib.Path
+        Path of the written ``.safetensors`` file.
+
+    Raises
+    ------
+    CheckpointError
+        If the model does not match the card's architecture or a file cannot be written.
+    """
+    weights_path, card_path = checkpoint_paths(path)
+    state = _state_to_save(_unwrap(model))
+    _check_model_matches_card(state, card, weights_path)
+
+    payload = safetensors.torch.save(state, metadata={"format": "pt"})
+    stored_card = dataclasses.replace(
+        card,
+        weights_sha256=hashlib.sha256(payload).hexdigest(),
+        tensors={name: list(tensor.shape) for name, tensor in state.items()},
+    )
+    _atomic_write(weights_path, payload)
+    _atomic_write(card_path, stored_card.to_json().encode("utf-8"))
+    return weights_path
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Strip training wrappers whose state_dict keys carry a prefix."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        else:
+            # Opacus GradSampleModule keeps the network in ``_module``,
+            # torch.compile's OptimizedModule in ``_orig_mod``.
+            inner = getattr(model, "_module", None)
+            if inner is None:
+                inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    # clone(): safetensors refuses tensors that share storage with another tensor.
+    return {
+        name: tensor.detach().to("cpu").contiguous().clone()
+        for name, tensor in model.state_dict().items()
+    }
+
+
+def _check_model_matches_card(state: Mapping[str, torch.Tensor], card: ModelCard, weights_path: Path) -> None:
+    try:
+        reference = build_model(card)
+    except ModelCardError as exc:
+        raise CheckpointError(f"{weights_path}: cannot save, the card is unusable: {exc}") from exc
+    problem = _state_mismatch(_shapes(reference.state_dict()), _shapes(state))
+    if problem:
+        raise CheckpointError(
+            f"{weights_path}: cannot save, the model does not match the card's architecture "
+            f"{card.architecture.name!r} {card.architecture.params}: {problem}"
+        )
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    # A unique temp name in the same folder keeps os.replace atomic (same file
+    # system) and lets the file get normal umask permissions, unlike mkstemp's 0600.
+    temp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temp_path, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_path, path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write checkpoint file: {exc}") from exc
+    finally:
+        temp_path.unlink(missing_ok=True)
+
+
+# --- loading ---------------------------------------------------------------
+
+
+def read_card(path: str | os.PathLike[str]) -> ModelCard:
+    """Read and validate only the model card of a checkpoint.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Checkpoint location, with ``.safetensors``, ``.json`` or no suffix.
+
+    Raises
+    ------
+    CheckpointError
+        If the card file is missing, unreadable, not JSON or not a valid card.
+    """
+    weights_path, card_path = checkpoint_paths(path)
+    try:
+        text = card_path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CheckpointError(
+            f"{card_path}: model card file is missing (expected next to {weights_path.name})"
+        ) from exc
+    except OSError as exc:
+        raise CheckpointError(f"{card_path}: cannot read model card: {exc}") from exc
+    try:
+        return ModelCard.from_json(text)
+    except ModelCardError as exc:
+        raise CheckpointError(f"{card_path}: invalid model card: {exc}") from exc
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
+    """Load a checkpoint written by :func:`save_checkpoint`.
+
+    The network is built from the card, never from the weights file, and the
+    weights are read with ``safetensors`` only (no pickle, no code execution).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Checkpoint location, with ``.safetensors``, ``.json`` or no suffix.
+    device : str or torch.device
+        Where to put the model.
+
+    Returns
+    -------
+    model : torch.nn.Module
+        Network with the loaded weights, in eval mode, on ``device``.
+    card : ModelCard
+        The validated card.
+
+    Raises
+    ------
+    CheckpointError
+        If the card or weights file is missing, the card is invalid, the
+        weights file is truncated or corrupt, its tensors do not match the
+        architecture (missing/unexpected names, wrong shapes), or its SHA-256
+        differs from the card's ``weights_sha256``.
+    """
+    weights_path, card_path = checkpoint_paths(path)
+    card = read_card(card_path)
+    try:
+        model = build_model(card)
+    except ModelCardError as exc:
+        raise CheckpointError(f"{card_path}: cannot build the model: {exc}") from exc
+
+    state = _read_weights(weights_path, card_path)
+    # Structure first: "missing key X" says more about a mixed-up file than a hash does.
+    problem = _state_mismatch(_shapes(model.state_dict()), _shapes(state))
+    if problem:
+        raise CheckpointError(
+            f"{weights_path}: weights do not fit the architecture in {card_path.name} "
+            f"({card.architecture.name!r}): {problem}"
+        )
+    _verify_sha256(weights_path, card_path, card)
+
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), card
+
+
+def _read_weights(weights_path: Path, card_path: Path) -> dict[str, torch.Tensor]:
+    if not weights_path.is_file():
+        raise CheckpointError(
+            f"{weights_path}: weights file is missing (the card {card_path.name} exists)"
+        )
+    try:
+        # Always to CPU first: a device error must not be reported as a corrupt file.
+        return safetensors.torch.load_file(weights_path, device="cpu")
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{weights_path}: not a readable safetensors file (truncated or corrupt?): {exc}"
+        ) from exc
+
+
+def _verify_sha256(weights_path: Path, card_path: Path, card: ModelCard) -> None:
+    if card.weights_sha256 is None:
+        raise CheckpointError(
+            f"{card_path}: card has no weights_sha256, so {weights_path.name} cannot be "
+            "verified; save the checkpoint with save_checkpoint"
+        )
+    found = _file_sha256(weights_path)
+    if found != card.weights_sha256:
+        raise CheckpointError(
+            f"{weights_path}: card does not match weights: {card_path.name} expects "
+            f"sha256 {card.weights_sha256}, the file has {found} (one of the two files "
+            "was replaced or modified after saving)"
+        )
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- comparing tensor sets -------------------------------------------------
+
+
+def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(tensor.shape) for name, tensor in state.items()}
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(repr(name) for name in names[:_LISTED_NAMES])
+    more = len(names) - _LISTED_NAMES
+    return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"
+
+
+def _state_mismatch(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Describe how tensor names/shapes ``found`` differ from ``expected``, or None."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s) {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s) {_listed(unexpected)}")
+    wrong_shapes = [name for name in expected if name in found and expected[name] != found[name]]
+    for name in wrong_shapes[:_LISTED_NAMES]:
+        problems.append(
+            f"shape mismatch for '{name}': expected {list(expected[name])}, found {list(found[name])}"
+        )
+    if len(wrong_shapes) > _LISTED_NAMES:
+        problems.append(f"... and {len(wrong_shapes) - _LISTED_NAMES} more shape mismatch(es)")
+    return "; ".join(problems) or None

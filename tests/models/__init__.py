@@ -1,0 +1,1 @@
+"""Tests for napari_feddp.models."""
