@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .slides._export import write_ome_labels
+from .export import write_ome_labels
 
 
 def write_labels(path: str, data, meta: dict) -> list[str]:

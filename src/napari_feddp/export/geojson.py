@@ -1,0 +1,134 @@
+"""Label map -> GeoJSON FeatureCollection that QuPath imports (one polygon per object).
+
+Coordinates are level-0 pixels of the slide (QuPath's image space), whatever the
+resolution the label map was computed at. The label map is processed in strips
+of rows so that memory stays bounded for whole-slide outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from skimage.measure import find_contours
+
+#: Rows of the label map processed at once.
+STRIP_ROWS = 2048
+#: Extra rows read below each strip so objects crossing its lower edge stay whole.
+MARGIN_ROWS = 512
+
+
+def labels_to_features(
+    labels,
+    *,
+    class_names: Sequence[str],
+    class_colors: Sequence[str] | None = None,
+    downsample: float | tuple[float, float] = 1.0,
+    offset: tuple[float, float] = (0.0, 0.0),
+    object_type: str = "detection",
+) -> Iterator[dict]:
+    """Yield one GeoJSON feature per connected object of every class > 0.
+
+    Parameters
+    ----------
+    labels : array-like
+        ``(Y, X)`` class-index map (numpy, dask or zarr); 0 is background.
+    class_names : sequence of str
+        Name of each class index (index 0 = background, never exported).
+    class_colors : sequence of str, optional
+        ``#rrggbb`` colour of each class, written as QuPath's ``classification.color``.
+    downsample : float or (float, float)
+        ``(y, x)`` size of one label pixel in level-0 pixels.
+    offset : (float, float)
+        ``(y, x)`` level-0 position of the label map's first pixel.
+    object_type : str
+        QuPath object type: ``"detection"`` (cells, fast to display) or ``"annotation"``.
+    """
+    dy, dx = (downsample, downsample) if np.isscalar(downsample) else downsample
+    height = labels.shape[0]
+    for top in range(0, height, STRIP_ROWS):
+        # One row above the strip tells which objects began in the previous
+        # strip (they were emitted there); MARGIN_ROWS below keep objects whole.
+        first = max(top - 1, 0)
+        bottom = min(top + STRIP_ROWS + MARGIN_ROWS, height)
+        strip = np.asarray(labels[first:bottom])
+        core_start, core_stop = top - first, top - first + STRIP_ROWS
+        for class_index in np.unique(strip):
+            if class_index == 0:
+                continue
+            if class_index >= len(class_names):
+                raise ValueError(
+                    f"label map contains class {class_index} but only {len(class_names)} "
+                    f"class names were given: {list(class_names)}"
+                )
+            classification = _classification(class_index, class_names, class_colors)
+            components, _ = ndimage.label(strip == class_index)
+            for index, box in enumerate(ndimage.find_objects(components), start=1):
+                if box is None or not core_start <= box[0].start < core_stop:
+                    continue  # began in the previous strip, or begins in the next one
+                if box[0].stop == strip.shape[0] and bottom < height:
+                    warnings.warn(
+                        f"object at rows {first + box[0].start}-{first + box[0].stop} is taller than "
+                        f"{MARGIN_ROWS} rows: its polygon is cut at the strip edge",
+                        stacklevel=2,
+                    )
+                ring = _outer_ring(components[box] == index)
+                ys = (ring[:, 0] + box[0].start + first) * dy + offset[0]
+                xs = (ring[:, 1] + box[1].start) * dx + offset[1]
+                coordinates = [[round(float(x), 2), round(float(y), 2)] for y, x in zip(ys, xs)]
+                yield {
+                    "type": "Feature",
+                    "id": str(uuid.uuid4()),
+                    "geometry": {"type": "Polygon", "coordinates": [coordinates]},
+                    "properties": {"objectType": object_type, "classification": classification},
+                }
+
+
+def write_geojson(path: str | os.PathLike, labels, **kwargs) -> tuple[Path, int]:
+    """Write :func:`labels_to_features` as a FeatureCollection; returns (path, n_features)."""
+    path = Path(path)
+    count = 0
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write('{"type": "FeatureCollection", "features": [\n')
+            for feature in labels_to_features(labels, **kwargs):
+                handle.write((",\n" if count else "") + json.dumps(feature))
+                count += 1
+            handle.write("\n]}\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path, count
+
+
+def _classification(index: int, names: Sequence[str], colors: Sequence[str] | None) -> dict:
+    result: dict = {"name": str(names[index])}
+    if colors is not None and index < len(colors):
+        hex_colour = colors[index].lstrip("#")
+        result["color"] = [int(hex_colour[i : i + 2], 16) for i in (0, 2, 4)]
+    return result
+
+
+def _outer_ring(mask: np.ndarray) -> np.ndarray:
+    """Closed outer boundary of a binary object, through the pixel-edge midpoints.
+
+    ``find_contours`` at level 0.5 on the zero-padded mask traces the line halfway
+    between object and background pixel centres; shifting by half a pixel puts it
+    on the pixel edges, so rasterising the polygon gives back the object's pixels.
+    """
+    padded = np.pad(mask.astype(np.uint8), 1)
+    contours = find_contours(padded, 0.5)
+    # -1 undoes the padding; +0.5 moves each point from between two pixel
+    # centres onto their shared edge (QuPath: pixel (r, c) is [c, c+1) x [r, r+1)).
+    ring = max(contours, key=len) - 1.0 + 0.5
+    if not np.array_equal(ring[0], ring[-1]):
+        ring = np.vstack([ring, ring[:1]])
+    return ring
