@@ -30,3 +30,29 @@ def shared_data() -> Path:
 @pytest.fixture
 def cmu1_path() -> Path:
     return require_data("slides/CMU-1-Small-Region.svs")
+
+
+@pytest.fixture(autouse=True)
+def isolated_feddp_home(tmp_path_factory, monkeypatch):
+    """Every test gets an empty lab data folder (model store, ledgers)."""
+    home = tmp_path_factory.mktemp("feddp-home")
+    monkeypatch.setenv("FEDDP_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A small untrained GroupNorm U-Net checkpoint (real safetensors + card)."""
+    import torch
+
+    from napari_feddp.models import build_model, default_card, save_checkpoint
+
+    torch.manual_seed(0)
+    card = default_card(name="tiny-unet", tile_size=256, depth=3, base_width=8, groups=4)
+    model = build_model(card)
+    # Bias the output towards "nucleus" in dark (haematoxylin-rich) pixels so the
+    # untrained net still finds objects in tissue and none in white background.
+    with torch.no_grad():
+        final = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        final.bias.copy_(torch.tensor([0.0, 0.0]))
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-unet", model, card)

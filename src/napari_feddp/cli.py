@@ -12,13 +12,10 @@ import importlib
 import sys
 
 from . import __version__
+from .commands import CommandError
 
 #: Modules under napari_feddp.commands, in the order shown by --help.
-COMMAND_MODULES = ("info",)
-
-
-class CommandError(Exception):
-    """Bad input on the command line: printed as one line, exit code 2."""
+COMMAND_MODULES = ("info", "segment")
 
 
 def build_parser() -> argparse.ArgumentParser:

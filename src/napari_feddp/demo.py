@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 #: Dock widgets contributed by this plugin, in the order they are docked.
-WIDGETS = ("Slide info",)
+WIDGETS = ("Segment", "Slide info")
 
 
 def build_viewer(show: bool):

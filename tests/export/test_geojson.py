@@ -89,3 +89,14 @@ def test_unknown_class_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="class 3 but only 2 class names"):
         write_geojson(tmp_path / "x.geojson", labels, class_names=["bg", "nucleus"])
     assert not list(tmp_path.iterdir())
+
+
+def test_tall_objects_are_never_cut(monkeypatch):
+    monkeypatch.setattr(geojson_module, "STRIP_ROWS", 32)
+    monkeypatch.setattr(geojson_module, "MARGIN_ROWS", 8)
+    mask = np.zeros((300, 60), np.uint8)
+    mask[5:290, 10:20] = 1  # one object far taller than strip + margin
+    mask[100:140, 40:50] = 1
+    features = list(labels_to_features(mask, class_names=["bg", "tissue"]))
+    assert len(features) == 2
+    assert _dice(_rasterise(features, mask.shape), mask.astype(bool)) > 0.99

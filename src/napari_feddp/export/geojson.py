@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import uuid
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from skimage.measure import find_contours
 
 #: Rows of the label map processed at once.
 STRIP_ROWS = 2048
-#: Extra rows read below each strip so objects crossing its lower edge stay whole.
+#: Extra rows read below each strip so objects crossing its lower edge stay whole
+#: (doubled as often as needed for larger objects).
 MARGIN_ROWS = 512
 
 
@@ -54,40 +54,47 @@ def labels_to_features(
     height = labels.shape[0]
     for top in range(0, height, STRIP_ROWS):
         # One row above the strip tells which objects began in the previous
-        # strip (they were emitted there); MARGIN_ROWS below keep objects whole.
+        # strip (they were emitted there); rows below the strip keep objects whole.
         first = max(top - 1, 0)
-        bottom = min(top + STRIP_ROWS + MARGIN_ROWS, height)
-        strip = np.asarray(labels[first:bottom])
-        core_start, core_stop = top - first, top - first + STRIP_ROWS
-        for class_index in np.unique(strip):
-            if class_index == 0:
-                continue
-            if class_index >= len(class_names):
-                raise ValueError(
-                    f"label map contains class {class_index} but only {len(class_names)} "
-                    f"class names were given: {list(class_names)}"
-                )
-            classification = _classification(class_index, class_names, class_colors)
-            components, _ = ndimage.label(strip == class_index)
-            for index, box in enumerate(ndimage.find_objects(components), start=1):
-                if box is None or not core_start <= box[0].start < core_stop:
-                    continue  # began in the previous strip, or begins in the next one
-                if box[0].stop == strip.shape[0] and bottom < height:
-                    warnings.warn(
-                        f"object at rows {first + box[0].start}-{first + box[0].stop} is taller than "
-                        f"{MARGIN_ROWS} rows: its polygon is cut at the strip edge",
-                        stacklevel=2,
-                    )
-                ring = _outer_ring(components[box] == index)
-                ys = (ring[:, 0] + box[0].start + first) * dy + offset[0]
-                xs = (ring[:, 1] + box[1].start) * dx + offset[1]
-                coordinates = [[round(float(x), 2), round(float(y), 2)] for y, x in zip(ys, xs)]
-                yield {
-                    "type": "Feature",
-                    "id": str(uuid.uuid4()),
-                    "geometry": {"type": "Polygon", "coordinates": [coordinates]},
-                    "properties": {"objectType": object_type, "classification": classification},
-                }
+        core_start = top - first
+        core_stop = core_start + STRIP_ROWS
+        margin = MARGIN_ROWS
+        while True:
+            bottom = min(top + STRIP_ROWS + margin, height)
+            strip = np.asarray(labels[first:bottom])
+            objects = list(_objects_starting_in(strip, core_start, core_stop, class_names))
+            cut = any(box[0].stop == strip.shape[0] for _, _, box, _ in objects)
+            if not cut or bottom == height:
+                break
+            margin *= 2  # an object runs past the margin: read further down, never cut it
+        for class_index, components, box, index in objects:
+            ring = _outer_ring(components[box] == index)
+            ys = (ring[:, 0] + box[0].start + first) * dy + offset[0]
+            xs = (ring[:, 1] + box[1].start) * dx + offset[1]
+            yield {
+                "type": "Feature",
+                "id": str(uuid.uuid4()),
+                "geometry": {"type": "Polygon",
+                             "coordinates": [[[round(float(x), 2), round(float(y), 2)] for y, x in zip(ys, xs)]]},
+                "properties": {"objectType": object_type,
+                               "classification": _classification(class_index, class_names, class_colors)},
+            }
+
+
+def _objects_starting_in(strip, core_start, core_stop, class_names):
+    """(class, component map, bounding box, component id) of objects whose first row is in the core."""
+    for class_index in np.unique(strip):
+        if class_index == 0:
+            continue
+        if class_index >= len(class_names):
+            raise ValueError(
+                f"label map contains class {class_index} but only {len(class_names)} "
+                f"class names were given: {list(class_names)}"
+            )
+        components, _ = ndimage.label(strip == class_index)
+        for index, box in enumerate(ndimage.find_objects(components), start=1):
+            if box is not None and core_start <= box[0].start < core_stop:
+                yield class_index, components, box, index
 
 
 def write_geojson(path: str | os.PathLike, labels, **kwargs) -> tuple[Path, int]:

@@ -1,0 +1,86 @@
+"""The Segment widget in a real napari viewer: run, result layer, cancel, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_feddp.widgets.segment import MODEL_FILE, SegmentWidget
+
+PLUGIN = "napari-feddp"
+
+
+@pytest.fixture
+def widget_with_slide(make_napari_viewer, cmu1_path, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    viewer.open(str(cmu1_path), plugin=PLUGIN)
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.reset_choices()
+    widget.model_source.value = MODEL_FILE
+    widget.checkpoint.value = str(tiny_checkpoint)
+    return viewer, widget
+
+
+def test_run_adds_aligned_labels_layer(qtbot, widget_with_slide):
+    viewer, widget = widget_with_slide
+    assert widget.image.value is viewer.layers[0]
+    widget.batch_size.value = 4
+    worker = widget.run()
+    assert worker is not None and widget.cancel_button.enabled
+    # The GUI thread stays live while the worker runs: camera changes are processed.
+    viewer.camera.zoom *= 1.5
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        pass
+    labels = viewer.layers[-1]
+    assert labels._type_string == "labels" and labels.metadata["complete"] is True
+    slide = viewer.layers[0]
+    # Aligned in microns: same physical extent as the slide.
+    extent_slide = np.asarray(slide.data[0].shape[:2]) * np.asarray(slide.scale)
+    data0 = labels.data[0] if labels.multiscale else labels.data
+    extent_labels = np.asarray(data0.shape) * np.asarray(labels.scale)
+    np.testing.assert_allclose(extent_labels, extent_slide, rtol=0.01)
+    assert labels.colormap.color_dict[1] is not None
+    assert widget.run_button.enabled and not widget.cancel_button.enabled
+    assert "Done" in widget.status.value
+
+
+def test_cancel_adds_no_result(qtbot, widget_with_slide):
+    viewer, widget = widget_with_slide
+    widget.batch_size.value = 1
+    widget.region.value = "whole slide"
+    worker = widget.run()
+    widget.cancel()
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        pass
+    assert len(viewer.layers) == 1  # a cancelled run is never shown as a result
+    assert widget.last_result is not None and not widget.last_result.complete
+    assert "Cancelled" in widget.status.value
+
+
+def test_current_view_region(qtbot, widget_with_slide):
+    viewer, widget = widget_with_slide
+    viewer.camera.center = (0, 1200 * 0.499, 1100 * 0.499)
+    viewer.camera.zoom = viewer.camera.zoom * 6
+    widget.region.value = "current view"
+    worker = widget.run()
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        pass
+    result = widget.last_result
+    assert result.complete and result.region is not None
+    y0, x0, y1, x1 = result.region
+    assert (y1 - y0) < 2967 and (x1 - x0) < 2220
+
+
+def test_bad_checkpoint_says_so_and_keeps_layers(tmp_path, widget_with_slide):
+    viewer, widget = widget_with_slide
+    widget.checkpoint.value = str(tmp_path / "missing.safetensors")
+    assert widget.run() is None
+    assert "missing" in widget.status.value
+    assert len(viewer.layers) == 1 and widget.run_button.enabled
+
+
+def test_plugin_dock_widget_is_listed(make_napari_viewer):
+    viewer = make_napari_viewer()
+    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    assert isinstance(widget, SegmentWidget)
