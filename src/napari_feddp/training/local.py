@@ -1,0 +1,664 @@
+"""One lab's local training round: Dice+CE loss, optional DP-SGD through Opacus.
+
+DP-SGD (``dp_mode="sample"``): Opacus ``make_private`` with Poisson sampling
+(each tile joins a logical batch with probability ``sample_rate``), per-sample
+gradient clipping to ``max_grad_norm`` and Gaussian noise of standard deviation
+``noise_multiplier * max_grad_norm``. Large logical batches are split into
+physical batches of at most ``max_physical_batch_size`` by Opacus'
+``BatchMemoryManager``. The privacy unit is one dataset item - one tile.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ._grad_samplers import install_fast_conv_sampler
+from .errors import LedgerError
+from .ledger import ACCOUNTANTS, PrivacyLedger, epsilon_of
+from .losses import DiceCELoss
+from .metrics import SegmentationMetrics
+
+DP_MODES = ("sample", "none")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one local training round.
+
+    Parameters
+    ----------
+    epochs : int or None
+        Passes over the dataset (with Poisson sampling: ``1 / sample_rate``
+        logical steps each). At most one of ``epochs`` and ``steps`` may be
+        given; with neither, ``epochs=1``.
+    steps : int or None
+        Number of logical optimizer steps instead of epochs.
+    lr : float
+        Learning rate.
+    optimizer : {"adam", "sgd"}
+        Adam, or SGD with ``momentum``.
+    momentum, weight_decay : float
+        Optimizer settings.
+    batch_size : int
+        Logical (expected, under Poisson sampling) batch size.
+    max_physical_batch_size : int
+        Largest batch pushed through the model at once (memory bound).
+    crop_size : int or None
+        Crop edge; if set, it must equal the dataset's ``crop_size`` (checked,
+        since crops are made by the dataset).
+    dp_mode : {"sample", "none"}
+        ``"sample"``: DP-SGD with per-sample clipping. ``"none"``: plain training.
+    max_grad_norm : float
+        Per-sample gradient clipping norm C.
+    noise_multiplier : float or None
+        Noise standard deviation in units of C. At most one of
+        ``noise_multiplier`` and ``target_epsilon`` may be given; with neither
+        (DP mode), ``noise_multiplier=1.0``.
+    target_epsilon : float or None
+        Derive ``noise_multiplier`` so that ``planned_rounds`` rounds of this
+        configuration, from zero, reach this epsilon at ``delta``. The ledger
+        still enforces ``epsilon_max`` on what is actually spent.
+    planned_rounds : int
+        Rounds the ``target_epsilon`` is spread over.
+    delta : float
+        Delta of the reported epsilon (should be well below 1 / number of tiles).
+    epsilon_max : float or None
+        Budget; with a ledger, a round that would exceed it is refused before training.
+    accountant : {"rdp", "prv"}
+        Opacus accountant.
+    grad_sample_mode : {"hooks", "functorch", "ew"}
+        How Opacus computes per-sample gradients. ``"ew"`` (torch
+        ExpandedWeights) fails on U-Nets with skip concatenations under
+        torch 2.13 for batches > 1; ``"hooks"`` is the default and the fastest
+        with ``fast_conv_grads``.
+    fast_conv_grads : bool
+        In ``"hooks"`` mode, compute Conv2d per-sample gradients as one grouped
+        weight-gradient convolution instead of Opacus' unfold + einsum
+        (same values, several times faster at histology resolutions; see
+        ``training/_grad_samplers.py``).
+    seed : int or None
+        Seeds torch (model noise, sampling, crops); ``None`` leaves RNGs alone.
+    device : str
+        Torch device, e.g. ``"cpu"`` or ``"cuda"``.
+    num_workers : int
+        DataLoader worker processes.
+    secure_mode : bool
+        Opacus cryptographically secure noise (needs ``torchcsprng``); off by default.
+    """
+
+    epochs: int | None = None
+    steps: int | None = None
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    max_physical_batch_size: int = 4
+    crop_size: int | None = None
+    dp_mode: str = "sample"
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    planned_rounds: int = 1
+    delta: float = 1e-5
+    epsilon_max: float | None = None
+    accountant: str = "rdp"
+    grad_sample_mode: str = "hooks"
+    fast_conv_grads: bool = True
+    seed: int | None = 0
+    device: str = "cpu"
+    num_workers: int = 0
+    secure_mode: bool = False
+
+    def __post_init__(self) -> None:
+        _validate_config(self)
+        if self.epochs is None and self.steps is None:
+            self.epochs = 1
+        if self.dp_mode == "sample" and self.noise_multiplier is None and self.target_epsilon is None:
+            self.noise_multiplier = 1.0
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """DP-SGD parameters of a round, known before it runs.
+
+    Attributes
+    ----------
+    n_examples : int
+        Dataset items (DP samples).
+    sample_rate : float
+        Poisson sampling probability ``1 / ceil(n_examples / batch_size)``.
+    steps : int
+        Logical (noisy) optimizer steps.
+    noise_multiplier : float or None
+        ``None`` without DP.
+    expected_batch_size : float
+        ``sample_rate * n_examples``.
+    """
+
+    n_examples: int
+    sample_rate: float
+    steps: int
+    noise_multiplier: float | None
+    expected_batch_size: float
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train_local`.
+
+    Attributes
+    ----------
+    state_dict : dict of str to Tensor
+        Trained weights (CPU copies, keys of the original model).
+    n_examples : int
+        Dataset items, the weight of this lab in federated averaging.
+    loss : float
+        Mean per-sample training loss over the round.
+    dice, jaccard, pixel_accuracy : float
+        Pooled training metrics on the crops seen (augmented, so only indicative).
+    epsilon : float or None
+        Cumulative epsilon at ``delta`` after the round: from the ledger if one
+        was given, else of this round alone. ``None`` without DP.
+    epsilon_round : float or None
+        Epsilon of this round alone.
+    delta : float or None
+        Delta of both epsilons.
+    steps : int
+        Logical optimizer steps taken.
+    noise_multiplier, sample_rate, max_grad_norm : float or None
+        DP-SGD parameters used (``None`` without DP).
+    dp_mode, grad_sample_mode : str
+        As configured.
+    accountant_state : dict
+        This round's Opacus accountant ``state_dict()`` (empty without DP).
+    seconds : float
+        Wall time of the round.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    n_examples: int
+    loss: float
+    dice: float
+    jaccard: float
+    pixel_accuracy: float
+    epsilon: float | None
+    epsilon_round: float | None
+    delta: float | None
+    steps: int
+    noise_multiplier: float | None
+    sample_rate: float | None
+    max_grad_norm: float | None
+    dp_mode: str
+    grad_sample_mode: str
+    accountant_state: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def weights(self) -> list[np.ndarray]:
+        """The weights as a list of NumPy arrays in ``state_dict`` order (Flower's NDArrays)."""
+        return [t.numpy() for t in self.state_dict.values()]
+
+    def metrics(self) -> dict[str, float]:
+        """Scalar results, JSON/Flower friendly (``None`` values left out)."""
+        keys = ("loss", "dice", "jaccard", "pixel_accuracy", "epsilon", "epsilon_round", "delta", "steps",
+                "noise_multiplier", "sample_rate", "seconds")
+        values = {k: getattr(self, k) for k in keys}  # not asdict(): it would deep-copy the weights
+        return {k: float(v) for k, v in values.items() if v is not None}
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def plan_round(n_examples: int, config: TrainConfig) -> RoundPlan:
+    """Sampling rate, step count and noise multiplier a round of ``config`` will use.
+
+    Raises
+    ------
+    ValueError
+        If the dataset is empty or the target epsilon is unreachable.
+    """
+    if n_examples < 1:
+        raise ValueError("dataset: expected at least one training item, received an empty dataset")
+    batches_per_epoch = math.ceil(n_examples / config.batch_size)
+    sample_rate = 1.0 / batches_per_epoch
+    steps = config.steps if config.steps is not None else config.epochs * batches_per_epoch
+    noise = None
+    if config.dp_mode == "sample":
+        noise = config.noise_multiplier
+        if noise is None:
+            noise = derive_noise_multiplier(config, sample_rate=sample_rate, steps=steps)
+    return RoundPlan(n_examples, sample_rate, int(steps), noise, sample_rate * n_examples)
+
+
+def derive_noise_multiplier(config: TrainConfig, *, sample_rate: float, steps: int) -> float:
+    """Noise multiplier reaching ``config.target_epsilon`` after ``planned_rounds * steps`` steps."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        with warnings.catch_warnings():
+            # The search probes very large noise, where RDP's largest order is optimal: harmless.
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return float(get_noise_multiplier(
+                target_epsilon=config.target_epsilon, target_delta=config.delta, sample_rate=sample_rate,
+                steps=steps * config.planned_rounds, accountant=config.accountant, epsilon_tolerance=0.01,
+            ))
+    except ValueError as exc:
+        raise ValueError(
+            f"target_epsilon={config.target_epsilon} at delta={config.delta} cannot be reached with "
+            f"{steps * config.planned_rounds} steps at sample rate {sample_rate:.3g} ({exc})"
+        ) from exc
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_local(
+    model: nn.Module,
+    dataset: Dataset,
+    config: TrainConfig | None = None,
+    *,
+    ledger: PrivacyLedger | None = None,
+    round_id: Any = None,
+    loss_fn: nn.Module | None = None,
+) -> TrainResult:
+    """Train ``model`` in place for one local round and report weights, metrics and epsilon.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Maps ``(B, 3, H, W)`` images to ``(B, C, H, W)`` logits. For DP it must
+        be Opacus-compatible (GroupNorm, not BatchNorm); it is not modified
+        structurally and no Opacus hooks remain on it afterwards.
+    dataset : Dataset
+        Map-style dataset of ``(image float (3, H, W), mask int64 (H, W))``,
+        e.g. :class:`~napari_feddp.training.SegmentationDataset` in ``"train"`` mode.
+    config : TrainConfig or None
+        Defaults to ``TrainConfig()``.
+    ledger : PrivacyLedger or None
+        If given (DP only), the round is checked against ``config.epsilon_max``
+        *before* training and recorded after it; ``epsilon`` is then cumulative.
+    round_id : any
+        Label stored with the ledger record (e.g. the server round).
+    loss_fn : nn.Module or None
+        Loss with per-sample structure (default :class:`DiceCELoss`).
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    BudgetExceededError
+        The round would exceed ``epsilon_max``; nothing was trained.
+    ValueError
+        Invalid configuration, empty dataset, or a model Opacus cannot make private.
+    LedgerError
+        Ledger inconsistent with the configuration (delta, accountant) or with disk.
+    """
+    config = config or TrainConfig()
+    started = time.perf_counter()
+    _check_dataset(dataset, config)
+    plan = plan_round(len(dataset), config)
+    if ledger is not None:
+        _check_ledger(ledger, config, plan)
+    if config.seed is not None:
+        torch.manual_seed(config.seed)
+    device = torch.device(config.device)
+    model.to(device).train()
+    loss_fn = loss_fn or DiceCELoss()
+    n_classes = _n_classes(model, dataset, device)
+    if config.dp_mode == "sample":
+        on_interrupt = None if ledger is None else _partial_round_recorder(ledger, config, plan, round_id)
+        stats, history = _train_private(model, dataset, config, plan, loss_fn, n_classes, device, on_interrupt)
+    else:
+        stats, history = _train_plain(model, dataset, config, plan, loss_fn, n_classes, device), []
+    return _finish(model, config, plan, stats, history, ledger, round_id, started)
+
+
+def _finish(model, config, plan, stats, history, ledger, round_id, started) -> TrainResult:
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    scores = stats.metrics.compute() if stats.metrics.n_pixels else {"dice": math.nan, "jaccard": math.nan,
+                                                                     "pixel_accuracy": math.nan}
+    dp = config.dp_mode == "sample"
+    epsilon_round = epsilon_of(config.accountant, history, config.delta) if dp else None
+    epsilon = epsilon_round
+    if ledger is not None and dp:
+        record = ledger.record_round(
+            noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=stats.steps,
+            history=history, n_examples=plan.n_examples, round_id=round_id, epsilon_max=config.epsilon_max,
+            meta={"max_grad_norm": config.max_grad_norm, "batch_size": config.batch_size, "lr": config.lr},
+        )
+        epsilon = record.epsilon
+    return TrainResult(
+        state_dict=state, n_examples=plan.n_examples, loss=stats.mean_loss, dice=scores["dice"],
+        jaccard=scores["jaccard"], pixel_accuracy=scores["pixel_accuracy"], epsilon=epsilon,
+        epsilon_round=epsilon_round, delta=config.delta if dp else None, steps=stats.steps,
+        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate if dp else None,
+        max_grad_norm=config.max_grad_norm if dp else None, dp_mode=config.dp_mode,
+        grad_sample_mode=config.grad_sample_mode if dp else "none",
+        accountant_state={"mechanism": config.accountant, "history": history} if dp else {},
+        seconds=time.perf_counter() - started,
+    )
+
+
+@dataclass
+class _Stats:
+    metrics: SegmentationMetrics
+    loss_sum: float = 0.0
+    n_samples: int = 0
+    steps: int = 0
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.n_samples if self.n_samples else math.nan
+
+    def add(self, logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
+        self.loss_sum += float(loss.detach()) * len(target)
+        self.n_samples += len(target)
+        self.metrics.update(logits.detach().argmax(1), target)
+
+
+def make_private(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, config: TrainConfig,
+    noise_multiplier: float,
+) -> tuple[Any, nn.Module, Any, DataLoader]:
+    """Wrap model, optimizer and loader for DP-SGD the way :func:`train_local` does.
+
+    Validates the model, calls Opacus ``PrivacyEngine.make_private`` with
+    Poisson sampling and flat clipping, and installs the fast Conv2d
+    per-sample-gradient sampler when configured.
+
+    Returns
+    -------
+    engine, private_model, dp_optimizer, dp_loader
+        The ``PrivacyEngine`` (its ``accountant`` records the steps), the
+        ``GradSampleModule`` wrapping ``model``, the ``DPOptimizer`` and the
+        Poisson-sampling data loader.
+
+    Raises
+    ------
+    ValueError
+        If Opacus cannot compute per-sample gradients for the model (e.g. BatchNorm).
+    """
+    from opacus import PrivacyEngine
+
+    _check_opacus_compatible(model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_mode)
+        private_model, dp_optimizer, dp_loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+            max_grad_norm=config.max_grad_norm, poisson_sampling=True, grad_sample_mode=config.grad_sample_mode,
+            noise_generator=_noise_generator(config, torch.device(config.device)),
+        )
+    if config.grad_sample_mode == "hooks" and config.fast_conv_grads:
+        install_fast_conv_sampler(private_model)
+    return engine, private_model, dp_optimizer, dp_loader
+
+
+def _partial_round_recorder(ledger: PrivacyLedger, config: TrainConfig, plan: RoundPlan, round_id: Any):
+    """Callback recording the steps of a round that failed midway (the model was already changed in place)."""
+
+    def record(history: list) -> None:
+        steps = sum(n for _, _, n in history)
+        if steps:
+            ledger.record_round(
+                noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=steps, history=history,
+                n_examples=plan.n_examples, round_id=round_id, epsilon_max=config.epsilon_max,
+                meta={"interrupted": True, "planned_steps": plan.steps},
+            )
+
+    return record
+
+
+def _train_private(model, dataset, config, plan, loss_fn, n_classes, device, on_interrupt=None):
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    optimizer = _make_optimizer(model, config)
+    loader = _loader(dataset, config, shuffle=False)
+    engine, private_model, dp_optimizer, dp_loader = make_private(model, optimizer, loader, config,
+                                                                  plan.noise_multiplier)
+    if not math.isclose(dp_optimizer.expected_batch_size, int(plan.expected_batch_size)):
+        raise RuntimeError(f"Opacus planned batch {dp_optimizer.expected_batch_size}, expected {plan.expected_batch_size}")
+    stats = _Stats(SegmentationMetrics(n_classes))
+    try:
+        with BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=config.max_physical_batch_size,
+                                optimizer=dp_optimizer) as memory_loader:
+            for images, masks in _repeat(memory_loader, plan.steps, stats):
+                _private_step(private_model, dp_optimizer, loss_fn, images.to(device), masks.to(device), stats)
+    except BaseException:
+        # Noisy steps already taken have spent privacy even though the round failed.
+        if on_interrupt is not None:
+            on_interrupt([tuple(entry) for entry in engine.accountant.history])
+        raise
+    finally:
+        _detach_opacus(private_model)
+    history = [tuple(entry) for entry in engine.accountant.history]
+    if sum(n for _, _, n in history) != stats.steps:
+        raise RuntimeError(f"Opacus accounted {history} but {stats.steps} steps were taken")
+    return stats, history
+
+
+def _private_step(model, optimizer, loss_fn, images, masks, stats: _Stats) -> None:
+    if len(images) == 0:
+        # Empty Poisson batch: the update is noise only, and it still counts as a step.
+        for p in optimizer.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    else:
+        logits = model(images)
+        loss = loss_fn(logits, masks)
+        with warnings.catch_warnings():
+            # Opacus' hooks on the first layer fire without input gradients; harmless.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
+        stats.add(logits, masks, loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not optimizer._is_last_step_skipped:
+        stats.steps += 1
+
+
+def _train_plain(model, dataset, config, plan, loss_fn, n_classes, device) -> _Stats:
+    optimizer = _make_optimizer(model, config)
+    loader = _loader(dataset, config, shuffle=True)
+    stats = _Stats(SegmentationMetrics(n_classes))
+    for images, masks in _repeat(loader, plan.steps, stats):
+        optimizer.zero_grad(set_to_none=True)
+        for chunk_images, chunk_masks in zip(images.split(config.max_physical_batch_size),
+                                             masks.split(config.max_physical_batch_size)):
+            chunk_images, chunk_masks = chunk_images.to(device), chunk_masks.to(device)
+            logits = model(chunk_images)
+            loss = loss_fn(logits, chunk_masks)
+            (loss * (len(chunk_masks) / len(masks))).backward()
+            stats.add(logits, chunk_masks, loss)
+        optimizer.step()
+        stats.steps += 1
+    return stats
+
+
+def _repeat(loader: DataLoader, steps: int, stats: _Stats) -> Iterator[Any]:
+    """Yield batches epoch after epoch until ``stats.steps`` reaches ``steps``."""
+    while stats.steps < steps:
+        progressed = stats.steps
+        for batch in loader:
+            yield batch
+            if stats.steps >= steps:
+                return
+        if stats.steps == progressed:
+            raise RuntimeError("data loader produced no batches; cannot make progress")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 4,
+    device: str = "cpu",
+    n_classes: int | None = None,
+    loss_fn: nn.Module | None = None,
+) -> dict[str, Any]:
+    """Pooled Dice, Jaccard, pixel accuracy and mean loss of ``model`` on ``dataset``.
+
+    Use a deterministic dataset (``mode="sliding"`` or ``"center"``). The model
+    is put in eval mode and restored to its previous mode afterwards.
+
+    Returns
+    -------
+    dict
+        ``dice``, ``jaccard``, ``pixel_accuracy``, ``loss``, ``n_pixels``,
+        ``n_items`` and per-class lists (see :func:`~napari_feddp.training.metrics.scores_from_confusion`).
+    """
+    was_training = model.training
+    torch_device = torch.device(device)
+    model.to(torch_device).eval()
+    loss_fn = loss_fn or DiceCELoss()
+    n_classes = n_classes or _n_classes(model, dataset, torch_device)
+    metrics, loss_sum, n_items = SegmentationMetrics(n_classes), 0.0, 0
+    try:
+        for images, masks in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            images, masks = images.to(torch_device), masks.to(torch_device)
+            logits = model(images)
+            loss_sum += float(loss_fn(logits, masks)) * len(masks)  # mean over the batch -> sum
+            n_items += len(masks)
+            metrics.update(logits.argmax(1), masks)
+    finally:
+        model.train(was_training)
+    return {**metrics.compute(), "loss": loss_sum / max(n_items, 1), "n_items": n_items}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _validate_config(c: TrainConfig) -> None:
+    if c.epochs is not None and c.steps is not None:
+        raise ValueError(f"TrainConfig: expected at most one of epochs and steps, received epochs={c.epochs}, steps={c.steps}")
+    for name in ("epochs", "steps", "batch_size", "max_physical_batch_size", "planned_rounds", "crop_size"):
+        value = getattr(c, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"TrainConfig.{name}: expected a positive integer, received {value!r}")
+    for name, allowed in (("dp_mode", DP_MODES), ("accountant", ACCOUNTANTS),
+                          ("grad_sample_mode", GRAD_SAMPLE_MODES), ("optimizer", OPTIMIZERS)):
+        if getattr(c, name) not in allowed:
+            raise ValueError(f"TrainConfig.{name}: expected one of {allowed}, received {getattr(c, name)!r}")
+    for name in ("lr", "max_grad_norm"):
+        _positive(f"TrainConfig.{name}", getattr(c, name))
+    if not 0 < c.delta < 1:
+        raise ValueError(f"TrainConfig.delta: expected a number in (0, 1), received {c.delta!r}")
+    if c.dp_mode == "sample":
+        if c.noise_multiplier is not None and c.target_epsilon is not None:
+            raise ValueError(
+                "TrainConfig: with dp_mode='sample' expected at most one of noise_multiplier and target_epsilon, "
+                f"received noise_multiplier={c.noise_multiplier}, target_epsilon={c.target_epsilon}"
+            )
+        for name in ("noise_multiplier", "target_epsilon", "epsilon_max"):
+            if getattr(c, name) is not None:
+                _positive(f"TrainConfig.{name}", getattr(c, name))
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name}: expected a positive finite number, received {value!r}")
+
+
+def _check_dataset(dataset: Dataset, config: TrainConfig) -> None:
+    have = getattr(dataset, "crop_size", None)
+    if config.crop_size is not None and have is not None and have != config.crop_size:
+        raise ValueError(
+            f"TrainConfig.crop_size={config.crop_size} but the dataset makes {have}-pixel crops; "
+            f"build the dataset with crop_size={config.crop_size}"
+        )
+    if config.dp_mode == "sample" and getattr(dataset, "mode", None) == "sliding":
+        raise ValueError(
+            "DP-SGD on a mode='sliding' dataset would make each window, not each tile, the privacy unit "
+            "(one tile yields several windows); train on mode='train' (or 'center')"
+        )
+    if config.dp_mode == "sample" and len(dataset) and config.delta >= 1.0 / len(dataset):
+        warnings.warn(
+            f"delta={config.delta:g} is not below 1/n = {1.0 / len(dataset):.3g} for {len(dataset)} tiles: "
+            f"the (epsilon, delta) guarantee is then weak; use a smaller delta",
+            stacklevel=3,
+        )
+
+
+def _check_ledger(ledger: PrivacyLedger, config: TrainConfig, plan: RoundPlan) -> None:
+    if config.dp_mode != "sample":
+        raise ValueError("a privacy ledger was given but dp_mode='none': non-private training has no finite epsilon")
+    if not math.isclose(ledger.delta, config.delta) or ledger.mechanism != config.accountant:
+        raise LedgerError(
+            f"ledger {ledger.path} accounts with {ledger.mechanism!r} at delta={ledger.delta:g}; TrainConfig asks "
+            f"for {config.accountant!r} at delta={config.delta:g}"
+        )
+    ledger.check_budget(plan.noise_multiplier, plan.sample_rate, plan.steps, config.epsilon_max)
+
+
+def _check_opacus_compatible(model: nn.Module) -> None:
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        details = "; ".join(str(e) for e in errors[:5])
+        raise ValueError(
+            f"model cannot be trained with DP-SGD: {details}. Use GroupNorm instead of BatchNorm "
+            f"(e.g. napari_feddp.models.UNet)"
+        )
+
+
+def _detach_opacus(private_model: nn.Module) -> None:
+    """Remove Opacus hooks and per-sample-gradient attributes from the caller's model."""
+    cleanup = getattr(private_model, "cleanup", None) or private_model._close  # Opacus >= 1.6 / 1.5
+    cleanup()
+    for p in getattr(private_model, "_module", private_model).parameters():
+        p.grad = None
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _loader(dataset: Dataset, config: TrainConfig, *, shuffle: bool) -> DataLoader:
+    generator = torch.Generator()
+    if config.seed is not None:
+        generator.manual_seed(config.seed)
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, num_workers=config.num_workers,
+                      generator=generator)
+
+
+def _noise_generator(config: TrainConfig, device: torch.device) -> torch.Generator | None:
+    if config.secure_mode or config.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(config.seed + 1)
+
+
+def _n_classes(model: nn.Module, dataset: Dataset, device: torch.device) -> int:
+    """Output classes of the model: ``n_classes`` or ``config["n_classes"]`` if it has one, else one forward pass."""
+    n = getattr(model, "n_classes", None)
+    config = getattr(model, "config", None)
+    if n is None and isinstance(config, dict):
+        n = config.get("n_classes")
+    if isinstance(n, int):
+        return n
+    image, _ = dataset[0]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        n = int(model(image.unsqueeze(0).to(device)).shape[1])
+    model.train(was_training)
+    return n

@@ -1,0 +1,86 @@
+"""Fixtures for the training tests: tiny synthetic datasets, a tiny model, shared data.
+
+Data under ``<repo>/../shared/data`` is located by :func:`shared_data`, which
+*fails* instead of skipping when ``FEDDP_REQUIRE_DATA=1`` (CI).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def shared_data(relative: str = "") -> Path:
+    """Path under ``../shared/data``; skip if absent, fail if ``FEDDP_REQUIRE_DATA=1``."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        message = f"test data not found: {path}"
+        if os.environ.get("FEDDP_REQUIRE_DATA") == "1":
+            pytest.fail(message + " (FEDDP_REQUIRE_DATA=1 requires it)")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The test machine is shared: keep torch on one core."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def synthetic_tile(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pink 'tissue' with dark purple disks ('nuclei'): (RGB uint8, 0/1 mask)."""
+    yy, xx = np.mgrid[:height, :width]
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for _ in range(max(2, height * width // 300)):
+        cy, cx, r = rng.integers(height), rng.integers(width), rng.integers(3, 7)
+        mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
+    image = np.empty((height, width, 3), dtype=np.uint8)
+    image[:] = (235, 170, 205)
+    image[mask == 1] = (70, 40, 120)
+    noise = rng.integers(-12, 13, size=image.shape)
+    return np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8), mask
+
+
+def write_dataset(root: Path, n: int = 3, size: tuple[int, int] = (40, 48), *, seed: int = 0,
+                  image_suffix: str = ".png", mask_scale: int = 1) -> Path:
+    """Write ``n`` synthetic image/mask pairs into ``root/images`` and ``root/masks``."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image, mask = synthetic_tile(rng, *size)
+        name = f"tile{i:02d}"
+        if image_suffix == ".png":
+            Image.fromarray(image).save(root / "images" / f"{name}.png")
+        else:
+            import tifffile
+
+            tifffile.imwrite(root / "images" / f"{name}{image_suffix}", image, photometric="rgb")
+        Image.fromarray(mask * mask_scale).save(root / "masks" / f"{name}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> Path:
+    """Three 40x48 synthetic tiles with 0/1 PNG masks."""
+    return write_dataset(tmp_path / "lab")
+
+
+def tiny_model() -> nn.Module:
+    """The project's UNet at its smallest useful size (GroupNorm, Opacus-compatible)."""
+    from napari_feddp.models import UNet
+
+    torch.manual_seed(0)
+    return UNet(in_channels=3, n_classes=2, depth=2, base_width=4, groups=2)
