@@ -1,0 +1,72 @@
+"""`napari-feddp evaluate`: pooled scores through the tiled engine, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_feddp.cli import main
+from napari_feddp.evaluation import evaluate_folder, predict_image
+from napari_feddp.segmentation import load_model
+from napari_feddp.training._io import read_image, read_mask
+
+from .conftest import require_data
+
+SUBSET = ["TCGA-2Z-A9J9-01A-01-TS1", "TCGA-44-2665-01B-06-BS6"]
+
+
+def test_pooled_scores_match_hand_computation(tiny_checkpoint):
+    test_dir = require_data("monuseg/test")
+    loaded = load_model(str(tiny_checkpoint))
+    report = evaluate_folder(test_dir, loaded, mpp=0.25, names=SUBSET)
+    tp = fp = fn = correct = total = 0
+    for name in SUBSET:
+        image = read_image(test_dir / "images" / f"{name}.tif")
+        truth = read_mask(test_dir / "masks" / f"{name}.png") > 0  # test masks are 0/255
+        pred = predict_image(image, loaded, mpp=0.25) > 0
+        assert pred.shape == truth.shape
+        tp += np.sum(pred & truth)
+        fp += np.sum(pred & ~truth)
+        fn += np.sum(~pred & truth)
+        correct += np.sum(pred == truth)
+        total += truth.size
+    assert report.n_images == 2
+    assert report.dice == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert report.jaccard == pytest.approx(tp / (tp + fp + fn))
+    assert report.accuracy == pytest.approx(correct / total)
+
+
+def test_cli_writes_json(tmp_path, tiny_checkpoint, capsys):
+    test_dir = require_data("monuseg/test")
+    out = tmp_path / "scores.json"
+    rc = main(["evaluate", "--data", str(test_dir), "--model", str(tiny_checkpoint), "--mpp", "0.25",
+               "--json", str(out), "--only", SUBSET[0]])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert set(data) >= {"dice", "jaccard", "accuracy", "n_images", "per_image"}
+    assert data["n_images"] == 1 and data["per_image"][0]["name"] == SUBSET[0]
+    assert 0.0 <= data["dice"] <= 1.0
+    assert "Dice" in capsys.readouterr().out
+
+
+def test_cli_bad_inputs(tmp_path, tiny_checkpoint, capsys):
+    rc = main(["evaluate", "--data", str(tmp_path / "absent"), "--model", str(tiny_checkpoint),
+               "--json", str(tmp_path / "x.json")])
+    assert rc == 2 and "absent" in capsys.readouterr().err
+    (tmp_path / "d" / "images").mkdir(parents=True)
+    (tmp_path / "d" / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "d" / "images" / "a.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "d" / "masks" / "a.png")
+    rc = main(["evaluate", "--data", str(tmp_path / "d"), "--model", str(tiny_checkpoint),
+               "--json", str(tmp_path / "x.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "a.png" in err
+    assert not (tmp_path / "x.json").exists()
+    rc = main(["evaluate", "--data", str(tmp_path / "d"), "--model", str(tiny_checkpoint), "--mpp", "-1",
+               "--json", str(tmp_path / "x.json")])
+    assert rc == 2 and "--mpp" in capsys.readouterr().err
