@@ -1,0 +1,693 @@
+"""Segment a whole slide tile by tile: a generator that reports progress and can be cancelled.
+
+Typical use::
+
+    gen = segment_slide(slide, model, InferenceSpec(tile_size=512, mpp=1.0))
+    for progress in gen:           # or wrap segment_slide in napari's thread_worker
+        print(progress.done, "/", progress.total, progress.eta_seconds)
+    # the generator's return value is the SegmentationResult:
+    result = run_to_completion(segment_slide(slide, model, spec))
+
+Pipeline: tissue mask on a thumbnail -> tile plan (tiles touching tissue and the
+requested region) -> tiles read and resampled on worker threads, a few batches
+ahead -> batched forward pass (mixed precision on CUDA) -> softmax x window ->
+:class:`TileBlender` -> finished pixels become labels -> :class:`ChunkWriter`
+writes each zarr chunk once. Nothing scales with the slide's area except the
+(bounded) thumbnail; see :mod:`.blending` for what scales with its width.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import torch
+import zarr
+
+from ..slides._pyramid import lazy_pyramid
+from ._output import ChunkWriter, create_output
+from ._reader import TileReader
+from ._source import ImageSource, as_source
+from .blending import WINDOWS, TileBlender, tile_profiles, window_profile
+from .device import autocast, select_device
+from .errors import InferenceCancelled, InferenceError
+from .spec import InferenceSpec
+from .tiling import Geometry, TilePlan, choose_geometry, plan_tiles
+from .tissue import TissueMask, detect_tissue
+
+#: Largest overlap fraction accepted (above it nearly every pixel is predicted
+#: many times over for no gain).
+MAX_OVERLAP = 0.9
+
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report of a running segmentation.
+
+    Attributes
+    ----------
+    done : int
+        Tiles predicted so far.
+    total : int
+        Tiles to predict (those touching tissue and the region).
+    elapsed_seconds : float
+        Time since the run started (tissue detection included).
+    eta_seconds : float or None
+        Estimated time to finish; None until the first batch is done.
+    stage : str
+        ``"planning"`` (tissue detection), ``"predicting"``, ``"finished"`` or
+        ``"cancelled"``.
+    skipped : int
+        Grid tiles never predicted (background, or outside the region).
+    """
+
+    done: int
+    total: int
+    elapsed_seconds: float
+    eta_seconds: float | None
+    stage: str
+    skipped: int = 0
+
+    @property
+    def fraction(self) -> float:
+        """``done / total`` in ``[0, 1]`` (0 while planning, when the total is not known yet)."""
+        if self.total:
+            return self.done / self.total
+        return 0.0 if self.stage == "planning" else 1.0
+
+
+@dataclass(eq=False)
+class SegmentationResult:
+    """Outcome of :func:`segment_slide`.
+
+    Attributes
+    ----------
+    labels : zarr.Array
+        ``(H, W)`` class indices at the processing resolution (uint8 for fewer
+        than 256 classes). 0 outside tissue and the region. Its attributes hold
+        the geometry and ``"complete"``.
+    level : int
+        Slide level that was read.
+    downsample : (float, float)
+        Level-0 pixels per label pixel, ``(y, x)``: place the labels over the
+        slide with ``scale = slide mpp * downsample`` (see :meth:`layer_kwargs`).
+    mpp : (float, float) or None
+        Micrometres per label pixel.
+    pyramid : list of dask.array.Array
+        ``labels`` and lazily downsampled copies for display (nearest neighbour).
+    complete : bool
+        False when the run was cancelled: then ``labels`` is partial and must
+        not be presented as a segmentation.
+    tissue : TissueMask or None
+        Mask that selected the tiles.
+    region : (y0, x0, y1, x1) or None
+        Level-0 rectangle that was segmented (clipped to the slide).
+    tiles_done, tiles_total, tiles_skipped : int
+        Tiles predicted, to predict, and skipped as background / outside region.
+    class_names : tuple of str or None
+    path : Path or None
+        Directory of the zarr store when on disk.
+    elapsed_seconds : float
+    """
+
+    labels: zarr.Array
+    level: int
+    downsample: tuple[float, float]
+    mpp: tuple[float, float] | None
+    pyramid: list[da.Array]
+    complete: bool
+    tissue: TissueMask | None
+    region: tuple[int, int, int, int] | None
+    tiles_done: int
+    tiles_total: int
+    tiles_skipped: int
+    class_names: tuple[str, ...] | None
+    path: Path | None
+    elapsed_seconds: float
+    _tempdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    def layer_kwargs(self, units: str | None = None) -> dict:
+        """Keyword arguments for ``viewer.add_labels(result.pyramid, **kwargs)``.
+
+        Parameters
+        ----------
+        units : {"micrometer", "pixel"}, optional
+            Coordinates of the slide layer it is drawn over: micrometres when the
+            pixel size is known (default), else level-0 pixels.
+        """
+        if units is None:
+            units = "micrometer" if self.mpp is not None else "pixel"
+        if units not in ("micrometer", "pixel"):
+            raise ValueError(f"units: expected 'micrometer' or 'pixel', received {units!r}")
+        if units == "micrometer" and self.mpp is None:
+            raise ValueError("units: 'micrometer' needs a pixel size, and this result has none")
+        unit = (1.0, 1.0)
+        if units == "micrometer":
+            unit = (self.mpp[0] / self.downsample[0], self.mpp[1] / self.downsample[1])  # level-0 mpp
+        scale = tuple(d * u for d, u in zip(self.downsample, unit))
+        # A label pixel covers level-0 pixels [i d, (i + 1) d): its centre is at i d + (d - 1) / 2.
+        translate = tuple((d - 1) / 2 * u for d, u in zip(self.downsample, unit))
+        name = "segmentation" if self.complete else "segmentation (incomplete)"
+        return {
+            "scale": scale,
+            "translate": translate,
+            "name": name,
+            "metadata": {
+                "complete": self.complete,
+                "class_names": list(self.class_names) if self.class_names else None,
+                "downsample": list(self.downsample),
+                "level": self.level,
+            },
+        }
+
+
+def segment_slide(
+    image: Any,
+    model: torch.nn.Module,
+    spec: InferenceSpec,
+    *,
+    region: Sequence[float] | None = None,
+    tissue: bool | TissueMask | np.ndarray = True,
+    batch_size: int = 8,
+    overlap: float = 0.25,
+    device: str | torch.device = "auto",
+    out: str | os.PathLike | Any | None = None,
+    overwrite: bool = False,
+    cancel: Any = None,
+    mpp: float | tuple[float, float] | None = None,
+    num_workers: int | None = None,
+    prefetch_batches: int = 2,
+    window: str = "hann",
+    mixed_precision: bool = True,
+    mask_output: bool = True,
+) -> Generator[Progress, None, SegmentationResult]:
+    """Segment ``image`` with ``model``; a generator of :class:`Progress`.
+
+    Parameters
+    ----------
+    image : Slide or array-like
+        A slide from :func:`napari_feddp.slides.open_slide`, or a ``(Y, X, 3)``
+        uint8 array (numpy, dask or zarr).
+    model : torch.nn.Module
+        Maps ``(B, 3, T, T)`` normalised float images to logits ``(B, C, T, T)``.
+        It is moved to ``device`` and put in eval mode for the run (its
+        train/eval mode is restored afterwards).
+    spec : InferenceSpec
+        Tile size, resolution and normalisation the model expects.
+    region : (y0, x0, y1, x1), optional
+        Level-0 rectangle to segment (e.g. the current napari view); the rest
+        of the label map stays 0. Clipped to the slide.
+    tissue : bool, TissueMask or array
+        True: detect tissue and predict only tiles touching it. False: predict
+        every tile. A mask (any resolution, covering the slide) is used as given.
+    batch_size : int
+        Tiles per forward pass.
+    overlap : float
+        Fraction of a tile shared with each neighbour, in ``[0, 0.9]``.
+    device : str or torch.device
+        ``"auto"`` (CUDA, then MPS, then CPU) or an explicit device.
+    out : path, zarr store or None
+        Where to write the label map (see :func:`._output.create_output`).
+    overwrite : bool
+        Replace an existing store at ``out``.
+    cancel : threading.Event or callable, optional
+        Checked before every batch; when set (or returning True) the run stops,
+        and the result says ``complete=False``.
+    mpp : float or (float, float), optional
+        Level-0 micrometres per pixel, for arrays or slides without one.
+    num_workers : int, optional
+        Threads reading tiles. Default: 1 on the CPU (reading a tile costs a few
+        ms against a forward pass of tens, and more threads would only steal
+        cores from the model), else the CPU count, at most 4.
+    prefetch_batches : int
+        Batches read ahead of the one being predicted.
+    window : {"hann", "gaussian"}
+        Blending window.
+    mixed_precision : bool
+        Autocast the forward pass to bfloat16/float16 on CUDA.
+    mask_output : bool
+        Set labels outside the tissue mask to 0.
+
+    Yields
+    ------
+    Progress
+        First while planning, then after every batch, last with stage
+        ``"finished"`` or ``"cancelled"``.
+
+    Returns
+    -------
+    SegmentationResult
+        As the generator's return value (``StopIteration.value``; the value a
+        napari ``thread_worker`` emits as ``returned``). See :func:`run_to_completion`.
+
+    Raises
+    ------
+    InferenceError
+        Bad arguments (raised by this call), or, once running: no tissue found,
+        no tile to predict, or a model output of the wrong shape.
+    """
+    source = as_source(image, mpp)
+    _check_model(model, spec)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("prefetch_batches", prefetch_batches, 0)
+    if num_workers is not None:
+        _check_int("num_workers", num_workers, 1)
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap <= MAX_OVERLAP:
+        raise InferenceError(f"overlap: expected a fraction of the tile in [0, {MAX_OVERLAP}], received {overlap!r}")
+    if window not in WINDOWS:
+        raise InferenceError(f"window: expected one of {WINDOWS}, received {window!r}")
+    is_cancelled = _cancel_check(cancel)
+    geometry = choose_geometry(source, spec.mpp)
+    clipped = _check_region(region, source.shape)
+    tissue_arg = _check_tissue(tissue, source.shape)
+    chosen_device = select_device(device)
+    if num_workers is None:
+        num_workers = 1 if chosen_device.type == "cpu" else min(4, os.cpu_count() or 1)
+    run = _Run(
+        source=source,
+        model=model,
+        spec=spec,
+        geometry=geometry,
+        region=clipped,
+        tissue=tissue_arg,
+        batch_size=batch_size,
+        overlap=float(overlap),
+        device=chosen_device,
+        out=out,
+        overwrite=overwrite,
+        is_cancelled=is_cancelled,
+        num_workers=num_workers,
+        prefetch_batches=prefetch_batches,
+        window=window,
+        mixed_precision=mixed_precision,
+        mask_output=mask_output,
+    )
+    return run.execute()
+
+
+def run_to_completion(
+    generator: Generator[Progress, None, SegmentationResult],
+    *,
+    allow_partial: bool = False,
+    callback: Callable[[Progress], Any] | None = None,
+) -> SegmentationResult:
+    """Drain a :func:`segment_slide` generator and return its result.
+
+    Parameters
+    ----------
+    generator
+        From :func:`segment_slide`.
+    allow_partial : bool
+        Return a cancelled run's partial result instead of raising.
+    callback : callable, optional
+        Called with every :class:`Progress`.
+
+    Raises
+    ------
+    InferenceCancelled
+        If the run was cancelled and ``allow_partial`` is False; the partial
+        result is attached as ``.result``.
+    """
+    while True:
+        try:
+            progress = next(generator)
+        except StopIteration as stop:
+            result: SegmentationResult = stop.value
+            break
+        if callback is not None:
+            callback(progress)
+    if not result.complete and not allow_partial:
+        raise InferenceCancelled(
+            f"segmentation cancelled after {result.tiles_done} of {result.tiles_total} tiles; "
+            "the partial label map is not a result",
+            result,
+        )
+    return result
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InferenceError(f"{name}: expected an integer >= {minimum}, received {value!r}")
+
+
+def _check_model(model: Any, spec: InferenceSpec) -> None:
+    if not isinstance(spec, InferenceSpec):
+        raise InferenceError(f"spec: expected an InferenceSpec, received {type(spec).__name__}")
+    if not isinstance(model, torch.nn.Module):
+        raise InferenceError(f"model: expected a torch.nn.Module, received {type(model).__name__}")
+    multiple = getattr(model, "size_multiple", 1)
+    if isinstance(multiple, int) and multiple > 1 and spec.tile_size % multiple:
+        raise InferenceError(
+            f"spec.tile_size: the model needs a multiple of {multiple}, received {spec.tile_size}"
+        )
+
+
+def _cancel_check(cancel: Any) -> Callable[[], bool]:
+    if cancel is None:
+        return lambda: False
+    if hasattr(cancel, "is_set"):
+        return lambda: bool(cancel.is_set())
+    if callable(cancel):
+        return lambda: bool(cancel())
+    raise InferenceError(
+        f"cancel: expected a threading.Event, a callable returning bool or None, received {type(cancel).__name__}"
+    )
+
+
+def _check_region(region: Any, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """Validate a level-0 ``(y0, x0, y1, x1)`` rectangle and clip it to the slide."""
+    if region is None:
+        return None
+    try:
+        values = [float(v) for v in region]
+    except (TypeError, ValueError) as exc:
+        raise InferenceError(f"region: expected (y0, x0, y1, x1) in level-0 pixels, received {region!r}") from exc
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise InferenceError(f"region: expected 4 finite numbers (y0, x0, y1, x1), received {region!r}")
+    y0, x0, y1, x1 = values
+    if y1 <= y0 or x1 <= x0:
+        raise InferenceError(f"region: expected y0 < y1 and x0 < x1, received {tuple(values)}")
+    height, width = shape
+    clipped = (
+        max(int(math.floor(y0)), 0),
+        max(int(math.floor(x0)), 0),
+        min(int(math.ceil(y1)), height),
+        min(int(math.ceil(x1)), width),
+    )
+    if clipped[0] >= clipped[2] or clipped[1] >= clipped[3]:
+        raise InferenceError(
+            f"region: expected a rectangle overlapping the slide (0, 0, {height}, {width}), "
+            f"received {tuple(values)}, which lies outside it"
+        )
+    return clipped
+
+
+def _check_tissue(tissue: Any, shape: tuple[int, int]) -> bool | TissueMask:
+    if isinstance(tissue, (bool, np.bool_)):
+        return bool(tissue)
+    if isinstance(tissue, TissueMask):
+        return tissue
+    if isinstance(tissue, np.ndarray):
+        mask = TissueMask.from_array(tissue, shape)
+        if not mask.mask.any():
+            raise InferenceError("tissue: the given mask is empty (no tissue); expected at least one True pixel")
+        return mask
+    raise InferenceError(f"tissue: expected True, False, a TissueMask or a 2-D boolean array, received {type(tissue).__name__}")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Run:
+    source: ImageSource
+    model: torch.nn.Module
+    spec: InferenceSpec
+    geometry: Geometry
+    region: tuple[int, int, int, int] | None
+    tissue: bool | TissueMask
+    batch_size: int
+    overlap: float
+    device: torch.device
+    out: Any
+    overwrite: bool
+    is_cancelled: Callable[[], bool]
+    num_workers: int
+    prefetch_batches: int
+    window: str
+    mixed_precision: bool
+    mask_output: bool
+
+    def execute(self) -> Generator[Progress, None, SegmentationResult]:
+        start = time.perf_counter()
+        yield Progress(0, 0, 0.0, None, "planning")
+        mask = self._tissue_mask()
+        plan = plan_tiles(self.geometry, self.spec.tile_size, self.overlap, tissue=mask, region=self.region)
+        if plan.n_tiles == 0:
+            where = f"region {self.region} (level-0 y0, x0, y1, x1)" if self.region else "the slide"
+            raise InferenceError(
+                f"no tile to predict: expected tissue inside {where}, received only background there; "
+                "pass tissue=False to predict it anyway"
+            )
+        skipped = plan.n_grid - plan.n_tiles
+        state = _State(plan=plan, mask=mask)
+        yield Progress(0, plan.n_tiles, time.perf_counter() - start, None, "predicting", skipped)
+        cancelled = False
+        predict_start = time.perf_counter()
+        steps = self._predict(state)
+        try:
+            for done in steps:
+                if done is None:
+                    cancelled = True
+                    break
+                elapsed = time.perf_counter() - predict_start
+                eta = elapsed / done * (plan.n_tiles - done) if done else None
+                yield Progress(done, plan.n_tiles, time.perf_counter() - start, eta, "predicting", skipped)
+        finally:
+            steps.close()  # stops reader threads, restores the model's mode
+        result = self._result(state, complete=not cancelled, elapsed=time.perf_counter() - start)
+        stage = "cancelled" if cancelled else "finished"
+        yield Progress(state.done, plan.n_tiles, result.elapsed_seconds, 0.0 if not cancelled else None, stage, skipped)
+        return result
+
+    # -- planning
+
+    def _tissue_mask(self) -> TissueMask | None:
+        if self.tissue is True:
+            return detect_tissue(self.source)
+        if self.tissue is False:
+            return None
+        return self.tissue  # type: ignore[return-value]
+
+    # -- prediction
+
+    def _predict(self, state: _State) -> Generator[int | None, None, None]:
+        """Run every batch; yield tiles done after each, or None when cancelled."""
+        plan, spec, device = state.plan, self.spec, self.device
+        reader = TileReader(self.source, self.geometry, spec.tile_size)
+        tiles = plan.tiles()
+        batches = [tiles[k : k + self.batch_size] for k in range(0, len(tiles), self.batch_size)]
+        windows: dict[tuple, torch.Tensor] = {}
+
+        def weights(batch: list[tuple[int, int]]) -> list[torch.Tensor]:
+            """The 2-D window of each tile (border-aware; a handful of variants, cached)."""
+            out = []
+            for i, j in batch:
+                sides = tile_profiles(plan, i, j)
+                if sides not in windows:
+                    (top, bottom), (left, right) = sides
+                    rows = window_profile(spec.tile_size, self.window, at_start=top, at_end=bottom)
+                    cols = window_profile(spec.tile_size, self.window, at_start=left, at_end=right)
+                    windows[sides] = torch.from_numpy(np.outer(rows, cols)).to(device)
+                out.append(windows[sides])
+            return out
+
+        scale = torch.tensor([1 / (255.0 * s) for s in spec.std], device=device).view(1, 3, 1, 1)
+        shift = torch.tensor([-m / s for m, s in zip(spec.mean, spec.std)], device=device).view(1, 3, 1, 1)
+        was_training = self.model.training
+        self.model.eval()
+        self.model.to(device)
+        executor = ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="feddp-tiles")
+        queue: deque[list[Future]] = deque()
+
+        def submit(index: int) -> None:
+            queue.append([executor.submit(reader, *plan.origin(i, j)) for i, j in batches[index]])
+
+        pending: tuple | None = None  # batch whose probabilities are still on their way
+        try:
+            for index in range(min(self.prefetch_batches + 1, len(batches))):
+                submit(index)
+            for index, batch in enumerate(batches):
+                if self.is_cancelled():
+                    yield None
+                    return
+                futures = queue.popleft()
+                if index + len(queue) + 1 < len(batches):
+                    submit(index + len(queue) + 1)
+                pixels = np.stack([future.result() for future in futures])
+                weighted = self._forward(pixels, scale, shift, weights(batch))
+                host, event = self._to_host(weighted)
+                if pending is not None:
+                    self._blend(state, *pending)
+                    yield state.done
+                pending = (batch, host, event)
+            if pending is not None:
+                if self.is_cancelled():
+                    yield None
+                    return
+                self._blend(state, *pending)
+            state.blender.finish()
+            state.writer.flush_all()
+            yield state.done
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+            self.model.train(was_training)
+
+    def _forward(
+        self, pixels: np.ndarray, scale: torch.Tensor, shift: torch.Tensor, windows: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Weighted class probabilities ``(B, C, T, T)`` (C >= 2) of a uint8 batch ``(B, T, T, 3)``."""
+        device = self.device
+        batch = torch.from_numpy(pixels)
+        if device.type == "cuda":
+            batch = batch.pin_memory()
+        with torch.inference_mode():
+            # uint8 crosses to the device (4x less than float), is normalised there, in place.
+            batch = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+            batch.mul_(scale).add_(shift)
+            with autocast(device, self.mixed_precision):
+                logits = self.model(batch)
+            self._check_output(logits, len(pixels))
+            logits = logits.float()
+            if logits.shape[1] == 1:
+                foreground = torch.sigmoid(logits)
+                probabilities = torch.cat([1 - foreground, foreground], dim=1)
+            else:
+                probabilities = torch.softmax(logits, dim=1)
+            for k, window in enumerate(windows):
+                probabilities[k].mul_(window)
+        return probabilities
+
+    def _check_output(self, logits: Any, n: int) -> None:
+        size = self.spec.tile_size
+        expected_c = self.spec.n_classes if self.spec.n_classes is not None else "C"
+        if not isinstance(logits, torch.Tensor):
+            raise InferenceError(
+                f"model output: expected a tensor of shape ({n}, {expected_c}, {size}, {size}), "
+                f"received {type(logits).__name__}"
+            )
+        shape = tuple(logits.shape)
+        ok = len(shape) == 4 and shape[0] == n and shape[2:] == (size, size) and shape[1] >= 1
+        if ok and self.spec.n_classes is not None:
+            ok = shape[1] == self.spec.n_classes
+        if not ok:
+            raise InferenceError(
+                f"model output: expected logits of shape ({n}, {expected_c}, {size}, {size}), received {shape}"
+            )
+
+    def _to_host(self, weighted: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Start copying to the CPU; on CUDA the copy overlaps the next forward pass."""
+        if self.device.type != "cuda":
+            return weighted.to("cpu"), None
+        host = weighted.to("cpu", non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def _blend(self, state: _State, batch: list[tuple[int, int]], host: torch.Tensor, event: Any) -> None:
+        if event is not None:
+            event.synchronize()
+        array = host.numpy()
+        if state.blender is None:
+            self._open_output(state, array.shape[1])
+        for k, (row, col) in enumerate(batch):
+            state.blender.add(row, col, array[k])
+            state.done += 1
+        state.writer.flush_rows_before(state.blender.done_rows)
+
+    # -- output
+
+    def _open_output(self, state: _State, n_channels: int) -> None:
+        plan = state.plan
+        n_classes = self.spec.n_classes or n_channels
+        dtype = np.dtype(np.uint8 if max(n_classes, 2) <= 256 else np.uint16)
+        attributes = {
+            "complete": False,
+            "level": self.geometry.level,
+            "downsample": list(self.geometry.downsample),
+            "mpp": list(self._label_mpp()) if self._label_mpp() else None,
+            "class_names": list(self.spec.class_names) if self.spec.class_names else None,
+            "region": list(self.region) if self.region else None,
+            "tile_size": self.spec.tile_size,
+            "overlap": self.overlap,
+        }
+        labels, path, tempdir = create_output(
+            self.out, plan.shape, plan.chunks, dtype, attributes, overwrite=self.overwrite
+        )
+        state.labels, state.path, state.tempdir = labels, path, tempdir
+        state.writer = ChunkWriter(labels)
+        state.blender = TileBlender(plan, n_channels, lambda y, x, acc: self._finalise(state, y, x, acc))
+
+    def _finalise(self, state: _State, y0: int, x0: int, acc: np.ndarray) -> None:
+        """Turn finished accumulator rows into labels and hand them to the writer."""
+        labels = acc.argmax(axis=0).astype(state.labels.dtype)
+        keep = acc.sum(axis=0) > 0
+        h, w = labels.shape
+        window = state.plan.window
+        if window is not None:
+            rows = (np.arange(y0, y0 + h) >= window[0]) & (np.arange(y0, y0 + h) < window[2])
+            cols = (np.arange(x0, x0 + w) >= window[1]) & (np.arange(x0, x0 + w) < window[3])
+            keep &= rows[:, None] & cols[None, :]
+        if self.mask_output and state.mask is not None:
+            keep &= _sample_mask(state.mask, self.geometry.downsample, y0, x0, h, w)
+        labels[~keep] = 0
+        state.writer.put(y0, x0, labels)
+
+    def _label_mpp(self) -> tuple[float, float] | None:
+        if self.source.mpp is None:
+            return None
+        return tuple(m * d for m, d in zip(self.source.mpp, self.geometry.downsample))  # type: ignore[return-value]
+
+    def _result(self, state: _State, *, complete: bool, elapsed: float) -> SegmentationResult:
+        if state.labels is None:  # cancelled before the first batch came back
+            self._open_output(state, max(self.spec.n_classes or 2, 2))
+        if complete:
+            state.labels.attrs["complete"] = True
+        else:
+            state.writer.discard()
+        plan = state.plan
+        return SegmentationResult(
+            labels=state.labels,
+            level=self.geometry.level,
+            downsample=self.geometry.downsample,
+            mpp=self._label_mpp(),
+            pyramid=lazy_pyramid(da.from_zarr(state.labels), labels=True),
+            complete=complete,
+            tissue=state.mask,
+            region=self.region,
+            tiles_done=state.done,
+            tiles_total=plan.n_tiles,
+            tiles_skipped=plan.n_grid - plan.n_tiles,
+            class_names=self.spec.class_names,
+            path=state.path,
+            elapsed_seconds=elapsed,
+            _tempdir=state.tempdir,
+        )
+
+
+@dataclass
+class _State:
+    plan: TilePlan
+    mask: TissueMask | None
+    done: int = 0
+    labels: zarr.Array | None = None
+    path: Path | None = None
+    tempdir: tempfile.TemporaryDirectory | None = None
+    writer: ChunkWriter | None = None
+    blender: TileBlender | None = None
+
+
+def _sample_mask(
+    mask: TissueMask, downsample: tuple[float, float], y0: int, x0: int, h: int, w: int
+) -> np.ndarray:
+    """Nearest-neighbour sample of the tissue mask at processing pixels ``[y0, y0+h) x [x0, x0+w)``."""
+    my, mx = mask.downsample
+    rows = ((np.arange(y0, y0 + h) + 0.5) * downsample[0] / my).astype(np.int64)
+    cols = ((np.arange(x0, x0 + w) + 0.5) * downsample[1] / mx).astype(np.int64)
+    rows = np.clip(rows, 0, mask.mask.shape[0] - 1)
+    cols = np.clip(cols, 0, mask.mask.shape[1] - 1)
+    return mask.mask[np.ix_(rows, cols)]
