@@ -1,0 +1,422 @@
+"""``napari-feddp federation certs|serve|run|join|demo``: federated training with Flower.
+
+* ``certs``  - pilot CA, SuperLink certificate, one SuperNode key pair per lab.
+* ``serve``  - coordinator: SuperLink with TLS + SuperNode authentication.
+* ``run``    - coordinator: submit the FedDP run and stream round progress.
+* ``join``   - lab: connect this lab's dataset as a SuperNode.
+* ``demo``   - a whole federation (SuperLink + N labs) on loopback.
+
+Everything heavy lives in :mod:`napari_feddp.federation`; this module only
+parses arguments and prints.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from . import CommandError
+
+
+def add_parser(subparsers) -> None:
+    """Add ``federation`` and its sub-commands to the top-level parser."""
+    parser = subparsers.add_parser(
+        "federation",
+        help="federated, differentially private training with Flower (certs, serve, run, join, demo)",
+        description="Train one model across labs with Flower; no image leaves a lab.",
+    )
+    parser.set_defaults(func=lambda args: _help(parser))
+    sub = parser.add_subparsers(dest="federation_command", metavar="SUBCOMMAND")
+    _add_certs(sub)
+    _add_serve(sub)
+    _add_run(sub)
+    _add_join(sub)
+    _add_demo(sub)
+
+
+def _help(parser) -> int:
+    parser.print_help()
+    return 2
+
+
+# --------------------------------------------------------------------------- shared options
+
+
+def _add_training_options(parser, *, rounds_default: int, min_clients_default: int) -> None:
+    group = parser.add_argument_group("FedDP run")
+    group.add_argument("--rounds", type=int, default=rounds_default, help="federated rounds")
+    group.add_argument("--min-clients", type=int, default=min_clients_default,
+                       help="labs that must be connected before a round starts")
+    group.add_argument("--min-updates", type=int, default=1,
+                       help="valid updates needed to aggregate a round (else the model is kept)")
+    group.add_argument("--dp-mode", choices=("sample", "update", "none"), default="sample",
+                       help="sample: DP-SGD in each lab (default); update: client-level DP on "
+                            "updates; none: no DP (testing only)")
+    group.add_argument("--noise-multiplier", type=float, default=1.0,
+                       help="DP-SGD noise multiplier (sample mode)")
+    group.add_argument("--max-grad-norm", type=float, default=1.0,
+                       help="DP-SGD per-sample clipping norm (sample mode)")
+    group.add_argument("--update-noise-multiplier", type=float, default=1.0,
+                       help="noise multiplier on the aggregate (update mode)")
+    group.add_argument("--update-clipping-norm", type=float, default=1.0,
+                       help="clipping norm of each lab's update (update mode)")
+    group.add_argument("--delta", type=float, default=1e-5, help="delta of the reported epsilon")
+    group.add_argument("--local-epochs", type=int, default=1)
+    group.add_argument("--max-steps", type=int, default=0,
+                       help="cap on local optimizer steps per round (0: epochs decide)")
+    group.add_argument("--batch-size", type=int, default=4)
+    group.add_argument("--lr", type=float, default=0.001, help="local learning rate")
+    group.add_argument("--crop-size", type=int, default=64, help="training crop edge in pixels")
+    group.add_argument("--depth", type=int, default=4, help="UNet depth")
+    group.add_argument("--base-width", type=int, default=16, help="UNet channels at level 0")
+    group.add_argument("--mpp", type=float, default=0.5, help="model pixel size (µm/px)")
+    group.add_argument("--source-mpp", type=float, default=0.25,
+                       help="pixel size of lab tiles without provenance (MoNuSeg: 0.25)")
+    group.add_argument("--round-timeout", type=float, default=1800.0,
+                       help="seconds to wait for a round's replies")
+    group.add_argument("--node-wait-timeout", type=float, default=600.0,
+                       help="seconds to wait for --min-clients labs before giving up")
+    group.add_argument("--resume-from", default="", help="start from this checkpoint (.safetensors)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the initial model")
+    group.add_argument("--no-final-evaluation", action="store_true",
+                       help="skip the federated evaluation of the final model")
+
+
+def _settings(args, checkpoint_dir: Path):
+    from ..federation.settings import RunSettings
+
+    import math
+
+    groups = math.gcd(args.base_width, 8)  # GroupNorm groups must divide every width
+    return RunSettings(
+        num_rounds=args.rounds,
+        min_clients=args.min_clients,
+        min_updates=args.min_updates,
+        dp_mode=args.dp_mode,
+        noise_multiplier=args.noise_multiplier,
+        max_grad_norm=args.max_grad_norm,
+        update_noise_multiplier=args.update_noise_multiplier,
+        update_clipping_norm=args.update_clipping_norm,
+        target_delta=args.delta,
+        local_epochs=args.local_epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        crop_size=args.crop_size,
+        model_depth=args.depth,
+        model_base_width=args.base_width,
+        model_groups=groups,
+        mpp=args.mpp,
+        source_mpp=args.source_mpp,
+        round_timeout=args.round_timeout,
+        node_wait_timeout=args.node_wait_timeout,
+        resume_from=str(Path(args.resume_from).resolve()) if args.resume_from else "",
+        seed=args.seed,
+        final_evaluation=not args.no_final_evaluation,
+        checkpoint_dir=str(checkpoint_dir.resolve()),
+    )
+
+
+def _insecure_warning(args) -> None:
+    if getattr(args, "insecure", False):
+        print(
+            "WARNING: --insecure: traffic is NOT encrypted and SuperNodes are NOT "
+            "authenticated. Use only for local debugging.",
+            file=sys.stderr,
+        )
+
+
+def _print_round(row: dict) -> None:
+    from ..federation.demo import round_details, table_row
+
+    print(table_row(row), flush=True)
+    for line in round_details(row):
+        print(line, flush=True)
+
+
+def _report(outcome) -> None:
+    from ..federation.demo import evaluation_line
+
+    print(evaluation_line(outcome.evaluation))
+    print(f"run {outcome.run_id}: {outcome.status} in {outcome.seconds:.0f} s")
+    print(f"checkpoints and model cards: {outcome.checkpoint_dir}")
+
+
+# --------------------------------------------------------------------------- certs
+
+
+def _add_certs(sub) -> None:
+    p = sub.add_parser("certs", help="create a pilot CA, SuperLink certificate and lab keys")
+    p.add_argument("--out", required=True, help="output folder (pki.json, ca/, superlink/, nodes/)")
+    p.add_argument("--lab", action="append", required=True, dest="labs",
+                   help="lab name; repeat for every lab")
+    p.add_argument("--host", action="append", dest="hosts",
+                   help="address the labs dial (certificate SAN); repeatable; "
+                        "default 127.0.0.1 and localhost")
+    p.add_argument("--days", type=int, default=365, help="certificate validity")
+    p.set_defaults(func=run_certs)
+
+
+def run_certs(args) -> int:
+    from ..federation.certs import DEFAULT_SERVER_HOSTS, create_pilot_pki
+
+    try:
+        pki = create_pilot_pki(args.out, args.labs, hosts=args.hosts or DEFAULT_SERVER_HOSTS, days=args.days)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"CA certificate (give to every lab): {pki.ca.cert}")
+    print(f"CA private key (keep offline):      {pki.ca.key}")
+    print(f"SuperLink certificate / key:        {pki.server.cert} / {pki.server.key}")
+    for lab, pair in pki.nodes.items():
+        print(f"lab {lab}: private key {pair.private_key} (send to the lab), public key {pair.public_key}")
+    print(f"manifest: {pki.root / 'pki.json'}  (use: napari-feddp federation serve --pki {pki.root})")
+    return 0
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="start the coordinator's SuperLink (TLS + lab authentication)")
+    p.add_argument("--pki", help="folder from 'federation certs' (all its labs are registered)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (must be in the certificate)")
+    p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    p.add_argument("--workdir", default=None, help="logs, Flower homes, connection.json "
+                   "(default: a temporary folder)")
+    p.add_argument("--register", nargs=2, action="append", metavar=("LAB", "PUBLIC_KEY"),
+                   default=[], help="register another lab's public key; repeatable")
+    p.add_argument("--insecure", action="store_true", help="plain text, no authentication (debug only)")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args) -> int:
+    from ..federation.certs import load_pilot_pki
+    from ..federation.coordinator import Coordinator
+    from ..federation.processes import signals_raise_keyboard_interrupt
+
+    _insecure_warning(args)
+    if not args.pki and not args.insecure:
+        raise CommandError("--pki is required (create it with 'federation certs'), or pass --insecure")
+    pki = load_pilot_pki(args.pki) if args.pki else None
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="feddp-superlink-"))
+    coordinator = Coordinator(
+        workdir, pki, insecure=args.insecure, host=args.host, port=args.port,
+        public_keys={lab: Path(key) for lab, key in args.register},
+    )
+    with signals_raise_keyboard_interrupt(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            coordinator.start()
+            link = coordinator.superlink
+            print(f"SuperLink listening on {link.address} ({'PLAIN TEXT' if args.insecure else 'TLS'})")
+            for lab, node_id in coordinator.registered.items():
+                print(f"  registered lab {lab} as SuperNode {node_id}")
+            print(f"log: {link.process.log_path}")
+            print(f"start a run:  napari-feddp federation run --connection {workdir} "
+                  "--rounds N --min-clients K --checkpoint-dir DIR")
+            print("Ctrl-C stops the SuperLink.", flush=True)
+            while link.process.is_running():
+                time.sleep(1.0)
+            print(f"SuperLink exited with code {link.process.returncode}:\n{link.process.log_tail()}",
+                  file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("stopping the SuperLink", file=sys.stderr)
+            return 0
+        finally:
+            coordinator.stop()
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="submit a FedDP run to a SuperLink and follow its rounds")
+    where = p.add_argument_group("SuperLink")
+    where.add_argument("--connection", help="work folder of a running 'federation serve'")
+    where.add_argument("--superlink", help="HOST:PORT of the SuperLink (instead of --connection)")
+    where.add_argument("--ca", help="CA certificate of the federation")
+    where.add_argument("--insecure", action="store_true", help="plain text (debug only)")
+    p.add_argument("--checkpoint-dir", required=True,
+                   help="where the server writes round checkpoints (on the SuperLink machine)")
+    p.add_argument("--no-follow", action="store_true", help="print the run id and return")
+    p.add_argument("--timeout", type=float, default=24 * 3600, help="seconds to follow the run")
+    _add_training_options(p, rounds_default=10, min_clients_default=2)
+    p.set_defaults(func=run_run)
+
+
+def run_run(args) -> int:
+    from ..federation.coordinator import read_connection, submit_run
+    from ..federation.demo import table_header
+    from ..federation.flwr_cli import FlowerCli, FlowerCliError, write_flower_config
+    from ..federation.pilot import FederationRunError
+    from ..federation.processes import signals_raise_keyboard_interrupt
+
+    _insecure_warning(args)
+    checkpoint_dir = Path(args.checkpoint_dir)
+    settings = _settings(args, checkpoint_dir)
+    workdir = Path(tempfile.mkdtemp(prefix="feddp-run-"))
+    if args.connection:
+        conn = read_connection(args.connection)
+        cli = FlowerCli(Path(conn["flwr_home"]))
+    else:
+        if not args.superlink:
+            raise CommandError("give --connection DIR (from 'federation serve') or --superlink HOST:PORT")
+        if not args.ca and not args.insecure:
+            raise CommandError("--ca CA.pem is required unless --insecure")
+        cli = FlowerCli(workdir / "flwr-home")
+        write_flower_config(cli.flwr_home, args.superlink, root_cert=args.ca, insecure=args.insecure)
+    with signals_raise_keyboard_interrupt():
+        try:
+            if args.no_follow:
+                run_id = submit_run(cli, settings, workdir / "app", follow=False)
+                print(f"started run {run_id}; checkpoints will land in {checkpoint_dir.resolve()}")
+                return 0
+            print(f"checkpoints and model cards go to {checkpoint_dir.resolve()}")
+            print(table_header(), flush=True)
+            outcome = submit_run(cli, settings, workdir / "app", timeout=args.timeout, on_round=_print_round)
+        except (FlowerCliError, FederationRunError) as exc:
+            raise CommandError(str(exc)) from None
+    _report(outcome)
+    return 0
+
+
+# --------------------------------------------------------------------------- join
+
+
+def _add_join(sub) -> None:
+    p = sub.add_parser("join", help="connect this lab's dataset to a federation (runs a SuperNode)")
+    p.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator's SuperLink")
+    p.add_argument("--ca", help="CA certificate of the federation")
+    p.add_argument("--key", help="this lab's private key (from the coordinator)")
+    p.add_argument("--dataset", required=True, help="training folder with images/ and masks/")
+    p.add_argument("--eval-dataset", default="", help="held-out tiles for the final evaluation")
+    p.add_argument("--epsilon-budget", type=float, default=0.0,
+                   help="privacy budget; the lab declines rounds beyond it (0: unlimited)")
+    p.add_argument("--lab", default=None, help="lab name (default: key file name)")
+    p.add_argument("--ledger-dir", default="", help="privacy ledger folder (default: $FEDDP_HOME/ledger, "
+                   "i.e. ~/.local/share/napari-feddp/ledger)")
+    p.add_argument("--model-store", default="", help="where to keep the federation's final model")
+    p.add_argument("--workdir", default=None, help="logs and local history")
+    p.add_argument("--insecure", action="store_true", help="plain text, no authentication (debug only)")
+    p.set_defaults(func=run_join)
+
+
+def run_join(args) -> int:
+    from ..federation.lab import LabNode
+    from ..federation.processes import FederationProcessError, signals_raise_keyboard_interrupt
+
+    _insecure_warning(args)
+    if not args.insecure and not (args.ca and args.key):
+        raise CommandError("--ca and --key are required unless --insecure")
+    node = LabNode(
+        superlink=args.superlink,
+        ca=Path(args.ca) if args.ca else None,
+        key=Path(args.key) if args.key else None,
+        dataset=Path(args.dataset),
+        lab=args.lab,
+        epsilon_budget=args.epsilon_budget,
+        ledger_dir=args.ledger_dir,
+        eval_dataset=args.eval_dataset,
+        model_store=args.model_store,
+        workdir=Path(args.workdir) if args.workdir else None,
+        insecure=args.insecure,
+    )
+    with signals_raise_keyboard_interrupt(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            node.start()
+            print(f"lab {node.lab} connected to {args.superlink} as SuperNode {node.node.node_id}")
+            print(f"log: {node.node.process.log_path}; Ctrl-C leaves the federation.", flush=True)
+            last = None
+            while True:
+                status = node.status()
+                line = f"status: {status.state}" + (f" (round {status.round})" if status.round else "")
+                if status.message:
+                    line += f": {status.message}"
+                if line != last:
+                    print(line, flush=True)
+                    last = line
+                if status.state in ("error", "stopped"):
+                    return 1 if status.state == "error" else 0
+                time.sleep(1.0)
+        except FederationProcessError as exc:
+            raise CommandError(f"could not join: {exc}") from None
+        except KeyboardInterrupt:
+            print("leaving the federation", file=sys.stderr)
+            return 0
+        finally:
+            node.stop()
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="run a whole federation (SuperLink + N labs) on loopback")
+    p.add_argument("--clients", type=int, default=3, help="number of simulated labs")
+    p.add_argument("--checkpoint-dir", required=True, help="where round checkpoints and cards go")
+    p.add_argument("--data", default=None,
+                   help="dataset folder (images/, masks/) split across the labs; default: "
+                        "MoNuSeg train from ../shared/data if present, else synthetic tiles")
+    p.add_argument("--synthetic", action="store_true", help="use synthetic tiles")
+    p.add_argument("--tiles", type=int, default=4, help="synthetic tiles per lab")
+    p.add_argument("--workdir", default=None, help="keep logs, PKI and Flower homes here")
+    p.add_argument("--epsilon-budget", type=float, default=0.0, help="every lab's privacy budget")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds before giving up")
+    p.add_argument("--insecure", action="store_true", help="plain text, no authentication (debug only)")
+    _add_training_options(p, rounds_default=2, min_clients_default=0)
+    p.set_defaults(func=run_demo, max_steps=3, crop_size=64, depth=3, base_width=8)
+
+
+def run_demo(args) -> int:
+    from ..federation.demo import prepare_demo_labs, table_header
+    from ..federation.pilot import FederationRunError, LocalFederation
+    from ..federation.processes import FederationProcessError, signals_raise_keyboard_interrupt
+
+    _insecure_warning(args)
+    if args.clients < 1:
+        raise CommandError("--clients must be at least 1")
+    if args.min_clients == 0:
+        args.min_clients = args.clients
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="feddp-demo-"))
+    keep = args.workdir is not None
+    checkpoint_dir = Path(args.checkpoint_dir)
+    settings = _settings(args, checkpoint_dir)
+    with signals_raise_keyboard_interrupt(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            labs, source = prepare_demo_labs(
+                workdir / "data", args.clients, data=args.data, synthetic=args.synthetic,
+                tiles=args.tiles, epsilon_budget=args.epsilon_budget,
+            )
+            if source != "synthetic" and args.source_mpp == 0.25:
+                pass  # MoNuSeg is scanned at 0.25 µm/px, the default
+            elif source == "synthetic":
+                settings = settings.replace(source_mpp=settings.mpp)
+            print(f"demo: {args.clients} labs ({source} tiles), {args.rounds} rounds, dp-mode "
+                  f"{args.dp_mode}, {'PLAIN TEXT' if args.insecure else 'TLS + node authentication'}")
+            started = time.monotonic()
+            with LocalFederation(workdir=workdir / "federation", labs=labs, insecure=args.insecure,
+                                 keep_workdir=True) as fed:
+                print(f"SuperLink {fed.superlink.address} + {len(fed.supernodes)} SuperNodes up in "
+                      f"{time.monotonic() - started:.0f} s", flush=True)
+                print(table_header(), flush=True)
+                outcome = fed.run(settings, timeout=args.timeout, on_round=_print_round)
+        except (FederationProcessError, FederationRunError, ValueError) as exc:
+            raise CommandError(str(exc)) from None
+        except KeyboardInterrupt:
+            print("demo interrupted; all federation processes stopped", file=sys.stderr)
+            return 130
+        finally:
+            if not keep:
+                import shutil
+
+                shutil.rmtree(workdir, ignore_errors=True)
+    _report(outcome)
+    if keep:
+        print(f"logs and Flower homes: {workdir}")
+    return 0

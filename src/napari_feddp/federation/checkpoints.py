@@ -1,0 +1,120 @@
+"""Global-model checkpoints and the round log the ServerApp writes.
+
+Layout of ``checkpoint-dir``::
+
+    round-000.safetensors / .json   initial global model (+ model card)
+    round-001.safetensors / .json   global model after round 1
+    ...
+    final.safetensors / .json       last global model
+    rounds.jsonl                    one JSON object per round (RoundReport)
+    evaluation.json                 final federated evaluation
+    summary.json                    status of the run ("running", "completed", "failed")
+
+Checkpoints go through :func:`napari_feddp.models.save_checkpoint`
+(safetensors weights + JSON model card, hash-checked).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord
+
+ROUNDS_FILE = "rounds.jsonl"
+SUMMARY_FILE = "summary.json"
+EVALUATION_FILE = "evaluation.json"
+
+
+def _atomic_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class CheckpointWriter:
+    """Write checkpoints and logs into one directory.
+
+    Parameters
+    ----------
+    directory : path or None
+        None (or "") disables writing; all methods become no-ops.
+    settings : RunSettings
+        For model construction and the model card.
+    """
+
+    def __init__(self, directory, settings) -> None:
+        self.directory = Path(directory) if directory else None
+        self.settings = settings
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            rounds = self.directory / ROUNDS_FILE
+            if rounds.exists():
+                rounds.unlink()
+
+    @property
+    def enabled(self) -> bool:
+        """True if a directory was given."""
+        return self.directory is not None
+
+    def save_model(self, name: str, arrays: ArrayRecord, **provenance) -> Path | None:
+        """Save ``arrays`` as ``<name>.safetensors`` + ``<name>.json``."""
+        if self.directory is None:
+            return None
+        from ..models import save_checkpoint
+        from .local import build_model, model_card
+
+        model = build_model(self.settings)
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        card = model_card(self.settings, **provenance)
+        return save_checkpoint(self.directory / name, model, card)
+
+    def append_round(self, report: dict) -> None:
+        """Append one round record to ``rounds.jsonl``."""
+        if self.directory is None:
+            return
+        with open(self.directory / ROUNDS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(report, default=str) + "\n")
+            handle.flush()
+
+    def write_evaluation(self, evaluation: dict | None) -> None:
+        """Write ``evaluation.json``."""
+        if self.directory is not None and evaluation is not None:
+            _atomic_json(self.directory / EVALUATION_FILE, evaluation)
+
+    def write_summary(self, status: str, **fields) -> None:
+        """Write ``summary.json`` (status plus any fields)."""
+        if self.directory is not None:
+            _atomic_json(
+                self.directory / SUMMARY_FILE,
+                {"status": status, "updated": time.time(), **fields},
+            )
+
+
+def read_rounds(directory) -> list[dict]:
+    """Round records written so far (empty if none)."""
+    path = Path(directory) / ROUNDS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line being written
+    return rows
+
+
+def read_json(directory, name: str) -> dict | None:
+    """A JSON file of the checkpoint directory, or None."""
+    path = Path(directory) / name
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None

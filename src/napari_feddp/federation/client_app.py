@@ -1,0 +1,213 @@
+"""Flower ClientApp of napari-feddp (Flower 1.42 Message API).
+
+Loaded by ``flwr-clientapp`` inside each lab's SuperNode as
+``napari_feddp.federation.client_app:app``. For every message it
+
+1. reads the run settings (run config) and the lab settings (node config),
+2. builds the UNet and loads the global weights from the ``arrays`` record,
+3. trains (``train``) or evaluates (``evaluate``) with the lab's pluggable
+   function (:mod:`napari_feddp.federation.local`),
+4. replies with **only** the model weights and a few scalar summaries:
+   ``num-examples``, ``train-loss``, ``train-dice``, ``epsilon`` (and
+   ``unit-weight``, ``delta``, ``steps``). No image, mask, per-sample value or
+   file path leaves the lab.
+
+With ``dp-mode = "update"`` the server's round config carries
+``clipping_norm`` and Flower's :func:`~flwr.clientapp.mod.fixedclipping_mod`
+clips the update before it is sent (client-level DP with
+``DifferentialPrivacyClientSideFixedClipping`` on the server).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from .local import (
+    DeclineRound,
+    LocalRequest,
+    build_model,
+    default_evaluate,
+    default_train,
+    load_function,
+)
+from .settings import NodeSettings, RunSettings
+from .strategy import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, REASON_KEY
+
+app = ClientApp()
+
+
+def _config(msg: Message) -> ConfigRecord:
+    return msg.content.config_records.get(CONFIG_KEY) or ConfigRecord()
+
+
+def _is_decline(reply: Message) -> bool:
+    if reply.has_error():
+        return False
+    metrics = reply.content.metric_records.get(METRICS_KEY)
+    return metrics is not None and float(metrics.get("declined", 0) or 0) == 1.0
+
+
+def update_clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """Apply Flower's ``fixedclipping_mod`` when the server asks for clipping.
+
+    Rounds configured by ``DifferentialPrivacyClientSideFixedClipping`` carry
+    ``clipping_norm``. With ``dp-mode = "update"`` the lab clips even if the
+    server forgot to ask (using the run's ``update-clipping-norm``); in other
+    modes rounds without a clipping norm pass through. Decline replies (no
+    weights) bypass the clipping.
+    """
+    config = msg.content.config_records.get(CONFIG_KEY)
+    if config is not None and KEY_CLIPPING_NORM not in config:
+        settings = RunSettings.from_run_config(context.run_config)
+        if settings.dp_mode == "update":
+            config[KEY_CLIPPING_NORM] = float(settings.update_clipping_norm)
+    if config is None or KEY_CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    declined: list[Message] = []
+
+    def run_and_capture(message: Message, ctx: Context) -> Message:
+        reply = call_next(message, ctx)
+        if _is_decline(reply):
+            declined.append(reply)
+            return Message(Error(code=0, reason="declined"), reply_to=message)
+        return reply
+
+    clipped = fixedclipping_mod(msg, context, run_and_capture)
+    return declined[0] if declined else clipped
+
+
+def _prepare(msg: Message, context: Context) -> LocalRequest:
+    settings = RunSettings.from_run_config(context.run_config)
+    node = NodeSettings.from_node_config(context.node_config)
+    torch.set_num_threads(max(1, int(node.threads)))
+    model = build_model(settings)
+    arrays = msg.content.array_records[ARRAYS_KEY]
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    config = _config(msg)
+    overrides = {k: config[k] for k in ("learning-rate",) if k in config}
+    return LocalRequest(
+        model=model,
+        settings=settings,
+        node=node,
+        server_round=int(config.get("server-round", 0)),
+        train_overrides=overrides,
+    )
+
+
+def _scalars(values: dict[str, float | int | None]) -> dict[str, float | int]:
+    """Keep finite scalars only (a NaN Dice on an empty crop is dropped)."""
+    out: dict[str, float | int] = {}
+    for key, value in values.items():
+        if value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            out[key] = value
+        elif isinstance(value, float) and math.isfinite(value):
+            out[key] = value
+    return out
+
+
+def _history(request: LocalRequest, record: dict) -> None:
+    """Append a local-only record for the Federation widget (never sent)."""
+    path = request.node.history_file
+    if not path:
+        return
+    row = {"time": time.time(), "round": request.server_round, **record}
+    try:
+        target = Path(path).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+    except OSError:
+        pass  # the widget's log is a convenience, never a reason to fail a round
+
+
+@app.train(mods=[update_clipping_mod])
+def train(msg: Message, context: Context) -> Message:
+    """Train the global model on the lab's data; reply with weights + scalars."""
+    request = _prepare(msg, context)
+    train_fn = load_function(request.node.train_fn) if request.node.train_fn else default_train
+    _history(request, {"event": "training"})
+    try:
+        update = train_fn(request)
+    except DeclineRound as decline:
+        _history(request, {"event": "declined", "reason": decline.reason, **decline.metrics()})
+        content = RecordDict(
+            {
+                METRICS_KEY: MetricRecord(decline.metrics()),
+                REASON_KEY: ConfigRecord({REASON_KEY: decline.reason[:200]}),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+    metrics = _scalars(
+        {
+            "num-examples": int(update.num_examples),
+            "unit-weight": 1.0,
+            "train-loss": float(update.loss),
+            "train-dice": float(update.dice),
+            "epsilon": None if update.epsilon is None else float(update.epsilon),
+            "delta": None if update.delta is None else float(update.delta),
+            "steps": int(update.steps),
+        }
+    )
+    _history(request, {"event": "trained", **metrics})
+    state = {k: v.detach().cpu() for k, v in request.model.state_dict().items()}
+    content = RecordDict(
+        {ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: MetricRecord(metrics)}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def keep_global_model(request: LocalRequest, run_id: int, epsilon: float | None) -> Path | None:
+    """Save the federation's final model into the lab's local model store."""
+    from ..models import save_checkpoint
+    from ..models.store import model_store
+    from .local import model_card
+
+    store = Path(request.node.model_store).expanduser() if request.node.model_store else model_store()
+    card = model_card(
+        request.settings,
+        round=request.server_round,
+        federated_rounds=request.server_round,
+        epsilon=epsilon,
+    )
+    return save_checkpoint(store / f"federation-{run_id}", request.model, card)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on the lab's held-out tiles; reply with scalars only.
+
+    In the final evaluation round (config ``final``) the lab also keeps the
+    global model in its local model store, where the Segment widget finds it.
+    """
+    request = _prepare(msg, context)
+    config = _config(msg)
+    if bool(config.get("final", False)):
+        epsilon = config.get("epsilon")
+        try:
+            keep_global_model(request, context.run_id, float(epsilon) if epsilon is not None else None)
+        except Exception as exc:  # noqa: BLE001 - storing is local; still evaluate
+            _history(request, {"event": "store-failed", "reason": str(exc)[:200]})
+    eval_fn = load_function(request.node.eval_fn) if request.node.eval_fn else default_evaluate
+    result = eval_fn(request)
+    metrics = _scalars(
+        {
+            "num-examples": int(result.num_examples),
+            "eval-loss": float(result.loss),
+            "dice": float(result.dice),
+            "jaccard": float(result.jaccard),
+            "pixel-accuracy": float(result.pixel_accuracy),
+        }
+    )
+    _history(request, {"event": "evaluated", **metrics})
+    return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)

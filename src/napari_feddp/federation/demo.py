@@ -1,0 +1,242 @@
+"""Synthetic lab datasets and the text table of a federated run (for the demo).
+
+The synthetic tiles look vaguely like H&E (pink stroma, purple round nuclei)
+and their masks mark the nuclei, so a U-Net can learn something in a few
+steps. They are generated from a seed; no real data is involved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def make_synthetic_lab(
+    directory: str | Path,
+    *,
+    n_tiles: int = 4,
+    size: int = 64,
+    seed: int = 0,
+    nuclei: tuple[int, int] = (4, 9),
+) -> Path:
+    """Write ``n_tiles`` image/mask PNG pairs to ``directory/images`` and ``/masks``.
+
+    Parameters
+    ----------
+    directory : path
+        Lab dataset folder (created).
+    n_tiles : int
+        Number of tiles.
+    size : int
+        Tile edge in pixels.
+    seed : int
+        Generator seed (use a different one per lab).
+    nuclei : (int, int)
+        Range of the number of nuclei per tile.
+
+    Returns
+    -------
+    Path
+        ``directory``.
+    """
+    from PIL import Image
+
+    root = Path(directory)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for index in range(n_tiles):
+        stroma = np.array([236, 170, 200], dtype=np.float64) + rng.normal(0, 8, 3)
+        image = np.ones((size, size, 3)) * stroma + rng.normal(0, 10, (size, size, 3))
+        mask = np.zeros((size, size), dtype=np.uint8)
+        for _ in range(int(rng.integers(*nuclei))):
+            cy, cx = rng.uniform(4, size - 4, 2)
+            radius = rng.uniform(size / 20, size / 9)
+            blob = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+            mask[blob] = 1
+            image[blob] = np.array([110, 60, 150]) + rng.normal(0, 12, 3)
+        image = np.clip(image, 0, 255).astype(np.uint8)
+        Image.fromarray(image, mode="RGB").save(root / "images" / f"tile{index:03d}.png")
+        Image.fromarray(mask * 255, mode="L").save(root / "masks" / f"tile{index:03d}.png")
+    return root
+
+
+_COLUMNS = (
+    ("round", 5), ("accepted", 8), ("rejected", 8), ("declined", 8), ("failed", 6),
+    ("examples", 8), ("loss", 7), ("dice", 6), ("epsilon", 7), ("seconds", 7),
+)  # fmt: skip
+
+
+def table_header() -> str:
+    """Header line of the per-round table."""
+    return "  ".join(name.rjust(width) for name, width in _COLUMNS)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table_row(report: dict) -> str:
+    """One line of the per-round table from a ``rounds.jsonl`` record."""
+    values = {
+        "round": report.get("round"),
+        "accepted": len(report.get("accepted", [])),
+        "rejected": len(report.get("rejected", {})),
+        "declined": len(report.get("declined", {})),
+        "failed": len(report.get("failed", {})),
+        "examples": report.get("num_examples"),
+        "loss": report.get("train_loss"),
+        "dice": report.get("train_dice"),
+        "epsilon": report.get("epsilon_max"),
+        "seconds": report.get("seconds"),
+    }
+    cells = []
+    for name, width in _COLUMNS:
+        digits = 1 if name == "seconds" else 3
+        cells.append(_fmt(values[name], digits).rjust(width))
+    line = "  ".join(cells)
+    if not report.get("aggregated", False):
+        line += "  (global model unchanged)"
+    return line
+
+
+def round_details(report: dict) -> list[str]:
+    """Indented lines explaining rejected, declined and failed nodes."""
+    lines = []
+    for kind in ("rejected", "declined", "failed"):
+        for node, reason in (report.get(kind) or {}).items():
+            lines.append(f"        node {node} {kind}: {reason}")
+    return lines
+
+
+def evaluation_line(evaluation: dict | None) -> str:
+    """Summary of the final federated evaluation."""
+    if not evaluation or not evaluation.get("metrics"):
+        return "final evaluation: no results"
+    metrics = evaluation["metrics"]
+    parts = [f"{k}={v:.3f}" for k, v in sorted(metrics.items())]
+    return (
+        f"final evaluation on {evaluation.get('nodes', 0)} node(s), "
+        f"{evaluation.get('num_examples', 0)} crops: " + ", ".join(parts)
+    )
+
+
+def _site(name: str) -> str:
+    """Tissue source site of a TCGA barcode (``TCGA-A7-...`` -> ``A7``), else the name."""
+    parts = name.split("-")
+    return parts[1] if len(parts) > 2 and parts[0].upper() == "TCGA" else name
+
+
+def split_dataset(source: str | Path, target: str | Path, n_labs: int) -> list[Path]:
+    """Split a dataset folder into ``n_labs`` folders by TCGA site (non-IID "hospitals").
+
+    Sites are dealt to labs round-robin in sorted order; files are symlinked
+    (copied where links are not possible). Returns the lab folders.
+    """
+    import shutil
+
+    source, target = Path(source), Path(target)
+    images = sorted(p for p in (source / "images").iterdir() if p.is_file() and not p.name.startswith("."))
+    masks = {p.stem: p for p in (source / "masks").iterdir() if p.is_file()}
+    sites = sorted({_site(p.stem) for p in images})
+    if len(sites) < n_labs:
+        sites = sorted(p.stem for p in images)  # fewer sites than labs: split by tile
+    owner = {site: index % n_labs for index, site in enumerate(sites)}
+    folders = [target / f"lab-{i + 1}" for i in range(n_labs)]
+    for folder in folders:
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "masks").mkdir(parents=True, exist_ok=True)
+    for image in images:
+        if image.stem not in masks:
+            continue
+        key = _site(image.stem) if _site(image.stem) in owner else image.stem
+        lab = folders[owner[key]]
+        for src, sub in ((image, "images"), (masks[image.stem], "masks")):
+            dst = lab / sub / src.name
+            if dst.exists():
+                continue
+            try:
+                dst.symlink_to(src.resolve())
+            except OSError:
+                shutil.copy2(src, dst)
+    return folders
+
+
+def find_monuseg() -> Path | None:
+    """MoNuSeg folder (with ``train/``) from ``$FEDDP_SHARED_DATA`` or ``../shared/data``."""
+    import os
+
+    candidates = []
+    if os.environ.get("FEDDP_SHARED_DATA"):
+        candidates.append(Path(os.environ["FEDDP_SHARED_DATA"]) / "monuseg")
+    candidates.append(Path.cwd().parent / "shared" / "data" / "monuseg")
+    for candidate in candidates:
+        if (candidate / "train" / "images").is_dir():
+            return candidate
+    return None
+
+
+def prepare_demo_labs(
+    directory: str | Path,
+    n_labs: int,
+    *,
+    data: str | Path | None = None,
+    synthetic: bool = False,
+    tiles: int = 4,
+    tile_size: int = 96,
+    epsilon_budget: float = 0.0,
+):
+    """Lab specifications for the demo and a word on where their tiles come from.
+
+    Parameters
+    ----------
+    directory : path
+        Where the lab folders are created.
+    n_labs : int
+    data : path, optional
+        A dataset folder to split across labs.
+    synthetic : bool
+        Force synthetic tiles.
+    tiles, tile_size : int
+        Synthetic tiles per lab and their size.
+    epsilon_budget : float
+        Every lab's privacy budget.
+
+    Returns
+    -------
+    (list of LabSpec, str)
+        The labs and ``"synthetic"``, ``"MoNuSeg"`` or the data folder.
+    """
+    from .pilot import LabSpec
+
+    directory = Path(directory)
+    source_dir: Path | None = None
+    eval_dirs: list[Path | None] = [None] * n_labs
+    label = "synthetic"
+    if not synthetic:
+        if data is not None:
+            source_dir, label = Path(data), str(data)
+        elif (monuseg := find_monuseg()) is not None:
+            source_dir, label = monuseg / "train", "MoNuSeg"
+            if (monuseg / "test" / "images").is_dir():
+                eval_dirs = list(split_dataset(monuseg / "test", directory / "eval", n_labs))
+    if source_dir is not None:
+        folders = split_dataset(source_dir, directory / "train", n_labs)
+    else:
+        folders = [
+            make_synthetic_lab(directory / f"lab-{i + 1}", n_tiles=tiles, size=tile_size, seed=i)
+            for i in range(n_labs)
+        ]
+    labs = []
+    for index, folder in enumerate(folders):
+        spec = LabSpec(name=f"lab-{index + 1}", data_dir=folder, max_epsilon=epsilon_budget)
+        labs.append(spec)
+    for spec, eval_dir in zip(labs, eval_dirs):
+        spec.eval_dir = eval_dir
+    return labs, label

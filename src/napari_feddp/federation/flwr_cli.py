@@ -1,0 +1,223 @@
+"""Drive the ``flwr`` command line (Flower 1.42) with a private Flower home.
+
+``flwr`` reads SuperLink *connections* from ``$FLWR_HOME/config.toml``::
+
+    [superlink]
+    default = "feddp"
+
+    [superlink.feddp]
+    address = "127.0.0.1:PORT"
+    root-certificates = "/abs/ca.pem"     # or: insecure = true
+
+and talks HTTPS to the SuperLink's Control API at that address. The commands
+used here all accept ``--format json``:
+
+* ``flwr supernode register PUBLIC_KEY [CONNECTION] --name LAB`` (node auth),
+* ``flwr run APP_DIR [CONNECTION]`` (builds a FAB from ``APP_DIR/pyproject.toml``
+  and starts a run; returns at once with the run id),
+* ``flwr list [CONNECTION] --run-id ID`` (status ``finished:completed`` etc.),
+* ``flwr stop RUN_ID [CONNECTION]``, ``flwr log RUN_ID [CONNECTION] --show``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .processes import flower_env, flower_executable
+
+CONNECTION_NAME = "feddp"
+
+
+class FlowerCliError(RuntimeError):
+    """A ``flwr`` command failed or printed something unexpected."""
+
+
+def _toml_string(value: str) -> str:
+    return json.dumps(value)
+
+
+def write_flower_config(
+    flwr_home: str | os.PathLike,
+    address: str,
+    *,
+    root_cert: str | os.PathLike | None,
+    insecure: bool = False,
+    name: str = CONNECTION_NAME,
+) -> Path:
+    """Write ``config.toml`` with one SuperLink connection, made the default.
+
+    Parameters
+    ----------
+    flwr_home : path
+        The ``FLWR_HOME`` directory (created).
+    address : str
+        ``host:port`` of the SuperLink.
+    root_cert : path or None
+        CA certificate; required unless ``insecure``.
+    insecure : bool
+        Plain-text connection (explicit opt-in).
+    name : str
+        Connection name.
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    home = Path(flwr_home)
+    home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f"default = {_toml_string(name)}", "", f"[superlink.{name}]"]
+    lines.append(f"address = {_toml_string(address)}")
+    if insecure:
+        lines.append("insecure = true")
+    else:
+        if root_cert is None:
+            raise ValueError("root_cert is required for a TLS connection")
+        lines.append(f"root-certificates = {_toml_string(str(Path(root_cert).resolve()))}")
+    path = home / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class FlowerCli:
+    """Run ``flwr`` sub-commands against one SuperLink connection.
+
+    Parameters
+    ----------
+    flwr_home : path
+        Private ``FLWR_HOME`` that holds ``config.toml``.
+    connection : str
+        Connection name in that file.
+    timeout : float
+        Seconds per command.
+    """
+
+    flwr_home: Path
+    connection: str = CONNECTION_NAME
+    timeout: float = 120.0
+
+    def _run(self, args: list[str], *, json_output: bool = True) -> dict | str:
+        argv = [flower_executable("flwr"), *args]
+        if json_output:
+            argv += ["--format", "json"]
+        env = flower_env(self.flwr_home, {"COLUMNS": "200", "TERM": "dumb"})
+        try:
+            done = subprocess.run(  # noqa: S603 - fixed executable
+                argv,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=self.timeout,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise FlowerCliError(f"flwr {' '.join(args)} timed out after {self.timeout} s") from exc
+        if not json_output:
+            if done.returncode != 0:
+                raise FlowerCliError(
+                    f"flwr {' '.join(args)} failed ({done.returncode}): {done.stderr or done.stdout}"
+                )
+            return done.stdout
+        payload = _parse_json(done.stdout)
+        if done.returncode != 0 or payload is None or not payload.get("success", False):
+            detail = (payload or {}).get("error-message") if payload else None
+            raise FlowerCliError(
+                f"flwr {' '.join(args)} failed (exit {done.returncode}): "
+                f"{detail or (done.stderr.strip() or done.stdout.strip())[-2000:]}"
+            )
+        return payload
+
+    def register_node(self, public_key: str | os.PathLike, name: str | None = None) -> int:
+        """Register a SuperNode public key; return the node id."""
+        args = ["supernode", "register", str(public_key), self.connection]
+        if name:
+            args += ["--name", name]
+        payload = self._run(args)
+        return int(payload["node-id"])
+
+    def list_nodes(self) -> list[dict]:
+        """``flwr supernode list`` entries."""
+        return list(self._run(["supernode", "list", self.connection]).get("nodes", []))
+
+    def start_run(self, app_dir: str | os.PathLike, run_config: list[str] | None = None) -> int:
+        """``flwr run APP_DIR``; return the run id (the run continues remotely)."""
+        args = ["run", str(app_dir), self.connection]
+        for override in run_config or []:
+            args += ["--run-config", override]
+        payload = self._run(args)
+        return int(payload["run-id"])
+
+    def run_info(self, run_id: int) -> dict:
+        """Details of one run (``status`` such as ``running``, ``finished:completed``)."""
+        runs = self._run(["list", self.connection, "--run-id", str(run_id)]).get("runs", [])
+        if not runs:
+            raise FlowerCliError(f"run {run_id} not found")
+        return runs[0]
+
+    def stop_run(self, run_id: int) -> None:
+        """``flwr stop RUN_ID`` (errors ignored if it already finished)."""
+        try:
+            self._run(["stop", str(run_id), self.connection])
+        except FlowerCliError:
+            pass
+
+    def logs(self, run_id: int) -> str:
+        """Logs of a run as text (``flwr log --show``)."""
+        try:
+            return str(self._run(["log", str(run_id), self.connection, "--show"], json_output=False))
+        except FlowerCliError as exc:
+            return f"(logs unavailable: {exc})"
+
+    def wait_run(self, run_id: int, timeout: float, poll: float = 2.0, on_poll=None) -> dict:
+        """Poll until the run's status starts with ``finished``.
+
+        Parameters
+        ----------
+        run_id : int
+        timeout : float
+            Seconds; on timeout the run is stopped and FlowerCliError raised.
+        poll : float
+            Seconds between polls.
+        on_poll : callable, optional
+            Called with no arguments after every poll (e.g. to print progress).
+
+        Returns
+        -------
+        dict
+            Final run details.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.run_info(run_id)
+            if on_poll is not None:
+                on_poll()
+            if str(info.get("status", "")).startswith("finished"):
+                return info
+            if time.monotonic() > deadline:
+                self.stop_run(run_id)
+                raise FlowerCliError(f"run {run_id} did not finish within {timeout:.0f} s")
+            time.sleep(poll)
+
+
+def _parse_json(text: str) -> dict | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        start = text.find("{")
+        end = text.rfind("}")
+        if start >= 0 and end > start:
+            try:
+                return json.loads(text[start : end + 1])
+            except json.JSONDecodeError:
+                return None
+    return None

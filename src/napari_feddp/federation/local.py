@@ -1,0 +1,335 @@
+"""What a lab does locally in a federated round: pluggable training and evaluation.
+
+The ClientApp only needs two functions::
+
+    train_fn(request: LocalRequest) -> LocalUpdate      # trains request.model in place
+    eval_fn(request: LocalRequest) -> LocalEvaluation
+
+The defaults (:func:`default_train`, :func:`default_evaluate`) use
+:mod:`napari_feddp.training` (``SegmentationDataset``, ``train_local`` with
+Opacus DP-SGD, the persistent ``PrivacyLedger``). A lab can plug in another
+implementation with the node setting ``train-fn = "package.module:function"``
+(tests use this to inject faulty updates).
+
+To sit a round out (privacy budget exhausted) a train function raises
+:class:`DeclineRound`; ``training.BudgetExceededError`` is translated to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .settings import NodeSettings, RunSettings
+
+
+class DeclineRound(Exception):
+    """The lab declines this round; nothing was trained, no budget was spent.
+
+    Parameters
+    ----------
+    reason : str
+        Short, non-identifying reason sent to the server (no paths, no data).
+    epsilon, epsilon_next, epsilon_max : float, optional
+        Privacy budget figures reported with the decline.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        epsilon: float | None = None,
+        epsilon_next: float | None = None,
+        epsilon_max: float | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.epsilon = epsilon
+        self.epsilon_next = epsilon_next
+        self.epsilon_max = epsilon_max
+
+    def metrics(self) -> dict[str, float]:
+        """Scalar figures for the reply (``declined`` = 1)."""
+        out = {"declined": 1.0}
+        for key, value in (
+            ("epsilon", self.epsilon),
+            ("epsilon-next", self.epsilon_next),
+            ("epsilon-max", self.epsilon_max),
+        ):
+            if value is not None and math.isfinite(value):
+                out[key] = float(value)
+        return out
+
+
+@dataclass
+class LocalRequest:
+    """Everything a local train/eval function gets.
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        The global model (weights already loaded); train it in place.
+    settings : RunSettings
+        Run-wide settings (same for every lab).
+    node : NodeSettings
+        This lab's settings (data folder, ledger, budget).
+    server_round : int
+        Current round (1-based).
+    train_overrides : dict
+        Extra settings from the server's round config (e.g. ``learning-rate``).
+    """
+
+    model: nn.Module
+    settings: RunSettings
+    node: NodeSettings
+    server_round: int
+    train_overrides: dict | None = None
+
+
+@dataclass
+class LocalUpdate:
+    """Scalar summary of a local training round (weights travel separately).
+
+    Attributes
+    ----------
+    num_examples : int
+        Training items (FedAvg weight).
+    loss, dice : float
+        Mean training loss and pooled training Dice (indicative only).
+    epsilon, delta : float, optional
+        Cumulative privacy spent by this lab's dataset (``sample`` mode).
+    steps : int
+        Optimizer steps taken.
+    """
+
+    num_examples: int
+    loss: float
+    dice: float
+    epsilon: float | None = None
+    delta: float | None = None
+    steps: int = 0
+
+
+@dataclass
+class LocalEvaluation:
+    """Scalar summary of a local evaluation."""
+
+    num_examples: int
+    loss: float
+    dice: float
+    jaccard: float
+    pixel_accuracy: float
+
+
+TrainFn = Callable[[LocalRequest], LocalUpdate]
+EvalFn = Callable[[LocalRequest], LocalEvaluation]
+
+
+def load_function(reference: str) -> Callable:
+    """Import ``"package.module:function"``.
+
+    Raises
+    ------
+    ValueError
+        If the reference is malformed or the attribute is not callable.
+    """
+    module_name, _, attr = reference.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"expected 'module:function', received {reference!r}")
+    target = importlib.import_module(module_name)
+    for part in attr.split("."):
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"{reference!r} is not callable")
+    return target
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(settings: RunSettings) -> nn.Module:
+    """The run's UNet (GroupNorm, Opacus-compatible), freshly initialised."""
+    from ..models import UNet
+
+    return UNet(**settings.unet_params)
+
+
+def model_card(settings: RunSettings, **provenance):
+    """Model card of the run's global model.
+
+    Parameters
+    ----------
+    settings : RunSettings
+    **provenance
+        ``federated_rounds``, ``round``, ``epsilon``, ``metrics`` ...
+
+    Returns
+    -------
+    napari_feddp.models.ModelCard
+    """
+    from ..models import default_card
+    from ..models.card import Privacy, Provenance
+
+    card = default_card(
+        name=settings.model_name,
+        mpp=settings.mpp,
+        tile_size=settings.crop_size,
+        description="Federated U-Net trained with napari-feddp (Flower).",
+        training_data="federated: private lab datasets (never shared)",
+        **settings.unet_params,
+    )
+    epsilon = provenance.get("epsilon")
+    if settings.dp_mode == "none":
+        privacy = Privacy(dp_mode="none")
+    else:
+        privacy = Privacy(
+            epsilon=float(epsilon) if epsilon is not None else None,
+            delta=settings.target_delta if epsilon is not None else None,
+            dp_mode=settings.dp_mode,
+        )
+    metrics = provenance.get("metrics") or {}
+    return dataclasses.replace(
+        card,
+        provenance=Provenance(
+            training_data=card.provenance.training_data,
+            federated_rounds=int(provenance.get("federated_rounds", settings.num_rounds)),
+            round=provenance.get("round"),
+            privacy=privacy,
+        ),
+        metrics={
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        },
+    )
+
+
+def _normalization(settings: RunSettings):
+    from ..models.build import IMAGENET_MEAN, IMAGENET_STD
+
+    return (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _dataset(request: LocalRequest, mode: str):
+    from ..training import SegmentationDataset
+
+    settings, node = request.settings, request.node
+    folder = node.data_dir if mode == "train" else (node.eval_dir or node.data_dir)
+    if not folder:
+        raise ValueError("node setting 'data-dir' is empty: this lab has no dataset configured")
+    return SegmentationDataset(
+        folder,
+        crop_size=settings.crop_size,
+        mode=mode,
+        source_mpp=settings.source_mpp,
+        target_mpp=settings.mpp,
+        n_classes=settings.n_classes,
+        normalization=_normalization(settings),
+        augment=mode == "train",
+        seed=None,
+    )
+
+
+def ledger_dir(node: NodeSettings) -> Path:
+    """The lab's privacy-ledger directory (default ``$FEDDP_HOME/ledger``).
+
+    ``$FEDDP_HOME`` is :func:`napari_feddp.models.store.feddp_home`
+    (``~/.local/share/napari-feddp`` unless set), next to the model store.
+    """
+    if node.ledger_dir:
+        return Path(node.ledger_dir).expanduser()
+    from ..models.store import feddp_home
+
+    return feddp_home() / "ledger"
+
+
+def _ledger(request: LocalRequest):
+    from ..training import PrivacyLedger, dataset_fingerprint
+
+    node = request.node
+    return PrivacyLedger(
+        ledger_dir(node),
+        node.lab,
+        dataset_fingerprint(node.data_dir),
+        dataset_dir=node.data_dir,
+        delta=request.settings.target_delta,
+    )
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def default_train(request: LocalRequest) -> LocalUpdate:
+    """One local round with :func:`napari_feddp.training.train_local`.
+
+    ``sample`` mode: DP-SGD with the lab's persistent ledger; a round that
+    would exceed the lab's ``max-epsilon`` raises :class:`DeclineRound` before
+    any training. ``update`` and ``none`` modes train without per-sample noise
+    (in ``update`` mode the ClientApp clips the update and the server adds noise).
+    """
+    from ..training import BudgetExceededError, TrainConfig, train_local
+
+    settings, node = request.settings, request.node
+    overrides = request.train_overrides or {}
+    dataset = _dataset(request, "train")
+    private = settings.dp_mode == "sample"
+    steps = settings.max_steps or None
+    config = TrainConfig(
+        epochs=None if steps else settings.local_epochs,
+        steps=steps,
+        lr=float(overrides.get("learning-rate", settings.learning_rate)),
+        batch_size=settings.batch_size,
+        max_physical_batch_size=max(1, settings.batch_size),
+        crop_size=settings.crop_size,
+        dp_mode="sample" if private else "none",
+        max_grad_norm=settings.max_grad_norm,
+        noise_multiplier=settings.noise_multiplier if private else None,
+        delta=settings.target_delta,
+        epsilon_max=node.epsilon_budget if private else None,
+        seed=None,  # fresh noise and sampling every round
+    )
+    ledger = _ledger(request) if private else None
+    try:
+        result = train_local(request.model, dataset, config, ledger=ledger, round_id=request.server_round)
+    except BudgetExceededError as exc:
+        raise DeclineRound(
+            "privacy budget exhausted",
+            epsilon=exc.epsilon_spent,
+            epsilon_next=exc.epsilon_next,
+            epsilon_max=exc.epsilon_max,
+        ) from None
+    request.model.load_state_dict(result.state_dict)
+    return LocalUpdate(
+        num_examples=int(result.n_examples),
+        loss=float(result.loss),
+        dice=float(result.dice),
+        epsilon=result.epsilon,
+        delta=result.delta,
+        steps=int(result.steps),
+    )
+
+
+def default_evaluate(request: LocalRequest) -> LocalEvaluation:
+    """Evaluate the global model on the lab's tiles (deterministic sliding crops)."""
+    from ..training import evaluate
+
+    dataset = _dataset(request, "sliding")
+    scores = evaluate(
+        request.model,
+        dataset,
+        batch_size=request.settings.batch_size,
+        n_classes=request.settings.n_classes,
+    )
+    return LocalEvaluation(
+        num_examples=int(scores.get("n_items", len(dataset))),
+        loss=float(scores["loss"]),
+        dice=float(scores["dice"]),
+        jaccard=float(scores["jaccard"]),
+        pixel_accuracy=float(scores["pixel_accuracy"]),
+    )

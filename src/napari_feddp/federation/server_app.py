@@ -1,0 +1,188 @@
+"""Flower ServerApp of napari-feddp (Flower 1.42 Message API).
+
+Loaded by ``flwr-serverapp`` (started by the SuperLink's SuperExec) as
+``napari_feddp.federation.server_app:app``. It runs :func:`run_federation`:
+
+* a seeded initial UNet is the round-0 global model;
+* every round: wait for ``min-clients`` connected SuperNodes, send the global
+  weights + round config, collect replies until ``round-timeout``, drop
+  failed/declined/invalid replies (NaN/Inf, wrong shapes, ...), FedAvg the rest
+  (weighted by examples; uniform with client-level DP, where Flower's
+  ``DifferentialPrivacyClientSideFixedClipping`` adds Gaussian noise),
+* a checkpoint (safetensors + model card) and a ``rounds.jsonl`` line per round,
+* a final federated evaluation on every connected node,
+* ``summary.json`` with the run status.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from .checkpoints import CheckpointWriter
+from .local import build_model
+from .settings import RunSettings
+from .strategy import GuardedStrategy, build_strategy
+
+app = ServerApp()
+
+
+def initial_arrays(settings: RunSettings) -> tuple[ArrayRecord, int]:
+    """Starting global model and the number of rounds it has already seen.
+
+    A seeded fresh UNet, or the weights of ``settings.resume_from`` (whose card
+    must describe the same architecture) with the card's ``round``.
+    """
+    if settings.resume_from:
+        from ..models import load_checkpoint
+
+        model, card = load_checkpoint(settings.resume_from)
+        expected = build_model(settings).state_dict()
+        got = model.state_dict()
+        if {k: tuple(v.shape) for k, v in got.items()} != {
+            k: tuple(v.shape) for k, v in expected.items()
+        }:
+            raise ValueError(
+                f"resume-from {settings.resume_from}: its architecture "
+                f"{card.architecture.params} does not match this run's {settings.unet_params}"
+            )
+        done = int(card.provenance.round or card.provenance.federated_rounds or 0)
+    else:
+        torch.manual_seed(settings.seed)
+        model, done = build_model(settings), 0
+    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()}), done
+
+
+def update_dp_epsilon(settings: RunSettings, releases: int) -> float | None:
+    """Client-level epsilon after ``releases`` noisy aggregates (``dp-mode = update``).
+
+    Each aggregate is a Gaussian mechanism on the mean of clipped updates with
+    noise multiplier ``update-noise-multiplier``; composition uses the RDP
+    accountant without sampling amplification (every lab takes part every
+    round), at ``target-delta``. Covers this run only (no cross-run ledger).
+    """
+    if settings.update_noise_multiplier <= 0 or releases <= 0:
+        return None
+    from ..training.ledger import epsilon_of
+
+    history = [(float(settings.update_noise_multiplier), 1.0, int(releases))]
+    return float(epsilon_of("rdp", history, settings.target_delta))
+
+
+def run_federation(
+    grid: Grid,
+    settings: RunSettings,
+    writer: CheckpointWriter | None = None,
+    strategy: GuardedStrategy | None = None,
+) -> tuple[ArrayRecord, GuardedStrategy]:
+    """Run all training rounds and the final evaluation.
+
+    Parameters
+    ----------
+    grid : Grid
+        Flower grid of the run.
+    settings : RunSettings
+    writer : CheckpointWriter, optional
+        Checkpoint and log writer (default: from ``settings.checkpoint_dir``).
+    strategy : GuardedStrategy, optional
+        Default: :func:`~napari_feddp.federation.strategy.build_strategy`.
+
+    Returns
+    -------
+    (ArrayRecord, GuardedStrategy)
+        Final global weights and the strategy (with per-round reports).
+    """
+    writer = writer or CheckpointWriter(settings.checkpoint_dir, settings)
+    arrays, done = initial_arrays(settings)
+    strategy = strategy or build_strategy(settings, arrays)
+    strategy.summary()
+    writer.save_model(f"round-{done:03d}", arrays, round=done, federated_rounds=done)
+    epsilon = None
+    released = 0  # noisy aggregates published (client-level DP accounting)
+    last_round = done + settings.num_rounds
+    for server_round in range(done + 1, last_round + 1):
+        started = time.monotonic()
+        log(logging.INFO, "[ROUND %d/%d]", server_round, last_round)
+        config = ConfigRecord({"learning-rate": float(settings.learning_rate)})
+        messages = strategy.configure_train(server_round, arrays, config, grid)
+        replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
+        new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        report = strategy.reports[server_round]
+        report.seconds = time.monotonic() - started
+        if settings.dp_mode == "update" and report.aggregated:
+            released += 1
+            report.epsilon_max = update_dp_epsilon(settings, released)
+        if report.epsilon_max is not None:
+            epsilon = max(epsilon or 0.0, report.epsilon_max)
+        round_metrics = {}
+        if report.train_dice is not None:
+            round_metrics["train_dice"] = report.train_dice
+        path = writer.save_model(
+            f"round-{server_round:03d}",
+            arrays,
+            round=server_round,
+            federated_rounds=server_round,
+            epsilon=epsilon,
+            metrics=round_metrics,
+        )
+        row = report.to_dict()
+        row["checkpoint"] = str(path) if path else None
+        writer.append_round(row)
+        log(
+            logging.INFO,
+            "Round %d: %d accepted, %d rejected, %d declined, %d failed, aggregated=%s",
+            server_round, len(report.accepted), len(report.rejected),
+            len(report.declined), len(report.failed), report.aggregated,
+        )  # fmt: skip
+    evaluation_metrics = {}
+    if settings.final_evaluation:
+        config = ConfigRecord({"final": True})
+        if epsilon is not None:
+            config["epsilon"] = float(epsilon)
+        messages = strategy.configure_evaluate(last_round, arrays, config, grid)
+        replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
+        strategy.aggregate_evaluate(last_round, replies)
+        writer.write_evaluation(strategy.evaluation)
+        if strategy.evaluation:
+            evaluation_metrics = strategy.evaluation.get("metrics", {})
+    writer.save_model(
+        "final",
+        arrays,
+        round=last_round,
+        federated_rounds=last_round,
+        epsilon=epsilon,
+        metrics=evaluation_metrics,
+    )
+    return arrays, strategy
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point called by ``flwr-serverapp``."""
+    settings = RunSettings.from_run_config(context.run_config)
+    writer = CheckpointWriter(settings.checkpoint_dir, settings)
+    writer.write_summary("running", run_id=context.run_id, settings=settings.to_run_config())
+    try:
+        _, strategy = run_federation(grid, settings, writer)
+    except BaseException as exc:
+        writer.write_summary(
+            "failed",
+            run_id=context.run_id,
+            error=f"{type(exc).__name__}: {exc}",
+            traceback=traceback.format_exc()[-4000:],
+        )
+        raise
+    writer.write_summary(
+        "completed",
+        run_id=context.run_id,
+        rounds=len(strategy.reports),
+        evaluation=strategy.evaluation,
+    )

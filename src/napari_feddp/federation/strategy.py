@@ -1,0 +1,582 @@
+"""Server-side aggregation: FedAvg with update validation and optional client-level DP.
+
+:class:`GuardedStrategy` wraps a Flower 1.42 Message-API strategy
+(:class:`flwr.serverapp.strategy.FedAvg`, or FedAvg inside
+:class:`~flwr.serverapp.strategy.DifferentialPrivacyClientSideFixedClipping`)
+and, before the inner strategy sees them, sorts every reply into
+
+* ``failed`` - an error reply (ClientApp raised, node unreachable or dead),
+* ``declined`` - the lab sat the round out (privacy budget exhausted),
+* ``rejected`` - wrong tensor names/shapes/dtypes, NaN/Inf values, bad metrics,
+  or (client-level DP) an update larger than the clipping norm,
+* ``accepted``.
+
+Only accepted replies are aggregated; the round goes on without the others.
+With fewer than ``min_updates`` accepted replies the global model is kept.
+Every round leaves a :class:`RoundReport`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
+from flwr.supercore import log
+
+#: Metric keys a ClientApp may send in a train reply (anything else is rejected).
+TRAIN_METRIC_KEYS = frozenset(
+    {"num-examples", "unit-weight", "train-loss", "train-dice", "epsilon", "delta", "steps"}
+)
+#: Metric keys of a declined train reply.
+DECLINE_METRIC_KEYS = frozenset({"declined", "epsilon", "epsilon-next", "epsilon-max"})
+#: Metric keys a ClientApp may send in an evaluate reply.
+EVAL_METRIC_KEYS = frozenset(
+    {"num-examples", "unit-weight", "eval-loss", "dice", "jaccard", "pixel-accuracy"}
+)
+#: Name of the single ArrayRecord / MetricRecord in messages.
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+CONFIG_KEY = "config"
+REASON_KEY = "reason"
+
+
+class NotEnoughNodesError(RuntimeError):
+    """Fewer than ``min_clients`` SuperNodes connected within the wait timeout."""
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def weighted_average(
+    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+) -> dict[str, np.ndarray]:
+    """Federated averaging of named arrays.
+
+    Parameters
+    ----------
+    updates : sequence of (arrays, weight)
+        Each client's arrays (same names and shapes) and its positive weight
+        (number of training examples for FedAvg).
+
+    Returns
+    -------
+    dict
+        ``sum_k w_k * x_k / sum_k w_k`` for every name, as float arrays.
+
+    Raises
+    ------
+    ValueError
+        If there are no updates, weights are not positive and finite, or names
+        or shapes differ.
+    """
+    if not updates:
+        raise ValueError("weighted_average needs at least one update")
+    weights = np.asarray([float(w) for _, w in updates], dtype=np.float64)
+    if not np.all(np.isfinite(weights)) or np.any(weights <= 0):
+        raise ValueError(f"weights must be positive and finite, received {weights.tolist()}")
+    names = list(updates[0][0].keys())
+    for arrays, _ in updates[1:]:
+        if list(arrays.keys()) != names:
+            raise ValueError("all updates must have the same array names in the same order")
+    total = weights.sum()
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        shape = np.shape(updates[0][0][name])
+        acc = np.zeros(shape, dtype=np.float64)
+        for (arrays, _), weight in zip(updates, weights):
+            value = np.asarray(arrays[name], dtype=np.float64)
+            if value.shape != shape:
+                raise ValueError(f"shape mismatch for {name!r}: {value.shape} != {shape}")
+            acc += value * (weight / total)
+        out[name] = acc.astype(np.asarray(updates[0][0][name]).dtype, copy=False)
+    return out
+
+
+def array_spec(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype)}`` of an ArrayRecord or a mapping of arrays."""
+    spec = {}
+    for name, value in arrays.items():
+        if hasattr(value, "numpy") and not isinstance(value, np.ndarray):
+            value = value.numpy()
+        value = np.asarray(value)
+        spec[name] = (tuple(value.shape), value.dtype.str)
+    return spec
+
+
+def check_arrays(
+    reference: Mapping[str, tuple[tuple[int, ...], str]],
+    arrays: ArrayRecord | Mapping[str, np.ndarray],
+) -> str | None:
+    """Why ``arrays`` cannot be aggregated with the global model, or None.
+
+    Parameters
+    ----------
+    reference : mapping
+        ``{name: (shape, dtype)}`` of the global model (see :func:`array_spec`).
+    arrays : ArrayRecord or mapping
+        A client's returned weights.
+
+    Returns
+    -------
+    str or None
+        A one-line reason (missing/unexpected names, shape or dtype mismatch,
+        non-finite values), or None if the update is usable.
+    """
+    names = list(arrays.keys())
+    missing = sorted(set(reference) - set(names))
+    unexpected = sorted(set(names) - set(reference))
+    if missing or unexpected:
+        return f"array names differ from the global model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+    for name in reference:
+        value = arrays[name]
+        if hasattr(value, "numpy") and not isinstance(value, np.ndarray):
+            try:
+                value = value.numpy()
+            except Exception as exc:  # noqa: BLE001 - undecodable array
+                return f"array {name!r} cannot be decoded ({exc})"
+        value = np.asarray(value)
+        shape, dtype = reference[name]
+        if tuple(value.shape) != tuple(shape):
+            return f"shape mismatch for {name!r}: expected {list(shape)}, received {list(value.shape)}"
+        if value.dtype.str != dtype:
+            return f"dtype mismatch for {name!r}: expected {dtype}, received {value.dtype.str}"
+        if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+            return f"non-finite values (NaN/Inf) in {name!r}"
+    return None
+
+
+def update_norm(
+    new: Mapping[str, np.ndarray] | ArrayRecord, old: Mapping[str, np.ndarray] | ArrayRecord
+) -> float:
+    """L2 norm of ``new - old`` over all arrays."""
+    total = 0.0
+    for name in old.keys():
+        a = new[name].numpy() if hasattr(new[name], "numpy") else np.asarray(new[name])
+        b = old[name].numpy() if hasattr(old[name], "numpy") else np.asarray(old[name])
+        diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+        total += float(np.sum(diff * diff))
+    return math.sqrt(total)
+
+
+def _finite_number(value) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
+def check_train_metrics(metrics: MetricRecord | Mapping, weight_key: str) -> str | None:
+    """Why a train reply's metrics are unusable, or None."""
+    keys = set(metrics.keys())
+    extra = sorted(keys - TRAIN_METRIC_KEYS)
+    if extra:
+        return f"unexpected metric keys {extra[:5]} (only scalar summaries are accepted)"
+    for key in keys:
+        if not _finite_number(metrics[key]):
+            return f"metric {key!r} is not a finite scalar"
+    if weight_key not in keys:
+        return f"metric {weight_key!r} missing"
+    if float(metrics[weight_key]) <= 0:
+        return f"metric {weight_key!r} must be positive, received {metrics[weight_key]}"
+    if "num-examples" not in keys or float(metrics["num-examples"]) <= 0:
+        return "metric 'num-examples' missing or not positive"
+    return None
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass
+class RoundReport:
+    """What happened in one training round (JSON-serialisable via :meth:`to_dict`).
+
+    Node ids are Flower's SuperNode ids; lab names never reach the server.
+    """
+
+    round: int
+    sampled: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    declined: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    aggregated: bool = False
+    num_examples: int = 0
+    train_loss: float | None = None
+    train_dice: float | None = None
+    epsilon_max: float | None = None
+    update_noise_std: float | None = None
+    started: float = field(default_factory=time.time)
+    seconds: float = 0.0
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        """Plain dictionary for JSON."""
+        return asdict(self)
+
+
+def _reply_metrics(msg: Message) -> MetricRecord | None:
+    records = msg.content.metric_records
+    if len(records) != 1:
+        return None
+    return next(iter(records.values()))
+
+
+def _reason(msg: Message) -> str:
+    records = msg.content.config_records
+    for record in records.values():
+        if REASON_KEY in record:
+            return str(record[REASON_KEY])[:300]
+    return "declined"
+
+
+# --------------------------------------------------------------------------- strategy
+
+
+class GuardedStrategy(Strategy):
+    """Validate replies, then delegate aggregation to an inner strategy.
+
+    Parameters
+    ----------
+    inner : Strategy
+        FedAvg, or FedAvg wrapped in DifferentialPrivacyClientSideFixedClipping.
+    reference : ArrayRecord
+        Initial global model: names, shapes and dtypes every update must match.
+    min_clients : int
+        Nodes that must be connected before a round is configured.
+    min_updates : int
+        Accepted updates needed to aggregate.
+    weight_key : str
+        Metric used as FedAvg weight (``num-examples``; ``unit-weight`` for
+        client-level DP, whose noise calibration assumes uniform weights).
+    node_wait_timeout : float
+        Seconds to wait for ``min_clients`` nodes.
+    max_update_norm : float, optional
+        Reject updates whose L2 distance to the current global model exceeds
+        this (client-level DP: the clipping norm, plus a small tolerance).
+    """
+
+    def __init__(
+        self,
+        inner: Strategy,
+        reference: ArrayRecord,
+        *,
+        min_clients: int = 1,
+        min_updates: int = 1,
+        weight_key: str = "num-examples",
+        node_wait_timeout: float = 300.0,
+        max_update_norm: float | None = None,
+    ) -> None:
+        self.inner = inner
+        self.reference = array_spec(reference)
+        self.min_clients = int(min_clients)
+        self.min_updates = int(min_updates)
+        self.weight_key = weight_key
+        self.node_wait_timeout = float(node_wait_timeout)
+        self.max_update_norm = max_update_norm
+        self.current: ArrayRecord = reference
+        self.reports: dict[int, RoundReport] = {}
+        self.evaluation: dict | None = None
+        # Messages sent per round: the SuperLink answers for dead nodes itself
+        # (src = SuperLink), so replies are matched to nodes by reply_to id.
+        self._outgoing: dict[tuple[str, int], list[Message]] = {}
+
+    # ------------------------------------------------------------------ sampling
+
+    def wait_for_nodes(self, grid: Grid, minimum: int | None = None) -> list[int]:
+        """Block until ``minimum`` nodes are connected; return their ids.
+
+        Raises
+        ------
+        NotEnoughNodesError
+            After ``node_wait_timeout`` seconds.
+        """
+        minimum = self.min_clients if minimum is None else minimum
+        deadline = time.monotonic() + self.node_wait_timeout
+        last_logged = 0.0
+        while True:
+            nodes = list(grid.get_node_ids())
+            if len(nodes) >= minimum:
+                return nodes
+            if time.monotonic() > deadline:
+                raise NotEnoughNodesError(
+                    f"only {len(nodes)} SuperNode(s) connected after {self.node_wait_timeout:.0f} s, "
+                    f"{minimum} required (min-clients)"
+                )
+            if time.monotonic() - last_logged > 10:
+                log(INFO, "Waiting for SuperNodes: %d connected, %d required", len(nodes), minimum)
+                last_logged = time.monotonic()
+            time.sleep(1.0)
+
+    # ------------------------------------------------------------------ train
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Wait for nodes, remember the global model, delegate to the inner strategy."""
+        self.wait_for_nodes(grid)
+        self.current = arrays
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._outgoing[("train", server_round)] = messages
+        return messages
+
+    @staticmethod
+    def _node_of(outgoing: list[Message]):
+        """Function mapping a reply to the node it answers for."""
+        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in outgoing if m.metadata.message_id}
+
+        def node_of(reply: Message) -> int:
+            return by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+        return node_of
+
+    def classify(
+        self, replies: Iterable[Message], outgoing: list[Message] | None = None
+    ) -> tuple[list[Message], RoundReport]:
+        """Sort replies into accepted / rejected / declined / failed."""
+        report = RoundReport(round=0)
+        accepted: list[Message] = []
+        node_of = self._node_of(outgoing or [])
+        expected = {str(m.metadata.dst_node_id) for m in outgoing or []}
+        seen: set[str] = set()
+        for msg in replies:
+            node = str(node_of(msg))
+            if node in seen or (expected and node not in expected):
+                report.rejected[f"{node}#{len(report.rejected)}"] = "unsolicited or duplicate reply"
+                continue
+            seen.add(node)
+            if msg.has_error():
+                report.failed[node] = f"error {msg.error.code}: {(msg.error.reason or '')[:200]}"
+                continue
+            metrics = _reply_metrics(msg)
+            if metrics is not None and float(metrics.get("declined", 0) or 0) == 1.0:
+                report.declined[node] = _reason(msg)
+                continue
+            reason = self._check_reply(msg, metrics)
+            if reason:
+                report.rejected[node] = reason
+                log(WARNING, "Rejected update from node %s: %s", node, reason)
+                continue
+            accepted.append(msg)
+            report.accepted.append(int(node))
+        return accepted, report
+
+    def _check_reply(self, msg: Message, metrics: MetricRecord | None) -> str | None:
+        content = msg.content
+        if len(content.array_records) != 1 or ARRAYS_KEY not in content.array_records:
+            return f"expected exactly one ArrayRecord named {ARRAYS_KEY!r}"
+        if metrics is None:
+            return "expected exactly one MetricRecord"
+        reason = check_train_metrics(metrics, self.weight_key)
+        if reason:
+            return reason
+        arrays = next(iter(content.array_records.values()))
+        reason = check_arrays(self.reference, arrays)
+        if reason:
+            return reason
+        if self.max_update_norm is not None:
+            norm = update_norm(arrays, self.current)
+            if norm > self.max_update_norm * (1 + 1e-4) + 1e-6:
+                return (
+                    f"update norm {norm:.4g} exceeds the clipping norm {self.max_update_norm:.4g} "
+                    "(client-level DP requires clipped updates)"
+                )
+        return None
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the accepted replies; record a :class:`RoundReport`."""
+        outgoing = self._outgoing.pop(("train", server_round), [])
+        accepted, report = self.classify(replies, outgoing)
+        report.round = server_round
+        report.sampled = [m.metadata.dst_node_id for m in outgoing]
+        for node in report.sampled:
+            key = str(node)
+            if (
+                node not in report.accepted
+                and key not in report.rejected
+                and key not in report.declined
+                and key not in report.failed
+            ):
+                report.failed[key] = "no reply before the round timeout"
+        self.reports[server_round] = report
+        self._summarise(report, accepted)
+        for msg in accepted:
+            # The inner FedAvg needs identical metric keys in every reply; it only
+            # uses the weight, and the summary above already read the rest.
+            weight = float(_reply_metrics(msg)[self.weight_key])
+            for key in list(msg.content.metric_records.keys()):
+                del msg.content[key]
+            msg.content[METRICS_KEY] = MetricRecord({self.weight_key: weight})
+        if len(accepted) < self.min_updates:
+            report.note = (
+                f"only {len(accepted)} valid update(s), {self.min_updates} required; "
+                "global model unchanged"
+            )
+            log(WARNING, "Round %s: %s", server_round, report.note)
+            return None, None
+        dp = self.inner if isinstance(self.inner, DifferentialPrivacyClientSideFixedClipping) else None
+        if dp is not None:
+            # Calibrate the noise to the updates actually averaged (conservative).
+            dp.num_sampled_clients = len(accepted)
+            report.update_noise_std = float(
+                dp.noise_multiplier * dp.clipping_norm / len(accepted)
+            )
+        arrays, _ = self.inner.aggregate_train(server_round, accepted)
+        if arrays is None:
+            report.note = "inner strategy did not aggregate; global model unchanged"
+            return None, None
+        reason = check_arrays(self.reference, arrays)
+        if reason:
+            report.note = f"aggregate discarded: {reason}"
+            return None, None
+        report.aggregated = True
+        metrics = {"num-examples": report.num_examples, "accepted": len(report.accepted)}
+        for key, value in (
+            ("train-loss", report.train_loss),
+            ("train-dice", report.train_dice),
+            ("epsilon-max", report.epsilon_max),
+        ):
+            if value is not None:
+                metrics[key] = value
+        return arrays, MetricRecord(metrics)
+
+    @staticmethod
+    def _summarise(report: RoundReport, accepted: list[Message]) -> None:
+        examples, loss, dice, eps = 0, 0.0, 0.0, []
+        for msg in accepted:
+            metrics = _reply_metrics(msg)
+            n = float(metrics["num-examples"])
+            examples += int(n)
+            loss += n * float(metrics.get("train-loss", 0.0))
+            dice += n * float(metrics.get("train-dice", 0.0))
+            if "epsilon" in metrics:
+                eps.append(float(metrics["epsilon"]))
+        report.num_examples = examples
+        if examples:
+            report.train_loss = loss / examples
+            report.train_dice = dice / examples
+        report.epsilon_max = max(eps) if eps else None
+
+    # ------------------------------------------------------------------ evaluate
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the model to every connected node (no minimum beyond one)."""
+        nodes = self.wait_for_nodes(grid, minimum=1)
+        config["server-round"] = server_round
+        record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+        messages = [
+            Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=node)
+            for node in nodes
+        ]
+        self._outgoing[("evaluate", server_round)] = messages
+        return messages
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Example-weighted mean of finite evaluation metrics; failures are counted."""
+        totals: dict[str, float] = {}
+        examples = 0
+        failed: dict[str, str] = {}
+        per_node: dict[str, dict[str, float]] = {}
+        used = 0
+        outgoing = self._outgoing.pop(("evaluate", server_round), [])
+        node_of = self._node_of(outgoing)
+        answered = set()
+        for msg in replies:
+            node = str(node_of(msg))
+            answered.add(node)
+            if msg.has_error():
+                failed[node] = f"error {msg.error.code}: {(msg.error.reason or '')[:200]}"
+                continue
+            metrics = _reply_metrics(msg)
+            if metrics is None:
+                failed[node] = "expected exactly one MetricRecord"
+                continue
+            keys = set(metrics.keys())
+            if keys - EVAL_METRIC_KEYS or not all(_finite_number(metrics[k]) for k in keys):
+                failed[node] = "invalid evaluation metrics"
+                continue
+            n = float(metrics.get("num-examples", 0))
+            if n <= 0:
+                failed[node] = "no evaluation examples"
+                continue
+            used += 1
+            examples += int(n)
+            per_node[node] = {k: float(metrics[k]) for k in keys - {"unit-weight"}}
+            for key in keys - {"num-examples", "unit-weight"}:
+                totals[key] = totals.get(key, 0.0) + n * float(metrics[key])
+        for message in outgoing:
+            if str(message.metadata.dst_node_id) not in answered:
+                failed[str(message.metadata.dst_node_id)] = "no reply before the round timeout"
+        result = {k: v / examples for k, v in totals.items()} if examples else {}
+        self.evaluation = {
+            "round": server_round,
+            "nodes": used,
+            "num_examples": examples,
+            "metrics": result,
+            "per_node": per_node,
+            "failed": failed,
+        }
+        if not examples:
+            return None
+        return MetricRecord({**result, "num-examples": examples})
+
+    def summary(self) -> None:
+        """Log the configuration."""
+        log(INFO, "GuardedStrategy: min-clients %d, min-updates %d, weight %r",
+            self.min_clients, self.min_updates, self.weight_key)  # fmt: skip
+        self.inner.summary()
+
+
+def build_strategy(settings, initial: ArrayRecord) -> GuardedStrategy:
+    """The strategy for a :class:`~napari_feddp.federation.settings.RunSettings`.
+
+    ``dp_mode == "update"`` wraps FedAvg (uniform weights) in Flower's
+    :class:`DifferentialPrivacyClientSideFixedClipping`; the ClientApp clips with
+    Flower's ``fixedclipping_mod``. Other modes use example-weighted FedAvg.
+    """
+    update_dp = settings.dp_mode == "update"
+    weight_key = "unit-weight" if update_dp else "num-examples"
+    fedavg = FedAvg(
+        fraction_train=settings.fraction_train,
+        fraction_evaluate=1.0 if settings.final_evaluation else 0.0,
+        min_train_nodes=settings.min_clients,
+        min_evaluate_nodes=1,
+        min_available_nodes=settings.min_clients,
+        weighted_by_key=weight_key,
+        arrayrecord_key=ARRAYS_KEY,
+        configrecord_key=CONFIG_KEY,
+    )
+    inner: Strategy = fedavg
+    if update_dp:
+        inner = DifferentialPrivacyClientSideFixedClipping(
+            fedavg,
+            noise_multiplier=settings.update_noise_multiplier,
+            clipping_norm=settings.update_clipping_norm,
+            num_sampled_clients=settings.min_clients,
+        )
+    return GuardedStrategy(
+        inner,
+        initial,
+        min_clients=settings.min_clients,
+        min_updates=settings.min_updates,
+        weight_key=weight_key,
+        node_wait_timeout=settings.node_wait_timeout,
+        max_update_norm=settings.update_clipping_norm if update_dp else None,
+    )

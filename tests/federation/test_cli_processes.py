@@ -1,0 +1,152 @@
+"""The CLI as users run it: ``serve`` and ``join`` until killed, ``demo`` interrupted.
+
+Each command runs in its own Python process; the test signals it like a user
+would (Ctrl-C, ``kill``) and checks that no Flower process survives.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from napari_feddp.federation.certs import create_pilot_pki
+from napari_feddp.federation.demo import make_synthetic_lab
+from napari_feddp.federation.lab import LabNode, LabStatus
+from napari_feddp.federation.processes import ManagedProcess
+
+from .conftest import wait_no_processes
+
+# Until napari_feddp.cli registers the module itself, add it here (idempotent).
+CLI = (
+    "import sys; from napari_feddp import cli\n"
+    "if 'federation' not in cli.COMMAND_MODULES: cli.COMMAND_MODULES = (*cli.COMMAND_MODULES, 'federation')\n"
+    "sys.exit(cli.main(sys.argv[1:]))\n"
+)
+
+
+def start_cli(*argv: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", CLI, "federation", *argv], cwd=cwd, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def read_until(proc: subprocess.Popen, pattern: str, timeout: float = 90.0) -> tuple[re.Match, str]:
+    """Read the command's output until ``pattern`` appears (or fail with the output)."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    os.set_blocking(proc.stdout.fileno(), False)
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line:
+            seen.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match, "".join(seen)
+        elif proc.poll() is not None:
+            break
+        else:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"{pattern!r} not seen; output:\n{''.join(seen)}")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60.0) -> str:
+    os.set_blocking(proc.stdout.fileno(), True)
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+@pytest.mark.slow
+def test_serve_and_join_until_killed(tmp_path):
+    pki = create_pilot_pki(tmp_path / "pki", ["lab-a"])
+    serve = start_cli("serve", "--pki", str(pki.root), "--workdir", str(tmp_path / "coord"), cwd=tmp_path)
+    try:
+        match, _ = read_until(serve, r"SuperLink listening on (\S+) \(TLS\)")
+        address = match.group(1)
+        data = make_synthetic_lab(tmp_path / "data", n_tiles=2, size=32)
+
+        # A lab with the wrong key is refused with a clear message.
+        other = create_pilot_pki(tmp_path / "other", ["lab-a"])
+        intruder = start_cli("join", "--superlink", address, "--ca", str(pki.ca.cert),
+                             "--key", str(other.nodes["lab-a"].private_key), "--dataset", str(data),
+                             "--workdir", str(tmp_path / "intruder"), cwd=tmp_path)
+        out = finish(intruder)
+        assert intruder.returncode == 2 and "could not join" in out
+
+        join = start_cli("join", "--superlink", address, "--ca", str(pki.ca.cert),
+                         "--key", str(pki.nodes["lab-a"].private_key), "--dataset", str(data),
+                         "--workdir", str(tmp_path / "lab"), cwd=tmp_path)
+        read_until(join, r"status: waiting")
+        join.send_signal(signal.SIGINT)  # Ctrl-C
+        out = finish(join)
+        assert join.returncode == 0 and "leaving the federation" in out
+        assert wait_no_processes(str(tmp_path / "lab")) == []
+    finally:
+        serve.send_signal(signal.SIGTERM)  # kill PID
+        finish(serve)
+    assert serve.returncode == 0
+    assert wait_no_processes(str(tmp_path / "coord")) == []
+    assert wait_no_processes(str(pki.root)) == []
+
+
+@pytest.mark.slow
+def test_demo_interrupted_by_ctrl_c_leaves_nothing_running(tmp_path):
+    demo = start_cli("demo", "--clients", "1", "--rounds", "5", "--synthetic", "--crop-size", "32",
+                     "--depth", "2", "--base-width", "8", "--checkpoint-dir", str(tmp_path / "ckpt"),
+                     "--workdir", str(tmp_path / "work"), cwd=tmp_path)
+    read_until(demo, r"SuperNodes up")
+    time.sleep(2)
+    demo.send_signal(signal.SIGINT)
+    out = finish(demo)
+    assert demo.returncode == 130, out
+    assert wait_no_processes(str(tmp_path / "work")) == []
+
+
+def test_lab_status_follows_the_supernode_log(tmp_path):
+    lab = LabNode("127.0.0.1:1", None, None, tmp_path, lab="lab-a", workdir=tmp_path, insecure=True)
+    assert lab.status() == LabStatus("stopped")
+    script = (
+        "import sys, time\n"
+        "for line in sys.argv[1:]:\n"
+        "    print(line, flush=True); time.sleep(0.05)\n"
+        "time.sleep(30)\n"
+    )
+
+    def fake(*lines):
+        from napari_feddp.federation.processes import SuperNodeProcess
+
+        node = SuperNodeProcess("lab-a", tmp_path, "127.0.0.1:1", None, None, insecure=True)
+        node.process = ManagedProcess("fake", [sys.executable, "-c", script, *lines],
+                                      tmp_path / f"fake{time.monotonic_ns()}.log").start()
+        node.process.wait_for_log(re.escape(lines[-1]), 30)
+        lab.node = node
+        return node
+
+    node = fake("Starting Flower SuperNode")
+    assert lab.status().state == "connecting"
+    node.stop()
+    node = fake("SuperNode ID: 42")
+    assert lab.status().state == "waiting"
+    node.stop()
+    node = fake("SuperNode ID: 42", "[RUN 7, ROUND 3]", "Receiving: train message (ID: x)")
+    assert lab.status() == LabStatus("training", 3)
+    lab.history_file.write_text('{"round": 3, "event": "declined", "reason": "privacy budget exhausted"}\n')
+    assert lab.status() == LabStatus("declined", 3, "privacy budget exhausted")
+    node.stop()
+    node = fake("SuperNode ID: 42", "[RUN 7, ROUND 4]", "Receiving: evaluate message (ID: y)")
+    assert lab.status().state == "evaluating"
+    node.stop()
+    assert lab.status().state == "stopped"
+    fake("Exit Code: 305", "Failed to initialize the connection to the SuperLink.")
+    lab.node.process.kill()
+    status = lab.status()
+    assert status.state == "error" and "Failed to initialize" in status.message

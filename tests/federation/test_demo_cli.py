@@ -1,0 +1,88 @@
+"""``napari-feddp federation ...`` commands; the demo runs a real federation on loopback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from napari_feddp.commands import CommandError, federation
+from napari_feddp.models import load_checkpoint
+
+from .conftest import wait_no_processes
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="napari-feddp")
+    federation.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["federation", *argv])
+
+
+def test_every_subcommand_is_wired():
+    for argv in (["certs", "--out", "x", "--lab", "a"], ["serve", "--pki", "x"],
+                 ["run", "--checkpoint-dir", "x", "--connection", "y"],
+                 ["join", "--superlink", "h:1", "--dataset", "d"],
+                 ["demo", "--checkpoint-dir", "x"]):
+        assert callable(parse(*argv).func)
+    assert parse("demo", "--checkpoint-dir", "x").max_steps == 3  # demo-sized defaults
+
+
+def test_certs_command(tmp_path, capsys):
+    args = parse("certs", "--out", str(tmp_path / "pki"), "--lab", "lab-a", "--lab", "lab-b")
+    assert args.func(args) == 0
+    manifest = json.loads((tmp_path / "pki" / "pki.json").read_text())
+    assert sorted(manifest["nodes"]) == ["lab-a", "lab-b"]
+    assert "lab lab-a: private key" in capsys.readouterr().out
+
+
+def test_secure_by_default(tmp_path):
+    with pytest.raises(CommandError, match="--pki is required"):
+        args = parse("serve")
+        args.func(args)
+    with pytest.raises(CommandError, match="--ca and --key are required"):
+        args = parse("join", "--superlink", "127.0.0.1:1", "--dataset", str(tmp_path))
+        args.func(args)
+    with pytest.raises(CommandError, match="--ca CA.pem is required"):
+        args = parse("run", "--superlink", "127.0.0.1:1", "--checkpoint-dir", str(tmp_path))
+        args.func(args)
+
+
+@pytest.mark.slow
+def test_demo_trains_three_tls_labs_for_two_rounds_and_leaves_nothing_running(tmp_path, capsys):
+    workdir, checkpoints = tmp_path / "work", tmp_path / "checkpoints"
+    args = parse(
+        "demo", "--clients", "3", "--rounds", "2", "--checkpoint-dir", str(checkpoints),
+        "--synthetic", "--tiles", "4", "--crop-size", "32", "--depth", "2", "--base-width", "8",
+        "--max-steps", "2", "--batch-size", "2", "--workdir", str(workdir),
+    )
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "TLS + node authentication" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[:2] for row in rows] == [["1", "3"], ["2", "3"]]  # 3 labs accepted per round
+
+    rounds = [json.loads(line) for line in (checkpoints / "rounds.jsonl").read_text().splitlines()]
+    assert [r["aggregated"] for r in rounds] == [True, True]
+    epsilons = [r["epsilon_max"] for r in rounds]
+    assert 0 < epsilons[0] < epsilons[1]
+
+    initial, _ = load_checkpoint(checkpoints / "round-000.safetensors")
+    final, card = load_checkpoint(checkpoints / "final.safetensors")
+    changed = [not np.allclose(initial.state_dict()[k].numpy(), v.numpy()) for k, v in final.state_dict().items()]
+    assert all(changed)  # every tensor of the global model moved
+    for index in (1, 2):
+        _, round_card = load_checkpoint(checkpoints / f"round-{index:03d}.safetensors")
+        assert round_card.provenance.round == index
+        assert round_card.provenance.privacy.dp_mode == "sample"
+        assert round_card.provenance.privacy.epsilon == pytest.approx(epsilons[index - 1])
+    assert card.metrics["dice"] >= 0
+    evaluation = json.loads((checkpoints / "evaluation.json").read_text())
+    assert evaluation["nodes"] == 3 and len(evaluation["per_node"]) == 3
+    assert json.loads((checkpoints / "summary.json").read_text())["status"] == "completed"
+    # every lab kept the final model in its local model store
+    stores = list((workdir / "federation" / "model-stores").glob("*/*.safetensors"))
+    assert len(stores) == 3
+
+    assert wait_no_processes(str(workdir)) == []

@@ -1,0 +1,158 @@
+"""Child-process management: process trees, crashes of the parent, readiness, helpers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from napari_feddp.federation.processes import (
+    FederationProcessError,
+    ManagedProcess,
+    find_free_port,
+    flower_env,
+    format_node_config,
+    signals_raise_keyboard_interrupt,
+    superlink_argv,
+    supernode_argv,
+    TlsFiles,
+)
+
+from .conftest import wait_no_processes
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
+
+# A parent that starts a grandchild in its own session, as flower-superlink does
+# with flower-superexec, then waits.
+TREE = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", sys.argv[1]],
+                             start_new_session=True)
+    print("ready", child.pid, flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return not stat[stat.rfind(")") + 2 :].startswith("Z")
+
+
+@linux_only
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_stop_and_kill_end_the_whole_tree(tmp_path, how):
+    tag = f"feddp-tree-{how}-{os.getpid()}"
+    proc = ManagedProcess("tree", [sys.executable, "-c", TREE, tag], tmp_path / "tree.log").start()
+    match = proc.wait_for_log(r"ready (\d+)", timeout=30)
+    grandchild = int(match.group(1))
+    assert _alive(grandchild)
+    getattr(proc, how)()
+    assert not proc.is_running()
+    assert wait_no_processes(tag, timeout=10) == []
+
+
+@linux_only
+def test_children_die_with_a_crashed_parent(tmp_path):
+    """SIGKILL of the coordinator (no atexit, no finally) still ends its Flower process.
+
+    The child gets SIGTERM through PR_SET_PDEATHSIG. (Processes Flower itself
+    starts in a new session, like SuperExec, watch their parent pid.)
+    """
+    tag = f"feddp-orphan-{os.getpid()}"
+    coordinator = textwrap.dedent(
+        f"""
+        import sys, time
+        from napari_feddp.federation.processes import ManagedProcess
+        child = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(300)", {tag!r}]
+        ManagedProcess("child", child, {str(tmp_path / 'c.log')!r}).start().wait_for_log("up", 30)
+        print("started", flush=True)
+        time.sleep(300)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", coordinator], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "started"
+        assert wait_no_processes(tag, timeout=0)  # the child runs
+        parent.kill()
+        parent.wait(10)
+        assert wait_no_processes(tag, timeout=10) == []
+    finally:
+        parent.kill()
+        for pid, _ in wait_no_processes(tag, 0):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_wait_for_log_reports_early_exit_with_the_log(tmp_path):
+    proc = ManagedProcess("bad", [sys.executable, "-c", "print('boom'); raise SystemExit(3)"],
+                          tmp_path / "bad.log").start()
+    with pytest.raises(FederationProcessError, match="(?s)exited with code 3.*boom"):
+        proc.wait_for_log("never", timeout=30)
+
+
+def test_wait_for_log_times_out(tmp_path):
+    proc = ManagedProcess("slow", [sys.executable, "-c", "import time; time.sleep(30)"],
+                          tmp_path / "slow.log").start()
+    try:
+        with pytest.raises(FederationProcessError, match="not ready"):
+            proc.wait_for_log("never", timeout=0.5)
+    finally:
+        proc.stop(timeout=5)
+    assert not proc.is_running()
+
+
+def test_sigterm_becomes_keyboard_interrupt():
+    with pytest.raises(KeyboardInterrupt):
+        with signals_raise_keyboard_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_free_ports_are_on_loopback_and_distinct():
+    ports = {find_free_port() for _ in range(5)}
+    assert all(1024 < p < 65536 for p in ports)
+
+
+def test_flower_env_is_private_and_quiet(tmp_path):
+    env = flower_env(tmp_path / "home", {"X": "1"})
+    assert env["FLWR_HOME"] == str(tmp_path / "home")
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    assert "127.0.0.1" in env["NO_PROXY"] and env["X"] == "1"
+
+
+def test_command_lines_are_secure_unless_told_otherwise(tmp_path):
+    tls = TlsFiles(tmp_path / "ca.pem", tmp_path / "s.pem", tmp_path / "s.key")
+    link = superlink_argv(9999, tls)
+    assert "--insecure" not in link and "--enable-supernode-auth" in link
+    assert link[link.index("--host") + 1] == "127.0.0.1"
+    assert "--disable-runtime-dependency-installation" in link
+    assert "--insecure" in superlink_argv(9999, None)
+    node = supernode_argv("127.0.0.1:9999", 9000, root_cert=tmp_path / "ca.pem", private_key=tmp_path / "k")
+    assert "--insecure" not in node and "--auth-supernode-private-key" in node
+    assert "--allow-runtime-dependency-installation" not in node
+
+
+def test_node_config_string():
+    text = format_node_config({"lab": "a b", "max-epsilon": 8.0, "threads": 1, "flag": True,
+                               "data-dir": '/x/"y" z', "name": "it's"})
+    from flwr.common.config import parse_config_args
+
+    assert parse_config_args([text]) == {"lab": "a b", "max-epsilon": 8.0, "threads": 1, "flag": True,
+                                         "data-dir": '/x/"y" z', "name": "it's"}
+    with pytest.raises(ValueError):
+        format_node_config({"bad key": 1})
+    with pytest.raises(ValueError):
+        format_node_config({"path": "both ' and \""})
