@@ -180,3 +180,35 @@ def test_copy_keeps_working_after_original_moves(tmp_path, cmu1_path):
     first = slide.levels[0][:64, :64].compute()
     slide.close()
     assert first.shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 300_000, 32 * 2**20])
+def test_tile_cache_never_changes_pixels(monkeypatch, cmu1_path, cache_bytes):
+    """Reads with the decoded-tile cache off, tiny (tiles evicted) or default equal tifffile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from napari_feddp.slides import _open
+
+    monkeypatch.setattr(_open, "TILE_CACHE_BYTES", cache_bytes)
+    slide = open_slide(cmu1_path)
+    full = tifffile.imread(cmu1_path)
+    rng = np.random.default_rng(cache_bytes)
+    boxes = [(int(rng.integers(0, 2400)), int(rng.integers(0, 1700)), int(rng.integers(1, 520)),
+              int(rng.integers(1, 520))) for _ in range(24)]
+
+    def read(box):
+        y, x, h, w = box
+        return box, slide.levels[0][y : y + h, x : x + w].compute()
+
+    with ThreadPoolExecutor(4) as pool:  # concurrent readers share the cache
+        for (y, x, h, w), region in pool.map(read, boxes + boxes):
+            np.testing.assert_array_equal(region, full[y : y + h, x : x + w])
+
+
+def test_dask_chunks_are_whole_tiles(cmu1_path):
+    from napari_feddp.slides._open import DASK_CHUNK_SIDE
+
+    slide = open_slide(cmu1_path)
+    rows, cols = slide.levels[0].chunks[:2]
+    assert all(c % 240 == 0 for c in rows[:-1]) and all(c % 240 == 0 for c in cols[:-1])
+    assert max(rows) <= DASK_CHUNK_SIDE and max(cols) <= DASK_CHUNK_SIDE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable
@@ -38,18 +39,20 @@ def napari_get_reader(path: str | list[str]) -> Callable | None:
     if str(path).lower().endswith(VENDOR_SUFFIXES):
         return read_slide
     try:
-        open_slide(path).close()
+        slide = open_slide(path)
     except (NotASlideError, FileNotFoundError):
         return None
     except SlideError:
         # A TIFF that tifffile cannot parse at all may still be another
         # format's business; one it can parse but not read is ours to explain.
-        if not _looks_like_tiff(path):
-            return None
-    return read_slide
+        return read_slide if _looks_like_tiff(path) else None
+    # Hand the slide we just opened to the reader instead of parsing it twice.
+    return functools.partial(read_slide, _opened=slide)
 
 
-def read_slide(path: str | list[str], *, show_associated: bool | None = None) -> list[LayerData]:
+def read_slide(
+    path: str | list[str], *, show_associated: bool | None = None, _opened: Slide | None = None
+) -> list[LayerData]:
     """Read a slide into napari layer data.
 
     Returns one multiscale RGB image layer (a list of lazy dask arrays, highest
@@ -60,7 +63,7 @@ def read_slide(path: str | list[str], *, show_associated: bool | None = None) ->
     """
     if isinstance(path, list):
         path = path[0]
-    slide = open_slide(path)
+    slide = _opened if _opened is not None else open_slide(path)
     layers = [slide_layer_data(slide)]
     if show_associated is None:
         show_associated = os.environ.get(SHOW_ASSOCIATED_ENV, "") == "1"
