@@ -1,8 +1,9 @@
-"""``make demo``: open the bundled H&E slide in napari with the FedDP widgets docked.
+"""``make demo``: open the bundled H&E slide in napari, segment its nuclei with the
+default model, and show them as a Labels layer, with the FedDP widgets docked.
 
 Without a display it says so and runs the headless equivalent: the same viewer
-on a private virtual X server (Xvfb), with the rendered canvas saved to
-``demo-output/``.
+on a private virtual X server (Xvfb); the label map (pyramidal OME-TIFF), the
+nuclei as QuPath GeoJSON and an overlay PNG of the canvas go to ``demo-output/``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 #: Dock widgets contributed by this plugin, in the order they are docked.
-WIDGETS = ("Segment", "Slide info")
+WIDGETS = ("Segment", "Federation", "Add to training set", "Slide info")
 
 
 def build_viewer(show: bool):
@@ -34,23 +35,74 @@ def build_viewer(show: bool):
     return viewer
 
 
+def segment_sample(out_dir: Path):
+    """Segment the sample slide with the default model; write OME-TIFF and GeoJSON.
+
+    Returns ``(result, loaded model)``, or ``(None, None)`` when no model is available.
+    """
+    from ._sample_data import sample_slide_path
+    from .export import write_geojson, write_ome_labels
+    from .inference import run_to_completion
+    from .models.store import NoModelError
+    from .segmentation import load_model, run_segmentation
+    from .slides import open_slide
+
+    try:
+        loaded = load_model()
+    except NoModelError as exc:
+        print(f"Skipping segmentation: {exc}")
+        return None, None
+    slide = open_slide(sample_slide_path())
+    print(f"Segmenting {slide.path.name} with {loaded.card.name} ({loaded.path.name})…")
+    result = run_to_completion(run_segmentation(slide, loaded))
+    mask = write_ome_labels(out_dir / "nuclei.ome.tif", result.labels, mpp=result.mpp, name="nuclei")
+    geojson, count = write_geojson(out_dir / "nuclei.geojson", result.labels, class_names=loaded.card.class_names,
+                                   class_colors=loaded.class_colors, downsample=result.downsample)
+    print(f"Wrote {mask} and {geojson} ({count} nuclei, {result.tiles_done} tiles, "
+          f"{result.elapsed_seconds:.1f} s)")
+    return result, loaded
+
+
+def add_result_layer(viewer, result, loaded):
+    """Show a segmentation result over the slide, in the model's class colours."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colors = {None: "transparent", 0: "transparent"}
+    colors.update({i: c for i, c in enumerate(loaded.class_colors) if i > 0})
+    kwargs = result.layer_kwargs()
+    kwargs["name"] = "nuclei"
+    if result.mpp is not None:
+        kwargs["units"] = ("micrometer", "micrometer")
+    return viewer.add_labels(result.pyramid, multiscale=len(result.pyramid) > 1,
+                             colormap=DirectLabelColormap(color_dict=colors), **kwargs)
+
+
 def run_headless(out_dir: Path) -> Path:
-    """Render the demo viewer off-screen and write a PNG of its canvas."""
+    """Segment, then render the viewer off-screen and write overlay PNGs."""
+    from qtpy.QtWidgets import QApplication
     from skimage.io import imsave
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    from qtpy.QtWidgets import QApplication
-
+    result, loaded = segment_sample(out_dir)
     viewer = build_viewer(show=True)  # shown on the virtual display only
+    viewer.window.resize(1600, 1000)
     try:
-        for _ in range(20):  # let Qt lay out the docked widgets first
-            QApplication.processEvents()
-        shot = viewer.screenshot(canvas_only=True, flash=False)
-        target = out_dir / "slide-canvas.png"
-        imsave(target, shot, check_contrast=False)
         layer = viewer.layers[0]
         print(f"Opened {layer.name}: {layer.data[0].shape[1]} x {layer.data[0].shape[0]} px, "
               f"{len(layer.data)} levels, {layer.scale[-1]:.3f} µm/px")
+        if result is not None:
+            add_result_layer(viewer, result, loaded)
+        for _ in range(20):  # let Qt lay out the docked widgets first
+            QApplication.processEvents()
+        target = out_dir / ("overlay.png" if result is not None else "slide-canvas.png")
+        imsave(target, viewer.screenshot(canvas_only=True, flash=False), check_contrast=False)
+        if result is not None:  # a close-up where individual nuclei are visible
+            viewer.camera.center = (0, 1400 * layer.scale[0], 1100 * layer.scale[1])
+            viewer.camera.zoom *= 6
+            for _ in range(20):
+                QApplication.processEvents()
+            imsave(out_dir / "overlay-zoom.png", viewer.screenshot(canvas_only=True, flash=False),
+                   check_contrast=False)
     finally:
         viewer.close()
     print(f"Wrote {target}")
@@ -58,7 +110,7 @@ def run_headless(out_dir: Path) -> Path:
 
 
 @contextmanager
-def virtual_display(width: int = 1280, height: int = 900):
+def virtual_display(width: int = 1680, height: int = 1050):
     """Start a private Xvfb server for the duration of the block."""
     xvfb = shutil.which("Xvfb")
     if xvfb is None:
@@ -101,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     if has_display and not args.headless:
         import napari
 
-        build_viewer(show=True)
+        viewer = build_viewer(show=True)
+        dock = viewer.window.dock_widgets.get("Segment (napari-feddp)")
+        segment = getattr(dock, "widget", lambda: None)() if dock is not None else None
+        if segment is not None and hasattr(segment, "run"):
+            segment.run()  # the default model, in a worker thread: the viewer stays live
         napari.run()
         return 0
     if not has_display:

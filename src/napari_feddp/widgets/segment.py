@@ -141,6 +141,8 @@ class SegmentWidget(Container):
         layer = self._layer
         units = "micrometer" if _layer_in_microns(layer) else "pixel"
         kwargs = result.layer_kwargs(units if result.mpp is not None else "pixel")
+        if units == "micrometer" and result.mpp is not None:
+            kwargs["units"] = ("micrometer", "micrometer")
         colors = {None: "transparent", 0: "transparent"}
         colors.update({i: c for i, c in enumerate(self._loaded.class_colors) if i > 0})
         kwargs["translate"] = tuple(np.add(kwargs["translate"], layer.translate[-2:]))
