@@ -38,6 +38,9 @@ def test_wheel_and_sdist_pass_twine_check(dists):
     names = zipfile.ZipFile(wheels[0]).namelist()
     assert "napari_feddp/napari.yaml" in names
     assert "napari_feddp/data/CMU-1-Small-Region.svs" in names
+    assert "napari_feddp/data/models/feddp-nuclei.safetensors" in names
+    assert "napari_feddp/data/models/feddp-nuclei.json" in names
+    assert zipfile.ZipFile(wheels[0]).getinfo("napari_feddp/data/models/feddp-nuclei.safetensors").file_size < 10e6
     # MoNuSeg is CC BY-NC-SA: it must never ship in the wheel.
     assert not [n for n in names if "TCGA-" in n or "monuseg" in n.lower()]
 
