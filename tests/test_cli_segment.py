@@ -92,7 +92,29 @@ def test_no_tissue(tmp_path, tiny_checkpoint, capsys):
     assert rc == 2 and "tissue" in _error_line(capsys).lower()
 
 
-def test_no_model_bundled_yet(tmp_path, cmu1_path, capsys):
+def test_default_is_the_bundled_model(tmp_path, cmu1_path, capsys):
+    out = tmp_path / "m.ome.tif"
+    assert main(["segment", str(cmu1_path), "--out", str(out), "--region", "1000,1300,256,256", "--quiet"]) == 0
+    labels = tifffile.imread(out)
+    roi = labels[1300:1556, 1000:1256]
+    assert 0.02 < (roi > 0).mean() < 0.8  # the shipped model finds nuclei, not everything
+
+
+def test_federation_model_takes_precedence(tmp_path, cmu1_path, tiny_checkpoint, isolated_feddp_home):
+    from napari_feddp.models.store import resolve_checkpoint
+
+    assert resolve_checkpoint().name == "feddp-nuclei.safetensors"
+    store = isolated_feddp_home / "models"
+    store.mkdir()
+    for suffix in (".safetensors", ".json"):
+        (store / f"round-9{suffix}").write_bytes(tiny_checkpoint.with_suffix(suffix).read_bytes())
+    assert resolve_checkpoint() == store / "round-9.safetensors"
+
+
+def test_no_model_available(tmp_path, cmu1_path, capsys, monkeypatch):
+    from napari_feddp.models import store
+
+    monkeypatch.setattr(store, "bundled_checkpoint", lambda: None)  # a build without a model
     rc = main(["segment", str(cmu1_path), "--out", str(tmp_path / "m.ome.tif")])
     line = _error_line(capsys)
     assert rc == 2 and "no model is bundled" in line and "--model" in line
