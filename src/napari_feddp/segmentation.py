@@ -3,6 +3,7 @@ Segment widget and ``napari-feddp segment`` (no Qt here)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -30,16 +31,11 @@ class LoadedModel:
 
 
 def spec_from_card(card: ModelCard, model: torch.nn.Module | None = None) -> InferenceSpec:
-    """Engine settings from a model card (tile size, µm per pixel, normalisation, classes)."""
-    return InferenceSpec(
-        tile_size=card.input.tile_size,
-        mpp=card.input.mpp,
-        mean=tuple(card.input.normalization.mean),
-        std=tuple(card.input.normalization.std),
-        n_classes=card.n_classes,
-        class_names=tuple(card.class_names),
-        size_multiple=int(getattr(model, "size_multiple", 1)),
-    )
+    """Engine settings from a model card, checked against the model's size multiple."""
+    spec = InferenceSpec.from_card(card)
+    if model is not None and getattr(model, "size_multiple", 1) != spec.size_multiple:
+        spec = dataclasses.replace(spec, size_multiple=int(model.size_multiple))
+    return spec
 
 
 def load_model(choice: str | os.PathLike | None = None, device: str = "cpu") -> LoadedModel:

@@ -68,7 +68,7 @@ def test_conv_model_equals_direct_prediction_within_blending_tolerance(cmu_crop,
 def test_without_overlap_tile_borders_show(cmu_crop):
     """Control for the test above: with overlap=0 the same net leaves tile-border errors."""
     model = StainNet()
-    image = cmu_crop[:512, :768]  # an exact multiple of the tile: no slack to spread
+    image = cmu_crop[:512, :768]  # a whole number of tiles: without overlap they just abut
     result = _run(image, model, tissue=False, overlap=0.0)
     assert (result.labels[:] != direct_prediction(model, image).argmax(0)).sum() > 50
 

@@ -27,8 +27,10 @@ from .errors import InferenceError
 TISSUE_MPP = 8.0
 #: Level-0 pixel size assumed when the slide does not say (a 20x scan).
 ASSUMED_MPP = 0.5
-#: The thumbnail's longest side never exceeds this (memory stays bounded).
-MAX_THUMBNAIL_SIDE = 4096
+#: The thumbnail's longest side never exceeds this, so its memory is bounded
+#: (a 2048 x 2048 thumbnail of a 100k-pixel slide at 0.25 um/px is 12 um/px:
+#: still several mask pixels per tile).
+MAX_THUMBNAIL_SIDE = 2048
 #: Otsu's threshold on saturation (0-1) is clamped to this range for H&E.
 SATURATION_RANGE = (0.05, 0.15)
 #: Mean optical density below which a pixel is glass, whatever its hue
@@ -201,7 +203,7 @@ def _block_mean(array: Any, factor: int) -> da.Array:
     return reduced.round().astype(np.uint8)
 
 
-def _saturation_and_density(rgb: np.ndarray, rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def _saturation_and_density(rgb: np.ndarray, rows: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Saturation (0-255, uint8) and "dense enough" flags, computed in strips to bound memory."""
     height = rgb.shape[0]
     saturation = np.empty(rgb.shape[:2], np.uint8)
