@@ -1,0 +1,1 @@
+"""Reproducible comparisons of centralized, local, federated and FedDP training (see docs/results.md)."""

@@ -1,0 +1,141 @@
+"""Summary table (Markdown, paper-shaped) and plots from the per-run JSON files of an experiment."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .runner import SETTINGS
+
+LABELS = {
+    "centralized": "Centralized (pooled, no DP)",
+    "local": "Local only (mean / worst hospital)",
+    "fedavg": "FedAvg (no DP)",
+    "feddp-eps1": "FedDP sample-level, ε=1",
+    "feddp-eps3": "FedDP sample-level, ε=3",
+    "feddp-eps8": "FedDP sample-level, ε=8",
+    "feddp-update": "FedDP update-level (client DP)",
+}
+
+
+def load_records(out: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
+    """``<setting>-s<seed>.json`` files of ``out`` grouped by setting."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(Path(out).glob("*-s[0-9]*.json")):
+        record = json.loads(path.read_text())
+        if "setting" in record:
+            grouped.setdefault(record["setting"], []).append(record)
+    return grouped
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    mean = sum(values) / len(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _fmt(values: list[float]) -> str:
+    mean, std = _mean_std(values)
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def summarize(grouped: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per setting: mean / std of the metrics, seeds, epsilon, relative change vs FedAvg."""
+    rows = []
+    fedavg = grouped.get("fedavg")
+    base = _mean_std([r["dice"] for r in fedavg])[0] if fedavg else None
+    for setting in SETTINGS:
+        records = grouped.get(setting)
+        if not records:
+            rows.append({"setting": setting, "label": LABELS[setting], "run": False})
+            continue
+        row: dict[str, Any] = {"setting": setting, "label": LABELS[setting], "run": True, "seeds": len(records)}
+        for key in ("dice", "jaccard", "accuracy"):
+            row[key], row[f"{key}_std"] = _mean_std([r[key] for r in records])
+            row[f"{key}_text"] = _fmt([r[key] for r in records])
+        if setting == "local":
+            row["worst_dice_text"] = _fmt([r["worst_dice"] for r in records])
+        eps = [r["epsilon"] for r in records if r.get("epsilon") is not None]
+        row["epsilon"] = max(eps) if eps else None
+        row["seconds"] = sum(r.get("seconds", 0) for r in records) / len(records)
+        if base and setting.startswith("feddp"):
+            row["rel_change_pct"] = 100.0 * (row["dice"] - base) / base
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], command: str = "napari-feddp experiment run --out DIR") -> str:
+    """Paper-shaped Markdown table."""
+    lines = ["| Setting | Dice | Jaccard | Pixel acc. | ε (δ=1e-5) | Δ Dice vs FedAvg | seeds | time / run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if not row["run"]:
+            lines.append(f"| {row['label']} | not run yet | | | | | | `{command} --settings {row['setting']}` |")
+            continue
+        dice = row["dice_text"] + (f" / worst {row['worst_dice_text']}" if "worst_dice_text" in row else "")
+        eps = "∞ (no DP)" if row.get("epsilon") is None and row["setting"] in ("centralized", "local", "fedavg") \
+            else ("-" if row.get("epsilon") is None else f"{row['epsilon']:.2f}")
+        rel = f"{row['rel_change_pct']:+.1f} %" if "rel_change_pct" in row else ""
+        lines.append(f"| {row['label']} | {dice} | {row['jaccard_text']} | {row['accuracy_text']} | {eps} | {rel} "
+                     f"| {row['seeds']} | {row['seconds'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_rounds(grouped: dict[str, list[dict[str, Any]]], out: str | os.PathLike, prefix: str = "results_") -> list[Path]:
+    """``<prefix>dice_vs_round.png`` and ``<prefix>epsilon_vs_round.png`` for the federated settings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    written = []
+    for metric, ylabel, name in (("dice", "test Dice (subset)", "dice_vs_round"),
+                                 ("epsilon", "ε spent (δ=1e-5)", "epsilon_vs_round")):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        drawn = False
+        for setting, records in grouped.items():
+            rounds = records[0].get("rounds")
+            if not rounds:
+                continue
+            xs, ys = [], []
+            for entry in rounds:
+                value = entry.get("test_subset", {}).get("dice") if metric == "dice" else entry.get("epsilon")
+                if value is not None and math.isfinite(value):
+                    xs.append(entry["round"])
+                    ys.append(value)
+            if xs:
+                ax.plot(xs, ys, marker="o", label=LABELS.get(setting, setting))
+                drawn = True
+            if metric == "dice" and records[0].get("dice") is not None and xs:
+                pass
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_xlabel("federated round")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"{prefix}{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(out: str | os.PathLike) -> dict[str, Any]:
+    """Write ``summary.json``, ``table.md`` and the PNG plots into ``out``."""
+    out = Path(out)
+    grouped = load_records(out)
+    rows = summarize(grouped)
+    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "table.md").write_text(markdown_table(rows))
+    plots = plot_rounds(grouped, out)
+    return {"rows": rows, "plots": [str(p) for p in plots]}
+
+
+__all__ = ["load_records", "markdown_table", "plot_rounds", "summarize", "write_report"]

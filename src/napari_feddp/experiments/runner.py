@@ -1,0 +1,283 @@
+"""Run the comparison grid: centralized, local-only, FedAvg, FedDP (sample / update).
+
+Compute budget. Every setting sees the same number of training examples and
+takes the same total number of optimizer steps of the same batch size:
+
+* federated settings: ``rounds x hospitals x local_steps`` steps of ``batch_size``
+  (each hospital takes ``local_steps`` steps per round, through the real Flower
+  engine, :class:`~napari_feddp.federation.pilot.LocalFederation` on loopback);
+* centralized: the same total ``rounds x hospitals x local_steps`` steps on the
+  pooled patches (``train_local`` directly, no DP);
+* local-only: each hospital alone takes its federated share,
+  ``rounds x local_steps`` steps (so all hospitals together spend the same total);
+  the table reports the mean and the worst hospital.
+
+All models are scored on the official MoNuSeg test split with the tiled engine
+(:func:`napari_feddp.evaluation.evaluate_folder`, at 0.25 µm/px), pooled Dice,
+Jaccard and pixel accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .hospitals import HOSPITALS, prepare_hospitals
+
+#: Every setting the grid knows, in table order.
+SETTINGS = ("centralized", "local", "fedavg", "feddp-eps1", "feddp-eps3", "feddp-eps8", "feddp-update")
+DP_EPSILONS = {"feddp-eps1": 1.0, "feddp-eps3": 3.0, "feddp-eps8": 8.0}
+
+
+@dataclass
+class Budget:
+    """Model and compute budget shared by all settings."""
+
+    rounds: int = 5
+    local_steps: int = 10
+    batch_size: int = 8
+    crop_size: int = 128
+    learning_rate: float = 2e-3
+    base_width: int = 16
+    depth: int = 4
+    groups: int = 8
+    mpp: float = 0.5
+    grid: int = 4
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    update_clipping_norm: float = 1.0
+    hospitals: tuple[str, ...] = tuple(HOSPITALS)
+    max_tiles: int | None = None
+    test_names: tuple[str, ...] | None = None
+    round_eval_names: tuple[str, ...] | None = None
+    timeout: float = 5400.0
+
+    @property
+    def total_steps(self) -> int:
+        return self.rounds * len(self.hospitals) * self.local_steps
+
+    def unet_params(self) -> dict[str, int]:
+        return {"in_channels": 3, "n_classes": 2, "depth": self.depth, "base_width": self.base_width,
+                "groups": self.groups}
+
+
+def quick_budget() -> Budget:
+    """A few-minute smoke run: tiny crops, 1 round, 2 hospitals, 2 test images."""
+    return Budget(rounds=1, local_steps=2, batch_size=4, crop_size=64, base_width=8, depth=3, groups=4,
+                  grid=4, hospitals=("h1-breast", "h2-kidney"), max_tiles=1,
+                  test_names=None, round_eval_names=None, timeout=300.0)
+
+
+def noise_for_epsilon(epsilon: float, n_examples: int, budget: Budget) -> float:
+    """DP-SGD noise multiplier reaching (just under) ``epsilon`` after all rounds of a hospital."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    sample_rate = 1.0 / math.ceil(n_examples / budget.batch_size)  # as training.plan_round
+    return float(get_noise_multiplier(
+        target_epsilon=epsilon * 0.99, target_delta=budget.delta, sample_rate=sample_rate,
+        steps=budget.rounds * budget.local_steps, accountant="rdp", epsilon_tolerance=0.005))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def score(checkpoint: Path, test_dir: Path, names: tuple[str, ...] | None) -> dict[str, Any]:
+    """Pooled Dice / Jaccard / accuracy of a checkpoint on the test folder (0.25 µm/px)."""
+    from ..evaluation import evaluate_folder
+    from ..segmentation import load_model
+
+    report = evaluate_folder(test_dir, load_model(str(checkpoint)), mpp=0.25,
+                             names=list(names) if names else None)
+    return {"dice": report.dice, "jaccard": report.jaccard, "accuracy": report.accuracy,
+            "n_images": report.n_images, "seconds": round(report.seconds, 1)}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _card(budget: Budget, name: str, training_data: str):
+    from ..models import default_card
+
+    return default_card(name=name, mpp=budget.mpp, tile_size=budget.crop_size, training_data=training_data,
+                        **budget.unet_params())
+
+
+def train_direct(folder: Path, steps: int, budget: Budget, seed: int, out: Path, name: str) -> Path:
+    """Plain (non-private) training with ``train_local``; returns the checkpoint."""
+    import torch
+
+    from ..models import UNet, save_checkpoint
+    from ..models.build import IMAGENET_MEAN, IMAGENET_STD
+    from ..training import SegmentationDataset, TrainConfig, train_local
+
+    torch.manual_seed(seed)
+    model = UNet(**budget.unet_params())
+    dataset = SegmentationDataset(folder, crop_size=budget.crop_size, source_mpp=budget.mpp,
+                                  target_mpp=budget.mpp, normalization=(IMAGENET_MEAN, IMAGENET_STD))
+    config = TrainConfig(steps=steps, lr=budget.learning_rate, batch_size=budget.batch_size,
+                         max_physical_batch_size=budget.batch_size, crop_size=budget.crop_size,
+                         dp_mode="none", seed=seed)
+    result = train_local(model, dataset, config)
+    model.load_state_dict(result.state_dict)
+    return save_checkpoint(out / f"{name}.safetensors", model, _card(budget, name, str(folder.name)))
+
+
+def train_federated(folders: dict[str, Path], budget: Budget, *, dp_mode: str, noise: float, update_noise: float,
+                    epsilon_budget: float, seed: int, out: Path, name: str) -> tuple[Path, list[dict]]:
+    """One run through Flower (SuperLink + one SuperNode per hospital, TLS, loopback)."""
+    from ..federation.pilot import LabSpec, LocalFederation
+    from ..federation.settings import RunSettings
+
+    if dp_mode == "sample":
+        # A DP-SGD dataset is bound to the privacy ledger that first used it (a marker in
+        # DIR/.feddp), so a second run on the same folder would (rightly) be refused. Each
+        # experiment run is a separate hypothetical deployment: give it its own folders,
+        # linking the same images/ and masks/.
+        fresh = {}
+        for h in budget.hospitals:
+            fresh[h] = out / "data" / h
+            fresh[h].mkdir(parents=True, exist_ok=True)
+            for sub in ("images", "masks"):
+                link = fresh[h] / sub
+                if not link.exists():
+                    link.symlink_to(Path(folders[h]).resolve() / sub, target_is_directory=True)
+        folders = fresh
+    labs = [LabSpec(name=h, data_dir=folders[h], max_epsilon=epsilon_budget if dp_mode == "sample" else 0.0)
+            for h in budget.hospitals]
+    settings = RunSettings(
+        num_rounds=budget.rounds, min_clients=len(labs), min_updates=len(labs), dp_mode=dp_mode,
+        noise_multiplier=noise if dp_mode == "sample" else 1.0, max_grad_norm=budget.max_grad_norm,
+        update_noise_multiplier=update_noise, update_clipping_norm=budget.update_clipping_norm,
+        target_delta=budget.delta, batch_size=budget.batch_size, max_steps=budget.local_steps,
+        learning_rate=budget.learning_rate, crop_size=budget.crop_size, model_depth=budget.depth,
+        model_base_width=budget.base_width, model_groups=budget.groups, mpp=budget.mpp, source_mpp=budget.mpp,
+        seed=seed, checkpoint_dir=str(out / "checkpoints"), model_name=name, final_evaluation=False,
+        round_timeout=budget.timeout, node_wait_timeout=300.0)
+    workdir = out / "flower"
+    with LocalFederation(workdir=workdir, labs=labs, threads=1) as federation:
+        outcome = federation.run(settings, timeout=budget.timeout,
+                                 on_round=lambda r: print(f"  [{name}] round {r.get('round')}: "
+                                                          f"loss={r.get('train_loss')} eps={r.get('epsilon_max')}",
+                                                          flush=True))
+    trained = [r for r in outcome.rounds if r.get("aggregated")]
+    if not trained:
+        first = (outcome.rounds or [{}])[0]
+        raise RuntimeError(f"{name}: no round was aggregated (failed: {first.get('failed')}, "
+                           f"declined: {first.get('declined')})")
+    return outcome.checkpoint_dir / "final.safetensors", outcome.rounds
+
+
+# --------------------------------------------------------------------------- one setting
+
+
+def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_dir: Path, seed: int,
+                out: Path) -> dict[str, Any]:
+    """Train and score one setting with one seed; writes ``out/<setting>-s<seed>.json``."""
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}; expected one of {SETTINGS}")
+    work = out / "runs" / f"{setting}-s{seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    record: dict[str, Any] = {"setting": setting, "seed": seed, "budget": _budget_dict(budget),
+                              "total_steps": budget.total_steps,
+                              "examples_seen": budget.total_steps * budget.batch_size}
+    n_examples = {h: len(os.listdir(folders[h] / "images")) for h in budget.hospitals}
+    if setting == "centralized":
+        ckpt = train_direct(folders["pooled"], budget.total_steps, budget, seed, work, "centralized")
+        record.update(score(ckpt, test_dir, budget.test_names), checkpoint=str(ckpt), epsilon=None)
+    elif setting == "local":
+        per = {}
+        for h in budget.hospitals:
+            ckpt = train_direct(folders[h], budget.rounds * budget.local_steps, budget, seed, work, f"local-{h}")
+            per[h] = score(ckpt, test_dir, budget.test_names)
+        worst = min(per, key=lambda h: per[h]["dice"])
+        record.update({k: sum(p[k] for p in per.values()) / len(per) for k in ("dice", "jaccard", "accuracy")})
+        record.update(worst=worst, worst_dice=per[worst]["dice"], worst_jaccard=per[worst]["jaccard"],
+                      worst_accuracy=per[worst]["accuracy"], per_hospital=per, epsilon=None)
+    else:
+        dp_mode, noise, update_noise, eps_budget = "none", 1.0, 0.0, 0.0
+        if setting in DP_EPSILONS:
+            dp_mode, eps_budget = "sample", DP_EPSILONS[setting]
+            noise = noise_for_epsilon(eps_budget, min(n_examples.values()), budget)
+        elif setting == "feddp-update":
+            # "Comparable noise": the eps-8 sample-level noise multiplier, applied to the
+            # aggregate of clipped client updates (Flower's client-side fixed clipping).
+            dp_mode = "update"
+            update_noise = noise_for_epsilon(8.0, min(n_examples.values()), budget)
+        ckpt, rounds = train_federated(folders, budget, dp_mode=dp_mode, noise=noise, update_noise=update_noise,
+                                       epsilon_budget=eps_budget, seed=seed, out=work, name=setting)
+        per_round = []
+        for row in rounds:
+            entry = {"round": row.get("round"), "train_loss": row.get("train_loss"),
+                     "train_dice": row.get("train_dice"), "epsilon": row.get("epsilon_max"),
+                     "seconds": row.get("seconds")}
+            round_ckpt = ckpt.parent / f"round-{int(row['round']):03d}.safetensors"
+            if budget.round_eval_names and round_ckpt.is_file():
+                entry["test_subset"] = score(round_ckpt, test_dir, budget.round_eval_names)
+            per_round.append(entry)
+        epsilons = [r["epsilon"] for r in per_round if r.get("epsilon") is not None]
+        record.update(score(ckpt, test_dir, budget.test_names), checkpoint=str(ckpt), rounds=per_round,
+                      dp_mode=dp_mode, noise_multiplier=noise if dp_mode == "sample" else None,
+                      update_noise_multiplier=update_noise if dp_mode == "update" else None,
+                      epsilon=max(epsilons) if epsilons else None,
+                      delta=budget.delta if dp_mode != "none" else None,
+                      epsilon_unit=("patch (sample-level)" if dp_mode == "sample" else
+                                    "hospital (client-level, no client sampling)" if dp_mode == "update" else None))
+    record["seconds"] = round(time.monotonic() - started, 1)
+    path = out / f"{setting}-s{seed}.json"
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return record
+
+
+def _budget_dict(budget: Budget) -> dict[str, Any]:
+    data = asdict(budget)
+    data["hospitals"] = list(budget.hospitals)
+    return data
+
+
+def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds: int = 1, quick: bool = False,
+             budget: Budget | None = None, data: str | os.PathLike | None = None,
+             scratch: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Run ``settings`` x ``seeds``; writes one JSON per run, ``summary.json``, table and plots."""
+    from .report import write_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = budget or (quick_budget() if quick else Budget())
+    data_root = Path(data) if data else _find_data()
+    test_dir = data_root / "test"
+    if quick and budget.test_names is None:
+        names = sorted(p.stem for p in (test_dir / "images").iterdir())[:2]
+        budget = replace(budget, test_names=tuple(names), round_eval_names=tuple(names[:1]))
+    scratch = Path(scratch) if scratch else out / "hospitals"
+    folders = prepare_hospitals(data_root / "train", scratch, hospitals=list(budget.hospitals),
+                                target_mpp=budget.mpp, grid=budget.grid, max_tiles=budget.max_tiles)
+    chosen = settings or (["centralized", "fedavg", "feddp-eps8"] if quick else list(SETTINGS))
+    records = []
+    for seed in range(seeds):
+        for setting in chosen:
+            print(f"== {setting} (seed {seed})", flush=True)
+            record = run_setting(setting, budget=budget, folders=folders, test_dir=test_dir, seed=seed, out=out)
+            print(f"   Dice {record['dice']:.4f}  Jaccard {record['jaccard']:.4f}  Acc {record['accuracy']:.4f}"
+                  f"  eps {record.get('epsilon')}  ({record['seconds']:.0f} s)", flush=True)
+            records.append(record)
+    write_report(out)
+    return records
+
+
+def _find_data() -> Path:
+    from ..federation.demo import find_monuseg
+
+    found = find_monuseg()
+    if found is None or not (found / "test" / "images").is_dir():
+        raise FileNotFoundError("MoNuSeg not found: pass --data (folder with train/ and test/) "
+                                "or set FEDDP_SHARED_DATA")
+    return found
+
+
+__all__ = ["Budget", "DP_EPSILONS", "SETTINGS", "noise_for_epsilon", "quick_budget", "run_grid", "run_setting"]

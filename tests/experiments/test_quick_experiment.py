@@ -1,0 +1,57 @@
+"""``napari-feddp experiment run --quick`` end to end (real Flower federation on loopback)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from napari_feddp.experiments.hospitals import HOSPITALS, hospital_of, split_names
+from napari_feddp.experiments.report import markdown_table, summarize
+
+from ..conftest import require_data
+
+
+def test_every_monuseg_train_tile_has_a_hospital():
+    train = require_data("monuseg/train")
+    names = [p.stem for p in (train / "images").iterdir()]
+    groups = split_names(names)
+    assert sum(len(v) for v in groups.values()) == len(names) == 30
+    assert len(groups) >= 4 and all(groups.values())
+    assert hospital_of("TCGA-A7-A13E-01Z-00-DX1") == "h1-breast"
+    assert set(groups) == set(HOSPITALS)
+
+
+def test_table_marks_missing_settings():
+    rows = summarize({"fedavg": [{"dice": 0.5, "jaccard": 0.4, "accuracy": 0.8, "epsilon": None}],
+                      "feddp-eps8": [{"dice": 0.45, "jaccard": 0.3, "accuracy": 0.7, "epsilon": 7.9}]})
+    table = markdown_table(rows)
+    assert "not run yet" in table and "-10.0 %" in table
+
+
+@pytest.mark.slow
+def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
+    data = require_data("monuseg")
+    import argparse
+
+    from napari_feddp.commands import experiment
+
+    parser = argparse.ArgumentParser()  # the command module alone (works before cli registers it)
+    experiment.add_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "quick"
+    # FedAvg is left out to stay well under 4 minutes on a loaded 2-core CPU (it runs like feddp-eps8).
+    args = parser.parse_args(["experiment", "run", "--quick", "--out", str(out), "--data", str(data),
+                              "--settings", "centralized", "feddp-eps8"])
+    assert args.func(args) == 0
+    for setting in ("centralized", "feddp-eps8"):
+        record = json.loads((out / f"{setting}-s0.json").read_text())
+        assert record["n_images"] == 2
+        assert 0.0 <= record["dice"] <= 1.0 and 0.0 <= record["accuracy"] <= 1.0
+        assert record["total_steps"] == 1 * 2 * 2  # rounds x hospitals x local steps
+    dp = json.loads((out / "feddp-eps8-s0.json").read_text())
+    assert dp["dp_mode"] == "sample" and 0 < dp["epsilon"] <= 8.0
+    assert json.loads((out / "centralized-s0.json").read_text())["epsilon"] is None
+    table = (out / "table.md").read_text()
+    assert "FedDP sample-level, ε=8" in table and "not run yet" in table
+    assert (out / "results_epsilon_vs_round.png").is_file()
+    assert (out / "results_dice_vs_round.png").is_file()
