@@ -15,20 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-#: ``<repo>/../shared/data``.
-SHARED_DATA = Path(__file__).parents[2].parent / "shared" / "data"
+from tests.conftest import require_data as shared_data  # noqa: E402 - one lookup for all tests
+
 CMU_SMALL = "slides/CMU-1-Small-Region.svs"
-
-
-def shared_data(relative: str) -> Path:
-    """Path of a file under shared/data; skip (or fail with FEDDP_REQUIRE_DATA=1) if missing."""
-    path = SHARED_DATA / relative
-    if not path.exists():
-        message = f"test data missing: {path}"
-        if os.environ.get("FEDDP_REQUIRE_DATA") == "1":
-            pytest.fail(message + " (FEDDP_REQUIRE_DATA=1)")
-        pytest.skip(message)
-    return path
 
 
 class StainNet(nn.Sequential):

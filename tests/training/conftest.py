@@ -15,19 +15,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-
-
-def shared_data(relative: str = "") -> Path:
-    """Path under ``../shared/data``; skip if absent, fail if ``FEDDP_REQUIRE_DATA=1``."""
-    path = SHARED_DATA / relative
-    if not path.exists():
-        message = f"test data not found: {path}"
-        if os.environ.get("FEDDP_REQUIRE_DATA") == "1":
-            pytest.fail(message + " (FEDDP_REQUIRE_DATA=1 requires it)")
-        pytest.skip(message)
-    return path
+# One lookup for all tests: skips without the data, fails when FEDDP_REQUIRE_DATA=1.
+from ..conftest import require_data as shared_data  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
