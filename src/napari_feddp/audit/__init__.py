@@ -5,32 +5,7 @@
   one client update, with and without DP-SGD, and PSNR/SSIM scoring.
 """
 
-from .gradient_inversion import (
-    AttackConfig,
-    AttackResult,
-    FixedCrops,
-    Score,
-    attack_objective,
-    client_update,
-    cosine_distance,
-    invert_gradients,
-    noise_images,
-    normalize,
-    score_reconstructions,
-    total_variation,
-)
+from . import gradient_inversion
+from .gradient_inversion import *  # noqa: F403 - the public API is gradient_inversion.__all__
 
-__all__ = [
-    "AttackConfig",
-    "AttackResult",
-    "FixedCrops",
-    "Score",
-    "attack_objective",
-    "client_update",
-    "cosine_distance",
-    "invert_gradients",
-    "noise_images",
-    "normalize",
-    "score_reconstructions",
-    "total_variation",
-]
+__all__ = list(gradient_inversion.__all__)

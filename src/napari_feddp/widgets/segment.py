@@ -191,8 +191,8 @@ def _engine_source(layer):
 
 def _view_region(layer) -> tuple[int, int, int, int]:
     """The part of ``layer`` visible in the canvas, as level-0 ``(y0, x0, y1, x1)``."""
-    corners = np.asarray(layer.corner_pixels, dtype=float)[:, -2:] if not layer.rgb else \
-        np.asarray(layer.corner_pixels, dtype=float)[:, :2]
+    # corner_pixels covers the spatial axes only (an RGB layer's channel axis is not one).
+    corners = np.asarray(layer.corner_pixels, dtype=float)[:, -2:]
     factor = np.asarray(layer.downsample_factors[layer.data_level][:2]) if layer.multiscale else np.ones(2)
     (y0, x0), (y1, x1) = corners * factor
     return (int(y0), int(x0), int(np.ceil(y1)) + 1, int(np.ceil(x1)) + 1)
