@@ -430,6 +430,9 @@ def main(argv=None) -> int:
     parser.add_argument("--labs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--keep-workdir", action="store_true")
+    parser.add_argument("--cold-clientapp", action="store_true",
+                        help="start every ClientApp cold, as plain Flower does (no warm parent); "
+                        "default output results/federation_round_cold.json")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT / "src"))
@@ -441,7 +444,14 @@ def main(argv=None) -> int:
     rounds = args.rounds or (1 if args.quick else 3)
     target = args.train_seconds or (5.0 if args.quick else 30.0)
     cache = Path(os.environ.get("FEDDP_BENCH_CACHE") or Path.home() / ".cache" / "napari-feddp" / "benchmarks")
-    out = args.out or (cache / "federation_round.quick.json" if args.quick else HERE / "results" / "federation_round.json")
+    from napari_feddp.federation.processes import WARM_CLIENTAPP_ENV
+
+    if args.cold_clientapp:
+        os.environ[WARM_CLIENTAPP_ENV] = "0"
+    suffix = "_cold" if args.cold_clientapp else ""
+    out = args.out or (
+        cache / f"federation_round{suffix}.quick.json" if args.quick else HERE / "results" / f"federation_round{suffix}.json"
+    )
     arch = dict(model_depth=2, model_base_width=8, crop_size=32) if args.quick else {}
     settings = RunSettings(
         num_rounds=rounds,
@@ -517,6 +527,8 @@ def main(argv=None) -> int:
             "tls": True,
             "supernode_auth": True,
             "isolation": "subprocess (one flwr-clientapp process per message)",
+            "clientapp_start": "cold: a new interpreter per message (plain Flower)" if args.cold_clientapp
+            else "warm: forked per message from a pre-imported parent (napari_feddp.federation.warm_clientapp)",
             "dp_mode": settings.dp_mode,
             "max_steps": steps,
             "calibrated_seconds_per_step_alone": round(per_step, 4),

@@ -18,6 +18,8 @@ def add_parser(subparsers) -> None:
     run_p.add_argument("--scratch", help="where hospital patches are written (default: OUT/hospitals)")
     run_p.add_argument("--rounds", type=int, help="override the federated rounds")
     run_p.add_argument("--local-steps", type=int, help="override the local steps per round")
+    run_p.add_argument("--rerun", action="store_true",
+                       help="run again (setting, seed) pairs whose JSON is already in --out (default: keep them)")
     run_p.add_argument("--round-eval", type=int, default=None,
                        help="score each round's global model on the first N test images (Dice-vs-round plot)")
     run_p.set_defaults(func=run)
@@ -51,7 +53,7 @@ def run(args) -> int:
         names = sorted(p.stem for p in (root / "test" / "images").iterdir())[: args.round_eval]
         budget = replace(budget, round_eval_names=tuple(names))
     records = run_grid(args.out, settings=args.settings, seeds=args.seeds, quick=args.quick, budget=budget,
-                       data=args.data, scratch=args.scratch)
+                       data=args.data, scratch=args.scratch, rerun=args.rerun)
     print(f"{len(records)} run(s); table: {Path(args.out) / 'table.md'}")
     print((Path(args.out) / "table.md").read_text())
     return 0

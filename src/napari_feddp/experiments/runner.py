@@ -242,8 +242,14 @@ def _budget_dict(budget: Budget) -> dict[str, Any]:
 
 def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds: int = 1, quick: bool = False,
              budget: Budget | None = None, data: str | os.PathLike | None = None,
-             scratch: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """Run ``settings`` x ``seeds``; writes one JSON per run, ``summary.json``, table and plots."""
+             scratch: str | os.PathLike | None = None, rerun: bool = False) -> list[dict[str, Any]]:
+    """Run ``settings`` x ``seeds``; writes one JSON per run, ``summary.json``, table and plots.
+
+    A (setting, seed) whose ``<setting>-s<seed>.json`` is already in ``out`` with the same
+    budget is kept, not run again (so a grid can be extended with more seeds or settings),
+    unless ``rerun``. A record made with another budget is an error: mixing budgets in one
+    table would compare unlike runs.
+    """
     from .report import write_report
 
     out = Path(out)
@@ -261,6 +267,15 @@ def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds
     records = []
     for seed in range(seeds):
         for setting in chosen:
+            done = out / f"{setting}-s{seed}.json"
+            if done.is_file() and not rerun:
+                record = json.loads(done.read_text())
+                if record.get("budget") != json.loads(json.dumps(_budget_dict(budget))):
+                    raise ValueError(
+                        f"{done} was made with another budget; use another --out, or --rerun to replace it")
+                print(f"== {setting} (seed {seed}): kept {done.name}, Dice {record['dice']:.4f}", flush=True)
+                records.append(record)
+                continue
             print(f"== {setting} (seed {seed})", flush=True)
             record = run_setting(setting, budget=budget, folders=folders, test_dir=test_dir, seed=seed, out=out)
             print(f"   Dice {record['dice']:.4f}  Jaccard {record['jaccard']:.4f}  Acc {record['accuracy']:.4f}"

@@ -36,6 +36,9 @@ from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
 
+#: Set to ``0`` to start every ClientApp cold, as plain Flower does.
+WARM_CLIENTAPP_ENV = "NAPARI_FEDDP_WARM_CLIENTAPP"
+
 #: Environment every Flower child process gets (no telemetry, no update check,
 #: no runtime ``uv sync`` of app dependencies, faster SuperExec task polling).
 FLOWER_ENV_DEFAULTS = {
@@ -702,6 +705,12 @@ class SuperNodeProcess:
         Explicit opt-in to plain text; warns.
     extra_env : mapping, optional
         Additional environment (e.g. ``PYTHONPATH`` for a custom trainer).
+    warm_clientapp : bool
+        Start ClientApp processes from a pre-imported parent
+        (:mod:`napari_feddp.federation.warm_clientapp`) instead of a cold
+        interpreter per message; falls back to Flower's cold start whenever
+        that parent is not ready. Default True unless the environment sets
+        ``NAPARI_FEDDP_WARM_CLIENTAPP=0``.
     """
 
     name: str
@@ -715,9 +724,12 @@ class SuperNodeProcess:
     max_retries: int | None = None
     max_wait_time: float | None = None
     ready_timeout: float = 60.0
+    warm_clientapp: bool = field(default_factory=lambda: os.environ.get(WARM_CLIENTAPP_ENV, "1") != "0")
     process: ManagedProcess | None = field(default=None, init=False)
     runtime_port: int | None = field(default=None, init=False)
     node_id: int | None = field(default=None, init=False)
+    warm_process: ManagedProcess | None = field(default=None, init=False, repr=False)
+    _warm: object | None = field(default=None, init=False, repr=False)
 
     def start(self, wait: bool = True) -> SuperNodeProcess:
         """Start; with ``wait`` block until the SuperLink accepted the node.
@@ -734,6 +746,9 @@ class SuperNodeProcess:
         workdir = Path(self.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         self.runtime_port = find_free_port()
+        env = flower_env(workdir / "flwr-home", self.extra_env)
+        if self.warm_clientapp:
+            env = self._start_warm_parent(env)
         self.process = ManagedProcess(
             name=f"supernode {self.name}",
             argv=supernode_argv(
@@ -746,12 +761,43 @@ class SuperNodeProcess:
                 max_wait_time=self.max_wait_time,
             ),
             log_path=workdir / f"{self.name}.log",
-            env=flower_env(workdir / "flwr-home", self.extra_env),
+            env=env,
             cwd=workdir,
         ).start()
         if wait:
             self.wait_ready()
         return self
+
+    def _start_warm_parent(self, env: dict[str, str]) -> dict[str, str]:
+        """Start the pre-imported ClientApp parent; return the SuperNode's env using it."""
+        from .warm_clientapp import SOCKET_ENV, WarmClientApp
+
+        self._stop_warm_parent(kill=True)
+        warm = WarmClientApp.create()
+        warm.write_launcher(flower_executable("flwr-clientapp"))
+        self.warm_process = ManagedProcess(
+            name=f"clientapp parent {self.name}",
+            argv=warm.serve_argv(),
+            log_path=Path(self.workdir) / f"{self.name}-clientapp-parent.log",
+            env=env,
+            cwd=Path(self.workdir),
+        ).start()
+        self._warm = warm
+        env = dict(env)
+        env["PATH"] = str(warm.bin_dir) + os.pathsep + env["PATH"]
+        env[SOCKET_ENV] = str(warm.socket_path)
+        return env
+
+    def _stop_warm_parent(self, kill: bool = False, timeout: float = 5.0) -> None:
+        if self.warm_process is not None:
+            if kill:
+                self.warm_process.kill()
+            else:
+                self.warm_process.stop(timeout)
+            self.warm_process = None
+        if self._warm is not None:
+            self._warm.cleanup()
+            self._warm = None
 
     def wait_ready(self, timeout: float | None = None) -> int:
         """Wait for the ``SuperNode ID`` log line; return the node id."""
@@ -768,8 +814,10 @@ class SuperNodeProcess:
         """Graceful stop (the node deactivates itself at the SuperLink)."""
         if self.process is not None:
             self.process.stop(timeout)
+        self._stop_warm_parent(timeout=timeout)
 
     def kill(self) -> None:
         """Crash the node: SIGKILL it, its SuperExec and running ClientApp."""
         if self.process is not None:
             self.process.kill()
+        self._stop_warm_parent(kill=True)
