@@ -31,6 +31,11 @@ def test_shared_slides_match_tifffile(name):
         y0, x0 = h // 3, w // 4
         region = slide.levels[0][y0 : y0 + 300, x0 : x0 + 200].compute()
         np.testing.assert_array_equal(region, level0[y0 : y0 + 300, x0 : x0 + 200])
+        # The zarr arrays the segmentation engine reads tiles from hold the same pixels.
+        if slide.region_arrays is not None:
+            assert len(slide.region_arrays) == len(series.levels)
+            direct = np.asarray(slide.region_arrays[0][y0 : y0 + 300, x0 : x0 + 200])
+            np.testing.assert_array_equal(direct, region)
         if len(series.levels) > 1:
             np.testing.assert_array_equal(slide.levels[-1].compute(), series.levels[-1].asarray())
         if "svs" in tif.flags:
@@ -67,6 +72,12 @@ def test_single_level_large_tiff_gets_lazy_pyramid(cmu1_path):
     expected = full.reshape(741, 2, 555, 2, 3).mean(axis=(1, 3))
     coarse = slide.levels[1][:741, :555].compute()
     assert np.abs(coarse - expected).max() <= 0.5 + 1e-9
+    # Only the stored level can be read directly; the engine reads level 0 and resizes.
+    assert [a.shape for a in slide.region_arrays] == [(2967, 2220, 3)]
+    from napari_feddp.inference._source import as_source
+
+    source = as_source(slide)
+    assert source.tile_array(0) is slide.region_arrays[0]
 
 
 def test_ome_tiff_physical_size_and_objective(tmp_path):

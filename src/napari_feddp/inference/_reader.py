@@ -20,7 +20,7 @@ class TileReader:
     """
 
     def __init__(self, source: ImageSource, geometry: Geometry, tile_size: int) -> None:
-        self.array = source.levels[geometry.level]
+        self.array = source.tile_array(geometry.level)
         self.scale = geometry.scale
         self.tile_size = tile_size
 

@@ -24,11 +24,20 @@ class ImageSource:
         ``(y, x)`` factor of each level relative to level 0.
     mpp : (float, float) or None
         Micrometres per level-0 pixel.
+    region_levels : list of array-like or None
+        Same pixels as ``levels``, cheaper to slice for small regions (a
+        slide's zarr arrays, see :attr:`~napari_feddp.slides.Slide.region_arrays`);
+        tiles are read from these when given.
     """
 
     levels: list[Any]
     downsamples: list[tuple[float, float]]
     mpp: tuple[float, float] | None
+    region_levels: list[Any] | None = None
+
+    def tile_array(self, level: int) -> Any:
+        """The array to read tiles of ``level`` from."""
+        return (self.region_levels or self.levels)[level]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -66,12 +75,16 @@ def as_source(image: Any, mpp: float | tuple[float, float] | None = None) -> Ima
             raise InferenceError(f"image: expected an RGB slide, received a slide of kind {kind!r}")
         arrays = [_check_rgb(level, f"slide level {i}") for i, level in enumerate(levels)]
         downsamples = [(float(d[0]), float(d[1])) for d in image.downsamples]
+        direct = getattr(image, "region_arrays", None)
         if getattr(image, "pyramid_in_file", True) is False:
             # Coarser levels are computed on the fly from level 0, chunk by chunk;
             # reading level 0 and resizing each tile once is cheaper than
             # recomputing those chunks for every overlapping tile.
             arrays, downsamples = arrays[:1], downsamples[:1]
-        return ImageSource(arrays, downsamples, override or _check_mpp(getattr(image, "mpp", None)))
+            direct = list(direct[:1]) if direct else None
+        if direct is not None and [tuple(a.shape) for a in direct] != [tuple(a.shape) for a in arrays]:
+            direct = None
+        return ImageSource(arrays, downsamples, override or _check_mpp(getattr(image, "mpp", None)), direct)
     return ImageSource([_check_rgb(image, "image")], [(1.0, 1.0)], override)
 
 
