@@ -215,7 +215,10 @@ def worker_regions(path: str, reads: int, rounds: int, seed: int) -> dict:
             slide = open_slide(path)
         finally:
             _open.TILE_CACHE_BYTES = default_cache
-        level0 = slide.levels[0]
+        from napari_feddp._reader import slide_layer_data
+
+        data = slide_layer_data(slide)[0]  # exactly what napari gets
+        level0 = data[0] if isinstance(data, list) else data
         times, out = [], []
         for y, x in points:
             t = time.perf_counter()

@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                         help="client's local optimizer: sgd (update = gradient, the threat model of the audit) "
                              "or adam (what default_train uses; first step ~ lr * sign(gradient))")
+    parser.add_argument("--start", choices=("mean-colour", "noise"), default="mean-colour",
+                        help="attack start: the public mean H&E colour with faint noise (the attacker's best "
+                        "guess without the update; default) or Geiping et al.'s random noise")
     parser.add_argument("--seed", type=int, default=0, help="model init, crop choice, DP noise, attack start")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1 is ~10x faster than 2 for this workload on a "
@@ -163,13 +166,18 @@ def attack_batch(model, card, settings: RunSettings, batch: int, iterations: int
     updates["prior_only"] = {name: torch.randn(v.shape, generator=generator) for name, v in updates["dp"].items()}
 
     config = AttackConfig(iterations=iterations, tv_weight=args.tv, restarts=args.restarts, seed=args.seed)
+    colours = public_colours(args.data)
+    start01 = None
+    if args.start == "mean-colour":
+        jitter = torch.Generator().manual_seed(args.seed + 11)
+        start01 = (colours["all"].reshape(1, 3, 1, 1) + 0.02 * torch.randn(images.shape, generator=jitter)).clamp(0, 1)
     out: dict = {"batch_size": batch, "iterations": iterations, "crops": sources,
                  "client_update_seconds": round(client_seconds, 2), "attacks": {}}
     recon = {}
     for name, update in updates.items():
         print(f"B={batch}: attacking the {name} update ({iterations} iterations)...", flush=True)
         result = invert_gradients(model, update, masks, normalization=normalization, config=config,
-                                  log_every=args.log_every)
+                                  log_every=args.log_every, start01=start01)
         score = score_reconstructions(images, result.images01)
         recon[name] = result.images01[score.assignment]  # reorder to the true crops' order
         out["attacks"][name] = {
@@ -181,7 +189,6 @@ def attack_batch(model, card, settings: RunSettings, batch: int, iterations: int
         print(f"    PSNR {score.mean_psnr:.2f} dB  SSIM {score.mean_ssim:.3f}  cosine {result.cosine:.3f}  "
               f"({result.seconds:.0f} s)", flush=True)
     baseline = score_reconstructions(images, init01)  # same seed -> the same start for all three attacks
-    colours = public_colours(args.data)
     constant = colours["all"].reshape(1, 3, 1, 1).expand_as(images).clone()
     nucleus = (masks == 1).unsqueeze(1).float()
     painted = nucleus * colours["nucleus"].reshape(1, 3, 1, 1) + (1 - nucleus) * colours["background"].reshape(1, 3, 1, 1)

@@ -78,6 +78,11 @@ def test_single_level_large_tiff_gets_lazy_pyramid(cmu1_path):
 
     source = as_source(slide)
     assert source.tile_array(0) is slide.region_arrays[0]
+    # napari gets the stored level as zarr (cheap slicing) and the computed levels as dask.
+    from napari_feddp._reader import slide_layer_data
+
+    data = slide_layer_data(slide)[0]
+    assert data[0] is slide.region_arrays[0] and data[1] is slide.levels[1] and data[2] is slide.levels[2]
 
 
 def test_ome_tiff_physical_size_and_objective(tmp_path):

@@ -86,7 +86,8 @@ def slide_layer_data(slide: Slide) -> LayerData:
             SlideUnitsWarning,
             stacklevel=2,
         )
-    data = slide.levels if len(slide.levels) > 1 else slide.levels[0]
+    levels = slide.layer_levels
+    data = levels if len(levels) > 1 else levels[0]
     kwargs["multiscale"] = len(slide.levels) > 1
     if slide.kind == "labels":
         return (data, kwargs, "labels")

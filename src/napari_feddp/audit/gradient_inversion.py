@@ -285,6 +285,7 @@ def invert_gradients(
     config: AttackConfig | None = None,
     loss_fn: nn.Module | None = None,
     log_every: int = 0,
+    start01: torch.Tensor | None = None,
 ) -> AttackResult:
     """Reconstruct a client's crops from its update by cosine gradient matching.
 
@@ -305,6 +306,10 @@ def invert_gradients(
         Training loss the client used (default :class:`DiceCELoss`, as ``train_local``).
     log_every : int
         Print progress every this many iterations (0: silent).
+    start01 : Tensor or None
+        ``(B, 3, H, W)`` starting images in [0, 1] (e.g. a public mean colour: the
+        attacker's best guess without the update). Default: :func:`noise_images`,
+        as in Geiping et al. Restarts after the first add seeded noise of std 0.05 to it.
 
     Returns
     -------
@@ -327,7 +332,15 @@ def invert_gradients(
     best: AttackResult | None = None
     objectives = []
     for restart in range(config.restarts):
-        init01 = noise_images(shape, normalization, seed=config.seed + restart)
+        if start01 is None:
+            init01 = noise_images(shape, normalization, seed=config.seed + restart)
+        else:
+            if tuple(start01.shape) != shape:
+                raise ValueError(f"start01: expected shape {shape}, received {tuple(start01.shape)}")
+            init01 = start01.detach().float().clone()
+            if restart:
+                generator = torch.Generator().manual_seed(config.seed + restart)
+                init01 = (init01 + 0.05 * torch.randn(shape, generator=generator)).clamp(0, 1)
         x = normalize(init01, normalization).clone().requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=config.lr)
         milestones = [int(config.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if config.lr_decay else []

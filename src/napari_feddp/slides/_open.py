@@ -110,6 +110,17 @@ class Slide:
     _tif: tifffile.TiffFile | None = field(default=None, repr=False)
 
     @property
+    def layer_levels(self) -> list:
+        """The pyramid napari displays: ``region_arrays`` where the file stores a
+        level as ``(Y, X, 3)`` (napari slices them directly, no dask graph per
+        view), the lazy dask ``levels`` elsewhere (computed pyramid levels)."""
+        if self.region_arrays is None:
+            return list(self.levels)
+        return [
+            self.region_arrays[i] if i < len(self.region_arrays) else level for i, level in enumerate(self.levels)
+        ]
+
+    @property
     def shape(self) -> tuple[int, int]:
         """Level-0 ``(height, width)`` in pixels."""
         return tuple(self.levels[0].shape[:2])  # type: ignore[return-value]
