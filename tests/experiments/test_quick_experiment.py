@@ -55,3 +55,25 @@ def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
     assert "FedDP sample-level, ε=8" in table and "not run yet" in table
     assert (out / "results_epsilon_vs_round.png").is_file()
     assert (out / "results_dice_vs_round.png").is_file()
+    # The same grid again keeps every finished run instead of training it again ...
+    mtime = (out / "centralized-s0.json").stat().st_mtime_ns
+    assert args.func(args) == 0
+    assert (out / "centralized-s0.json").stat().st_mtime_ns == mtime
+    # ... and refuses to mix runs made with another budget into the same table.
+    from napari_feddp.commands import CommandError
+
+    other = parser.parse_args(["experiment", "run", "--quick", "--out", str(out), "--data", str(data),
+                               "--settings", "centralized", "--rounds", "2"])
+    with pytest.raises(CommandError, match="another budget"):
+        other.func(other)
+    assert (out / "centralized-s0.json").stat().st_mtime_ns == mtime
+
+
+def test_dp_runs_may_use_their_own_batch_at_the_same_crop_budget():
+    from napari_feddp.experiments.runner import Budget
+
+    shared = Budget()
+    dp = Budget(dp_batch_size=16, dp_local_steps=5).for_sample_dp()
+    assert (dp.batch_size, dp.local_steps) == (16, 5)
+    assert dp.total_steps * dp.batch_size == shared.total_steps * shared.batch_size
+    assert Budget().for_sample_dp() == Budget()

@@ -18,6 +18,10 @@ def add_parser(subparsers) -> None:
     run_p.add_argument("--scratch", help="where hospital patches are written (default: OUT/hospitals)")
     run_p.add_argument("--rounds", type=int, help="override the federated rounds")
     run_p.add_argument("--local-steps", type=int, help="override the local steps per round")
+    run_p.add_argument("--dp-batch-size", type=int,
+                       help="batch size of the sample-level DP runs (default: the shared batch size)")
+    run_p.add_argument("--dp-local-steps", type=int,
+                       help="local steps per round of the sample-level DP runs (default: the shared value)")
     run_p.add_argument("--rerun", action="store_true",
                        help="run again (setting, seed) pairs whose JSON is already in --out (default: keep them)")
     run_p.add_argument("--round-eval", type=int, default=None,
@@ -46,14 +50,21 @@ def run(args) -> int:
         budget = replace(budget, rounds=args.rounds)
     if args.local_steps:
         budget = replace(budget, local_steps=args.local_steps)
+    if args.dp_batch_size:
+        budget = replace(budget, dp_batch_size=args.dp_batch_size)
+    if args.dp_local_steps:
+        budget = replace(budget, dp_local_steps=args.dp_local_steps)
     if args.round_eval:
         from ..experiments.runner import _find_data
 
         root = Path(args.data) if args.data else _find_data()
         names = sorted(p.stem for p in (root / "test" / "images").iterdir())[: args.round_eval]
         budget = replace(budget, round_eval_names=tuple(names))
-    records = run_grid(args.out, settings=args.settings, seeds=args.seeds, quick=args.quick, budget=budget,
-                       data=args.data, scratch=args.scratch, rerun=args.rerun)
+    try:
+        records = run_grid(args.out, settings=args.settings, seeds=args.seeds, quick=args.quick, budget=budget,
+                           data=args.data, scratch=args.scratch, rerun=args.rerun)
+    except ValueError as exc:  # a finished run in --out made with another budget
+        raise CommandError(str(exc)) from exc
     print(f"{len(records)} run(s); table: {Path(args.out) / 'table.md'}")
     print((Path(args.out) / "table.md").read_text())
     return 0

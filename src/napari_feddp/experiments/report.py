@@ -98,20 +98,24 @@ def plot_rounds(grouped: dict[str, list[dict[str, Any]]], out: str | os.PathLike
         fig, ax = plt.subplots(figsize=(5, 3.5))
         drawn = False
         for setting, records in grouped.items():
-            rounds = records[0].get("rounds")
-            if not rounds:
+            # Mean over seeds per round; with several seeds a band shows their range.
+            per_round: dict[int, list[float]] = {}
+            for record in records:
+                for entry in record.get("rounds") or []:
+                    value = entry.get("test_subset", {}).get("dice") if metric == "dice" else entry.get("epsilon")
+                    if value is not None and math.isfinite(value):
+                        per_round.setdefault(int(entry["round"]), []).append(float(value))
+            if not per_round:
                 continue
-            xs, ys = [], []
-            for entry in rounds:
-                value = entry.get("test_subset", {}).get("dice") if metric == "dice" else entry.get("epsilon")
-                if value is not None and math.isfinite(value):
-                    xs.append(entry["round"])
-                    ys.append(value)
-            if xs:
-                ax.plot(xs, ys, marker="o", label=LABELS.get(setting, setting))
-                drawn = True
-            if metric == "dice" and records[0].get("dice") is not None and xs:
-                pass
+            xs = sorted(per_round)
+            means = [sum(per_round[x]) / len(per_round[x]) for x in xs]
+            seeds = max(len(v) for v in per_round.values())
+            label = LABELS.get(setting, setting) + (f" (mean of {seeds} seeds)" if seeds > 1 else "")
+            (line,) = ax.plot(xs, means, marker="o", label=label)
+            if seeds > 1:
+                ax.fill_between(xs, [min(per_round[x]) for x in xs], [max(per_round[x]) for x in xs],
+                                color=line.get_color(), alpha=0.15, linewidth=0)
+            drawn = True
         if not drawn:
             plt.close(fig)
             continue

@@ -56,6 +56,16 @@ class Budget:
     test_names: tuple[str, ...] | None = None
     round_eval_names: tuple[str, ...] | None = None
     timeout: float = 5400.0
+    #: Sample-level DP runs only: batch size and local steps per round, at the same number of
+    #: training crops (``batch_size * local_steps``); None keeps the shared values. DP-SGD
+    #: gains from larger batches: the noise on the mean gradient is sigma * C / batch.
+    dp_batch_size: int | None = None
+    dp_local_steps: int | None = None
+
+    def for_sample_dp(self) -> Budget:
+        """The budget a sample-level DP run uses (its own batch and local steps, if set)."""
+        return replace(self, batch_size=self.dp_batch_size or self.batch_size,
+                       local_steps=self.dp_local_steps or self.local_steps)
 
     @property
     def total_steps(self) -> int:
@@ -203,6 +213,9 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
         dp_mode, noise, update_noise, eps_budget = "none", 1.0, 0.0, 0.0
         if setting in DP_EPSILONS:
             dp_mode, eps_budget = "sample", DP_EPSILONS[setting]
+            budget = budget.for_sample_dp()
+            record.update(total_steps=budget.total_steps, examples_seen=budget.total_steps * budget.batch_size,
+                          dp_batch_size=budget.batch_size, dp_local_steps=budget.local_steps)
             noise = noise_for_epsilon(eps_budget, min(n_examples.values()), budget)
         elif setting == "feddp-update":
             # "Comparable noise": the eps-8 sample-level noise multiplier, applied to the
@@ -270,7 +283,10 @@ def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds
             done = out / f"{setting}-s{seed}.json"
             if done.is_file() and not rerun:
                 record = json.loads(done.read_text())
-                if record.get("budget") != json.loads(json.dumps(_budget_dict(budget))):
+                wanted = json.loads(json.dumps(_budget_dict(budget)))
+                # Fields added later with a None default do not make an older record different.
+                wanted = {k: v for k, v in wanted.items() if k in record.get("budget", {}) or v is not None}
+                if record.get("budget") != wanted:
                     raise ValueError(
                         f"{done} was made with another budget; use another --out, or --rerun to replace it")
                 print(f"== {setting} (seed {seed}): kept {done.name}, Dice {record['dice']:.4f}", flush=True)
