@@ -24,7 +24,11 @@ Reconstructions are scored with PSNR and SSIM against the true crops in [0, 1]
 RGB after optimal matching (:func:`napari_feddp.audit.score_reconstructions`).
 References scored the same way, with the same crops:
 
-* ``noise_baseline`` - the attack's random starting images (asked for by the audit);
+* ``noise_baseline`` - the attack's starting images, scored the same way (asked for by
+  the audit). With ``--start mean-colour`` (default) the start is the public mean H&E
+  colour: the best guess the attacker has without the update, so "no better than the
+  baseline" means "the update taught the attacker nothing". ``--start noise`` uses
+  Geiping et al.'s standard-normal start, which the attack's TV prior alone improves on;
 * ``prior_only`` - the same attack, same start, against an update that holds no
   information about the crops (pure Gaussian noise): what the attack's TV prior
   and the known masks produce on their own. A DP reconstruction that scores like
@@ -85,8 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="client's local optimizer: sgd (update = gradient, the threat model of the audit) "
                              "or adam (what default_train uses; first step ~ lr * sign(gradient))")
     parser.add_argument("--start", choices=("mean-colour", "noise"), default="mean-colour",
-                        help="attack start: the public mean H&E colour with faint noise (the attacker's best "
-                        "guess without the update; default) or Geiping et al.'s random noise")
+                        help="attack start: the public mean H&E colour (the attacker's best guess without "
+                        "the update; default) or Geiping et al.'s random noise")
     parser.add_argument("--seed", type=int, default=0, help="model init, crop choice, DP noise, attack start")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1 is ~10x faster than 2 for this workload on a "
@@ -169,8 +173,9 @@ def attack_batch(model, card, settings: RunSettings, batch: int, iterations: int
     colours = public_colours(args.data)
     start01 = None
     if args.start == "mean-colour":
-        jitter = torch.Generator().manual_seed(args.seed + 11)
-        start01 = (colours["all"].reshape(1, 3, 1, 1) + 0.02 * torch.randn(images.shape, generator=jitter)).clamp(0, 1)
+        # Exactly the public mean colour: the start is then the "mean colour" guess, and the
+        # noise-only baseline scores what the attacker knows before seeing the update.
+        start01 = colours["all"].reshape(1, 3, 1, 1).expand(images.shape).clone()
     out: dict = {"batch_size": batch, "iterations": iterations, "crops": sources,
                  "client_update_seconds": round(client_seconds, 2), "attacks": {}}
     recon = {}
@@ -275,6 +280,9 @@ def summarise(args, settings: RunSettings, runs: list[dict], n_params: int, seco
                         "(Poisson sample rate 1), DiceCELoss"),
         "dp": (f"Opacus make_private via train_local: dp_mode=sample, noise_multiplier="
                f"{settings.noise_multiplier}, max_grad_norm={settings.max_grad_norm}, expected batch B"),
+        "start": ("the public mean colour of the MoNuSeg test split (what the attacker knows without the "
+                  "update); psnr/ssim_noise_baseline score this start" if args.start == "mean-colour" else
+                  "standard-normal noise in normalised input space (Geiping et al.)"),
         "attack": (f"cosine gradient matching + TV (weight {args.tv}), Adam lr 0.1 on signed gradients, "
                    f"step decay x0.1 at 3/8, 5/8, 7/8, boxed to [0, 1], known masks, restarts={args.restarts}"),
         "iterations": dict(zip(map(str, args.batch_sizes), args.iterations)),
@@ -305,7 +313,7 @@ def _jsonable(value):
 # --------------------------------------------------------------------------- figure
 
 
-def save_figure(runs: list[dict], path: Path) -> None:
+def save_figure(runs: list[dict], path: Path, start: str = "noise") -> None:
     """Originals, no-DP, DP, prior-only control and attack start; one column per crop."""
     import matplotlib
 
@@ -313,7 +321,7 @@ def save_figure(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [("original", "original"), ("no_dp", "no DP"), ("dp", "DP (FedDP defaults)"),
-            ("prior_only", "control: no-information update"), ("start", "attack start (noise)")]
+            ("prior_only", "control: no-information update"), ("start", f"attack start ({start.replace('-', ' ')})")]
     columns = [(run, i) for run in runs for i in range(run["batch_size"])]
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(1.35 * len(columns) + 0.9, 1.5 * len(rows)),
                              squeeze=False)
@@ -369,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
         first_tile += batch  # distinct tiles for every crop
     result = summarise(args, settings, runs, n_params, time.perf_counter() - started)
     if args.figure is not None:
-        save_figure(runs, args.figure)
+        save_figure(runs, args.figure, args.start)
     text = json.dumps(_jsonable(result), indent=2)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

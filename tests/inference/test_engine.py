@@ -41,9 +41,10 @@ def _run(image, model, spec=SPEC, **kwargs) -> SegmentationResult:
 # ----------------------------------------------------------------- equality with direct prediction
 
 
-def test_pointwise_model_equals_direct_prediction_exactly(cmu_crop):
+@pytest.mark.parametrize("num_workers", [None, 0, 3])
+def test_pointwise_model_equals_direct_prediction_exactly(cmu_crop, num_workers):
     model = PixelNet()
-    result = _run(cmu_crop, model, tissue=False, overlap=0.25)
+    result = _run(cmu_crop, model, tissue=False, overlap=0.25, num_workers=num_workers)
     direct = direct_prediction(model, cmu_crop).argmax(0)
     assert result.complete and result.labels.shape == cmu_crop.shape[:2]
     assert np.bincount(direct.ravel(), minlength=3).min() > 0  # all three classes occur
@@ -348,7 +349,7 @@ def test_bad_images(image, message):
         ({"tissue": "yes"}, "tissue: expected"),
         ({"tissue": np.zeros((8, 8), bool)}, "mask is empty"),
         ({"mpp": -1.0}, "mpp: expected a positive number"),
-        ({"num_workers": 0}, "num_workers"),
+        ({"num_workers": -1}, "num_workers"),
     ],
 )
 def test_bad_arguments(half_tissue, kwargs, message):

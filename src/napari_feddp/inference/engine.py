@@ -35,6 +35,7 @@ import torch
 import zarr
 
 from ..slides._pyramid import lazy_pyramid
+from ._malloc import keep_freed_memory
 from ._output import ChunkWriter, create_output
 from ._reader import TileReader
 from ._source import ImageSource, as_source
@@ -262,7 +263,7 @@ def segment_slide(
     _check_int("batch_size", batch_size, 1)
     _check_int("prefetch_batches", prefetch_batches, 0)
     if num_workers is not None:
-        _check_int("num_workers", num_workers, 1)
+        _check_int("num_workers", num_workers, 0)
     if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap <= MAX_OVERLAP:
         raise InferenceError(f"overlap: expected a fraction of the tile in [0, {MAX_OVERLAP}], received {overlap!r}")
     if window not in WINDOWS:
@@ -272,6 +273,8 @@ def segment_slide(
     clipped = _check_region(region, source.shape)
     tissue_arg = _check_tissue(tissue, source.shape)
     chosen_device = select_device(device)
+    if chosen_device.type == "cpu":
+        keep_freed_memory()  # glibc: reuse activation pages instead of faulting fresh ones in
     if num_workers is None:
         num_workers = 1 if chosen_device.type == "cpu" else min(4, os.cpu_count() or 1)
     run = _Run(
@@ -501,13 +504,17 @@ class _Run:
         was_training = self.model.training
         self.model.eval()
         self.model.to(device)
-        executor = ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="feddp-tiles")
+        executor = (ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="feddp-tiles")
+                    if self.num_workers > 0 else _InlineExecutor())
         queue: deque[list[Future]] = deque()
 
         def submit(index: int) -> None:
             queue.append([executor.submit(reader, *plan.origin(i, j)) for i, j in batches[index]])
 
-        pending: tuple | None = None  # batch whose probabilities are still on their way
+        # Blending, labelling and writing batch k run on their own thread while the model
+        # predicts batch k + 1 (torch and numpy release the GIL); one batch in flight at most.
+        blend_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feddp-blend")
+        blending: Future | None = None
         try:
             for index in range(min(self.prefetch_batches + 1, len(batches))):
                 submit(index)
@@ -521,19 +528,20 @@ class _Run:
                 pixels = np.stack([future.result() for future in futures])
                 weighted = self._forward(pixels, scale, shift, weights(batch))
                 host, event = self._to_host(weighted)
-                if pending is not None:
-                    self._blend(state, *pending)
+                if blending is not None:
+                    blending.result()  # re-raises a failed blend or write here
                     yield state.done
-                pending = (batch, host, event)
-            if pending is not None:
+                blending = blend_pool.submit(self._blend, state, batch, host, event)
+            if blending is not None:
+                blending.result()
                 if self.is_cancelled():
                     yield None
                     return
-                self._blend(state, *pending)
             state.blender.finish()
             state.writer.flush_all()
             yield state.done
         finally:
+            blend_pool.shutdown(wait=True)  # a cancelled run's partial labels stay consistent
             executor.shutdown(wait=True, cancel_futures=True)
             self.model.train(was_training)
 
@@ -547,8 +555,8 @@ class _Run:
             batch = batch.pin_memory()
         with torch.inference_mode():
             # uint8 crosses to the device (4x less than float), is normalised there, in place.
-            batch = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-            batch.mul_(scale).add_(shift)
+            batch = batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
+            batch = torch.addcmul(shift, batch.float(), scale)  # (x / 255 - mean) / std
             with autocast(device, self.mixed_precision):
                 logits = self.model(batch)
             self._check_output(logits, len(pixels))
@@ -624,8 +632,12 @@ class _Run:
 
     def _finalise(self, state: _State, y0: int, x0: int, acc: np.ndarray) -> None:
         """Turn finished accumulator rows into labels and hand them to the writer."""
-        labels = acc.argmax(axis=0).astype(state.labels.dtype)
-        keep = acc.sum(axis=0) > 0
+        if len(acc) == 2:  # the common binary case, without argmax over a 2-long axis
+            labels = (acc[1] > acc[0]).astype(state.labels.dtype)
+            keep = (acc[0] + acc[1]) > 0
+        else:
+            labels = acc.argmax(axis=0).astype(state.labels.dtype)
+            keep = acc.sum(axis=0) > 0
         h, w = labels.shape
         window = state.plan.window
         if window is not None:
@@ -667,6 +679,21 @@ class _Run:
             elapsed_seconds=elapsed,
             _tempdir=state.tempdir,
         )
+
+
+class _InlineExecutor:
+    """``num_workers=0``: read each tile in the calling thread, between forward passes."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by future.result(), as a thread would
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        del wait, cancel_futures
 
 
 @dataclass
