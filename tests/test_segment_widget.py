@@ -29,7 +29,7 @@ def test_run_adds_aligned_labels_layer(qtbot, widget_with_slide):
     worker = widget.run()
     assert worker is not None and widget.cancel_button.enabled
     # The GUI thread stays live while the worker runs: camera changes are processed.
-    viewer.camera.zoom *= 1.5
+    viewer.scene.camera.zoom *= 1.5
     with qtbot.waitSignal(worker.finished, timeout=120_000):
         pass
     labels = viewer.layers[-1]
@@ -60,8 +60,8 @@ def test_cancel_adds_no_result(qtbot, widget_with_slide):
 
 def test_current_view_region(qtbot, widget_with_slide):
     viewer, widget = widget_with_slide
-    viewer.camera.center = (0, 1200 * 0.499, 1100 * 0.499)
-    viewer.camera.zoom = viewer.camera.zoom * 6
+    viewer.scene.camera.center = (0, 1200 * 0.499, 1100 * 0.499)
+    viewer.scene.camera.zoom = viewer.scene.camera.zoom * 6
     widget.region.value = "current view"
     worker = widget.run()
     with qtbot.waitSignal(worker.finished, timeout=120_000):

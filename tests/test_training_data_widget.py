@@ -38,8 +38,8 @@ def test_widget_adds_current_view(make_napari_viewer, cmu1_path, tmp_path, qtbot
     painted = np.zeros(image.data[0].shape[:2], np.int32)
     painted[1300:1340, 1000:1050] = 7  # an instance id painted with the brush
     viewer.add_labels(painted, scale=image.scale, name="corrected")
-    viewer.camera.center = (0, 1320 * 0.499, 1025 * 0.499)
-    viewer.camera.zoom *= 8
+    viewer.scene.camera.center = (0, 1320 * 0.499, 1025 * 0.499)
+    viewer.scene.camera.zoom *= 8
     qtbot.waitUntil(lambda: np.ptp(image.corner_pixels[:, 0]) * image.downsample_factors[image.data_level][0]
                     < 2048, timeout=10_000)
     widget = TrainingDataWidget(viewer)

@@ -30,7 +30,7 @@ def build_viewer(show: bool):
     viewer.open(str(sample_slide_path()), plugin="napari-feddp")
     for name in WIDGETS:
         viewer.window.add_plugin_dock_widget("napari-feddp", name)
-    viewer.scale_bar.visible = True  # the layer is in micrometres: the bar says so
+    viewer.canvas.overlays.scale_bar.visible = True  # the layer is in micrometres: the bar says so
     viewer.reset_view()
     return viewer
 
@@ -97,8 +97,8 @@ def run_headless(out_dir: Path) -> Path:
         target = out_dir / ("overlay.png" if result is not None else "slide-canvas.png")
         imsave(target, viewer.screenshot(canvas_only=True, flash=False), check_contrast=False)
         if result is not None:  # a close-up where individual nuclei are visible
-            viewer.camera.center = (0, 1400 * layer.scale[0], 1100 * layer.scale[1])
-            viewer.camera.zoom *= 6
+            viewer.scene.camera.center = (0, 1400 * layer.scale[0], 1100 * layer.scale[1])
+            viewer.scene.camera.zoom *= 6
             for _ in range(20):
                 QApplication.processEvents()
             imsave(out_dir / "overlay-zoom.png", viewer.screenshot(canvas_only=True, flash=False),
