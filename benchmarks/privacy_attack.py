@@ -321,7 +321,7 @@ def save_figure(runs: list[dict], path: Path, start: str = "noise") -> None:
     import matplotlib.pyplot as plt
 
     rows = [("original", "original"), ("no_dp", "no DP"), ("dp", "DP (FedDP defaults)"),
-            ("prior_only", "control: no-information update"), ("start", f"attack start ({start.replace('-', ' ')})")]
+            ("prior_only", "control: no-info update"), ("start", f"start: {start.replace('-', ' ')}")]
     columns = [(run, i) for run in runs for i in range(run["batch_size"])]
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(1.35 * len(columns) + 0.9, 1.5 * len(rows)),
                              squeeze=False)
