@@ -103,12 +103,22 @@ def test_sigterm_to_the_launcher_reaches_the_child(warm, tmp_path):
     assert popen.poll() is None
     children_before = _children(_proc.pid)
     assert children_before, "no forked ClientApp child"
+    # The forked child names itself like the process it replaces.
+    with open(f"/proc/{children_before[0]}/comm") as fh:
+        assert fh.read().strip() == "flwr-clientapp"
     popen.send_signal(signal.SIGTERM)
     popen.wait(30)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and any(_alive(pid) for pid in children_before):
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in children_before)
+
+
+def test_sigterm_ends_the_parent_and_removes_its_socket(warm):
+    w, _launcher, proc = warm
+    proc.popen.send_signal(signal.SIGTERM)
+    assert proc.popen.wait(30) == 0
+    assert not w.socket_path.exists()
 
 
 def test_without_a_warm_parent_the_launcher_starts_the_real_clientapp(tmp_path):

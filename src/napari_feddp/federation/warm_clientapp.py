@@ -164,6 +164,9 @@ def serve(socket_path: Path, preload: tuple[str, ...] = PRELOAD) -> int:
     sys.stderr.flush()
     # Children are reaped by the kernel; the parent never waits for them.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    # SIGTERM (from SuperNodeProcess.stop or a parent-death signal) ends the loop through
+    # ``finally``, so the socket file goes away with the process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
     socket_path = Path(socket_path)
     tmp = socket_path.with_name(socket_path.name + ".tmp")
@@ -225,6 +228,7 @@ def _run_child(conn: socket.socket) -> int:
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
         sys.argv = ["flwr-clientapp", *request["argv"]]
+        _set_process_name(b"flwr-clientapp")
         conn.sendall(f"pid {os.getpid()}\n".encode())
     except Exception:  # noqa: BLE001 - the launcher falls back to a cold start
         return 70
@@ -235,6 +239,16 @@ def _run_child(conn: socket.socket) -> int:
     with contextlib.suppress(OSError):
         conn.sendall(f"exit {code}\n".encode())
     return code
+
+
+def _set_process_name(name: bytes) -> None:
+    """Show the child as ``flwr-clientapp`` in ``ps -o comm``/``top`` (Linux; best effort)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
 
 
 def _run_clientapp_main() -> int:
