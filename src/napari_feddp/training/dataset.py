@@ -433,11 +433,12 @@ class SegmentationDataset(Dataset):
         return image, mask
 
     def _to_tensors(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        # New float32 / int64 arrays (one conversion each): torch never shares a read-only buffer.
+        pixels = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).div_(255.0)
         if self.normalization is not None:
             mean, std = self.normalization
             pixels = (pixels - mean) / std
-        return pixels.contiguous(), torch.from_numpy(np.ascontiguousarray(mask)).long()
+        return pixels.contiguous(), torch.from_numpy(np.array(mask, dtype=np.int64))
 
 
 def crop_with_padding(
