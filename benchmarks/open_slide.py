@@ -196,6 +196,7 @@ def worker_regions(path: str, reads: int, rounds: int, seed: int) -> dict:
     import numpy as np
     import openslide
 
+    from napari_feddp._reader import slide_layer_data
     from napari_feddp.slides import _open, open_slide
 
     load_into_page_cache(Path(path))
@@ -215,8 +216,6 @@ def worker_regions(path: str, reads: int, rounds: int, seed: int) -> dict:
             slide = open_slide(path)
         finally:
             _open.TILE_CACHE_BYTES = default_cache
-        from napari_feddp._reader import slide_layer_data
-
         data = slide_layer_data(slide)[0]  # exactly what napari gets
         level0 = data[0] if isinstance(data, list) else data
         times, out = [], []

@@ -155,7 +155,8 @@ def public_colours(data_dir: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- one batch size
 
 
-def attack_batch(model, card, settings: RunSettings, batch: int, iterations: int, args, first_tile: int) -> dict:
+def attack_batch(model, card, settings: RunSettings, batch: int, iterations: int, args, first_tile: int,
+                 colours: dict[str, torch.Tensor]) -> dict:
     normalization = (card.input.normalization.mean, card.input.normalization.std)
     images, masks, sources = pick_crops(args.data, batch, args.crop, first_tile=first_tile, seed=args.seed)
     common = {"normalization": normalization, "lr": settings.learning_rate, "optimizer": args.optimizer, "seed": args.seed}
@@ -170,7 +171,6 @@ def attack_batch(model, card, settings: RunSettings, batch: int, iterations: int
     updates["prior_only"] = {name: torch.randn(v.shape, generator=generator) for name, v in updates["dp"].items()}
 
     config = AttackConfig(iterations=iterations, tv_weight=args.tv, restarts=args.restarts, seed=args.seed)
-    colours = public_colours(args.data)
     start01 = None
     if args.start == "mean-colour":
         # Exactly the public mean colour: the start is then the "mean colour" guess, and the
@@ -371,9 +371,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(card)
     n_params = sum(p.numel() for p in model.parameters())
+    colours = public_colours(args.data)  # the start and the no-attack references, for every B
     runs, first_tile = [], 0
     for batch, iterations in zip(args.batch_sizes, args.iterations):
-        runs.append(attack_batch(model, card, settings, batch, iterations, args, first_tile))
+        runs.append(attack_batch(model, card, settings, batch, iterations, args, first_tile, colours))
         first_tile += batch  # distinct tiles for every crop
     result = summarise(args, settings, runs, n_params, time.perf_counter() - started)
     if args.figure is not None:

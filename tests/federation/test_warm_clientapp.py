@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from napari_feddp.federation.processes import ManagedProcess, SuperNodeProcess, flower_env
+from napari_feddp.federation.processes import ManagedProcess, SuperNodeProcess, _pid_alive, descendants, flower_env
 from napari_feddp.federation.warm_clientapp import SOCKET_ENV, WarmClientApp
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork server is Linux-only")
@@ -101,7 +101,7 @@ def test_sigterm_to_the_launcher_reaches_the_child(warm, tmp_path):
     )
     time.sleep(2.0)
     assert popen.poll() is None
-    children_before = _children(_proc.pid)
+    children_before = descendants(_proc.pid)
     assert children_before, "no forked ClientApp child"
     # The forked child names itself like the process it replaces.
     with open(f"/proc/{children_before[0]}/comm") as fh:
@@ -109,9 +109,9 @@ def test_sigterm_to_the_launcher_reaches_the_child(warm, tmp_path):
     popen.send_signal(signal.SIGTERM)
     popen.wait(30)
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(_alive(pid) for pid in children_before):
+    while time.monotonic() < deadline and any(_pid_alive(pid) for pid in children_before):
         time.sleep(0.1)
-    assert not any(_alive(pid) for pid in children_before)
+    assert not any(_pid_alive(pid) for pid in children_before)
 
 
 def test_sigterm_ends_the_parent_and_removes_its_socket(warm):
@@ -160,17 +160,3 @@ def test_supernode_runs_with_a_warm_parent_and_cleans_it_up(tmp_path):
         node.stop(5)
     assert node.warm_process is None
     assert not warm_dir.exists()
-
-
-def _children(pid: int) -> list[int]:
-    from napari_feddp.federation.processes import descendants
-
-    return descendants(pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -193,9 +193,14 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
     work = out / "runs" / f"{setting}-s{seed}"
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    record: dict[str, Any] = {"setting": setting, "seed": seed, "budget": _budget_dict(budget),
+    shared = budget  # recorded: the grid's budget, which kept runs are compared against
+    if setting in DP_EPSILONS:
+        budget = budget.for_sample_dp()
+    record: dict[str, Any] = {"setting": setting, "seed": seed, "budget": _budget_dict(shared),
                               "total_steps": budget.total_steps,
                               "examples_seen": budget.total_steps * budget.batch_size}
+    if setting in DP_EPSILONS:
+        record.update(dp_batch_size=budget.batch_size, dp_local_steps=budget.local_steps)
     n_examples = {h: len(os.listdir(folders[h] / "images")) for h in budget.hospitals}
     if setting == "centralized":
         ckpt = train_direct(folders["pooled"], budget.total_steps, budget, seed, work, "centralized")
@@ -213,9 +218,6 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
         dp_mode, noise, update_noise, eps_budget = "none", 1.0, 0.0, 0.0
         if setting in DP_EPSILONS:
             dp_mode, eps_budget = "sample", DP_EPSILONS[setting]
-            budget = budget.for_sample_dp()
-            record.update(total_steps=budget.total_steps, examples_seen=budget.total_steps * budget.batch_size,
-                          dp_batch_size=budget.batch_size, dp_local_steps=budget.local_steps)
             noise = noise_for_epsilon(eps_budget, min(n_examples.values()), budget)
         elif setting == "feddp-update":
             # "Comparable noise": the eps-8 sample-level noise multiplier, applied to the
@@ -278,15 +280,15 @@ def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds
                                 target_mpp=budget.mpp, grid=budget.grid, max_tiles=budget.max_tiles)
     chosen = settings or (["centralized", "fedavg", "feddp-eps8"] if quick else list(SETTINGS))
     records = []
+    wanted = json.loads(json.dumps(_budget_dict(budget)))  # as a kept record holds it
     for seed in range(seeds):
         for setting in chosen:
             done = out / f"{setting}-s{seed}.json"
             if done.is_file() and not rerun:
                 record = json.loads(done.read_text())
-                wanted = json.loads(json.dumps(_budget_dict(budget)))
+                kept = record.get("budget", {})
                 # Fields added later with a None default do not make an older record different.
-                wanted = {k: v for k, v in wanted.items() if k in record.get("budget", {}) or v is not None}
-                if record.get("budget") != wanted:
+                if kept != {k: v for k, v in wanted.items() if k in kept or v is not None}:
                     raise ValueError(
                         f"{done} was made with another budget; use another --out, or --rerun to replace it")
                 print(f"== {setting} (seed {seed}): kept {done.name}, Dice {record['dice']:.4f}", flush=True)

@@ -33,6 +33,10 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .warm_clientapp import WarmClientApp
 
 LOOPBACK = "127.0.0.1"
 
@@ -729,7 +733,7 @@ class SuperNodeProcess:
     runtime_port: int | None = field(default=None, init=False)
     node_id: int | None = field(default=None, init=False)
     warm_process: ManagedProcess | None = field(default=None, init=False, repr=False)
-    _warm: object | None = field(default=None, init=False, repr=False)
+    _warm: WarmClientApp | None = field(default=None, init=False, repr=False)
 
     def start(self, wait: bool = True) -> SuperNodeProcess:
         """Start; with ``wait`` block until the SuperLink accepted the node.

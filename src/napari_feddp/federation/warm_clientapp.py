@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -97,7 +98,7 @@ sys.exit(int(last[1]) if len(last) == 2 and last[0] == b"exit" else 1)
 
 @dataclass
 class WarmClientApp:
-    """Files of one warm ClientApp parent: socket, launcher directory, log."""
+    """Files of one warm ClientApp parent: its socket and the launcher's directory."""
 
     directory: Path
 
@@ -114,10 +115,6 @@ class WarmClientApp:
     def bin_dir(self) -> Path:
         """Put first on the SuperNode's ``PATH``."""
         return self.directory / "bin"
-
-    @property
-    def log_path(self) -> Path:
-        return self.directory / "warm-parent.log"
 
     def write_launcher(self, real_clientapp: str) -> Path:
         """Write the ``flwr-clientapp`` launcher that talks to the warm parent."""
@@ -142,9 +139,7 @@ class WarmClientApp:
         return self.socket_path.exists()
 
     def cleanup(self) -> None:
-        """Remove the directory (socket, launcher, log)."""
-        import shutil
-
+        """Remove the directory (socket, launcher)."""
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

@@ -26,8 +26,8 @@ class ImageSource:
         Micrometres per level-0 pixel.
     region_levels : list of array-like or None
         Same pixels as ``levels``, cheaper to slice for small regions (a
-        slide's zarr arrays, see :attr:`~napari_feddp.slides.Slide.region_arrays`);
-        tiles are read from these when given.
+        slide's :attr:`~napari_feddp.slides.Slide.layer_levels`: zarr where the
+        file stores the level); tiles are read from these when given.
     """
 
     levels: list[Any]
@@ -75,15 +75,14 @@ def as_source(image: Any, mpp: float | tuple[float, float] | None = None) -> Ima
             raise InferenceError(f"image: expected an RGB slide, received a slide of kind {kind!r}")
         arrays = [_check_rgb(level, f"slide level {i}") for i, level in enumerate(levels)]
         downsamples = [(float(d[0]), float(d[1])) for d in image.downsamples]
-        direct = getattr(image, "region_arrays", None)
         if getattr(image, "pyramid_in_file", True) is False:
             # Coarser levels are computed on the fly from level 0, chunk by chunk;
             # reading level 0 and resizing each tile once is cheaper than
             # recomputing those chunks for every overlapping tile.
             arrays, downsamples = arrays[:1], downsamples[:1]
-            direct = list(direct[:1]) if direct else None
-        if direct is not None and [tuple(a.shape) for a in direct] != [tuple(a.shape) for a in arrays]:
-            direct = None
+        # A Slide's layer_levels hold the same pixels as its levels, as zarr where stored.
+        layer_levels = getattr(image, "layer_levels", None)
+        direct = list(layer_levels[: len(arrays)]) if layer_levels is not None else None
         return ImageSource(arrays, downsamples, override or _check_mpp(getattr(image, "mpp", None)), direct)
     return ImageSource([_check_rgb(image, "image")], [(1.0, 1.0)], override)
 
