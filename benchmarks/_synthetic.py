@@ -131,6 +131,23 @@ def _tile_stream(shape: tuple[int, int], pool: list[bytes], seed: int) -> Iterat
             yield pool[index]
 
 
+def jpeg_level_options(level: int, n_levels: int, tile: int = TILE) -> dict:
+    """``TiffWriter.write`` options of pyramid level ``level`` of ``n_levels``: JPEG tiles,
+    coarser levels as SubIFDs of level 0, resolution in pixels per cm at :data:`MPP` x 2**level."""
+    per_cm = 1e4 / MPP / 2**level
+    return {
+        "tile": (tile, tile),
+        "compression": "jpeg",
+        "photometric": "rgb",
+        "subsampling": (2, 2),
+        "subifds": n_levels - 1 if level == 0 else None,
+        "subfiletype": 1 if level else 0,
+        "resolution": (per_cm, per_cm),
+        "resolutionunit": "CENTIMETER",
+        "metadata": None,
+    }
+
+
 def pyramidal_jpeg_tiff(side: int, *, path: Path | None = None, verbose: bool = True) -> Path:
     """Return a cached ``side`` x ``side`` pyramidal JPEG TIFF of real tissue."""
     path = Path(path) if path else cache_dir() / f"synthetic-{side}-jpeg-v{FORMAT_VERSION}.tif"
@@ -143,7 +160,6 @@ def pyramidal_jpeg_tiff(side: int, *, path: Path | None = None, verbose: bool = 
     for scale in (1, 2, 4):
         pools[scale] = [encode_jpeg(t) for t in tissue_tiles(scale)]
     tmp = path.with_suffix(".tmp")
-    resolution = (1e4 / MPP, 1e4 / MPP)  # pixels per centimetre
     with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
         for level, shape in enumerate(shapes):
             pool = pools[min(2**level, 4)]
@@ -151,15 +167,7 @@ def pyramidal_jpeg_tiff(side: int, *, path: Path | None = None, verbose: bool = 
                 _tile_stream(shape, pool, seed=level),
                 shape=(*shape, 3),
                 dtype=np.uint8,
-                tile=(TILE, TILE),
-                compression="jpeg",
-                photometric="rgb",
-                subsampling=(2, 2),
-                subifds=len(shapes) - 1 if level == 0 else None,
-                subfiletype=1 if level else 0,
-                resolution=(resolution[1] / 2**level, resolution[0] / 2**level),
-                resolutionunit="CENTIMETER",
-                metadata=None,
+                **jpeg_level_options(level, len(shapes)),
                 software="napari-feddp benchmarks/_synthetic.py",
             )
     tmp.replace(path)

@@ -189,22 +189,10 @@ def _write_pyramid(path: Path, image: np.ndarray) -> None:
     levels = [image]
     while max(levels[-1].shape[:2]) > _synthetic.COARSEST_MAX_SIDE:
         levels.append(_synthetic._downscale(levels[-1], 2))
-    resolution = 1e4 / _synthetic.MPP
     tmp = path.with_suffix(".tmp")
     with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
         for level, data in enumerate(levels):
-            tw.write(
-                data,
-                tile=(256, 256),
-                compression="jpeg",
-                photometric="rgb",
-                subsampling=(2, 2),
-                subifds=len(levels) - 1 if level == 0 else None,
-                subfiletype=1 if level else 0,
-                resolution=(resolution / 2**level, resolution / 2**level),
-                resolutionunit="CENTIMETER",
-                metadata=None,
-            )
+            tw.write(data, **_synthetic.jpeg_level_options(level, len(levels), tile=256))
     tmp.replace(path)
 
 
@@ -228,7 +216,6 @@ def island_slide(side: int) -> Path:
     shapes = [(side, side)]
     while max(shapes[-1]) > _synthetic.COARSEST_MAX_SIDE:
         shapes.append(((shapes[-1][0] + 1) // 2, (shapes[-1][1] + 1) // 2))
-    resolution = 1e4 / _synthetic.MPP
     tmp = path.with_suffix(".tmp")
 
     def stream(level: int, shape: tuple[int, int]):
@@ -255,15 +242,7 @@ def island_slide(side: int) -> Path:
                 stream(level, shape),
                 shape=(*shape, 3),
                 dtype=np.uint8,
-                tile=(tile, tile),
-                compression="jpeg",
-                photometric="rgb",
-                subsampling=(2, 2),
-                subifds=len(shapes) - 1 if level == 0 else None,
-                subfiletype=1 if level else 0,
-                resolution=(resolution / 2**level, resolution / 2**level),
-                resolutionunit="CENTIMETER",
-                metadata=None,
+                **_synthetic.jpeg_level_options(level, len(shapes), tile=tile),
             )
     tmp.replace(path)
     return path
