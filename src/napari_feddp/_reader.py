@@ -88,7 +88,7 @@ def slide_layer_data(slide: Slide) -> LayerData:
         )
     levels = slide.layer_levels
     data = levels if len(levels) > 1 else levels[0]
-    kwargs["multiscale"] = len(slide.levels) > 1
+    kwargs["multiscale"] = len(levels) > 1
     if slide.kind == "labels":
         return (data, kwargs, "labels")
     kwargs["rgb"] = True
