@@ -67,6 +67,23 @@ def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
     with pytest.raises(CommandError, match="another budget"):
         other.func(other)
     assert (out / "centralized-s0.json").stat().st_mtime_ns == mtime
+    # The FedDP run ships as a default model with a card made from its record ...
+    from napari_feddp.models import load_checkpoint
+
+    bundle = parser.parse_args(["experiment", "bundle", "--record", str(out / "feddp-eps8-s0.json"),
+                                "--dest", str(tmp_path / "model" / "feddp-nuclei"), "--data", str(data)])
+    assert bundle.func(bundle) == 0
+    _, card = load_checkpoint(tmp_path / "model" / "feddp-nuclei.safetensors")
+    assert card.provenance.privacy.epsilon == pytest.approx(dp["epsilon"])
+    assert card.provenance.privacy.dp_mode == "sample" and card.provenance.federated_rounds == 1
+    assert "1 rounds x 2 local DP-SGD steps" in card.provenance.training_data
+    assert "CC BY-NC-SA 4.0" in card.provenance.license_note
+    assert set(card.metrics) == {f"{s}_{k}" for s in ("test", "subset3") for k in ("dice", "jaccard", "accuracy")}
+    # ... and a run without sample-level DP is refused.
+    refused = parser.parse_args(["experiment", "bundle", "--record", str(out / "centralized-s0.json"),
+                                 "--dest", str(tmp_path / "model" / "other"), "--data", str(data)])
+    with pytest.raises(CommandError, match="sample-level FedDP"):
+        refused.func(refused)
 
 
 def test_dp_runs_may_use_their_own_batch_at_the_same_crop_budget():

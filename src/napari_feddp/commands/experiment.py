@@ -1,4 +1,4 @@
-"""``napari-feddp experiment run|report``: centralized vs local vs FedAvg vs FedDP on MoNuSeg."""
+"""``napari-feddp experiment run|report|bundle``: centralized vs local vs FedAvg vs FedDP on MoNuSeg."""
 
 from __future__ import annotations
 
@@ -30,6 +30,13 @@ def add_parser(subparsers) -> None:
     rep_p = sub.add_parser("report", help="rebuild table.md, summary.json and plots from an output folder")
     rep_p.add_argument("--out", required=True)
     rep_p.set_defaults(func=report)
+    bun_p = sub.add_parser("bundle", help="ship a FedDP run's model as the package's default model (with its card)")
+    bun_p.add_argument("--record", required=True, help="the run's JSON, e.g. runs/monuseg/feddp-eps8-s0.json")
+    bun_p.add_argument("--dest", default=None,
+                       help="checkpoint stem to write (default: src/napari_feddp/data/models/feddp-nuclei "
+                            "of this source tree)")
+    bun_p.add_argument("--data", help="MoNuSeg folder with test/ (default: $FEDDP_SHARED_DATA/monuseg)")
+    bun_p.set_defaults(func=bundle)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
@@ -67,6 +74,25 @@ def run(args) -> int:
         raise CommandError(str(exc)) from exc
     print(f"{len(records)} run(s); table: {Path(args.out) / 'table.md'}")
     print((Path(args.out) / "table.md").read_text())
+    return 0
+
+
+def bundle(args) -> int:
+    from pathlib import Path
+
+    from ..experiments.bundle import bundle_from_record
+    from ..models import read_card
+    from ..models.store import BUNDLED_STEM
+    from . import CommandError
+
+    dest = Path(args.dest) if args.dest else Path(__file__).resolve().parents[1] / "data" / "models" / BUNDLED_STEM
+    try:
+        path = bundle_from_record(args.record, dest, data=args.data)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CommandError(f"cannot bundle {args.record}: {exc}") from exc
+    card = read_card(path)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    print(", ".join(f"{k} {v:.4f}" for k, v in card.metrics.items()))
     return 0
 
 

@@ -38,7 +38,7 @@ DP_EPSILONS = {"feddp-eps1": 1.0, "feddp-eps3": 3.0, "feddp-eps8": 8.0}
 class Budget:
     """Model and compute budget shared by all settings."""
 
-    rounds: int = 5
+    rounds: int = 10
     local_steps: int = 10
     batch_size: int = 8
     crop_size: int = 128
