@@ -94,3 +94,16 @@ def test_dp_runs_may_use_their_own_batch_at_the_same_crop_budget():
     assert (dp.batch_size, dp.local_steps) == (16, 5)
     assert dp.total_steps * dp.batch_size == shared.total_steps * shared.batch_size
     assert Budget().for_sample_dp() == Budget()
+    assert Budget(dp_learning_rate=1e-3).for_sample_dp().learning_rate == 1e-3
+
+
+def test_dp_only_budget_fields_do_not_invalidate_non_dp_runs(tmp_path):
+    """A DP learning rate added to a grid keeps its FedAvg runs but not its FedDP runs."""
+    from dataclasses import asdict
+
+    from napari_feddp.experiments.runner import Budget, _relevant
+
+    old = json.loads(json.dumps({**asdict(Budget()), "hospitals": list(Budget().hospitals)}))
+    new = {**old, "dp_learning_rate": 1e-3}
+    assert _relevant(old, "fedavg") == _relevant(new, "fedavg")
+    assert _relevant(old, "feddp-eps8") != _relevant(new, "feddp-eps8")

@@ -22,6 +22,8 @@ def add_parser(subparsers) -> None:
                        help="batch size of the sample-level DP runs (default: the shared batch size)")
     run_p.add_argument("--dp-local-steps", type=int,
                        help="local steps per round of the sample-level DP runs (default: the shared value)")
+    run_p.add_argument("--dp-lr", type=float,
+                       help="Adam learning rate of the sample-level DP runs (default: the shared one)")
     run_p.add_argument("--rerun", action="store_true",
                        help="run again (setting, seed) pairs whose JSON is already in --out (default: keep them)")
     run_p.add_argument("--round-eval", type=int, default=None,
@@ -61,6 +63,10 @@ def run(args) -> int:
         budget = replace(budget, dp_batch_size=args.dp_batch_size)
     if args.dp_local_steps:
         budget = replace(budget, dp_local_steps=args.dp_local_steps)
+    if args.dp_lr:
+        if args.dp_lr <= 0:
+            raise CommandError("--dp-lr: expected a positive learning rate")
+        budget = replace(budget, dp_learning_rate=args.dp_lr)
     if args.round_eval:
         from ..experiments.runner import _find_data
 

@@ -73,7 +73,7 @@ def bundle_from_record(record_path: str | os.PathLike, dest: str | os.PathLike, 
         f"FedDP through Flower {len(budget['hospitals'])} SuperNodes, {budget['rounds']} rounds x "
         f"{record.get('dp_local_steps') or budget['local_steps']} local DP-SGD steps, batch "
         f"{record.get('dp_batch_size') or budget['batch_size']}, crop {budget['crop_size']}, Adam lr "
-        f"{budget['learning_rate']}, noise multiplier {record['noise_multiplier']:.4f}, clip "
+        f"{record.get('dp_learning_rate') or budget['learning_rate']}, noise multiplier {record['noise_multiplier']:.4f}, clip "
         f"{budget['max_grad_norm']}, seed {record['seed']}.")
     description = (
         "Default nuclei (background / nucleus) GroupNorm U-Net of napari-feddp, trained with FedDP: federated "

@@ -61,11 +61,16 @@ class Budget:
     #: gains from larger batches: the noise on the mean gradient is sigma * C / batch.
     dp_batch_size: int | None = None
     dp_local_steps: int | None = None
+    #: Sample-level DP runs only: Adam learning rate (None: ``learning_rate``). DP-SGD's noise
+    #: makes every Adam step partly a random step of size ~lr, so DP usually wants its own lr;
+    #: choose it on training data (see ``docs/results.md``), never on the test split.
+    dp_learning_rate: float | None = None
 
     def for_sample_dp(self) -> Budget:
-        """The budget a sample-level DP run uses (its own batch and local steps, if set)."""
+        """The budget a sample-level DP run uses (its own batch, local steps and lr, if set)."""
         return replace(self, batch_size=self.dp_batch_size or self.batch_size,
-                       local_steps=self.dp_local_steps or self.local_steps)
+                       local_steps=self.dp_local_steps or self.local_steps,
+                       learning_rate=self.dp_learning_rate or self.learning_rate)
 
     @property
     def total_steps(self) -> int:
@@ -200,7 +205,8 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
                               "total_steps": budget.total_steps,
                               "examples_seen": budget.total_steps * budget.batch_size}
     if setting in DP_EPSILONS:
-        record.update(dp_batch_size=budget.batch_size, dp_local_steps=budget.local_steps)
+        record.update(dp_batch_size=budget.batch_size, dp_local_steps=budget.local_steps,
+                      dp_learning_rate=budget.learning_rate)
     n_examples = {h: len(os.listdir(folders[h] / "images")) for h in budget.hospitals}
     if setting == "centralized":
         ckpt = train_direct(folders["pooled"], budget.total_steps, budget, seed, work, "centralized")
@@ -286,9 +292,9 @@ def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds
             done = out / f"{setting}-s{seed}.json"
             if done.is_file() and not rerun:
                 record = json.loads(done.read_text())
-                kept = record.get("budget", {})
+                kept = _relevant(record.get("budget", {}), setting)
                 # Fields added later with a None default do not make an older record different.
-                if kept != {k: v for k, v in wanted.items() if k in kept or v is not None}:
+                if kept != {k: v for k, v in _relevant(wanted, setting).items() if k in kept or v is not None}:
                     raise ValueError(
                         f"{done} was made with another budget; use another --out, or --rerun to replace it")
                 print(f"== {setting} (seed {seed}): kept {done.name}, Dice {record['dice']:.4f}", flush=True)
@@ -301,6 +307,14 @@ def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds
             records.append(record)
     write_report(out)
     return records
+
+
+def _relevant(budget: dict[str, Any], setting: str) -> dict[str, Any]:
+    """The budget fields a run of ``setting`` depends on: the ``dp_*`` fields only matter to
+    sample-level DP runs (a FedAvg run made before a DP learning rate was set stays valid)."""
+    if setting in DP_EPSILONS:
+        return dict(budget)
+    return {k: v for k, v in budget.items() if not k.startswith("dp_")}
 
 
 def _find_data() -> Path:
