@@ -146,3 +146,26 @@ def test_close_releases_file(tmp_path):
     assert str(path) in open_paths()
     slide.close()
     assert str(path) not in open_paths()
+
+
+def test_file_released_when_slide_is_garbage_collected(tmp_path):
+    import gc
+    import os
+
+    path = write_pyramid(tmp_path / "g.tif", tissue_like_rgb(300, 300))
+
+    def count_open():
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+            except OSError:
+                pass
+        return n
+
+    slide = open_slide(path)
+    np.asarray(slide.layer_levels[0][:10, :10])
+    assert count_open() == 1
+    del slide
+    gc.collect()
+    assert count_open() == 0

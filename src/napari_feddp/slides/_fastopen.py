@@ -203,7 +203,9 @@ class TiledLevel:
             return self._tables
 
     def _decoder(self):
-        height, width = self.tile_height, self.tile_width
+        # The closures below must not capture ``self``: a cycle would keep the file open
+        # until the cyclic garbage collector runs.
+        height, width, name = self.tile_height, self.tile_width, self.path.name
         size = height * width * 3
         if self.compression == 7:
             import imagecodecs
@@ -234,7 +236,7 @@ class TiledLevel:
             if tile.shape != (height, width, 3):
                 flat = tile.reshape(-1)
                 if flat.size < size:
-                    raise ValueError(f"a tile of {self.path.name} decodes to {flat.size} values, expected {size}")
+                    raise ValueError(f"a tile of {name} decodes to {flat.size} values, expected {size}")
                 tile = flat[:size].reshape(height, width, 3)
             return tile
 

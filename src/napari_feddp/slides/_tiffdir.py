@@ -67,9 +67,17 @@ class TiffDirectoryFile:
         return data
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        fd, self.fd = getattr(self, "fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        # A slide whose napari layer is deleted is never closed explicitly: release the
+        # descriptor when the last array over it goes.
+        try:
+            self.close()
+        except OSError:
+            pass
 
     def directory(self, offset: int) -> tuple[Directory, int]:
         """The directory at ``offset`` and the offset of the next one (0 at the end of the chain)."""
