@@ -25,26 +25,15 @@ CANDIDATES = [(0.913, 2e-3), (0.913, 1e-3), (0.913, 5e-4), (0.0, 2e-3), (0.0, 1e
 
 
 def one(hospitals: Path, pooled: Path, sigma: float, lr: float, steps: int, work: Path) -> dict:
-    import torch
+    from dataclasses import replace
 
     from napari_feddp.evaluation import evaluate_folder
-    from napari_feddp.experiments.runner import Budget, _card
-    from napari_feddp.models import UNet, save_checkpoint
-    from napari_feddp.models.build import IMAGENET_MEAN, IMAGENET_STD
+    from napari_feddp.experiments.runner import Budget, train_direct
     from napari_feddp.segmentation import load_model
-    from napari_feddp.training import SegmentationDataset, TrainConfig, train_local
 
-    budget = Budget()
-    torch.manual_seed(0)
-    model = UNet(**budget.unet_params())
-    data = SegmentationDataset(pooled, crop_size=budget.crop_size, source_mpp=budget.mpp, target_mpp=budget.mpp,
-                               normalization=(IMAGENET_MEAN, IMAGENET_STD))
-    config = TrainConfig(steps=steps, lr=lr, batch_size=budget.batch_size, max_physical_batch_size=budget.batch_size,
-                         crop_size=budget.crop_size, dp_mode="sample" if sigma > 0 else "none",
-                         noise_multiplier=sigma if sigma > 0 else None, max_grad_norm=budget.max_grad_norm, seed=0)
+    budget = replace(Budget(), learning_rate=lr)
     started = time.monotonic()
-    model.load_state_dict(train_local(model, data, config).state_dict)
-    checkpoint = save_checkpoint(work / f"proxy-{sigma}-{lr}.safetensors", model, _card(budget, "proxy", "h1-h4"))
+    checkpoint = train_direct(pooled, steps, budget, 0, work, f"proxy-{sigma}-{lr}", noise=sigma or None)
     report = evaluate_folder(hospitals / VALIDATE, load_model(str(checkpoint)), mpp=budget.mpp)
     return {"sigma": sigma, "lr": lr, "steps": steps, "val_dice": report.dice, "val_jaccard": report.jaccard,
             "seconds": round(time.monotonic() - started, 1)}

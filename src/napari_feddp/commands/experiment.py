@@ -68,11 +68,10 @@ def run(args) -> int:
             raise CommandError("--dp-lr: expected a positive learning rate")
         budget = replace(budget, dp_learning_rate=args.dp_lr)
     if args.round_eval:
-        from ..experiments.runner import _find_data
+        from ..experiments.runner import _find_data, first_test_names
 
         root = Path(args.data) if args.data else _find_data()
-        names = sorted(p.stem for p in (root / "test" / "images").iterdir())[: args.round_eval]
-        budget = replace(budget, round_eval_names=tuple(names))
+        budget = replace(budget, round_eval_names=first_test_names(root / "test", args.round_eval))
     try:
         records = run_grid(args.out, settings=args.settings, seeds=args.seeds, quick=args.quick, budget=budget,
                            data=args.data, scratch=args.scratch, rerun=args.rerun)

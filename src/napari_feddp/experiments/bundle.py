@@ -51,7 +51,7 @@ def bundle_from_record(record_path: str | os.PathLike, dest: str | os.PathLike, 
     import json
 
     from .hospitals import HOSPITALS
-    from .runner import _find_data, score
+    from .runner import _find_data, first_test_names, score
 
     record = json.loads(Path(record_path).read_text())
     if record.get("dp_mode") != "sample" or not record.get("epsilon"):
@@ -60,8 +60,7 @@ def bundle_from_record(record_path: str | os.PathLike, dest: str | os.PathLike, 
     budget = record["budget"]
     checkpoint = Path(record["checkpoint"])
     test_dir = (Path(data) if data else _find_data()) / "test"
-    names = sorted(p.stem for p in (test_dir / "images").iterdir())
-    full, subset = score(checkpoint, test_dir, None), score(checkpoint, test_dir, tuple(names[:3]))
+    full, subset = score(checkpoint, test_dir, None), score(checkpoint, test_dir, first_test_names(test_dir, 3))
     metrics = {f"test_{k}": full[k] for k in ("dice", "jaccard", "accuracy")}
     metrics.update({f"subset3_{k}": subset[k] for k in ("dice", "jaccard", "accuracy")})
     sites = "; ".join(f"{h}: TCGA sites {', '.join(HOSPITALS[h])}" for h in budget["hospitals"])

@@ -122,8 +122,13 @@ def _card(budget: Budget, name: str, training_data: str):
                         **budget.unet_params())
 
 
-def train_direct(folder: Path, steps: int, budget: Budget, seed: int, out: Path, name: str) -> Path:
-    """Plain (non-private) training with ``train_local``; returns the checkpoint."""
+def train_direct(folder: Path, steps: int, budget: Budget, seed: int, out: Path, name: str, *,
+                 noise: float | None = None) -> Path:
+    """Training without federation with ``train_local``; returns the checkpoint.
+
+    ``noise``: DP-SGD with that noise multiplier (per-sample clipping at ``budget.max_grad_norm``,
+    no ledger: for experiments on training data only); None trains without DP.
+    """
     import torch
 
     from ..models import UNet, save_checkpoint
@@ -136,7 +141,8 @@ def train_direct(folder: Path, steps: int, budget: Budget, seed: int, out: Path,
                                   target_mpp=budget.mpp, normalization=(IMAGENET_MEAN, IMAGENET_STD))
     config = TrainConfig(steps=steps, lr=budget.learning_rate, batch_size=budget.batch_size,
                          max_physical_batch_size=budget.batch_size, crop_size=budget.crop_size,
-                         dp_mode="none", seed=seed)
+                         dp_mode="sample" if noise else "none", noise_multiplier=noise or None,
+                         max_grad_norm=budget.max_grad_norm, seed=seed)
     result = train_local(model, dataset, config)
     model.load_state_dict(result.state_dict)
     return save_checkpoint(out / f"{name}.safetensors", model, _card(budget, name, str(folder.name)))
@@ -279,7 +285,7 @@ def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds
     data_root = Path(data) if data else _find_data()
     test_dir = data_root / "test"
     if quick and budget.test_names is None:
-        names = sorted(p.stem for p in (test_dir / "images").iterdir())[:2]
+        names = first_test_names(test_dir, 2)
         budget = replace(budget, test_names=tuple(names), round_eval_names=tuple(names[:1]))
     scratch = Path(scratch) if scratch else out / "hospitals"
     folders = prepare_hospitals(data_root / "train", scratch, hospitals=list(budget.hospitals),
@@ -309,6 +315,12 @@ def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds
     return records
 
 
+def first_test_names(test_dir: Path, n: int | None = None) -> tuple[str, ...]:
+    """The first ``n`` image stems of a test folder in sorted order (all when ``n`` is None):
+    the subsets used for per-round scoring and the model card's ``subset3_*``."""
+    return tuple(sorted(p.stem for p in (Path(test_dir) / "images").iterdir())[:n])
+
+
 def _relevant(budget: dict[str, Any], setting: str) -> dict[str, Any]:
     """The budget fields a run of ``setting`` depends on: the ``dp_*`` fields only matter to
     sample-level DP runs (a FedAvg run made before a DP learning rate was set stays valid)."""
@@ -327,4 +339,4 @@ def _find_data() -> Path:
     return found
 
 
-__all__ = ["Budget", "DP_EPSILONS", "SETTINGS", "noise_for_epsilon", "quick_budget", "run_grid", "run_setting"]
+__all__ = ["Budget", "DP_EPSILONS", "SETTINGS", "first_test_names", "noise_for_epsilon", "quick_budget", "run_grid", "run_setting"]

@@ -38,6 +38,7 @@ import numpy as np
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import MemoryStore
 
+from ._metadata import RESOLUTION_UNITS, SlideMetadata, aperio_metadata, plausible_mpp, resolution_mpp
 from ._tiffdir import Directory, TiffDirectoryFile, TiffFormatError
 
 #: Compression codes read on this path (others: tifffile's path).
@@ -67,32 +68,30 @@ class FastLayout:
 
 
 def parse_layout(file: TiffDirectoryFile) -> FastLayout:
-    """Recognise the file's layout or raise :class:`NotFast`."""
-    try:
-        chain = file.chain()
-        first = chain[0]
-        if VENDOR_TAGS & first.entries.keys():
-            raise NotFast("vendor tags")
-        description = first.text(270) or ""
-        if description.startswith("Aperio "):
-            return _aperio(chain, description)
-        if description or len(chain) != 1 or not first.entries.keys() <= GENERIC_TAGS:
-            raise NotFast("not a plain pyramidal TIFF")
-        levels = [first]
-        if 330 in first:
-            for offset in first.values(330):
-                ifd, _ = file.directory(int(offset))
-                if not ifd.entries.keys() <= GENERIC_TAGS or ifd.text(270):
-                    raise NotFast("SubIFD with other tags")
-                levels.append(ifd)
-        return FastLayout("generic-tiff", _checked_levels(levels), description, {})
-    except (TiffFormatError, KeyError, ValueError, OSError) as exc:
-        raise NotFast(str(exc)) from exc
+    """Recognise the file's layout or raise :class:`NotFast` (or a parsing error).
+
+    Only the arrangement of directories is checked here; each level's own tags are
+    checked by :class:`TiledLevel`.
+    """
+    chain = file.chain()
+    first = chain[0]
+    if VENDOR_TAGS & first.entries.keys():
+        raise NotFast("vendor tags")
+    description = first.text(270) or ""
+    if description.startswith("Aperio "):
+        return _aperio(chain, description)
+    if description or len(chain) != 1 or not first.entries.keys() <= GENERIC_TAGS:
+        raise NotFast("not a plain pyramidal TIFF")
+    levels = [first]
+    for offset in first.values(330) if 330 in first else ():
+        ifd, _ = file.directory(int(offset))
+        if not ifd.entries.keys() <= GENERIC_TAGS or ifd.text(270):
+            raise NotFast("SubIFD with other tags")
+        levels.append(ifd)
+    return FastLayout("generic-tiff", levels, description, {})
 
 
 def _aperio(chain: list[Directory], description: str) -> FastLayout:
-    if not _is_tiled(chain[0]):
-        raise NotFast("untiled Aperio baseline")
     levels = [chain[0]]
     associated: dict[str, int] = {}
     index = 1
@@ -106,30 +105,23 @@ def _aperio(chain: list[Directory], description: str) -> FastLayout:
     for ifd in chain[index:index + 2]:  # label and macro, named as tifffile names them
         associated["macro" if ifd.value(254, 0) == 9 else "label"] = series
         series += 1
-    return FastLayout("aperio", _checked_levels(levels), description, associated)
+    return FastLayout("aperio", levels, description, associated)
 
 
 def _is_tiled(ifd: Directory) -> bool:
     return 322 in ifd and 323 in ifd
 
 
-def _checked_levels(levels: list[Directory]) -> list[Directory]:
-    shapes = [(ifd.value(257), ifd.value(256)) for ifd in levels]
-    if any(b[0] >= a[0] or b[1] >= a[1] for a, b in zip(shapes, shapes[1:])):
-        raise NotFast(f"level shapes {shapes} are not a pyramid")
-    for ifd in levels:
-        if not _is_tiled(ifd):
-            raise NotFast("untiled level")
-        if ifd.value(277, 1) != 3 or ifd.value(284, 1) != 1 or ifd.value(317, 1) != 1:
-            raise NotFast("not chunky 3-sample RGB without predictor")
-        if 258 not in ifd or not all(int(v) == 8 for v in ifd.values(258)):
-            raise NotFast("not 8 bits per sample")
-        if 339 in ifd and not all(int(v) == 1 for v in ifd.values(339)):
-            raise NotFast("not unsigned integer samples")
-        compression, photometric = ifd.value(259, 1), ifd.value(262)
-        if compression not in COMPRESSIONS or photometric not in (2, 6) or (photometric == 6 and compression != 7):
-            raise NotFast(f"compression {compression} / photometric {photometric}")
-    return levels
+def layout_metadata(layout: FastLayout) -> SlideMetadata:
+    """Vendor, mpp and objective power, read as :func:`._metadata.read_slide_metadata` reads them."""
+    first = layout.levels[0]
+    resolution = None
+    if 282 in first and 283 in first and 296 in first:
+        resolution = resolution_mpp([float(v) for v in first.values(282)], [float(v) for v in first.values(283)],
+                                    RESOLUTION_UNITS.get(first.value(296), ""))
+    if layout.vendor == "aperio":
+        return aperio_metadata(layout.description, resolution)
+    return SlideMetadata(vendor=layout.vendor, mpp=plausible_mpp(resolution), objective_power=None)
 
 
 # --------------------------------------------------------------------------- tiles
@@ -155,6 +147,21 @@ class TiledLevel:
     """One pyramid level: geometry, decoder, and its tile tables read on first use."""
 
     def __init__(self, ifd: Directory, path: Path) -> None:
+        """Raises :class:`NotFast` unless the level is tiled 8-bit chunky RGB this path decodes."""
+        if not _is_tiled(ifd):
+            raise NotFast("untiled level")
+        if ifd.value(277, 1) != 3 or ifd.value(284, 1) != 1 or ifd.value(317, 1) != 1:
+            raise NotFast("not chunky 3-sample RGB without predictor")
+        if 258 not in ifd or not all(int(v) == 8 for v in ifd.values(258)):
+            raise NotFast("not 8 bits per sample")
+        if 339 in ifd and not all(int(v) == 1 for v in ifd.values(339)):
+            raise NotFast("not unsigned integer samples")
+        self.compression, self.photometric = int(ifd.value(259, 1)), ifd.value(262)
+        if (self.compression not in COMPRESSIONS or self.photometric not in (2, 6)
+                or (self.photometric == 6 and self.compression != 7)):
+            raise NotFast(f"compression {self.compression} / photometric {self.photometric}")
+        if not _can_decode(self.compression):
+            raise NotFast(f"no decoder for compression {self.compression}")
         self.ifd, self.path = ifd, path
         self.height, self.width = int(ifd.value(257)), int(ifd.value(256))
         self.tile_height, self.tile_width = int(ifd.value(323)), int(ifd.value(322))
@@ -162,10 +169,6 @@ class TiledLevel:
             raise NotFast("empty tiles")
         self.down = -(-self.height // self.tile_height)
         self.across = -(-self.width // self.tile_width)
-        self.compression = int(ifd.value(259, 1))
-        self.photometric = int(ifd.value(262))
-        if not _can_decode(self.compression):
-            raise NotFast(f"no decoder for compression {self.compression}")
         ntiles = self.down * self.across
         if ifd.count(324) != ntiles or ifd.count(325) != ntiles:
             raise NotFast("tile tables do not match the tile grid")
@@ -264,15 +267,16 @@ class TiffTileStore(MemoryStore):
     several tiles at once.
     """
 
-    def __init__(self, levels: list[TiledLevel], maxworkers: int = 1, store_dict=None) -> None:
-        if store_dict is None:
-            prototype = default_buffer_prototype()
-            store_dict = {".zgroup": prototype.buffer.from_bytes(b'{"zarr_format": 2}')}
-            for i, level in enumerate(levels):
-                meta = {"zarr_format": 2, "shape": list(level.shape), "chunks": list(level.chunks), "dtype": "|u1",
-                        "compressor": None, "fill_value": 0, "order": "C", "filters": None,
-                        "dimension_separator": "."}
-                store_dict[f"{i}/.zarray"] = prototype.buffer.from_bytes(json.dumps(meta).encode())
+    def __init__(self, levels: list[TiledLevel], maxworkers: int = 1) -> None:
+        #: Each level's zarr (format 2) array metadata, as stored under ``"<level>/.zarray"``.
+        self.array_metadata = [
+            {"zarr_format": 2, "shape": list(level.shape), "chunks": list(level.chunks), "dtype": "|u1",
+             "compressor": None, "fill_value": 0, "order": "C", "filters": None, "dimension_separator": "."}
+            for level in levels]
+        prototype = default_buffer_prototype()
+        store_dict = {".zgroup": prototype.buffer.from_bytes(b'{"zarr_format": 2}')}
+        for i, meta in enumerate(self.array_metadata):
+            store_dict[f"{i}/.zarray"] = prototype.buffer.from_bytes(json.dumps(meta).encode())
         super().__init__(store_dict=store_dict, read_only=True)
         self._levels = levels
         self._maxworkers = max(1, int(maxworkers))
@@ -316,10 +320,6 @@ class TiffTileStore(MemoryStore):
         prototype = prototype or default_buffer_prototype()
         return prototype.buffer.from_array_like(np.ascontiguousarray(tile).reshape(-1))
 
-    def metadata_bytes(self, key: str) -> bytes:
-        """The JSON of a metadata key (``"<level>/.zarray"``), read without zarr's event loop."""
-        return self._store_dict[key].to_bytes()
-
     async def exists(self, key: str) -> bool:
         return key in self._store_dict
 
@@ -340,6 +340,9 @@ class FastSlideFile:
     levels: list[TiledLevel]
     store: TiffTileStore
 
+    def metadata(self) -> SlideMetadata:
+        return layout_metadata(self.layout)
+
     def close(self) -> None:
         self.store.close()
         self.file.close()
@@ -354,6 +357,9 @@ def open_fast(path: Path, maxworkers: int) -> FastSlideFile | None:
     try:
         layout = parse_layout(file)
         levels = [TiledLevel(ifd, path) for ifd in layout.levels]
+        shapes = [level.shape for level in levels]
+        if any(b[0] >= a[0] or b[1] >= a[1] for a, b in zip(shapes, shapes[1:])):
+            raise NotFast(f"level shapes {shapes} are not a pyramid")
         # A truncated file loses its last tiles first: check each level's last tile now (two
         # values read per level); the full tables are checked when a level is first read.
         if any(level.last_tile_end() > file.size for level in levels):
@@ -364,5 +370,5 @@ def open_fast(path: Path, maxworkers: int) -> FastSlideFile | None:
     return FastSlideFile(file, layout, levels, TiffTileStore(levels, maxworkers))
 
 
-__all__ = ["COMPRESSIONS", "FastLayout", "FastSlideFile", "NotFast", "TiffTileStore", "TiledLevel", "open_fast",
-           "parse_layout"]
+__all__ = ["COMPRESSIONS", "FastLayout", "FastSlideFile", "NotFast", "TiffTileStore", "TiledLevel", "layout_metadata",
+           "open_fast", "parse_layout"]

@@ -14,7 +14,6 @@ not pay for decoding twice (OpenSlide keeps a similar 32 MiB cache).
 
 from __future__ import annotations
 
-import json
 import logging
 import operator
 import os
@@ -33,14 +32,7 @@ import zarr
 from zarr.storage import WrapperStore
 
 from ._fastopen import FastSlideFile, open_fast
-from ._metadata import (
-    RESOLUTION_UNITS,
-    SlideMetadata,
-    aperio_metadata,
-    plausible_mpp,
-    read_slide_metadata,
-    resolution_mpp,
-)
+from ._metadata import SlideMetadata, read_slide_metadata
 from ._pyramid import lazy_pyramid
 
 #: Series names that hold a slide's label, macro or thumbnail picture. The
@@ -291,20 +283,9 @@ def _open_tiff(path: Path, tif: tifffile.TiffFile, maxworkers: int) -> Slide:
         arrays = [group]
     else:
         arrays = [group[str(i)] for i in range(len(series.levels))]
-    # An explicit unique name: dask would otherwise tokenize the zarr array,
-    # which costs milliseconds per level and gives a random token anyway (the
-    # tifffile store cannot be hashed deterministically).
     token = uuid.uuid4().hex
     levels = [
-        _to_standard_axes(
-            da.from_zarr(
-                a,
-                chunks=_dask_chunks(a.chunks, a.shape, series.levels[i].axes),
-                name=f"feddp-slide-{token}-level{i}",
-            ),
-            series.levels[i].axes,
-            axes_order,
-        )
+        _to_standard_axes(_dask_level(a, series.levels[i].axes, token, i), series.levels[i].axes, axes_order)
         for i, a in enumerate(arrays)
     ]
 
@@ -313,7 +294,7 @@ def _open_tiff(path: Path, tif: tifffile.TiffFile, maxworkers: int) -> Slide:
         for i, a in enumerate(arrays)
     ]
     pyramid_in_file = len(levels) > 1
-    if not pyramid_in_file and max(levels[0].shape[:2]) > PYRAMID_MIN_SIDE:
+    if _needs_pyramid(levels):
         levels = lazy_pyramid(levels[0], labels=(kind == "labels"))
 
     base = levels[0].shape
@@ -339,34 +320,20 @@ def _open_fast(path: Path, fast: FastSlideFile) -> Slide:
     store = fast.store
     if TILE_CACHE_BYTES > 0:
         store = _TileCacheStore(store, TILE_CACHE_BYTES)
-    arrays = [_zarr_array(store, str(i)) for i in range(len(fast.levels))]
+    arrays = [_zarr_array(store, meta, str(i)) for i, meta in enumerate(fast.store.array_metadata)]
     token = uuid.uuid4().hex
+    computed_pyramid = _needs_pyramid(arrays)
 
     def build_levels() -> list[da.Array]:
-        levels = [da.from_zarr(a, chunks=_dask_chunks(a.chunks, a.shape, "YXS"),
-                               name=f"feddp-slide-{token}-level{i}") for i, a in enumerate(arrays)]
-        if len(levels) == 1 and max(levels[0].shape[:2]) > PYRAMID_MIN_SIDE:
-            levels = lazy_pyramid(levels[0])
-        return levels
+        levels = [_dask_level(a, "YXS", token, i) for i, a in enumerate(arrays)]
+        return lazy_pyramid(levels[0]) if computed_pyramid else levels
 
-    shapes = [a.shape for a in arrays]
-    levels = None
-    if len(arrays) == 1 and max(shapes[0][:2]) > PYRAMID_MIN_SIDE:
-        levels = build_levels()  # a computed pyramid: its shapes come from dask
-        shapes = [lv.shape for lv in levels]
-    first = fast.layout.levels[0]
-    resolution = None
-    if 282 in first and 283 in first and 296 in first:
-        resolution = resolution_mpp([float(v) for v in first.values(282)], [float(v) for v in first.values(283)],
-                                    RESOLUTION_UNITS.get(first.value(296), ""))
-    if fast.layout.vendor == "aperio":
-        meta = aperio_metadata(fast.layout.description, resolution)
-    else:
-        meta = SlideMetadata(vendor=fast.layout.vendor, mpp=plausible_mpp(resolution), objective_power=None)
-    base = shapes[0]
+    levels = build_levels() if computed_pyramid else None  # computed levels: shapes come from dask
+    shapes = [a.shape for a in (levels or arrays)]
+    meta = fast.metadata()
     return Slide(
         path=path,
-        downsamples=[(base[0] / s[0], base[1] / s[1]) for s in shapes],
+        downsamples=[(shapes[0][0] / s[0], shapes[0][1] / s[1]) for s in shapes],
         mpp=meta.mpp,
         vendor=meta.vendor,
         objective_power=meta.objective_power,
@@ -380,16 +347,29 @@ def _open_fast(path: Path, fast: FastSlideFile) -> Slide:
     )
 
 
-def _zarr_array(store, path: str) -> zarr.Array:
-    """A read-only zarr array of ``store`` at ``path``, built from the store's in-memory metadata
+def _needs_pyramid(levels: list) -> bool:
+    """A single stored level larger than :data:`PYRAMID_MIN_SIDE` gets a lazily computed pyramid."""
+    return len(levels) == 1 and max(levels[0].shape[:2]) > PYRAMID_MIN_SIDE
+
+
+def _dask_level(array: zarr.Array, axes: str, token: str, index: int) -> da.Array:
+    """Dask view of a stored level: chunks of whole file tiles, an explicit unique name (dask
+    would otherwise tokenize the zarr array, which costs milliseconds per level and gives a
+    random token anyway: the stores cannot be hashed deterministically)."""
+    return da.from_zarr(array, chunks=_dask_chunks(array.chunks, array.shape, axes),
+                        name=f"feddp-slide-{token}-level{index}")
+
+
+def _zarr_array(store, metadata: dict, path: str) -> zarr.Array:
+    """A read-only zarr array of ``store`` at ``path`` with the given (format 2) ``metadata``, built
     without a round trip through zarr's event loop (1 ms per level); zarr.open_array otherwise."""
     try:
         from zarr.core.array import AsyncArray
         from zarr.core.metadata import ArrayV2Metadata
         from zarr.storage import StorePath
 
-        meta = ArrayV2Metadata.from_dict(json.loads(store.metadata_bytes(f"{path}/.zarray")))
-        return zarr.Array(AsyncArray(metadata=meta, store_path=StorePath(store, path)))
+        return zarr.Array(AsyncArray(metadata=ArrayV2Metadata.from_dict(dict(metadata)),
+                                     store_path=StorePath(store, path)))
     except Exception:  # noqa: BLE001 - another zarr version: the public, slower way
         return zarr.open_array(store=store, path=path, mode="r", zarr_format=2)
 
@@ -431,9 +411,6 @@ class _TileCacheStore(WrapperStore):
 
     def _with_store(self, store):
         return type(self)(store, self._max_bytes)
-
-    def metadata_bytes(self, key: str) -> bytes:
-        return self._store.metadata_bytes(key)
 
     async def get(self, key, prototype, byte_range=None):
         if byte_range is not None or key.endswith("zarr.json"):
