@@ -41,8 +41,18 @@ def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "quick"
     # FedAvg is left out to stay well under 4 minutes on a loaded 2-core CPU (it runs like feddp-eps8).
     args = parser.parse_args(["experiment", "run", "--quick", "--out", str(out), "--data", str(data),
-                              "--settings", "centralized", "feddp-eps8"])
+                              "--settings", "pretrained", "centralized", "feddp-eps8", "--pretrain-steps", "2"])
     assert args.func(args) == 0
+    # Every setting starts from the public-pretrained model, which is scored on its own too.
+    init = json.loads((out / "pretrained-s0.json").read_text())
+    assert init["pretrain_steps"] == 2 and init["total_steps"] == 0 and init["epsilon"] is None
+    assert init["n_images"] == 2 and 0.0 <= init["dice"] <= 1.0
+    from napari_feddp.models import load_checkpoint
+
+    pretrained, _ = load_checkpoint(out / "pretrained" / "public-pretrained.safetensors")
+    first_global, _ = load_checkpoint(out / "runs" / "feddp-eps8-s0" / "checkpoints" / "round-000.safetensors")
+    for key, value in pretrained.state_dict().items():
+        assert first_global.state_dict()[key].equal(value), key
     for setting in ("centralized", "feddp-eps8"):
         record = json.loads((out / f"{setting}-s0.json").read_text())
         assert record["n_images"] == 2
@@ -68,8 +78,6 @@ def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
         other.func(other)
     assert (out / "centralized-s0.json").stat().st_mtime_ns == mtime
     # The FedDP run ships as a default model with a card made from its record ...
-    from napari_feddp.models import load_checkpoint
-
     bundle = parser.parse_args(["experiment", "bundle", "--record", str(out / "feddp-eps8-s0.json"),
                                 "--dest", str(tmp_path / "model" / "feddp-nuclei"), "--data", str(data)])
     assert bundle.func(bundle) == 0
@@ -77,6 +85,7 @@ def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
     assert card.provenance.privacy.epsilon == pytest.approx(dp["epsilon"])
     assert card.provenance.privacy.dp_mode == "sample" and card.provenance.federated_rounds == 1
     assert "1 rounds x 2 local DP-SGD steps" in card.provenance.training_data
+    assert "2 steps of public pretraining" in card.provenance.training_data
     assert "CC BY-NC-SA 4.0" in card.provenance.license_note
     assert set(card.metrics) == {f"{s}_{k}" for s in ("test", "subset3") for k in ("dice", "jaccard", "accuracy")}
     # ... and a run without sample-level DP is refused.
@@ -107,3 +116,41 @@ def test_dp_only_budget_fields_do_not_invalidate_non_dp_runs(tmp_path):
     new = {**old, "dp_learning_rate": 1e-3}
     assert _relevant(old, "fedavg") == _relevant(new, "fedavg")
     assert _relevant(old, "feddp-eps8") != _relevant(new, "feddp-eps8")
+
+
+def test_runs_from_before_public_pretraining_count_as_random_init():
+    """A kept record without ``pretrain_steps`` started from a random init: it matches
+    ``--pretrain-steps 0`` and is refused by a grid that pretrains."""
+    from dataclasses import asdict, replace
+
+    from napari_feddp.experiments.runner import Budget, same_budget
+
+    def as_recorded(budget):
+        return json.loads(json.dumps({**asdict(budget), "hospitals": list(budget.hospitals)}))
+
+    old = as_recorded(Budget())
+    del old["pretrain_steps"]
+    assert Budget().pretrain_steps == 0  # the headline recipe
+    assert same_budget(old, as_recorded(Budget()), "fedavg")
+    assert not same_budget(old, as_recorded(replace(Budget(), pretrain_steps=500)), "fedavg")
+    assert same_budget(as_recorded(Budget()), as_recorded(Budget()), "feddp-eps8")
+    assert not same_budget(as_recorded(Budget()), as_recorded(replace(Budget(), pretrain_steps=100)), "feddp-eps8")
+
+
+def test_negative_pretraining_steps_are_refused(tmp_path):
+    import argparse
+
+    from napari_feddp.commands import CommandError, experiment
+
+    parser = argparse.ArgumentParser()
+    experiment.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["experiment", "run", "--quick", "--out", str(tmp_path / "x"), "--pretrain-steps", "-1"])
+    with pytest.raises(CommandError, match="--pretrain-steps"):
+        args.func(args)
+    assert not (tmp_path / "x").exists()
+    # Scoring the pretrained model of a grid that has none is refused too.
+    args = parser.parse_args(["experiment", "run", "--quick", "--out", str(tmp_path / "y"), "--settings", "pretrained",
+                              "--data", str(require_data("monuseg"))])
+    with pytest.raises(CommandError, match="--pretrain-steps N"):
+        args.func(args)
+    assert not (tmp_path / "y").exists()

@@ -24,6 +24,9 @@ def add_parser(subparsers) -> None:
                        help="local steps per round of the sample-level DP runs (default: the shared value)")
     run_p.add_argument("--dp-lr", type=float,
                        help="Adam learning rate of the sample-level DP runs (default: the shared one)")
+    run_p.add_argument("--pretrain-steps", type=int,
+                       help="steps of public pretraining (CC0 sample slide, pseudo-labels) giving every setting "
+                            "its initial model; 0 starts from a random init (default: the budget's)")
     run_p.add_argument("--rerun", action="store_true",
                        help="run again (setting, seed) pairs whose JSON is already in --out (default: keep them)")
     run_p.add_argument("--round-eval", type=int, default=None,
@@ -67,6 +70,10 @@ def run(args) -> int:
         if args.dp_lr <= 0:
             raise CommandError("--dp-lr: expected a positive learning rate")
         budget = replace(budget, dp_learning_rate=args.dp_lr)
+    if args.pretrain_steps is not None:
+        if args.pretrain_steps < 0:
+            raise CommandError("--pretrain-steps: expected 0 (random init) or a positive number of steps")
+        budget = replace(budget, pretrain_steps=args.pretrain_steps)
     if args.round_eval:
         from ..experiments.runner import _find_data, first_test_names
 

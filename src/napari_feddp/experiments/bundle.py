@@ -74,6 +74,11 @@ def bundle_from_record(record_path: str | os.PathLike, dest: str | os.PathLike, 
         f"{record.get('dp_batch_size') or budget['batch_size']}, crop {budget['crop_size']}, Adam lr "
         f"{record.get('dp_learning_rate') or budget['learning_rate']}, noise multiplier {record['noise_multiplier']:.4f}, clip "
         f"{budget['max_grad_norm']}, seed {record['seed']}.")
+    if budget.get("pretrain_steps"):
+        training_data += (
+            f" Initial model: {budget['pretrain_steps']} steps of public pretraining (no DP needed, no MoNuSeg "
+            "data) on the CC0 CMU-1-Small-Region sample slide with colour-deconvolution pseudo-labels "
+            "(haematoxylin, Otsu).")
     description = (
         "Default nuclei (background / nucleus) GroupNorm U-Net of napari-feddp, trained with FedDP: federated "
         f"averaging over {len(budget['hospitals'])} simulated hospitals with sample-level DP-SGD (Opacus), "

@@ -12,6 +12,7 @@ from typing import Any
 from .runner import SETTINGS
 
 LABELS = {
+    "pretrained": "Public pretraining only (initial model of every row)",
     "centralized": "Centralized (pooled, no DP)",
     "local": "Local only (mean / worst hospital)",
     "fedavg": "FedAvg (no DP)",
@@ -49,6 +50,8 @@ def summarize(grouped: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     base = _mean_std([r["dice"] for r in fedavg])[0] if fedavg else None
     for setting in SETTINGS:
         records = grouped.get(setting)
+        if not records and setting == "pretrained":
+            continue  # a grid from a random init has no pretrained row
         if not records:
             rows.append({"setting": setting, "label": LABELS[setting], "run": False})
             continue
@@ -76,8 +79,12 @@ def markdown_table(rows: list[dict[str, Any]], command: str = "napari-feddp expe
             lines.append(f"| {row['label']} | not run yet | | | | | | `{command} --settings {row['setting']}` |")
             continue
         dice = row["dice_text"] + (f" / worst {row['worst_dice_text']}" if "worst_dice_text" in row else "")
-        eps = "∞ (no DP)" if row.get("epsilon") is None and row["setting"] in ("centralized", "local", "fedavg") \
-            else ("-" if row.get("epsilon") is None else f"{row['epsilon']:.2f}")
+        if row["setting"] == "pretrained":
+            eps = "0 (public data only)"
+        elif row.get("epsilon") is None:
+            eps = "∞ (no DP)" if row["setting"] in ("centralized", "local", "fedavg") else "-"
+        else:
+            eps = f"{row['epsilon']:.2f}"
         rel = f"{row['rel_change_pct']:+.1f} %" if "rel_change_pct" in row else ""
         lines.append(f"| {row['label']} | {dice} | {row['jaccard_text']} | {row['accuracy_text']} | {eps} | {rel} "
                      f"| {row['seeds']} | {row['seconds'] / 60:.1f} min |")

@@ -30,7 +30,7 @@ from typing import Any
 from .hospitals import HOSPITALS, prepare_hospitals
 
 #: Every setting the grid knows, in table order.
-SETTINGS = ("centralized", "local", "fedavg", "feddp-eps1", "feddp-eps3", "feddp-eps8", "feddp-update")
+SETTINGS = ("pretrained", "centralized", "local", "fedavg", "feddp-eps1", "feddp-eps3", "feddp-eps8", "feddp-update")
 DP_EPSILONS = {"feddp-eps1": 1.0, "feddp-eps3": 3.0, "feddp-eps8": 8.0}
 
 
@@ -65,6 +65,11 @@ class Budget:
     #: makes every Adam step partly a random step of size ~lr, so DP usually wants its own lr;
     #: choose it on training data (see ``docs/results.md``), never on the test split.
     dp_learning_rate: float | None = None
+    #: Steps of public pretraining (:mod:`~napari_feddp.experiments.pretraining`: the CC0 sample
+    #: slide with colour-deconvolution pseudo-labels, no DP, not counted in any setting's budget);
+    #: every setting starts from that model. 0 (the headline recipe): a seeded random init.
+    #: Tried with 500 steps, not adopted (``docs/results.md``).
+    pretrain_steps: int = 0
 
     def for_sample_dp(self) -> Budget:
         """The budget a sample-level DP run uses (its own batch, local steps and lr, if set)."""
@@ -123,7 +128,7 @@ def _card(budget: Budget, name: str, training_data: str):
 
 
 def train_direct(folder: Path, steps: int, budget: Budget, seed: int, out: Path, name: str, *,
-                 noise: float | None = None) -> Path:
+                 noise: float | None = None, init: Path | None = None) -> Path:
     """Training without federation with ``train_local``; returns the checkpoint.
 
     ``noise``: DP-SGD with that noise multiplier (per-sample clipping at ``budget.max_grad_norm``,
@@ -137,6 +142,8 @@ def train_direct(folder: Path, steps: int, budget: Budget, seed: int, out: Path,
 
     torch.manual_seed(seed)
     model = UNet(**budget.unet_params())
+    if init is not None:
+        model.load_state_dict(_initial_weights(init, budget))
     dataset = SegmentationDataset(folder, crop_size=budget.crop_size, source_mpp=budget.mpp,
                                   target_mpp=budget.mpp, normalization=(IMAGENET_MEAN, IMAGENET_STD))
     config = TrainConfig(steps=steps, lr=budget.learning_rate, batch_size=budget.batch_size,
@@ -149,7 +156,8 @@ def train_direct(folder: Path, steps: int, budget: Budget, seed: int, out: Path,
 
 
 def train_federated(folders: dict[str, Path], budget: Budget, *, dp_mode: str, noise: float, update_noise: float,
-                    epsilon_budget: float, seed: int, out: Path, name: str) -> tuple[Path, list[dict]]:
+                    epsilon_budget: float, seed: int, out: Path, name: str,
+                    init: Path | None = None) -> tuple[Path, list[dict]]:
     """One run through Flower (SuperLink + one SuperNode per hospital, TLS, loopback)."""
     from ..federation.pilot import LabSpec, LocalFederation
     from ..federation.settings import RunSettings
@@ -178,6 +186,7 @@ def train_federated(folders: dict[str, Path], budget: Budget, *, dp_mode: str, n
         learning_rate=budget.learning_rate, crop_size=budget.crop_size, model_depth=budget.depth,
         model_base_width=budget.base_width, model_groups=budget.groups, mpp=budget.mpp, source_mpp=budget.mpp,
         seed=seed, checkpoint_dir=str(out / "checkpoints"), model_name=name, final_evaluation=False,
+        resume_from=str(Path(init).resolve()) if init is not None else "",
         round_timeout=budget.timeout, node_wait_timeout=300.0)
     workdir = out / "flower"
     with LocalFederation(workdir=workdir, labs=labs, threads=1) as federation:
@@ -197,7 +206,7 @@ def train_federated(folders: dict[str, Path], budget: Budget, *, dp_mode: str, n
 
 
 def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_dir: Path, seed: int,
-                out: Path) -> dict[str, Any]:
+                out: Path, init: Path | None = None) -> dict[str, Any]:
     """Train and score one setting with one seed; writes ``out/<setting>-s<seed>.json``."""
     if setting not in SETTINGS:
         raise ValueError(f"unknown setting {setting!r}; expected one of {SETTINGS}")
@@ -214,13 +223,22 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
         record.update(dp_batch_size=budget.batch_size, dp_local_steps=budget.local_steps,
                       dp_learning_rate=budget.learning_rate)
     n_examples = {h: len(os.listdir(folders[h] / "images")) for h in budget.hospitals}
-    if setting == "centralized":
-        ckpt = train_direct(folders["pooled"], budget.total_steps, budget, seed, work, "centralized")
+    if setting == "pretrained":
+        # The shared starting point itself: public data only, no MoNuSeg training.
+        if init is None:
+            raise ValueError("setting 'pretrained' scores the public-pretrained initial model; "
+                             "the budget has pretrain_steps = 0")
+        record.update(score(init, test_dir, budget.test_names), checkpoint=str(init), epsilon=None,
+                      total_steps=0, examples_seen=0, pretrain_steps=budget.pretrain_steps)
+    elif setting == "centralized":
+        ckpt = train_direct(folders["pooled"], budget.total_steps, budget, seed, work, "centralized",
+                            init=init)
         record.update(score(ckpt, test_dir, budget.test_names), checkpoint=str(ckpt), epsilon=None)
     elif setting == "local":
         per = {}
         for h in budget.hospitals:
-            ckpt = train_direct(folders[h], budget.rounds * budget.local_steps, budget, seed, work, f"local-{h}")
+            ckpt = train_direct(folders[h], budget.rounds * budget.local_steps, budget, seed, work, f"local-{h}",
+                                init=init)
             per[h] = score(ckpt, test_dir, budget.test_names)
         worst = min(per, key=lambda h: per[h]["dice"])
         record.update({k: sum(p[k] for p in per.values()) / len(per) for k in ("dice", "jaccard", "accuracy")})
@@ -237,7 +255,7 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
             dp_mode = "update"
             update_noise = noise_for_epsilon(8.0, min(n_examples.values()), budget)
         ckpt, rounds = train_federated(folders, budget, dp_mode=dp_mode, noise=noise, update_noise=update_noise,
-                                       epsilon_budget=eps_budget, seed=seed, out=work, name=setting)
+                                       epsilon_budget=eps_budget, seed=seed, out=work, name=setting, init=init)
         per_round = []
         for row in rounds:
             entry = {"round": row.get("round"), "train_loss": row.get("train_loss"),
@@ -261,6 +279,17 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
     return record
 
 
+def _initial_weights(path: Path, budget: Budget) -> dict[str, Any]:
+    """The weights of checkpoint ``path``, checked against the budget's architecture."""
+    from ..models import load_checkpoint
+
+    model, card = load_checkpoint(str(path))
+    if dict(card.architecture.params) != {**dict(card.architecture.params), **budget.unet_params()}:
+        raise ValueError(f"initial model {path}: architecture {card.architecture.params} does not match "
+                         f"the budget's {budget.unet_params()}")
+    return model.state_dict()
+
+
 def _budget_dict(budget: Budget) -> dict[str, Any]:
     data = asdict(budget)
     data["hospitals"] = list(budget.hospitals)
@@ -279,9 +308,12 @@ def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds
     """
     from .report import write_report
 
+    budget = budget or (quick_budget() if quick else Budget())
+    if settings and "pretrained" in settings and not budget.pretrain_steps:
+        raise ValueError("setting 'pretrained' scores the public-pretrained initial model: "
+                         "give --pretrain-steps N (N > 0)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    budget = budget or (quick_budget() if quick else Budget())
     data_root = Path(data) if data else _find_data()
     test_dir = data_root / "test"
     if quick and budget.test_names is None:
@@ -290,24 +322,33 @@ def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds
     scratch = Path(scratch) if scratch else out / "hospitals"
     folders = prepare_hospitals(data_root / "train", scratch, hospitals=list(budget.hospitals),
                                 target_mpp=budget.mpp, grid=budget.grid, max_tiles=budget.max_tiles)
-    chosen = settings or (["centralized", "fedavg", "feddp-eps8"] if quick else list(SETTINGS))
+    chosen = settings or (["pretrained", "centralized", "fedavg", "feddp-eps8"] if quick else list(SETTINGS))
+    if not budget.pretrain_steps:
+        chosen = [s for s in chosen if s != "pretrained"]  # random init: nothing to score
+    init = None
+    if budget.pretrain_steps:
+        from .pretraining import pretrain_public
+
+        print(f"== public pretraining ({budget.pretrain_steps} steps on the CC0 sample slide)", flush=True)
+        init = pretrain_public(out / "pretrained", budget)
     records = []
     wanted = json.loads(json.dumps(_budget_dict(budget)))  # as a kept record holds it
     for seed in range(seeds):
         for setting in chosen:
+            if setting == "pretrained" and seed > 0:
+                continue  # one shared initial model: scoring it again per seed would add nothing
             done = out / f"{setting}-s{seed}.json"
             if done.is_file() and not rerun:
                 record = json.loads(done.read_text())
-                kept = _relevant(record.get("budget", {}), setting)
-                # Fields added later with a None default do not make an older record different.
-                if kept != {k: v for k, v in _relevant(wanted, setting).items() if k in kept or v is not None}:
+                if not same_budget(record.get("budget", {}), wanted, setting):
                     raise ValueError(
                         f"{done} was made with another budget; use another --out, or --rerun to replace it")
                 print(f"== {setting} (seed {seed}): kept {done.name}, Dice {record['dice']:.4f}", flush=True)
                 records.append(record)
                 continue
             print(f"== {setting} (seed {seed})", flush=True)
-            record = run_setting(setting, budget=budget, folders=folders, test_dir=test_dir, seed=seed, out=out)
+            record = run_setting(setting, budget=budget, folders=folders, test_dir=test_dir, seed=seed, out=out,
+                                 init=init)
             print(f"   Dice {record['dice']:.4f}  Jaccard {record['jaccard']:.4f}  Acc {record['accuracy']:.4f}"
                   f"  eps {record.get('epsilon')}  ({record['seconds']:.0f} s)", flush=True)
             records.append(record)
@@ -319,6 +360,14 @@ def first_test_names(test_dir: Path, n: int | None = None) -> tuple[str, ...]:
     """The first ``n`` image stems of a test folder in sorted order (all when ``n`` is None):
     the subsets used for per-round scoring and the model card's ``subset3_*``."""
     return tuple(sorted(p.stem for p in (Path(test_dir) / "images").iterdir())[:n])
+
+
+def same_budget(kept: dict[str, Any], wanted: dict[str, Any], setting: str) -> bool:
+    """Whether a finished run's recorded budget (``kept``) is the one a grid now asks for."""
+    # Records made before public pretraining existed started from a random init.
+    kept = _relevant({"pretrain_steps": 0, **kept}, setting)
+    # Fields added later with a None default do not make an older record different.
+    return kept == {k: v for k, v in _relevant(wanted, setting).items() if k in kept or v is not None}
 
 
 def _relevant(budget: dict[str, Any], setting: str) -> dict[str, Any]:
