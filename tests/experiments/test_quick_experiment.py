@@ -27,6 +27,9 @@ def test_table_marks_missing_settings():
                       "feddp-eps8": [{"dice": 0.45, "jaccard": 0.3, "accuracy": 0.7, "epsilon": 7.9}]})
     table = markdown_table(rows)
     assert "not run yet" in table and "-10.0 %" in table
+    assert "Public pretraining" not in table  # a random-init grid has no initial-model row
+    with_init = summarize({"pretrained": [{"dice": 0.6, "jaccard": 0.4, "accuracy": 0.8, "epsilon": None}]})
+    assert "0 (public data only)" in markdown_table(with_init)
 
 
 @pytest.mark.slow
