@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-from napari_feddp.training._io import read_image, read_mask
-from napari_feddp.training.dataset import find_pairs
-from napari_feddp.training.metrics import SegmentationMetrics, confusion_matrix, scores_from_confusion
+from napari_feddp.evaluation import score_folder
 from napari_feddp.training.pseudo_labels import nuclei_pseudo_mask
 
 
@@ -33,21 +30,12 @@ def main() -> int:
         from napari_feddp.experiments.runner import _find_data
 
         args.data = str(_find_data() / "test")
-    started = time.perf_counter()
-    pooled = SegmentationMetrics(n_classes=2)
-    per_image = []
-    for pair in find_pairs(args.data, source_mpp=args.mpp):
-        prediction = nuclei_pseudo_mask(read_image(pair.image_path), mpp=args.mpp).astype("uint8")
-        matrix = confusion_matrix(prediction, read_mask(pair.mask_path, n_classes=2), 2)
-        pooled.matrix += matrix
-        s = scores_from_confusion(matrix)
-        per_image.append({"name": pair.name, "dice": s["dice"], "jaccard": s["jaccard"],
-                          "accuracy": s["pixel_accuracy"]})
-    scores = pooled.compute()
+    report = score_folder(args.data, lambda image: nuclei_pseudo_mask(image, mpp=args.mpp).astype("uint8"),
+                          source_mpp=args.mpp)
     result = {"method": "haematoxylin optical density, Otsu per image (nuclei_pseudo_mask), no learning",
-              "data": str(args.data), "mpp": args.mpp, "dice": scores["dice"], "jaccard": scores["jaccard"],
-              "accuracy": scores["pixel_accuracy"], "n_images": len(per_image), "per_image": per_image,
-              "seconds": round(time.perf_counter() - started, 1)}
+              "data": str(args.data), "mpp": args.mpp, "dice": report.dice, "jaccard": report.jaccard,
+              "accuracy": report.accuracy, "n_images": report.n_images, "per_image": report.per_image,
+              "seconds": round(report.seconds, 1)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"Dice {result['dice']:.4f}  Jaccard {result['jaccard']:.4f}  Acc {result['accuracy']:.4f}  "

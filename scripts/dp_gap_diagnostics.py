@@ -20,42 +20,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 OFFSETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def diagnose(checkpoint: Path, test_dir: Path) -> dict:
-    from napari_feddp.evaluation import predict_image
-    from napari_feddp.models import load_checkpoint, save_checkpoint
+    from napari_feddp.evaluation import evaluate_folder
     from napari_feddp.segmentation import load_model
-    from napari_feddp.training._io import read_image, read_mask
-    from napari_feddp.training.dataset import find_pairs
 
-    pairs = find_pairs(test_dir, source_mpp=0.25)
-    images = [(read_image(p.image_path), read_mask(p.mask_path, n_classes=2) > 0) for p in pairs]
-    model, card = load_checkpoint(checkpoint)
+    loaded = load_model(str(checkpoint))
+    bias = loaded.model.head.bias
+    original = bias.detach().clone()
     result: dict = {"dice_at_offset": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for offset in OFFSETS:
-            shifted, _ = load_checkpoint(checkpoint)
-            with torch.no_grad():
-                shifted.head.bias[1] -= offset
-            loaded = load_model(str(save_checkpoint(Path(tmp) / f"o{offset}.safetensors", shifted, card)))
-            tp = fp = fn = 0
-            for image, truth in images:
-                pred = predict_image(image, loaded, mpp=0.25) > 0
-                tp += int(np.sum(pred & truth))
-                fp += int(np.sum(pred & ~truth))
-                fn += int(np.sum(~pred & truth))
-            result["dice_at_offset"][str(offset)] = 2 * tp / (2 * tp + fp + fn)
-            if offset == 0.0:
-                result.update(dice=2 * tp / (2 * tp + fp + fn), fg_ratio=(tp + fp) / (tp + fn),
-                              precision=tp / (tp + fp), recall=tp / (tp + fn))
+    for offset in OFFSETS:
+        with torch.no_grad():
+            bias.copy_(original)
+            bias[1] -= offset
+        report = evaluate_folder(test_dir, loaded, mpp=0.25)
+        result["dice_at_offset"][str(offset)] = report.dice
+        if offset == 0.0:
+            (_, fp), (fn, tp) = report.matrix.tolist()
+            result.update(dice=report.dice, fg_ratio=(tp + fp) / (tp + fn), precision=tp / (tp + fp),
+                          recall=tp / (tp + fn))
     return result
 
 

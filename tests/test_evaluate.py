@@ -36,6 +36,36 @@ def test_pooled_scores_match_hand_computation(tiny_checkpoint):
     assert report.dice == pytest.approx(2 * tp / (2 * tp + fp + fn))
     assert report.jaccard == pytest.approx(tp / (tp + fp + fn))
     assert report.accuracy == pytest.approx(correct / total)
+    # The pooled confusion matrix is kept (rows truth, columns prediction).
+    assert report.matrix.tolist() == [[total - tp - fp - fn, fp], [fn, tp]]
+
+
+def test_any_predictor_is_scored_the_same_way(tmp_path):
+    """``score_folder`` scores a non-model method: a predictor that marks the left half."""
+    from PIL import Image
+
+    from napari_feddp.evaluation import score_folder
+
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    truth = np.zeros((8, 8), np.uint8)
+    truth[:, :2] = 255  # nuclei in the two leftmost columns
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(truth).save(tmp_path / "masks" / "a.png")
+
+    def left_half(image):
+        out = np.zeros(image.shape[:2], np.uint8)
+        out[:, :4] = 1
+        return out
+
+    report = score_folder(tmp_path, left_half)
+    # tp = 16, fp = 16, fn = 0, tn = 32
+    assert report.matrix.tolist() == [[32, 16], [0, 16]]
+    assert report.dice == pytest.approx(2 * 16 / (2 * 16 + 16))
+    assert report.jaccard == pytest.approx(0.5) and report.accuracy == pytest.approx(0.75)
+    assert report.n_images == 1 and report.per_image[0]["name"] == "a"
+    with pytest.raises(ValueError, match="no image/mask pair named"):
+        score_folder(tmp_path, left_half, names=["b"])
 
 
 def test_cli_writes_json(tmp_path, tiny_checkpoint, capsys):

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -36,6 +36,8 @@ class EvaluationReport:
     model: str = ""
     mpp: float | None = None
     seconds: float = 0.0
+    #: Pooled confusion matrix (rows: truth, columns: prediction); not part of ``to_dict``.
+    matrix: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,23 +71,44 @@ def evaluate_folder(
     names : list of str, optional
         Only these file stems (e.g. a fixed subset for a quick check).
     """
-    started = time.perf_counter()
     image_mpp = float(mpp) if mpp is not None else loaded.spec.mpp
-    pairs = find_pairs(data_dir, source_mpp=image_mpp or 1.0)
+    report = score_folder(
+        data_dir,
+        lambda image: predict_image(image, loaded, mpp=image_mpp, batch_size=batch_size, device=device),
+        n_classes=loaded.card.n_classes, source_mpp=image_mpp, names=names,
+    )
+    report.model, report.mpp = str(loaded.path), image_mpp
+    return report
+
+
+def score_folder(
+    data_dir: str | os.PathLike,
+    predict: Callable[[np.ndarray], np.ndarray],
+    *,
+    n_classes: int = 2,
+    source_mpp: float | None = None,
+    names: list[str] | None = None,
+) -> EvaluationReport:
+    """Score any predictor (RGB image -> class map of the same size) on a folder of pairs.
+
+    The loop behind :func:`evaluate_folder`, also used for methods that are not a model
+    (e.g. the colour-deconvolution baseline). ``report.matrix`` holds the pooled
+    confusion matrix (rows: truth, columns: prediction).
+    """
+    started = time.perf_counter()
+    pairs = find_pairs(data_dir, source_mpp=source_mpp or 1.0)
     if names is not None:
         wanted = set(names)
         missing = wanted - {p.name for p in pairs}
         if missing:
             raise ValueError(f"{data_dir}: no image/mask pair named {sorted(missing)}")
         pairs = [p for p in pairs if p.name in wanted]
-    n_classes = loaded.card.n_classes
     pooled = SegmentationMetrics(n_classes=n_classes)
     per_image = []
     for pair in pairs:
         image = read_image(pair.image_path)
         truth = read_mask(pair.mask_path, n_classes=n_classes)
-        prediction = predict_image(image, loaded, mpp=image_mpp, batch_size=batch_size, device=device)
-        matrix = confusion_matrix(prediction, truth, n_classes)
+        matrix = confusion_matrix(np.asarray(predict(image)), truth, n_classes)
         pooled.matrix += matrix
         scores = scores_from_confusion(matrix)
         per_image.append({"name": pair.name, "dice": scores["dice"], "jaccard": scores["jaccard"],
@@ -95,8 +118,8 @@ def evaluate_folder(
     scores = pooled.compute()
     return EvaluationReport(
         dice=scores["dice"], jaccard=scores["jaccard"], accuracy=scores["pixel_accuracy"],
-        n_images=len(per_image), per_image=per_image, model=str(loaded.path), mpp=image_mpp,
-        seconds=time.perf_counter() - started,
+        n_images=len(per_image), per_image=per_image, mpp=source_mpp,
+        seconds=time.perf_counter() - started, matrix=pooled.matrix,
     )
 
 

@@ -111,13 +111,15 @@ def pretrain_public(out_dir: str | os.PathLike, budget, *, seed: int = 0) -> Pat
     Trained once per ``out_dir`` and budget (architecture, crop, batch, lr, steps) and reused;
     returns the checkpoint path.
     """
-    from .runner import _budget_dict, train_direct
+    from dataclasses import asdict
+
+    from .runner import train_direct
 
     out = Path(out_dir)
     if budget.pretrain_steps <= 0:
         raise ValueError("pretrain_public: budget.pretrain_steps is 0 (random initialisation)")
     keys = ("pretrain_steps", "batch_size", "crop_size", "learning_rate", "base_width", "depth", "groups", "mpp")
-    params = {k: v for k, v in _budget_dict(budget).items() if k in keys} | {"seed": seed}
+    params = {k: v for k, v in asdict(budget).items() if k in keys} | {"seed": seed}
     checkpoint = out / "public-pretrained.safetensors"
     stamp = out / "pretrained.json"
     if checkpoint.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("params") == params:

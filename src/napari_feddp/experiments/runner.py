@@ -284,7 +284,7 @@ def _initial_weights(path: Path, budget: Budget) -> dict[str, Any]:
     from ..models import load_checkpoint
 
     model, card = load_checkpoint(str(path))
-    if dict(card.architecture.params) != {**dict(card.architecture.params), **budget.unet_params()}:
+    if any(card.architecture.params.get(k) != v for k, v in budget.unet_params().items()):
         raise ValueError(f"initial model {path}: architecture {card.architecture.params} does not match "
                          f"the budget's {budget.unet_params()}")
     return model.state_dict()
@@ -323,14 +323,14 @@ def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds
     folders = prepare_hospitals(data_root / "train", scratch, hospitals=list(budget.hospitals),
                                 target_mpp=budget.mpp, grid=budget.grid, max_tiles=budget.max_tiles)
     chosen = settings or (["pretrained", "centralized", "fedavg", "feddp-eps8"] if quick else list(SETTINGS))
-    if not budget.pretrain_steps:
-        chosen = [s for s in chosen if s != "pretrained"]  # random init: nothing to score
     init = None
     if budget.pretrain_steps:
         from .pretraining import pretrain_public
 
         print(f"== public pretraining ({budget.pretrain_steps} steps on the CC0 sample slide)", flush=True)
         init = pretrain_public(out / "pretrained", budget)
+    else:
+        chosen = [s for s in chosen if s != "pretrained"]  # random init: nothing to score
     records = []
     wanted = json.loads(json.dumps(_budget_dict(budget)))  # as a kept record holds it
     for seed in range(seeds):
