@@ -157,3 +157,39 @@ def test_negative_pretraining_steps_are_refused(tmp_path):
     with pytest.raises(CommandError, match="--pretrain-steps N"):
         args.func(args)
     assert not (tmp_path / "y").exists()
+
+
+def test_holdout_validation_leaves_a_hospital_out_and_scores_on_its_training_tiles(tmp_path):
+    from dataclasses import replace
+
+    from napari_feddp.experiments.runner import Budget, _holdout
+
+    train = require_data("monuseg/train")
+    budget = replace(Budget(), holdout="h5-mixed", round_eval_names=("a", "b"))
+    kept, folder = _holdout(budget, train, tmp_path / "val")
+    assert kept.hospitals == ("h1-breast", "h2-kidney", "h3-liver", "h4-prostate")
+    stems = sorted(p.stem for p in (folder / "images").iterdir())
+    assert stems == sorted(p.stem for p in (folder / "masks").iterdir())
+    assert stems == split_names([p.stem for p in (train / "images").iterdir()])["h5-mixed"]
+    assert len(stems) == 6 and all(hospital_of(s) == "h5-mixed" for s in stems)
+    # Per-round scoring follows the validation folder, never the test split.
+    assert kept.round_eval_names == tuple(stems[:2])
+    # Preparing the same folder twice is fine (a grid extended with more seeds).
+    assert _holdout(budget, train, tmp_path / "val")[1] == folder
+    with pytest.raises(ValueError, match="not one of the budget's hospitals"):
+        _holdout(replace(Budget(), holdout="h9-moon"), train, tmp_path / "bad")
+
+
+def test_bad_overrides_are_refused_before_anything_is_written(tmp_path):
+    import argparse
+
+    from napari_feddp.commands import CommandError, experiment
+
+    parser = argparse.ArgumentParser()
+    experiment.add_parser(parser.add_subparsers(dest="command"))
+    for flags, message in ((["--holdout", "h9-moon"], "--holdout: expected one of"),
+                           (["--batch-size", "0"], "--batch-size"), (["--base-width", "-8"], "--base-width")):
+        args = parser.parse_args(["experiment", "run", "--out", str(tmp_path / "x"), *flags])
+        with pytest.raises(CommandError, match=message):
+            args.func(args)
+    assert not (tmp_path / "x").exists()

@@ -18,6 +18,11 @@ def add_parser(subparsers) -> None:
     run_p.add_argument("--scratch", help="where hospital patches are written (default: OUT/hospitals)")
     run_p.add_argument("--rounds", type=int, help="override the federated rounds")
     run_p.add_argument("--local-steps", type=int, help="override the local steps per round")
+    run_p.add_argument("--batch-size", type=int, help="override the shared batch size")
+    run_p.add_argument("--base-width", type=int, help="override the U-Net base width (channels of the first level)")
+    run_p.add_argument("--holdout", metavar="HOSPITAL",
+                       help="model selection on training data: leave this hospital out of training and score "
+                            "on its MoNuSeg training tiles instead of the test split")
     run_p.add_argument("--dp-batch-size", type=int,
                        help="batch size of the sample-level DP runs (default: the shared batch size)")
     run_p.add_argument("--dp-local-steps", type=int,
@@ -62,6 +67,15 @@ def run(args) -> int:
         budget = replace(budget, rounds=args.rounds)
     if args.local_steps:
         budget = replace(budget, local_steps=args.local_steps)
+    for name, value in (("batch_size", args.batch_size), ("base_width", args.base_width)):
+        if value is not None:
+            if value < 1:
+                raise CommandError(f"--{name.replace('_', '-')}: expected a positive integer")
+            budget = replace(budget, **{name: value})
+    if args.holdout:
+        if args.holdout not in budget.hospitals:
+            raise CommandError(f"--holdout: expected one of {list(budget.hospitals)}, got {args.holdout!r}")
+        budget = replace(budget, holdout=args.holdout)
     if args.dp_batch_size:
         budget = replace(budget, dp_batch_size=args.dp_batch_size)
     if args.dp_local_steps:

@@ -70,6 +70,9 @@ class Budget:
     #: every setting starts from that model. 0 (the headline recipe): a seeded random init.
     #: Tried with 500 steps, not adopted (``docs/results.md``).
     pretrain_steps: int = 0
+    #: Model selection on training data: this hospital is left out of every setting and its
+    #: training tiles (at their own 0.25 µm/px) replace the test split. None: the real grid.
+    holdout: str | None = None
 
     def for_sample_dp(self) -> Budget:
         """The budget a sample-level DP run uses (its own batch, local steps and lr, if set)."""
@@ -316,6 +319,8 @@ def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds
     out.mkdir(parents=True, exist_ok=True)
     data_root = Path(data) if data else _find_data()
     test_dir = data_root / "test"
+    if budget.holdout:
+        budget, test_dir = _holdout(budget, data_root / "train", out / f"holdout-{budget.holdout}")
     if quick and budget.test_names is None:
         names = first_test_names(test_dir, 2)
         budget = replace(budget, test_names=tuple(names), round_eval_names=tuple(names[:1]))
@@ -354,6 +359,34 @@ def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds
             records.append(record)
     write_report(out)
     return records
+
+
+def _holdout(budget: Budget, train_dir: Path, folder: Path) -> tuple[Budget, Path]:
+    """The budget without ``budget.holdout`` and a validation folder of that hospital's tiles.
+
+    The validation folder links the held-out hospital's MoNuSeg *training* tiles (images and
+    masks, 0.25 µm/px), so a recipe can be chosen without touching the test split.
+    """
+    from .hospitals import split_names
+
+    if budget.holdout not in budget.hospitals:
+        raise ValueError(f"holdout {budget.holdout!r} is not one of the budget's hospitals {list(budget.hospitals)}")
+    kept = tuple(h for h in budget.hospitals if h != budget.holdout)
+    if not kept:
+        raise ValueError("holdout: no hospital would be left to train on")
+    images = {p.stem: p for p in (train_dir / "images").iterdir() if p.suffix.lower() in (".png", ".tif", ".tiff")}
+    masks = {p.stem: p for p in (train_dir / "masks").iterdir()}
+    names = [n for n in split_names(list(images))[budget.holdout] if n in masks]
+    if not names:
+        raise ValueError(f"holdout {budget.holdout!r}: none of its tiles is in {train_dir}")
+    for sub, found in (("images", images), ("masks", masks)):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            link = folder / sub / found[name].name
+            if not link.exists():
+                link.symlink_to(found[name].resolve())
+    round_eval = first_test_names(folder, len(budget.round_eval_names)) if budget.round_eval_names else None
+    return replace(budget, hospitals=kept, round_eval_names=round_eval, test_names=None), folder
 
 
 def first_test_names(test_dir: Path, n: int | None = None) -> tuple[str, ...]:
