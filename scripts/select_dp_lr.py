@@ -4,7 +4,8 @@ Proxy task: train on the pooled patches of four hospitals (h1-h4) for 400 steps 
 score on the fifth hospital's patches (h5-mixed, at 0.5 µm/px, pooled Dice): once without DP,
 once with DP-SGD at the ε=8 noise multiplier of the grid (σ = 0.913, C = 1, Poisson sampling).
 The MoNuSeg test split is never touched. Run from the repository root after the grid has
-prepared its hospital patches (``napari-feddp experiment run --out runs/monuseg ...``)::
+prepared its hospital patches (``napari-feddp experiment run --out runs/monuseg ...``). It is
+pinned to the recipe it was made for, the earlier grid's (base width 16, batch 8)::
 
     .venv/bin/python scripts/select_dp_lr.py --hospitals runs/monuseg/hospitals
 
@@ -31,7 +32,8 @@ def one(hospitals: Path, pooled: Path, sigma: float, lr: float, steps: int, work
     from napari_feddp.experiments.runner import Budget, train_direct
     from napari_feddp.segmentation import load_model
 
-    budget = replace(Budget(), learning_rate=lr)
+    # The recipe this proxy was made for (the earlier grid: base width 16, batch 8).
+    budget = replace(Budget(), learning_rate=lr, base_width=16, batch_size=8)
     started = time.monotonic()
     checkpoint = train_direct(pooled, steps, budget, 0, work, f"proxy-{sigma}-{lr}", noise=sigma or None)
     report = evaluate_folder(hospitals / VALIDATE, load_model(str(checkpoint)), mpp=budget.mpp)

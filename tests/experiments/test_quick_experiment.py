@@ -102,8 +102,8 @@ def test_dp_runs_may_use_their_own_batch_at_the_same_crop_budget():
     from napari_feddp.experiments.runner import Budget
 
     shared = Budget()
-    dp = Budget(dp_batch_size=16, dp_local_steps=5).for_sample_dp()
-    assert (dp.batch_size, dp.local_steps) == (16, 5)
+    dp = Budget(dp_batch_size=64, dp_local_steps=5).for_sample_dp()
+    assert (dp.batch_size, dp.local_steps) == (64, 5)
     assert dp.total_steps * dp.batch_size == shared.total_steps * shared.batch_size
     assert Budget().for_sample_dp() == Budget()
     assert Budget(dp_learning_rate=1e-3).for_sample_dp().learning_rate == 1e-3
