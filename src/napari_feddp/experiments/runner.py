@@ -370,24 +370,23 @@ def _holdout(budget: Budget, train_dir: Path, folder: Path) -> tuple[Budget, Pat
     The validation folder links the held-out hospital's MoNuSeg *training* tiles (images and
     masks, 0.25 µm/px), so a recipe can be chosen without touching the test split.
     """
-    from .hospitals import split_names
+    from ..training.dataset import find_pairs
+    from .hospitals import hospital_of
 
     if budget.holdout not in budget.hospitals:
         raise ValueError(f"holdout {budget.holdout!r} is not one of the budget's hospitals {list(budget.hospitals)}")
     kept = tuple(h for h in budget.hospitals if h != budget.holdout)
     if not kept:
         raise ValueError("holdout: no hospital would be left to train on")
-    images = {p.stem: p for p in (train_dir / "images").iterdir() if p.suffix.lower() in (".png", ".tif", ".tiff")}
-    masks = {p.stem: p for p in (train_dir / "masks").iterdir()}
-    names = [n for n in split_names(list(images))[budget.holdout] if n in masks]
-    if not names:
+    pairs = [p for p in find_pairs(train_dir) if hospital_of(p.name) == budget.holdout]
+    if not pairs:
         raise ValueError(f"holdout {budget.holdout!r}: none of its tiles is in {train_dir}")
-    for sub, found in (("images", images), ("masks", masks)):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        for name in names:
-            link = folder / sub / found[name].name
+    for pair in pairs:
+        for sub, source in (("images", pair.image_path), ("masks", pair.mask_path)):
+            link = folder / sub / source.name
+            link.parent.mkdir(parents=True, exist_ok=True)
             if not link.exists():
-                link.symlink_to(found[name].resolve())
+                link.symlink_to(source.resolve())
     round_eval = first_test_names(folder, len(budget.round_eval_names)) if budget.round_eval_names else None
     return replace(budget, hospitals=kept, round_eval_names=round_eval, test_names=None), folder
 
