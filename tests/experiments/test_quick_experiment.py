@@ -32,6 +32,19 @@ def test_table_marks_missing_settings():
     assert "0 (public data only)" in markdown_table(with_init)
 
 
+def test_privacy_cost_sweep_is_run_and_tabled_only_on_request():
+    from napari_feddp.experiments.runner import DP_EPSILONS, GRID, SWEEP_ONLY
+
+    assert set(SWEEP_ONLY).isdisjoint(GRID) and {DP_EPSILONS[s] for s in SWEEP_ONLY} == {16.0, 32.0}
+    grid_only = markdown_table(summarize({"fedavg": [{"dice": 0.5, "jaccard": 0.4, "accuracy": 0.8,
+                                                      "epsilon": None}]}))
+    assert "ε=16" not in grid_only and "ε=8 | not run yet" in grid_only
+    swept = markdown_table(summarize({"fedavg": [{"dice": 0.5, "jaccard": 0.4, "accuracy": 0.8, "epsilon": None}],
+                                      "feddp-eps16": [{"dice": 0.49, "jaccard": 0.3, "accuracy": 0.8,
+                                                       "epsilon": 15.9}]}))
+    assert "ε=16 (privacy-cost sweep) | 0.4900 |" in swept and "15.90" in swept and "-2.0 %" in swept
+
+
 @pytest.mark.slow
 def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
     data = require_data("monuseg")

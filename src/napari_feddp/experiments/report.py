@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .runner import SETTINGS
+from .runner import SETTINGS, SWEEP_ONLY
 
 LABELS = {
     "pretrained": "Public pretraining only (initial model of every row)",
@@ -19,6 +19,8 @@ LABELS = {
     "feddp-eps1": "FedDP sample-level, ε=1",
     "feddp-eps3": "FedDP sample-level, ε=3",
     "feddp-eps8": "FedDP sample-level, ε=8",
+    "feddp-eps16": "FedDP sample-level, ε=16 (privacy-cost sweep)",
+    "feddp-eps32": "FedDP sample-level, ε=32 (privacy-cost sweep)",
     "feddp-update": "FedDP update-level (client DP)",
 }
 
@@ -50,8 +52,8 @@ def summarize(grouped: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     base = _mean_std([r["dice"] for r in fedavg])[0] if fedavg else None
     for setting in SETTINGS:
         records = grouped.get(setting)
-        if not records and setting == "pretrained":
-            continue  # a grid from a random init has no pretrained row
+        if not records and (setting == "pretrained" or setting in SWEEP_ONLY):
+            continue  # a grid from a random init has no pretrained row; the sweep is on request
         if not records:
             rows.append({"setting": setting, "label": LABELS[setting], "run": False})
             continue
