@@ -45,6 +45,22 @@ def test_privacy_cost_sweep_is_run_and_tabled_only_on_request():
     assert "ε=16 (privacy-cost sweep) | 0.4900 |" in swept and "15.90" in swept and "-2.0 %" in swept
 
 
+def test_dice_vs_epsilon_plot_needs_two_epsilons(tmp_path):
+    from napari_feddp.experiments.report import plot_privacy_cost
+
+    def run(setting, dice, seeds):
+        return [{"setting": setting, "seed": k, "dice": dice + k * 1e-3, "jaccard": 0.5, "accuracy": 0.9,
+                 "epsilon": None} for k in range(seeds)]
+
+    one = summarize({"fedavg": run("fedavg", 0.78, 2), "feddp-eps8": run("feddp-eps8", 0.76, 3)})
+    assert plot_privacy_cost(one, tmp_path) is None and not list(tmp_path.iterdir())
+    two = summarize({"fedavg": run("fedavg", 0.78, 2), "feddp-eps8": run("feddp-eps8", 0.76, 3),
+                     "feddp-eps32": run("feddp-eps32", 0.775, 1)})
+    path = plot_privacy_cost(two, tmp_path)
+    assert path == tmp_path / "results_dice_vs_epsilon.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
 @pytest.mark.slow
 def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
     data = require_data("monuseg")
