@@ -35,7 +35,8 @@ def test_table_marks_missing_settings():
 def test_privacy_cost_sweep_is_run_and_tabled_only_on_request():
     from napari_feddp.experiments.runner import DP_EPSILONS, GRID, SWEEP_ONLY
 
-    assert set(SWEEP_ONLY).isdisjoint(GRID) and {DP_EPSILONS[s] for s in SWEEP_ONLY} == {16.0, 32.0}
+    assert set(SWEEP_ONLY).isdisjoint(GRID)
+    assert {DP_EPSILONS[s] for s in SWEEP_ONLY if s in DP_EPSILONS} == {16.0, 32.0}
     grid_only = markdown_table(summarize({"fedavg": [{"dice": 0.5, "jaccard": 0.4, "accuracy": 0.8,
                                                       "epsilon": None}]}))
     assert "ε=16" not in grid_only and "ε=8 | not run yet" in grid_only
@@ -43,6 +44,21 @@ def test_privacy_cost_sweep_is_run_and_tabled_only_on_request():
                                       "feddp-eps16": [{"dice": 0.49, "jaccard": 0.3, "accuracy": 0.8,
                                                        "epsilon": 15.9}]}))
     assert "ε=16 (privacy-cost sweep) | 0.4900 |" in swept and "15.90" in swept and "-2.0 %" in swept
+
+
+def test_clipping_only_diagnostic_is_a_sample_dp_setting_without_privacy():
+    from dataclasses import asdict
+
+    from napari_feddp.experiments.runner import CLIP_ONLY_NOISE, SAMPLE_DP, SWEEP_ONLY, Budget, _relevant
+
+    assert "feddp-clip" in SAMPLE_DP and "feddp-clip" in SWEEP_ONLY and CLIP_ONLY_NOISE < 1e-3
+    # Its records depend on the DP-only budget fields, like every sample-level DP run.
+    assert "dp_learning_rate" in _relevant(asdict(Budget()), "feddp-clip")
+    rows = summarize({"fedavg": [{"dice": 0.5, "jaccard": 0.4, "accuracy": 0.8, "epsilon": None}],
+                      "feddp-clip": [{"dice": 0.495, "jaccard": 0.4, "accuracy": 0.8, "epsilon": 5.5e9}]})
+    table = markdown_table(rows)
+    assert "clipping only (diagnostic, no privacy) | 0.4950 |" in table and "none (σ = 0.0001)" in table
+    assert "5500000000" not in table and "-1.0 %" in table
 
 
 def test_dice_vs_epsilon_plot_needs_two_epsilons(tmp_path):
@@ -125,6 +141,19 @@ def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
                                  "--dest", str(tmp_path / "model" / "other"), "--data", str(data)])
     with pytest.raises(CommandError, match="sample-level FedDP"):
         refused.func(refused)
+
+
+def test_default_model_must_keep_the_epsilon_8_promise(tmp_path):
+    """A sweep run (eps 32) or the clipping-only diagnostic is refused before anything is scored."""
+    from napari_feddp.experiments.bundle import bundle_from_record
+
+    for setting, epsilon in (("feddp-eps32", 31.68), ("feddp-clip", 5.5e9)):
+        record = tmp_path / f"{setting}-s0.json"
+        record.write_text(json.dumps({"setting": setting, "dp_mode": "sample", "epsilon": epsilon, "delta": 1e-5,
+                                      "checkpoint": str(tmp_path / "missing.safetensors"), "budget": {}}))
+        with pytest.raises(ValueError, match="promises at most 8"):
+            bundle_from_record(record, tmp_path / "model" / "feddp-nuclei", data=tmp_path)
+    assert not (tmp_path / "model").exists()
 
 
 def test_dp_runs_may_use_their_own_batch_at_the_same_crop_budget():

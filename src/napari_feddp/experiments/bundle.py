@@ -40,6 +40,10 @@ def bundle_default_model(checkpoint: str | os.PathLike, dest: str | os.PathLike,
     return save_checkpoint(Path(dest).with_suffix(".safetensors"), model, card)
 
 
+#: The privacy promise of the shipped model: sample-level epsilon per hospital dataset.
+MAX_DEFAULT_EPSILON = 8.0
+
+
 def bundle_from_record(record_path: str | os.PathLike, dest: str | os.PathLike, *,
                        data: str | os.PathLike | None = None) -> Path:
     """Ship the checkpoint of a runner record (``OUT/<setting>-s<seed>.json``) as the default model.
@@ -57,6 +61,9 @@ def bundle_from_record(record_path: str | os.PathLike, dest: str | os.PathLike, 
     if record.get("dp_mode") != "sample" or not record.get("epsilon"):
         raise ValueError(f"{record_path}: the default model must come from a sample-level FedDP run "
                          f"(dp_mode {record.get('dp_mode')!r})")
+    if record["epsilon"] > MAX_DEFAULT_EPSILON:
+        raise ValueError(f"{record_path}: the default model's run spent epsilon {record['epsilon']:.4g}; "
+                         f"the shipped model promises at most {MAX_DEFAULT_EPSILON:g} per hospital")
     budget = record["budget"]
     checkpoint = Path(record["checkpoint"])
     test_dir = (Path(data) if data else _find_data()) / "test"

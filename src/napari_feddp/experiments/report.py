@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .runner import DP_EPSILONS, SETTINGS, SWEEP_ONLY
+from .runner import CLIP_ONLY_NOISE, DP_EPSILONS, SETTINGS, SWEEP_ONLY
 
 LABELS = {
     "pretrained": "Public pretraining only (initial model of every row)",
@@ -21,6 +21,7 @@ LABELS = {
     "feddp-eps8": "FedDP sample-level, ε=8",
     "feddp-eps16": "FedDP sample-level, ε=16 (privacy-cost sweep)",
     "feddp-eps32": "FedDP sample-level, ε=32 (privacy-cost sweep)",
+    "feddp-clip": "FedDP machinery, clipping only (diagnostic, no privacy)",
     "feddp-update": "FedDP update-level (client DP)",
 }
 
@@ -83,6 +84,8 @@ def markdown_table(rows: list[dict[str, Any]], command: str = "napari-feddp expe
         dice = row["dice_text"] + (f" / worst {row['worst_dice_text']}" if "worst_dice_text" in row else "")
         if row["setting"] == "pretrained":
             eps = "0 (public data only)"
+        elif row["setting"] == "feddp-clip":
+            eps = f"none (σ = {CLIP_ONLY_NOISE:g})"
         elif row.get("epsilon") is None:
             eps = "∞ (no DP)" if row["setting"] in ("centralized", "local", "fedavg") else "-"
         else:
@@ -144,7 +147,7 @@ def plot_privacy_cost(rows: list[dict[str, Any]], out: str | os.PathLike,
                       prefix: str = "results_") -> Path | None:
     """``<prefix>dice_vs_epsilon.png``: test Dice of the sample-level FedDP settings against
     their ε (mean, bar = std over seeds), with FedAvg, FedAvg - 1 point (the issue's target
-    for ε = 8) and centralized as lines. None when fewer than two ε were run."""
+    for ε = 8), centralized and the clipping-only diagnostic (if run) as lines. None when fewer than two ε were run."""
     dp = sorted((DP_EPSILONS[r["setting"]], r) for r in rows if r["run"] and r["setting"] in DP_EPSILONS)
     if len(dp) < 2:
         return None
@@ -158,10 +161,11 @@ def plot_privacy_cost(rows: list[dict[str, Any]], out: str | os.PathLike,
                 marker="o", capsize=3, label="FedDP sample-level (seeds: " +
                 ", ".join(f"ε {e:g}: {r['seeds']}" for e, r in dp) + ")")
     by_setting = {r["setting"]: r for r in rows if r["run"]}
-    for setting, style, label in (("centralized", ":", "centralized"), ("fedavg", "-", "FedAvg (no DP)")):
+    for setting, style, colour, label in (("centralized", ":", "grey", "centralized"),
+                                          ("fedavg", "-", "black", "FedAvg (no DP)"),
+                                          ("feddp-clip", "-.", "tab:green", "clipping only, no noise")):
         if setting in by_setting:
-            ax.axhline(by_setting[setting]["dice"], color="grey" if setting == "centralized" else "black",
-                       linestyle=style, linewidth=1, label=label)
+            ax.axhline(by_setting[setting]["dice"], color=colour, linestyle=style, linewidth=1, label=label)
     if "fedavg" in by_setting:
         ax.axhline(by_setting["fedavg"]["dice"] - 0.01, color="tab:red", linestyle="--", linewidth=1,
                    label="FedAvg - 1 Dice point")

@@ -31,11 +31,18 @@ from .hospitals import HOSPITALS, prepare_hospitals
 
 #: Every setting the runner knows, in table order.
 SETTINGS = ("pretrained", "centralized", "local", "fedavg", "feddp-eps1", "feddp-eps3", "feddp-eps8",
-            "feddp-eps16", "feddp-eps32", "feddp-update")
+            "feddp-eps16", "feddp-eps32", "feddp-clip", "feddp-update")
 DP_EPSILONS = {"feddp-eps1": 1.0, "feddp-eps3": 3.0, "feddp-eps8": 8.0, "feddp-eps16": 16.0, "feddp-eps32": 32.0}
+#: Diagnostic: the sample-level DP-SGD machinery (per-sample clipping, Poisson sampling, the
+#: ledger) with a negligible noise multiplier, i.e. no privacy. Its gap to FedAvg is what
+#: clipping and sampling cost; the rest of a DP setting's gap is the noise.
+CLIP_ONLY_NOISE = 1e-4
+#: Settings trained with sample-level DP-SGD (their own ``Budget.for_sample_dp``).
+SAMPLE_DP = (*DP_EPSILONS, "feddp-clip")
 #: Run only when asked for (``--settings``): the privacy-cost sweep past the issue's epsilons,
-#: which measures what budget FedDP needs to come within 1 Dice point of FedAvg.
-SWEEP_ONLY = ("feddp-eps16", "feddp-eps32")
+#: which measures what budget FedDP needs to come within 1 Dice point of FedAvg, and the
+#: clipping-only diagnostic.
+SWEEP_ONLY = ("feddp-eps16", "feddp-eps32", "feddp-clip")
 #: What ``run_grid`` runs when no settings are given.
 GRID = tuple(s for s in SETTINGS if s not in SWEEP_ONLY)
 
@@ -226,12 +233,12 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     shared = budget  # recorded: the grid's budget, which kept runs are compared against
-    if setting in DP_EPSILONS:
+    if setting in SAMPLE_DP:
         budget = budget.for_sample_dp()
     record: dict[str, Any] = {"setting": setting, "seed": seed, "budget": _budget_dict(shared),
                               "total_steps": budget.total_steps,
                               "examples_seen": budget.total_steps * budget.batch_size}
-    if setting in DP_EPSILONS:
+    if setting in SAMPLE_DP:
         record.update(dp_batch_size=budget.batch_size, dp_local_steps=budget.local_steps,
                       dp_learning_rate=budget.learning_rate)
     n_examples = {h: len(os.listdir(folders[h] / "images")) for h in budget.hospitals}
@@ -261,6 +268,8 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
         if setting in DP_EPSILONS:
             dp_mode, eps_budget = "sample", DP_EPSILONS[setting]
             noise = noise_for_epsilon(eps_budget, min(n_examples.values()), budget)
+        elif setting == "feddp-clip":
+            dp_mode, noise = "sample", CLIP_ONLY_NOISE  # eps_budget 0: the labs set no limit
         elif setting == "feddp-update":
             # "Comparable noise": the eps-8 sample-level noise multiplier, applied to the
             # aggregate of clipped client updates (Flower's client-side fixed clipping).
@@ -414,7 +423,7 @@ def same_budget(kept: dict[str, Any], wanted: dict[str, Any], setting: str) -> b
 def _relevant(budget: dict[str, Any], setting: str) -> dict[str, Any]:
     """The budget fields a run of ``setting`` depends on: the ``dp_*`` fields only matter to
     sample-level DP runs (a FedAvg run made before a DP learning rate was set stays valid)."""
-    if setting in DP_EPSILONS:
+    if setting in SAMPLE_DP:
         return dict(budget)
     return {k: v for k, v in budget.items() if not k.startswith("dp_")}
 
@@ -429,4 +438,4 @@ def _find_data() -> Path:
     return found
 
 
-__all__ = ["Budget", "DP_EPSILONS", "GRID", "SETTINGS", "SWEEP_ONLY", "first_test_names", "noise_for_epsilon", "quick_budget", "run_grid", "run_setting"]
+__all__ = ["Budget", "CLIP_ONLY_NOISE", "DP_EPSILONS", "GRID", "SAMPLE_DP", "SETTINGS", "SWEEP_ONLY", "first_test_names", "noise_for_epsilon", "quick_budget", "run_grid", "run_setting"]
