@@ -61,6 +61,24 @@ def test_clipping_only_diagnostic_is_a_sample_dp_setting_without_privacy():
     assert "5500000000" not in table and "-1.0 %" in table
 
 
+def test_round_curves_follow_table_order_and_leave_out_the_clipping_only_epsilon():
+    from napari_feddp.experiments.report import round_series
+
+    def record(setting, seed, epsilon):
+        return {"setting": setting, "seed": seed, "rounds": [
+            {"round": r, "epsilon": epsilon * r, "test_subset": {"dice": 0.5 + 0.1 * r + 0.01 * seed}}
+            for r in (1, 2)]}
+
+    grouped = {"feddp-clip": [record("feddp-clip", 0, 5e8)],
+               "feddp-eps8": [record("feddp-eps8", s, 4.0) for s in (0, 1)],
+               "fedavg": [{"setting": "fedavg", "seed": 0, "rounds": [{"round": 1, "epsilon": None,
+                                                                     "test_subset": {"dice": 0.7}}]}]}
+    dice = round_series(grouped, "dice")
+    assert list(dice) == ["fedavg", "feddp-eps8", "feddp-clip"]
+    assert dice["feddp-eps8"] == {1: [0.6, 0.61], 2: [0.7, 0.71]}
+    assert round_series(grouped, "epsilon") == {"feddp-eps8": {1: [4.0, 4.0], 2: [8.0, 8.0]}}
+
+
 def test_dice_vs_epsilon_plot_needs_two_epsilons(tmp_path):
     from napari_feddp.experiments.report import plot_privacy_cost
 

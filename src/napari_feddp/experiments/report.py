@@ -96,8 +96,28 @@ def markdown_table(rows: list[dict[str, Any]], command: str = "napari-feddp expe
     return "\n".join(lines) + "\n"
 
 
+def round_series(grouped: dict[str, list[dict[str, Any]]], metric: str) -> dict[str, dict[int, list[float]]]:
+    """Per setting (in table order), the values of ``metric`` (``"dice"`` on the per-round test
+    subset, or ``"epsilon"``) of every seed, by round. The clipping-only diagnostic has no
+    privacy, so it has no ε curve."""
+    series: dict[str, dict[int, list[float]]] = {}
+    for setting in sorted(grouped, key=lambda s: (SETTINGS.index(s) if s in SETTINGS else len(SETTINGS), s)):
+        if metric == "epsilon" and setting == "feddp-clip":
+            continue
+        per_round: dict[int, list[float]] = {}
+        for record in grouped[setting]:
+            for entry in record.get("rounds") or []:
+                value = entry.get("test_subset", {}).get("dice") if metric == "dice" else entry.get("epsilon")
+                if value is not None and math.isfinite(value):
+                    per_round.setdefault(int(entry["round"]), []).append(float(value))
+        if per_round:
+            series[setting] = per_round
+    return series
+
+
 def plot_rounds(grouped: dict[str, list[dict[str, Any]]], out: str | os.PathLike, prefix: str = "results_") -> list[Path]:
-    """``<prefix>dice_vs_round.png`` and ``<prefix>epsilon_vs_round.png`` for the federated settings."""
+    """``<prefix>dice_vs_round.png`` and ``<prefix>epsilon_vs_round.png`` for the federated settings
+    (mean over seeds, band = range of the seeds; one colour per setting in both plots)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,35 +126,27 @@ def plot_rounds(grouped: dict[str, list[dict[str, Any]]], out: str | os.PathLike
     out = Path(out)
     written = []
     for metric, ylabel, name in (("dice", "test Dice (subset)", "dice_vs_round"),
-                                 ("epsilon", "ε spent (δ=1e-5)", "epsilon_vs_round")):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        drawn = False
-        for setting, records in grouped.items():
-            # Mean over seeds per round; with several seeds a band shows their range.
-            per_round: dict[int, list[float]] = {}
-            for record in records:
-                for entry in record.get("rounds") or []:
-                    value = entry.get("test_subset", {}).get("dice") if metric == "dice" else entry.get("epsilon")
-                    if value is not None and math.isfinite(value):
-                        per_round.setdefault(int(entry["round"]), []).append(float(value))
-            if not per_round:
-                continue
+                                 ("epsilon", "ε spent (δ=1e-5, log scale)", "epsilon_vs_round")):
+        series = round_series(grouped, metric)
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        for setting, per_round in series.items():
             xs = sorted(per_round)
             means = [sum(per_round[x]) / len(per_round[x]) for x in xs]
             seeds = max(len(v) for v in per_round.values())
             label = LABELS.get(setting, setting) + (f" (mean of {seeds} seeds)" if seeds > 1 else "")
-            (line,) = ax.plot(xs, means, marker="o", label=label)
+            colour = f"C{SETTINGS.index(setting) % 10}" if setting in SETTINGS else None
+            (line,) = ax.plot(xs, means, marker="o", label=label, color=colour)
             if seeds > 1:
                 ax.fill_between(xs, [min(per_round[x]) for x in xs], [max(per_round[x]) for x in xs],
                                 color=line.get_color(), alpha=0.15, linewidth=0)
-            drawn = True
-        if not drawn:
-            plt.close(fig)
-            continue
+        if metric == "epsilon":
+            ax.set_yscale("log")
         ax.set_xlabel("federated round")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         path = out / f"{prefix}{name}.png"
         fig.savefig(path, dpi=110)
@@ -195,4 +207,4 @@ def write_report(out: str | os.PathLike) -> dict[str, Any]:
     return {"rows": rows, "plots": [str(p) for p in plots]}
 
 
-__all__ = ["load_records", "markdown_table", "plot_privacy_cost", "plot_rounds", "summarize", "write_report"]
+__all__ = ["load_records", "markdown_table", "plot_privacy_cost", "plot_rounds", "round_series", "summarize", "write_report"]
