@@ -114,12 +114,18 @@ def quick_budget() -> Budget:
 
 def noise_for_epsilon(epsilon: float, n_examples: int, budget: Budget) -> float:
     """DP-SGD noise multiplier reaching (just under) ``epsilon`` after all rounds of a hospital."""
+    import warnings
+
     from opacus.accountants.utils import get_noise_multiplier
 
     sample_rate = 1.0 / math.ceil(n_examples / budget.batch_size)  # as training.plan_round
-    return float(get_noise_multiplier(
-        target_epsilon=epsilon * 0.99, target_delta=budget.delta, sample_rate=sample_rate,
-        steps=budget.rounds * budget.local_steps, accountant="rdp", epsilon_tolerance=0.005))
+    with warnings.catch_warnings():
+        # The search probes very large noise, where RDP's largest order is optimal: harmless
+        # (as in training.derive_noise_multiplier).
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(get_noise_multiplier(
+            target_epsilon=epsilon * 0.99, target_delta=budget.delta, sample_rate=sample_rate,
+            steps=budget.rounds * budget.local_steps, accountant="rdp", epsilon_tolerance=0.005))
 
 
 # --------------------------------------------------------------------------- evaluation
