@@ -55,21 +55,20 @@ def test_clipping_only_diagnostic_is_a_sample_dp_setting_without_privacy():
     # Its records depend on the DP-only budget fields, like every sample-level DP run.
     assert "dp_learning_rate" in _relevant(asdict(Budget()), "feddp-clip")
     rows = summarize({"fedavg": [{"dice": 0.5, "jaccard": 0.4, "accuracy": 0.8, "epsilon": None}],
-                      "feddp-clip": [{"dice": 0.495, "jaccard": 0.4, "accuracy": 0.8, "epsilon": 5.5e9}]})
+                      "feddp-clip": [{"dice": 0.495, "jaccard": 0.4, "accuracy": 0.8, "epsilon": None}]})
     table = markdown_table(rows)
-    assert "clipping only (diagnostic, no privacy) | 0.4950 |" in table and "none (σ = 0.0001)" in table
-    assert "5500000000" not in table and "-1.0 %" in table
+    assert "clipping only (diagnostic, no privacy) | 0.4950 | 0.4000 | 0.8000 | ∞ (no DP) | -1.0 % |" in table
 
 
-def test_round_curves_follow_table_order_and_leave_out_the_clipping_only_epsilon():
+def test_round_curves_follow_table_order_and_only_settings_with_epsilon_have_an_epsilon_curve():
     from napari_feddp.experiments.report import round_series
 
     def record(setting, seed, epsilon):
         return {"setting": setting, "seed": seed, "rounds": [
-            {"round": r, "epsilon": epsilon * r, "test_subset": {"dice": 0.5 + 0.1 * r + 0.01 * seed}}
+            {"round": r, "epsilon": epsilon and epsilon * r, "test_subset": {"dice": 0.5 + 0.1 * r + 0.01 * seed}}
             for r in (1, 2)]}
 
-    grouped = {"feddp-clip": [record("feddp-clip", 0, 5e8)],
+    grouped = {"feddp-clip": [record("feddp-clip", 0, None)],
                "feddp-eps8": [record("feddp-eps8", s, 4.0) for s in (0, 1)],
                "fedavg": [{"setting": "fedavg", "seed": 0, "rounds": [{"round": 1, "epsilon": None,
                                                                      "test_subset": {"dice": 0.7}}]}]}
@@ -162,14 +161,15 @@ def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
 
 
 def test_default_model_must_keep_the_epsilon_8_promise(tmp_path):
-    """A sweep run (eps 32) or the clipping-only diagnostic is refused before anything is scored."""
+    """A sweep run (eps 32) or the clipping-only diagnostic (no epsilon) is refused before anything is scored."""
     from napari_feddp.experiments.bundle import bundle_from_record
 
-    for setting, epsilon in (("feddp-eps32", 31.68), ("feddp-clip", 5.5e9)):
+    for setting, epsilon, refusal in (("feddp-eps32", 31.68, "promises at most 8"),
+                                      ("feddp-clip", None, "must come from a sample-level FedDP run")):
         record = tmp_path / f"{setting}-s0.json"
-        record.write_text(json.dumps({"setting": setting, "dp_mode": "sample", "epsilon": epsilon, "delta": 1e-5,
+        record.write_text(json.dumps({"setting": setting, "dp_mode": "sample", "epsilon": epsilon, "delta": None,
                                       "checkpoint": str(tmp_path / "missing.safetensors"), "budget": {}}))
-        with pytest.raises(ValueError, match="promises at most 8"):
+        with pytest.raises(ValueError, match=refusal):
             bundle_from_record(record, tmp_path / "model" / "feddp-nuclei", data=tmp_path)
     assert not (tmp_path / "model").exists()
 

@@ -13,7 +13,8 @@ def add_parser(subparsers) -> None:
                        help="smoke run in a few minutes (tiny crops, 1 round, 2 hospitals, 2 test images)")
     run_p.add_argument("--settings", nargs="+", metavar="NAME",
                        help="subset of: centralized local fedavg feddp-eps1 feddp-eps3 feddp-eps8 feddp-update "
-                            "(default: all of them), and the privacy-cost sweep feddp-eps16 feddp-eps32")
+                            "(default: all of them); on request only: the privacy-cost sweep feddp-eps16 feddp-eps32 "
+                            "and the clipping-only diagnostic feddp-clip (DP-SGD path without noise, no privacy)")
     run_p.add_argument("--seeds", type=int, default=1, help="seeds per setting (mean ± std)")
     run_p.add_argument("--data", help="MoNuSeg folder with train/ and test/ (default: $FEDDP_SHARED_DATA/monuseg)")
     run_p.add_argument("--scratch", help="where hospital patches are written (default: OUT/hospitals)")

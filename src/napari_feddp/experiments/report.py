@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .runner import CLIP_ONLY_NOISE, DP_EPSILONS, SETTINGS, SWEEP_ONLY
+from .runner import DP_EPSILONS, SETTINGS, SWEEP_ONLY
 
 LABELS = {
     "pretrained": "Public pretraining only (initial model of every row)",
@@ -84,10 +84,8 @@ def markdown_table(rows: list[dict[str, Any]], command: str = "napari-feddp expe
         dice = row["dice_text"] + (f" / worst {row['worst_dice_text']}" if "worst_dice_text" in row else "")
         if row["setting"] == "pretrained":
             eps = "0 (public data only)"
-        elif row["setting"] == "feddp-clip":
-            eps = f"none (σ = {CLIP_ONLY_NOISE:g})"
         elif row.get("epsilon") is None:
-            eps = "∞ (no DP)" if row["setting"] in ("centralized", "local", "fedavg") else "-"
+            eps = "∞ (no DP)" if row["setting"] in ("centralized", "local", "fedavg", "feddp-clip") else "-"
         else:
             eps = f"{row['epsilon']:.2f}"
         rel = f"{row['rel_change_pct']:+.1f} %" if "rel_change_pct" in row else ""
@@ -98,12 +96,9 @@ def markdown_table(rows: list[dict[str, Any]], command: str = "napari-feddp expe
 
 def round_series(grouped: dict[str, list[dict[str, Any]]], metric: str) -> dict[str, dict[int, list[float]]]:
     """Per setting (in table order), the values of ``metric`` (``"dice"`` on the per-round test
-    subset, or ``"epsilon"``) of every seed, by round. The clipping-only diagnostic has no
-    privacy, so it has no ε curve."""
+    subset, or ``"epsilon"``) of every seed, by round; settings without ε have no ε curve."""
     series: dict[str, dict[int, list[float]]] = {}
     for setting in sorted(grouped, key=lambda s: (SETTINGS.index(s) if s in SETTINGS else len(SETTINGS), s)):
-        if metric == "epsilon" and setting == "feddp-clip":
-            continue
         per_round: dict[int, list[float]] = {}
         for record in grouped[setting]:
             for entry in record.get("rounds") or []:
