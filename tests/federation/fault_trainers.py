@@ -30,3 +30,11 @@ def hang_until_killed(request) -> LocalUpdate:
         Path(marker).write_text(str(request.server_round))
     time.sleep(600)
     return LocalUpdate(num_examples=4, loss=1.0, dice=0.1)
+
+
+def huge_update(request) -> LocalUpdate:
+    """Return weights of 1e30 and claim a billion examples (a lab poisoning the model)."""
+    with torch.no_grad():
+        for parameter in request.model.parameters():
+            parameter.fill_(1e30)
+    return LocalUpdate(num_examples=10**9, loss=0.1, dice=0.99)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from napari_feddp.federation.certs import create_pilot_pki
+from napari_feddp.federation.certs import create_node_keys, create_pilot_pki
 from napari_feddp.federation.demo import make_synthetic_lab
 from napari_feddp.federation.lab import LabNode, LabStatus
 from napari_feddp.federation.processes import ManagedProcess
@@ -67,24 +67,30 @@ def finish(proc: subprocess.Popen, timeout: float = 60.0) -> str:
 
 @pytest.mark.slow
 def test_serve_and_join_until_killed(tmp_path):
-    pki = create_pilot_pki(tmp_path / "pki", ["lab-a"])
-    serve = start_cli("serve", "--pki", str(pki.root), "--workdir", str(tmp_path / "coord"), cwd=tmp_path)
+    pki = create_pilot_pki(tmp_path / "pki")
+    # The lab makes its own key pair; only the public key reaches the coordinator.
+    keys = start_cli("keys", "--out", str(tmp_path / "lab-keys"), "--lab", "lab-a", cwd=tmp_path)
+    assert "public key" in finish(keys) and keys.returncode == 0
+    lab_key, lab_pub = tmp_path / "lab-keys" / "lab-a.key", tmp_path / "lab-keys" / "lab-a.pub"
+    serve = start_cli("serve", "--pki", str(pki.root), "--workdir", str(tmp_path / "coord"),
+                      "--register", "lab-a", str(lab_pub), cwd=tmp_path)
     try:
-        match, _ = read_until(serve, r"SuperLink listening on (\S+) \(TLS\)")
+        match, _ = read_until(serve, r"labs dial (\S+) \(Fleet API only, TLS\)")
         address = match.group(1)
         data = make_synthetic_lab(tmp_path / "data", n_tiles=2, size=32)
 
         # A lab with the wrong key is refused with a clear message.
-        other = create_pilot_pki(tmp_path / "other", ["lab-a"])
+        other = create_node_keys(tmp_path / "other", "lab-a")
         intruder = start_cli("join", "--superlink", address, "--ca", str(pki.ca.cert),
-                             "--key", str(other.nodes["lab-a"].private_key), "--dataset", str(data),
+                             "--key", str(other.private_key), "--dataset", str(data),
                              "--workdir", str(tmp_path / "intruder"), cwd=tmp_path)
         out = finish(intruder)
         assert intruder.returncode == 2 and "could not join" in out
 
         join = start_cli("join", "--superlink", address, "--ca", str(pki.ca.cert),
-                         "--key", str(pki.nodes["lab-a"].private_key), "--dataset", str(data),
+                         "--key", str(lab_key), "--dataset", str(data),
                          "--workdir", str(tmp_path / "lab"), cwd=tmp_path)
+        read_until(join, r"policy: epsilon budget 8 at delta <= 1e-05; DP modes sample")
         read_until(join, r"status: waiting")
         join.send_signal(signal.SIGINT)  # Ctrl-C
         out = finish(join)

@@ -32,6 +32,7 @@ def node(tmp_path, lab_dir) -> NodeSettings:
         ledger_dir=str(tmp_path / "ledger"),
         model_store=str(tmp_path / "store"),
         history_file=str(tmp_path / "history.jsonl"),
+        accept_dp_modes="sample,update",
     )
 
 

@@ -21,7 +21,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_every_subcommand_is_wired():
-    for argv in (["certs", "--out", "x", "--lab", "a"], ["serve", "--pki", "x"],
+    for argv in (["certs", "--out", "x"], ["keys", "--out", "x", "--lab", "a"], ["serve", "--pki", "x"],
                  ["run", "--checkpoint-dir", "x", "--connection", "y"],
                  ["join", "--superlink", "h:1", "--dataset", "d"],
                  ["demo", "--checkpoint-dir", "x"]):
@@ -29,12 +29,27 @@ def test_every_subcommand_is_wired():
     assert parse("demo", "--checkpoint-dir", "x").max_steps == 3  # demo-sized defaults
 
 
-def test_certs_command(tmp_path, capsys):
-    args = parse("certs", "--out", str(tmp_path / "pki"), "--lab", "lab-a", "--lab", "lab-b")
+def test_certs_makes_no_lab_key_and_keys_makes_one_in_the_lab(tmp_path, capsys):
+    args = parse("certs", "--out", str(tmp_path / "pki"))
     assert args.func(args) == 0
     manifest = json.loads((tmp_path / "pki" / "pki.json").read_text())
-    assert sorted(manifest["nodes"]) == ["lab-a", "lab-b"]
-    assert "lab lab-a: private key" in capsys.readouterr().out
+    assert "nodes" not in manifest and not list((tmp_path / "pki").rglob("*.pub"))
+    assert "makes its own key pair" in capsys.readouterr().out
+    args = parse("keys", "--out", str(tmp_path / "lab"), "--lab", "lab-a")
+    assert args.func(args) == 0
+    assert (tmp_path / "lab" / "lab-a.key").stat().st_mode & 0o777 == 0o600
+    assert "send to the coordinator" in capsys.readouterr().out
+    with pytest.raises(CommandError, match="exists"):
+        args.func(args)  # a second run never replaces the lab's key silently
+
+
+def test_an_unlimited_budget_is_said_out_loud(tmp_path, capsys):
+    from napari_feddp.commands.federation import policy_from_args
+
+    policy = policy_from_args(parse("join", "--superlink", "h:1", "--dataset", "d", "--epsilon-budget", "0"))
+    assert policy["max_epsilon"] == 0 and "UNLIMITED" in capsys.readouterr().err
+    policy = policy_from_args(parse("join", "--superlink", "h:1", "--dataset", "d"))
+    assert policy["max_epsilon"] == 8.0 and policy["accept_dp_modes"] == "sample"
 
 
 def test_secure_by_default(tmp_path):

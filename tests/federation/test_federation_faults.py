@@ -76,7 +76,7 @@ def _intruders(fed: LocalFederation, root: Path) -> dict[str, str]:
     except FederationProcessError as exc:
         logs["rogue"] = str(exc)
     anonymous = SuperNodeProcess(
-        name="anonymous", workdir=root / "anonymous", superlink_address=fed.superlink.address,
+        name="anonymous", workdir=root / "anonymous", superlink_address=fed.superlink.fleet_address,
         root_cert=fed.pki.ca.cert, private_key=None, ready_timeout=60,
     )
     try:

@@ -20,8 +20,8 @@ def test_widget_joins_trains_and_leaves(make_napari_viewer, qtbot, tmp_path):
     data = make_synthetic_lab(tmp_path / "lab-data", n_tiles=4, size=32, seed=3)
     with LocalFederation(workdir=tmp_path / "fed", labs=[]) as federation:
         federation.register("widgetlab")
-        keys = federation.pki.nodes["widgetlab"]
-        widget.superlink.value = federation.superlink.address
+        keys = federation.lab_keys["widgetlab"]
+        widget.superlink.value = federation.superlink.fleet_address
         widget.ca.value = str(federation.pki.ca.cert)
         widget.key.value = str(keys.private_key)
         widget.dataset.value = str(data)
@@ -33,6 +33,8 @@ def test_widget_joins_trains_and_leaves(make_napari_viewer, qtbot, tmp_path):
         assert outcome.summary is not None
         widget.refresh()
         assert len(widget.plot.values["epsilon"]) == 1 and widget.plot.values["epsilon"][0] > 0
+        assert len(widget.plot.values["train-loss"]) == 1  # the curves read the keys the lab records
+        assert "epsilon budget 50" in widget.policy.value
         node_workdir = str(widget.node.workdir)
         widget.leave()
         assert widget.join_button.enabled and not widget.leave_button.enabled

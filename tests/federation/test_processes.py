@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -19,8 +20,10 @@ from napari_feddp.federation.processes import (
     flower_env,
     format_node_config,
     signals_raise_keyboard_interrupt,
+    superexec_argv,
     superlink_argv,
     supernode_argv,
+    write_secret,
     TlsFiles,
 )
 
@@ -135,14 +138,31 @@ def test_flower_env_is_private_and_quiet(tmp_path):
 
 def test_command_lines_are_secure_unless_told_otherwise(tmp_path):
     tls = TlsFiles(tmp_path / "ca.pem", tmp_path / "s.pem", tmp_path / "s.key")
-    link = superlink_argv(9999, tls)
+    secret = tmp_path / "secret"
+    link = superlink_argv(9999, tls, superexec_secret=secret)
     assert "--insecure" not in link and "--enable-supernode-auth" in link
-    assert link[link.index("--host") + 1] == "127.0.0.1"
+    assert link[link.index("--host") + 1] == "127.0.0.1"  # Control and Runtime APIs never leave loopback
+    assert link[link.index("--isolation") + 1] == "process"  # only our SuperExec runs the ServerApp ...
+    assert link[link.index("--superexec-auth-secret-file") + 1] == str(secret)  # ... holding the secret
     assert "--disable-runtime-dependency-installation" in link
-    assert "--insecure" in superlink_argv(9999, None)
-    node = supernode_argv("127.0.0.1:9999", 9000, root_cert=tmp_path / "ca.pem", private_key=tmp_path / "k")
+    assert "--insecure" in superlink_argv(9999, None, superexec_secret=secret)
+    node = supernode_argv("127.0.0.1:9999", 9000, root_cert=tmp_path / "ca.pem", private_key=tmp_path / "k",
+                          superexec_secret=secret)
     assert "--insecure" not in node and "--auth-supernode-private-key" in node
+    assert node[node.index("--isolation") + 1] == "process"
+    assert node[node.index("--superexec-auth-secret-file") + 1] == str(secret)
+    assert node[node.index("--host") + 1] == "127.0.0.1"
     assert "--allow-runtime-dependency-installation" not in node
+    exe = superexec_argv("127.0.0.1:9000", root_cert=None, secret=secret)
+    assert "--insecure" in exe and exe[exe.index("--superexec-auth-secret-file") + 1] == str(secret)
+
+
+def test_secrets_are_private_and_fresh(tmp_path):
+    first = write_secret(tmp_path / "secrets" / "s").read_bytes()
+    assert len(first) == 32
+    assert stat.S_IMODE((tmp_path / "secrets" / "s").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "secrets").stat().st_mode) == 0o700
+    assert write_secret(tmp_path / "secrets" / "s").read_bytes() != first
 
 
 def test_node_config_string():

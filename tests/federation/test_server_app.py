@@ -1,4 +1,5 @@
-"""The ServerApp loop against in-process labs (no network): rounds, checkpoints, resume."""
+"""The ServerApp loop against in-process labs (no network): rounds, checkpoints, resume,
+and labs whose reports are impossible."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ from collections.abc import Iterable
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from napari_feddp.federation import client_app, server_app
+from napari_feddp.federation.checkpoints import CheckpointWriter
 from napari_feddp.federation.demo import make_synthetic_lab
 from napari_feddp.federation.settings import NodeSettings
 from napari_feddp.models import load_checkpoint
@@ -71,7 +73,8 @@ def make_grid(tmp_path, settings, **lab_changes) -> InProcessGrid:
             data_dir=str(make_synthetic_lab(tmp_path / name, n_tiles=4, size=32, seed=node_id)),
             ledger_dir=str(tmp_path / "ledgers"),
             model_store=str(tmp_path / "store" / name),
-            **lab_changes.get(name, {}),
+            # No budget: these tests follow rounds and resumes, not declines.
+            **{"max_epsilon": 0.0, **lab_changes.get(name, {})},
         )
         contexts[node_id] = Context(run_id=9, node_id=node_id, node_config=node.to_node_config(),
                                     state=RecordDict(), run_config={})
@@ -124,3 +127,76 @@ def test_a_failing_run_says_why_in_its_summary(tmp_path, task_identity):
                                       run_config=settings.to_run_config()))
     summary = json.loads((tmp_path / "ckpt" / "summary.json").read_text())
     assert summary["status"] == "failed" and "missing" in summary["error"]
+
+
+class ScriptedGrid(InProcessGrid):
+    """A Grid whose labs answer with scripted replies (real Flower Messages, no training).
+
+    ``epsilons`` maps node id to the epsilon that lab reports with its update.
+    """
+
+    def __init__(self, epsilons: dict[int, float]):
+        super().__init__(dict.fromkeys(epsilons))
+        self.epsilons = epsilons
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> list[Message]:
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id
+            self.sent.append(message)
+            node = message.metadata.dst_node_id
+            if message.metadata.message_type == "train":
+                arrays = ArrayRecord({k: Array(v.numpy() + 0.01) for k, v in message.content["arrays"].items()})
+                metrics = {"num-examples": 4, "train-loss": 0.5, "train-dice": 0.5,
+                           "epsilon": self.epsilons[node], "delta": 1e-5, "steps": 2}  # fmt: skip
+                content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+            else:
+                content = RecordDict({"metrics": MetricRecord({"num-examples": 4, "dice": 0.5})})
+            replies.append(Message(content, reply_to=message))
+        return replies
+
+
+@pytest.mark.parametrize("epsilon", [0.0, -0.74, float("nan")])
+def test_labs_reporting_an_impossible_epsilon_are_rejected_and_the_run_completes(tmp_path, task_identity, epsilon):
+    settings = tiny_settings(checkpoint_dir=str(tmp_path / "ckpt"))
+    grid = ScriptedGrid({101: epsilon, 102: epsilon, 103: epsilon})
+    server_app.main(grid, Context(run_id=9, node_id=1, node_config={}, state=RecordDict(),
+                                  run_config=settings.to_run_config()))
+    ckpt = tmp_path / "ckpt"
+    rounds = [json.loads(line) for line in (ckpt / "rounds.jsonl").read_text().splitlines()]
+    assert len(rounds) == 2
+    for row in rounds:
+        assert row["accepted"] == [] and not row["aggregated"] and row["epsilon_max"] is None
+        assert sorted(row["rejected"]) == ["101", "102", "103"]
+        assert all("'epsilon'" in reason for reason in row["rejected"].values())
+        assert "global model unchanged" in row["note"] and row["checkpoint"]
+    assert json.loads((ckpt / "summary.json").read_text())["status"] == "completed"
+    first, _ = load_checkpoint(ckpt / "round-000")
+    final, card = load_checkpoint(ckpt / "final")
+    assert card.provenance.privacy.epsilon is None  # no valid claim was ever made
+    for name, value in first.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), final.state_dict()[name].numpy())
+
+
+def test_one_lab_with_a_negative_epsilon_leaves_the_others_and_the_card_intact(tmp_path, task_identity):
+    settings = tiny_settings(checkpoint_dir=str(tmp_path / "ckpt"), final_evaluation=False)
+    writer = CheckpointWriter(settings.checkpoint_dir, settings)
+    _, strategy = server_app.run_federation(ScriptedGrid({101: 1.5, 102: 2.0, 103: -0.74}), settings, writer)
+    for report in strategy.reports.values():
+        assert sorted(report.accepted) == [101, 102] and report.aggregated
+        assert "'epsilon' must be > 0" in report.rejected["103"]
+    _, card = load_checkpoint(tmp_path / "ckpt" / "final")
+    assert card.provenance.privacy.epsilon == pytest.approx(2.0)
+    assert writer.problems == {}
+
+
+@pytest.mark.parametrize("epsilon", [0.0, -0.74, float("nan"), float("inf"), 1e300])
+def test_checkpoint_writer_records_an_invalid_card_epsilon_instead_of_raising(tmp_path, epsilon):
+    settings = tiny_settings()
+    arrays, _ = server_app.initial_arrays(settings)
+    writer = CheckpointWriter(tmp_path, settings)
+    path = writer.save_model("round-001", arrays, round=1, federated_rounds=1, epsilon=epsilon,
+                             metrics={"train_dice": float("nan")})
+    _, card = load_checkpoint(path)
+    assert card.provenance.privacy.epsilon is None and card.metrics == {}
+    assert "not a valid privacy claim" in writer.problems["round-001"]

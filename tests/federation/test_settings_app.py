@@ -47,7 +47,8 @@ def test_node_settings_survive_the_supernode_command_line(tmp_path):
     node = NodeSettings(lab="lab-a", data_dir=str(tmp_path / "my data"), max_epsilon=8.0, threads=2)
     parsed = parse_config_args([format_node_config(node.to_node_config())])
     assert NodeSettings.from_node_config(parsed) == node
-    assert node.epsilon_budget == 8.0 and NodeSettings().epsilon_budget is None
+    assert node.epsilon_budget == 8.0 and NodeSettings(max_epsilon=0).epsilon_budget is None
+    assert NodeSettings().epsilon_budget == 8.0  # a lab that sets nothing has a budget
 
 
 def test_generated_app_is_a_valid_flower_app_with_nothing_to_install(tmp_path):

@@ -30,7 +30,7 @@ def warm(tmp_path):
     fake.write_text(_FAKE_REAL)
     fake.chmod(0o755)
     w = WarmClientApp.create()
-    launcher = w.write_launcher(str(fake))
+    launcher = w.write_launcher([str(fake)])
     proc = ManagedProcess(
         name="warm parent",
         argv=[*w.serve_argv(), "--preload", "flwr.supernode.cli.flwr_clientapp"],
@@ -127,7 +127,7 @@ def test_without_a_warm_parent_the_launcher_starts_the_real_clientapp(tmp_path):
     fake.chmod(0o755)
     w = WarmClientApp.create()
     try:
-        launcher = w.write_launcher(str(fake))
+        launcher = w.write_launcher([str(fake)])
         for env in (
             dict(os.environ, **{SOCKET_ENV: str(w.socket_path)}),  # nobody listening
             {k: v for k, v in os.environ.items() if k != SOCKET_ENV},  # not configured
@@ -138,6 +138,19 @@ def test_without_a_warm_parent_the_launcher_starts_the_real_clientapp(tmp_path):
     finally:
         w.cleanup()
     assert not w.directory.exists()
+
+
+def test_the_default_cold_start_is_the_pinned_clientapp(tmp_path):
+    w = WarmClientApp.create()
+    try:
+        launcher = w.write_launcher()
+        env = {k: v for k, v in os.environ.items() if k != SOCKET_ENV}
+        result = subprocess.run([str(launcher), "--help"], env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "usage: flwr-clientapp" in result.stdout  # Flower's entry point, started by app_pin
+        assert "napari_feddp.federation.app_pin" in launcher.read_text()
+    finally:
+        w.cleanup()
 
 
 def test_supernode_runs_with_a_warm_parent_and_cleans_it_up(tmp_path):

@@ -1,7 +1,9 @@
 """``napari-feddp federation certs|serve|run|join|demo``: federated training with Flower.
 
-* ``certs``  - pilot CA, SuperLink certificate, one SuperNode key pair per lab.
-* ``serve``  - coordinator: SuperLink with TLS + SuperNode authentication.
+* ``certs``  - coordinator: pilot CA and SuperLink certificate.
+* ``keys``   - lab: this lab's SuperNode key pair (the public key goes to the coordinator).
+* ``serve``  - coordinator: SuperLink on loopback behind a Fleet-only TLS gateway,
+  SuperNode authentication, SuperExec authentication.
 * ``run``    - coordinator: submit the FedDP run and stream round progress.
 * ``join``   - lab: connect this lab's dataset as a SuperNode.
 * ``demo``   - a whole federation (SuperLink + N labs) on loopback.
@@ -25,12 +27,13 @@ def add_parser(subparsers) -> None:
     """Add ``federation`` and its sub-commands to the top-level parser."""
     parser = subparsers.add_parser(
         "federation",
-        help="federated, differentially private training with Flower (certs, serve, run, join, demo)",
+        help="federated, differentially private training with Flower (certs, keys, serve, run, join, demo)",
         description="Train one model across labs with Flower; no image leaves a lab.",
     )
     parser.set_defaults(func=lambda args: _help(parser))
     sub = parser.add_subparsers(dest="federation_command", metavar="SUBCOMMAND")
     _add_certs(sub)
+    _add_keys(sub)
     _add_serve(sub)
     _add_run(sub)
     _add_join(sub)
@@ -149,13 +152,11 @@ def _report(outcome) -> None:
 
 
 def _add_certs(sub) -> None:
-    p = sub.add_parser("certs", help="create a pilot CA, SuperLink certificate and lab keys")
-    p.add_argument("--out", required=True, help="output folder (pki.json, ca/, superlink/, nodes/)")
-    p.add_argument("--lab", action="append", required=True, dest="labs",
-                   help="lab name; repeat for every lab")
+    p = sub.add_parser("certs", help="coordinator: create a pilot CA and the SuperLink certificate")
+    p.add_argument("--out", required=True, help="output folder (pki.json, ca/, superlink/)")
     p.add_argument("--host", action="append", dest="hosts",
                    help="address the labs dial (certificate SAN); repeatable; "
-                        "default 127.0.0.1 and localhost")
+                        "default 127.0.0.1 and localhost (always included)")
     p.add_argument("--days", type=int, default=365, help="certificate validity")
     p.set_defaults(func=run_certs)
 
@@ -164,15 +165,39 @@ def run_certs(args) -> int:
     from ..federation.certs import DEFAULT_SERVER_HOSTS, create_pilot_pki
 
     try:
-        pki = create_pilot_pki(args.out, args.labs, hosts=args.hosts or DEFAULT_SERVER_HOSTS, days=args.days)
+        pki = create_pilot_pki(args.out, hosts=args.hosts or DEFAULT_SERVER_HOSTS, days=args.days)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     print(f"CA certificate (give to every lab): {pki.ca.cert}")
     print(f"CA private key (keep offline):      {pki.ca.key}")
     print(f"SuperLink certificate / key:        {pki.server.cert} / {pki.server.key}")
-    for lab, pair in pki.nodes.items():
-        print(f"lab {lab}: private key {pair.private_key} (send to the lab), public key {pair.public_key}")
-    print(f"manifest: {pki.root / 'pki.json'}  (use: napari-feddp federation serve --pki {pki.root})")
+    print("Each lab makes its own key pair ('napari-feddp federation keys') and sends you its public key.")
+    print(f"manifest: {pki.root / 'pki.json'}  (use: napari-feddp federation serve --pki {pki.root} "
+          "--register LAB LAB.pub ...)")
+    return 0
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def _add_keys(sub) -> None:
+    p = sub.add_parser("keys", help="lab: create this lab's key pair (send only the .pub file)")
+    p.add_argument("--out", required=True, help="folder for LAB.key (private, stays here) and LAB.pub")
+    p.add_argument("--lab", required=True, help="lab name (letters, digits, '_', '.', '-')")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing key pair (the coordinator must register the new key)")
+    p.set_defaults(func=run_keys)
+
+
+def run_keys(args) -> int:
+    from ..federation.certs import create_node_keys
+
+    try:
+        pair = create_node_keys(args.out, args.lab, overwrite=args.force)
+    except (ValueError, FileExistsError) as exc:
+        raise CommandError(str(exc)) from None
+    print(f"private key (keep it in the lab, mode 600): {pair.private_key}")
+    print(f"public key (send to the coordinator):       {pair.public_key}")
     return 0
 
 
@@ -180,14 +205,16 @@ def run_certs(args) -> int:
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="start the coordinator's SuperLink (TLS + lab authentication)")
-    p.add_argument("--pki", help="folder from 'federation certs' (all its labs are registered)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (must be in the certificate)")
-    p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    p = sub.add_parser("serve", help="start the coordinator (SuperLink on loopback, Fleet gateway for labs)")
+    p.add_argument("--pki", help="folder from 'federation certs'")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address labs dial: the Fleet gateway binds here (must be in the certificate); "
+                        "the SuperLink's Control and Runtime APIs stay on 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="gateway port (default: a free one)")
     p.add_argument("--workdir", default=None, help="logs, Flower homes, connection.json "
                    "(default: a temporary folder)")
     p.add_argument("--register", nargs=2, action="append", metavar=("LAB", "PUBLIC_KEY"),
-                   default=[], help="register another lab's public key; repeatable")
+                   default=[], help="register a lab's public key (from 'federation keys'); repeatable")
     p.add_argument("--insecure", action="store_true", help="plain text, no authentication (debug only)")
     p.set_defaults(func=run_serve)
 
@@ -211,17 +238,18 @@ def run_serve(args) -> int:
         try:
             coordinator.start()
             link = coordinator.superlink
-            print(f"SuperLink listening on {link.address} ({'PLAIN TEXT' if args.insecure else 'TLS'})")
+            print(f"labs dial {link.fleet_address} (Fleet API only, "
+                  f"{'PLAIN TEXT' if args.insecure else 'TLS'}); Control API on {link.address} (this machine only)")
             for lab, node_id in coordinator.registered.items():
                 print(f"  registered lab {lab} as SuperNode {node_id}")
             print(f"log: {link.process.log_path}")
             print(f"start a run:  napari-feddp federation run --connection {workdir} "
                   "--rounds N --min-clients K --checkpoint-dir DIR")
             print("Ctrl-C stops the SuperLink.", flush=True)
-            while link.process.is_running():
+            while link.is_running():
                 time.sleep(1.0)
-            print(f"SuperLink exited with code {link.process.returncode}:\n{link.process.log_tail()}",
-                  file=sys.stderr)
+            dead = link.process if not link.process.is_running() else link.gateway
+            print(f"{dead.name} exited with code {dead.returncode}:\n{dead.log_tail()}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print("stopping the SuperLink", file=sys.stderr)
@@ -237,7 +265,8 @@ def _add_run(sub) -> None:
     p = sub.add_parser("run", help="submit a FedDP run to a SuperLink and follow its rounds")
     where = p.add_argument_group("SuperLink")
     where.add_argument("--connection", help="work folder of a running 'federation serve'")
-    where.add_argument("--superlink", help="HOST:PORT of the SuperLink (instead of --connection)")
+    where.add_argument("--superlink", help="HOST:PORT of the SuperLink's Control API on this machine "
+                       "(printed by 'federation serve'; instead of --connection)")
     where.add_argument("--ca", help="CA certificate of the federation")
     where.add_argument("--insecure", action="store_true", help="plain text (debug only)")
     p.add_argument("--checkpoint-dir", required=True,
@@ -289,20 +318,58 @@ def run_run(args) -> int:
 
 def _add_join(sub) -> None:
     p = sub.add_parser("join", help="connect this lab's dataset to a federation (runs a SuperNode)")
-    p.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator's SuperLink")
+    p.add_argument("--superlink", required=True, help="HOST:PORT the coordinator gave (its Fleet gateway)")
     p.add_argument("--ca", help="CA certificate of the federation")
-    p.add_argument("--key", help="this lab's private key (from the coordinator)")
+    p.add_argument("--key", help="this lab's private key (from 'federation keys')")
     p.add_argument("--dataset", required=True, help="training folder with images/ and masks/")
-    p.add_argument("--eval-dataset", default="", help="held-out tiles for the final evaluation")
-    p.add_argument("--epsilon-budget", type=float, default=0.0,
-                   help="privacy budget; the lab declines rounds beyond it (0: unlimited)")
+    p.add_argument("--eval-dataset", default="", help="held-out tiles: final evaluation and the check "
+                   "a received model must pass before it becomes this lab's default")
     p.add_argument("--lab", default=None, help="lab name (default: key file name)")
     p.add_argument("--ledger-dir", default="", help="privacy ledger folder (default: $FEDDP_HOME/ledger, "
                    "i.e. ~/.local/share/napari-feddp/ledger)")
     p.add_argument("--model-store", default="", help="where to keep the federation's final model")
     p.add_argument("--workdir", default=None, help="logs and local history")
     p.add_argument("--insecure", action="store_true", help="plain text, no authentication (debug only)")
+    _add_policy_options(p)
     p.set_defaults(func=run_join)
+
+
+def _add_policy_options(parser) -> None:
+    from ..federation.settings import NodeSettings
+
+    d = NodeSettings()
+    group = parser.add_argument_group(
+        "lab privacy policy", "what any run may ask of this lab; a run outside it is declined before training")
+    group.add_argument("--epsilon-budget", type=float, default=d.max_epsilon,
+                       help=f"privacy budget; rounds beyond it are declined (default {d.max_epsilon:g}; "
+                            "0: unlimited, with a warning)")
+    group.add_argument("--accept-dp-modes", default=d.accept_dp_modes,
+                       help=f"comma-separated DP modes this lab trains under (default {d.accept_dp_modes})")
+    group.add_argument("--max-delta", type=float, default=d.max_delta,
+                       help=f"largest delta accepted; the ledger reports epsilon at it (default {d.max_delta:g})")
+    group.add_argument("--min-noise-multiplier", type=float, default=d.min_noise_multiplier,
+                       help=f"smallest DP-SGD noise multiplier accepted (default {d.min_noise_multiplier:g})")
+    group.add_argument("--max-model-parameters", type=int, default=d.max_model_parameters,
+                       help=f"largest model accepted (default {d.max_model_parameters:,})")
+    group.add_argument("--max-steps-per-round", type=int, default=d.max_steps_per_round,
+                       help=f"most local steps a round may ask for (default {d.max_steps_per_round})")
+
+
+def policy_from_args(args) -> dict:
+    """NodeSettings policy fields from the join/demo options."""
+    if args.epsilon_budget == 0:
+        print("WARNING: --epsilon-budget 0: this lab's privacy budget is UNLIMITED; epsilon keeps "
+              "growing with every round it trains.", file=sys.stderr)
+    elif args.epsilon_budget < 0:
+        raise CommandError("--epsilon-budget must be >= 0 (0: unlimited)")
+    return {
+        "max_epsilon": float(args.epsilon_budget),
+        "accept_dp_modes": args.accept_dp_modes,
+        "max_delta": float(args.max_delta),
+        "min_noise_multiplier": float(args.min_noise_multiplier),
+        "max_model_parameters": int(args.max_model_parameters),
+        "max_steps_per_round": int(args.max_steps_per_round),
+    }
 
 
 def run_join(args) -> int:
@@ -312,13 +379,15 @@ def run_join(args) -> int:
     _insecure_warning(args)
     if not args.insecure and not (args.ca and args.key):
         raise CommandError("--ca and --key are required unless --insecure")
+    policy = policy_from_args(args)
     node = LabNode(
         superlink=args.superlink,
         ca=Path(args.ca) if args.ca else None,
         key=Path(args.key) if args.key else None,
         dataset=Path(args.dataset),
         lab=args.lab,
-        epsilon_budget=args.epsilon_budget,
+        epsilon_budget=policy.pop("max_epsilon"),
+        policy=policy,
         ledger_dir=args.ledger_dir,
         eval_dataset=args.eval_dataset,
         model_store=args.model_store,
@@ -328,8 +397,13 @@ def run_join(args) -> int:
     with signals_raise_keyboard_interrupt(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
+            try:
+                node.settings()
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
             node.start()
             print(f"lab {node.lab} connected to {args.superlink} as SuperNode {node.node.node_id}")
+            print(f"policy: {node.policy_summary()}")
             print(f"log: {node.node.process.log_path}; Ctrl-C leaves the federation.", flush=True)
             last = None
             while True:
@@ -365,7 +439,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--synthetic", action="store_true", help="use synthetic tiles")
     p.add_argument("--tiles", type=int, default=4, help="synthetic tiles per lab")
     p.add_argument("--workdir", default=None, help="keep logs, PKI and Flower homes here")
-    p.add_argument("--epsilon-budget", type=float, default=0.0, help="every lab's privacy budget")
+    p.add_argument("--epsilon-budget", type=float, default=8.0,
+                   help="every lab's privacy budget (default 8; 0: unlimited, with a warning)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before giving up")
     p.add_argument("--insecure", action="store_true", help="plain text, no authentication (debug only)")
     _add_training_options(p, rounds_default=2, min_clients_default=0)
@@ -380,6 +455,10 @@ def run_demo(args) -> int:
     _insecure_warning(args)
     if args.clients < 1:
         raise CommandError("--clients must be at least 1")
+    if args.epsilon_budget == 0:
+        print("WARNING: --epsilon-budget 0: every lab's privacy budget is UNLIMITED.", file=sys.stderr)
+    elif args.epsilon_budget < 0:
+        raise CommandError("--epsilon-budget must be >= 0 (0: unlimited)")
     if args.min_clients == 0:
         args.min_clients = args.clients
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="feddp-demo-"))
@@ -393,6 +472,8 @@ def run_demo(args) -> int:
                 workdir / "data", args.clients, data=args.data, synthetic=args.synthetic,
                 tiles=args.tiles, epsilon_budget=args.epsilon_budget,
             )
+            for lab in labs:  # the demo's labs accept the mode the demo asks for
+                lab.policy = {"accept_dp_modes": args.dp_mode}
             if source != "synthetic" and args.source_mpp == 0.25:
                 pass  # MoNuSeg is scanned at 0.25 µm/px, the default
             elif source == "synthetic":

@@ -5,12 +5,15 @@ A pilot federation needs three kinds of key material:
 * a **pilot CA** (self-signed, kept by the coordinator) that signs
 * a **SuperLink server certificate** whose subject alternative names cover the
   addresses the labs dial (``127.0.0.1`` and ``localhost`` by default), and
-* one **SuperNode key pair per lab**. Flower 1.42 authenticates SuperNodes with
-  NIST elliptic-curve keys in OpenSSH format: the lab keeps the private key
-  (``flower-supernode --auth-supernode-private-key``) and the coordinator
-  registers the public key with the SuperLink (``flwr supernode register``)
-  before the lab connects. The SuperLink must run with
-  ``--enable-supernode-auth`` (which requires TLS).
+* one **SuperNode key pair per lab**, made by the lab itself
+  (``napari-feddp federation keys``, :func:`create_node_keys`). Flower 1.42
+  authenticates SuperNodes with NIST elliptic-curve keys in OpenSSH format:
+  the private key never leaves the lab
+  (``flower-supernode --auth-supernode-private-key``); the lab sends only its
+  public key, which the coordinator registers with the SuperLink
+  (``flwr supernode register``) before the lab connects. The SuperLink runs
+  with ``--enable-supernode-auth`` (which requires TLS). The coordinator never
+  holds a lab's private key, so it cannot impersonate a lab.
 
 Private keys are written with mode ``0o600``. Nothing here talks to the network.
 """
@@ -32,6 +35,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 #: Hosts the SuperLink certificate is valid for unless told otherwise.
 DEFAULT_SERVER_HOSTS = ("127.0.0.1", "localhost")
+#: Always in the certificate: the coordinator's own processes dial the SuperLink on loopback.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 #: Curve used for every key (Flower's own node keys use P-384 as well).
 _CURVE = ec.SECP384R1
 _LAB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -65,12 +70,11 @@ class NodeKeyPair:
 
 @dataclass(frozen=True)
 class PilotPKI:
-    """Everything :func:`create_pilot_pki` writes, as paths."""
+    """The coordinator's TLS material (:func:`create_pilot_pki`), as paths. No lab keys."""
 
     root: Path
     ca: CertificateAuthority
     server: ServerCertificate
-    nodes: dict[str, NodeKeyPair]
 
     def to_json(self) -> dict:
         """Return a JSON-serialisable manifest (paths as strings)."""
@@ -79,10 +83,6 @@ class PilotPKI:
             "ca_key": str(self.ca.key),
             "server_cert": str(self.server.cert),
             "server_key": str(self.server.key),
-            "nodes": {
-                lab: {"private_key": str(n.private_key), "public_key": str(n.public_key)}
-                for lab, n in self.nodes.items()
-            },
         }
 
 
@@ -257,8 +257,8 @@ def create_server_cert(
     return server
 
 
-def create_node_keys(out_dir: str | os.PathLike, lab: str) -> NodeKeyPair:
-    """Create a lab's SuperNode authentication key pair.
+def create_node_keys(out_dir: str | os.PathLike, lab: str, *, overwrite: bool = False) -> NodeKeyPair:
+    """Create a lab's SuperNode authentication key pair (on the lab's machine).
 
     Parameters
     ----------
@@ -267,6 +267,9 @@ def create_node_keys(out_dir: str | os.PathLike, lab: str) -> NodeKeyPair:
         ``<lab>.pub`` (OpenSSH public key, ``ecdsa-sha2-nistp384 ...``).
     lab : str
         Lab name (see :func:`validate_lab_name`); also the key comment.
+    overwrite : bool
+        Replace an existing key pair (otherwise FileExistsError: a new key
+        means the coordinator must register the lab again).
 
     Returns
     -------
@@ -275,6 +278,10 @@ def create_node_keys(out_dir: str | os.PathLike, lab: str) -> NodeKeyPair:
     """
     validate_lab_name(lab)
     out = Path(out_dir)
+    if (out / f"{lab}.key").exists() and not overwrite:
+        raise FileExistsError(f"{out / f'{lab}.key'} exists; keep it, or pass overwrite to make a new key pair")
+    out.mkdir(parents=True, exist_ok=True)
+    out.chmod(0o700)
     key = ec.generate_private_key(_CURVE())
     private = key.private_bytes(
         serialization.Encoding.PEM,
@@ -292,27 +299,27 @@ def create_node_keys(out_dir: str | os.PathLike, lab: str) -> NodeKeyPair:
 
 def create_pilot_pki(
     out_dir: str | os.PathLike,
-    labs: list[str] | tuple[str, ...],
     hosts: tuple[str, ...] | list[str] = DEFAULT_SERVER_HOSTS,
     days: int = 365,
 ) -> PilotPKI:
-    """Create CA, SuperLink certificate and one key pair per lab under ``out_dir``.
+    """Create the pilot CA and the SuperLink certificate under ``out_dir``.
 
     Layout::
 
         out_dir/ca/ca.pem, ca.key
         out_dir/superlink/server.pem, server.key
-        out_dir/nodes/<lab>.key, <lab>.pub
         out_dir/pki.json              (manifest of the above)
+
+    Lab key pairs are not made here: each lab makes its own
+    (:func:`create_node_keys`) and sends only the public key.
 
     Parameters
     ----------
     out_dir : path
         Target directory (created; existing files are overwritten).
-    labs : sequence of str
-        Unique lab names.
     hosts : sequence of str
-        Addresses for the SuperLink certificate.
+        Addresses labs dial, for the SuperLink certificate; loopback is always
+        added (the coordinator's own processes use it).
     days : int
         Validity of the certificates in days.
 
@@ -321,15 +328,12 @@ def create_pilot_pki(
     PilotPKI
         Paths of everything written.
     """
-    labs = [validate_lab_name(lab) for lab in labs]
-    if len(set(labs)) != len(labs):
-        raise ValueError(f"lab names must be unique, received {labs}")
+    hosts = list(dict.fromkeys([*hosts, *LOOPBACK_HOSTS]))
     root = Path(out_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     ca = create_ca(root / "ca", days=days)
     server = create_server_cert(ca, root / "superlink", hosts=hosts, days=days)
-    nodes = {lab: create_node_keys(root / "nodes", lab) for lab in labs}
-    pki = PilotPKI(root=root, ca=ca, server=server, nodes=nodes)
+    pki = PilotPKI(root=root, ca=ca, server=server)
     (root / "pki.json").write_text(json.dumps(pki.to_json(), indent=2) + "\n")
     return pki
 
@@ -355,8 +359,4 @@ def load_pilot_pki(out_dir: str | os.PathLike) -> PilotPKI:
     server = ServerCertificate(
         cert=Path(data["server_cert"]), key=Path(data["server_key"]), ca_cert=ca.cert
     )
-    nodes = {
-        lab: NodeKeyPair(lab=lab, private_key=Path(v["private_key"]), public_key=Path(v["public_key"]))
-        for lab, v in data["nodes"].items()
-    }
-    return PilotPKI(root=root, ca=ca, server=server, nodes=nodes)
+    return PilotPKI(root=root, ca=ca, server=server)

@@ -11,7 +11,9 @@ Layout of ``checkpoint-dir``::
     summary.json                    status of the run ("running", "completed", "failed")
 
 Checkpoints go through :func:`napari_feddp.models.save_checkpoint`
-(safetensors weights + JSON model card, hash-checked).
+(safetensors weights + JSON model card, hash-checked). Figures that come from
+labs (epsilon, metrics) never stop a run: a value the card cannot carry is left
+out and the problem recorded in :attr:`CheckpointWriter.problems`.
 """
 
 from __future__ import annotations
@@ -43,11 +45,18 @@ class CheckpointWriter:
         None (or "") disables writing; all methods become no-ops.
     settings : RunSettings
         For model construction and the model card.
+
+    Attributes
+    ----------
+    problems : dict
+        ``{checkpoint name: message}`` for every checkpoint whose card needed a
+        correction or could not be written.
     """
 
     def __init__(self, directory, settings) -> None:
         self.directory = Path(directory) if directory else None
         self.settings = settings
+        self.problems: dict[str, str] = {}
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
             rounds = self.directory / ROUNDS_FILE
@@ -59,17 +68,61 @@ class CheckpointWriter:
         """True if a directory was given."""
         return self.directory is not None
 
-    def save_model(self, name: str, arrays: ArrayRecord, **provenance) -> Path | None:
-        """Save ``arrays`` as ``<name>.safetensors`` + ``<name>.json``."""
+    def save_model(
+        self, name: str, arrays: ArrayRecord, *, strict: bool = False, **provenance
+    ) -> Path | None:
+        """Save ``arrays`` as ``<name>.safetensors`` + ``<name>.json``.
+
+        Parameters
+        ----------
+        name : str
+            File name without suffix.
+        arrays : ArrayRecord
+            Global model weights.
+        strict : bool
+            Raise when the card or checkpoint cannot be written, instead of
+            recording the problem and returning None. For checkpoints that carry
+            no lab-reported figures, where a failure is a configuration error.
+        **provenance
+            ``round``, ``federated_rounds``, ``epsilon``, ``metrics`` (see
+            :func:`napari_feddp.federation.local.model_card`). An epsilon that is
+            not a valid privacy claim (finite, in ``(0, 1e6]``) is left out of
+            the card and recorded in :attr:`problems`.
+
+        Returns
+        -------
+        pathlib.Path or None
+            The ``.safetensors`` file; None if writing is disabled or failed.
+
+        Raises
+        ------
+        napari_feddp.models.CheckpointError, napari_feddp.models.ModelCardError
+            Only with ``strict``.
+        """
         if self.directory is None:
             return None
         from ..models import save_checkpoint
+        from ..models.card import ModelCardError
+        from ..models.checkpoint import CheckpointError
         from .local import build_model, model_card
+        from .strategy import valid_epsilon
 
-        model = build_model(self.settings)
-        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-        card = model_card(self.settings, **provenance)
-        return save_checkpoint(self.directory / name, model, card)
+        epsilon = provenance.get("epsilon")
+        if epsilon is not None and valid_epsilon(epsilon) is None:
+            self.problems[name] = (
+                f"epsilon {epsilon!r} is not a valid privacy claim; card written without epsilon"
+            )
+            provenance["epsilon"] = None
+        try:
+            model = build_model(self.settings)
+            model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+            card = model_card(self.settings, **provenance)
+            return save_checkpoint(self.directory / name, model, card)
+        except (ModelCardError, CheckpointError) as exc:
+            if strict:
+                raise
+            self.problems[name] = f"checkpoint not written: {exc}"[:500]
+            return None
 
     def append_round(self, report: dict) -> None:
         """Append one round record to ``rounds.jsonl``."""

@@ -39,6 +39,7 @@ from .local import (
     default_train,
     load_function,
 )
+from .policy import policy_refusal
 from .settings import NodeSettings, RunSettings
 from .strategy import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, REASON_KEY
 
@@ -67,7 +68,10 @@ def update_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     """
     config = msg.content.config_records.get(CONFIG_KEY)
     if config is not None and KEY_CLIPPING_NORM not in config:
-        settings = RunSettings.from_run_config(context.run_config)
+        try:
+            settings = RunSettings.from_run_config(context.run_config)
+        except (ValueError, TypeError):
+            return call_next(msg, context)  # the handler declines the invalid run config
         if settings.dp_mode == "update":
             config[KEY_CLIPPING_NORM] = float(settings.update_clipping_norm)
     if config is None or KEY_CLIPPING_NORM not in config:
@@ -85,9 +89,21 @@ def update_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     return declined[0] if declined else clipped
 
 
-def _prepare(msg: Message, context: Context) -> LocalRequest:
-    settings = RunSettings.from_run_config(context.run_config)
+def _settings(context: Context) -> tuple[RunSettings, NodeSettings]:
+    """Run and lab settings; DeclineRound if the run config is invalid or outside the lab's policy."""
     node = NodeSettings.from_node_config(context.node_config)
+    try:
+        settings = RunSettings.from_run_config(context.run_config)
+    except (ValueError, TypeError) as exc:
+        raise DeclineRound(f"invalid run config: {exc}"[:200]) from None
+    refusal = policy_refusal(settings, node)
+    if refusal:
+        raise DeclineRound(refusal[:200])
+    return settings, node
+
+
+def _prepare(msg: Message, context: Context) -> LocalRequest:
+    settings, node = _settings(context)
     torch.set_num_threads(max(1, int(node.threads)))
     model = build_model(settings)
     arrays = msg.content.array_records[ARRAYS_KEY]
@@ -118,10 +134,13 @@ def _scalars(values: dict[str, float | int | None]) -> dict[str, float | int]:
 
 def _history(request: LocalRequest, record: dict) -> None:
     """Append a local-only record for the Federation widget (never sent)."""
-    path = request.node.history_file
+    _append_history(request.node.history_file, request.server_round, record)
+
+
+def _append_history(path: str, server_round: int, record: dict) -> None:
     if not path:
         return
-    row = {"time": time.time(), "round": request.server_round, **record}
+    row = {"time": time.time(), "round": server_round, **record}
     try:
         target = Path(path).expanduser()
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -131,23 +150,38 @@ def _history(request: LocalRequest, record: dict) -> None:
         pass  # the widget's log is a convenience, never a reason to fail a round
 
 
+def _decline_reply(msg: Message, decline: DeclineRound) -> Message:
+    content = RecordDict(
+        {
+            METRICS_KEY: MetricRecord(decline.metrics()),
+            REASON_KEY: ConfigRecord({REASON_KEY: decline.reason[:200]}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
 @app.train(mods=[update_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    """Train the global model on the lab's data; reply with weights + scalars."""
-    request = _prepare(msg, context)
+    """Train the global model on the lab's data; reply with weights + scalars.
+
+    A run outside the lab's policy, or a round beyond its privacy budget, is
+    declined before anything is built or trained.
+    """
+    try:
+        request = _prepare(msg, context)
+    except DeclineRound as decline:
+        node = NodeSettings.from_node_config(context.node_config)
+        server_round = int(_config(msg).get("server-round", 0))
+        _append_history(node.history_file, server_round,
+                        {"event": "declined", "reason": decline.reason, **decline.metrics()})  # fmt: skip
+        return _decline_reply(msg, decline)
     train_fn = load_function(request.node.train_fn) if request.node.train_fn else default_train
     _history(request, {"event": "training"})
     try:
         update = train_fn(request)
     except DeclineRound as decline:
         _history(request, {"event": "declined", "reason": decline.reason, **decline.metrics()})
-        content = RecordDict(
-            {
-                METRICS_KEY: MetricRecord(decline.metrics()),
-                REASON_KEY: ConfigRecord({REASON_KEY: decline.reason[:200]}),
-            }
-        )
-        return Message(content=content, reply_to=msg)
+        return _decline_reply(msg, decline)
     metrics = _scalars(
         {
             "num-examples": int(update.num_examples),
@@ -167,11 +201,26 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def keep_global_model(request: LocalRequest, run_id: int, epsilon: float | None) -> Path | None:
-    """Save the federation's final model into the lab's local model store."""
+def keep_global_model(request: LocalRequest, run_id: int, epsilon: float | None) -> Path:
+    """Keep the federation's final model in the lab's model store, promoted only if it passes the lab's check.
+
+    The check (:func:`napari_feddp.federation.promotion.check_promotion`) runs
+    on the lab's machine against the lab's current default model. A promoted
+    model goes into the store's root, where it becomes the default of the
+    Segment widget and ``napari-feddp segment``; a refused one is kept under
+    ``<store>/refused/`` for inspection and is never a default. Either way a
+    ``model-promoted`` or ``model-refused`` record with the reason and the Dice
+    scores goes to the lab's local history.
+
+    Returns
+    -------
+    pathlib.Path
+        The stored ``.safetensors`` file.
+    """
     from ..models import save_checkpoint
-    from ..models.store import model_store
+    from ..models.store import REFUSED_FOLDER, model_store
     from .local import model_card
+    from .promotion import PromotionDecision, check_promotion, current_default
 
     store = Path(request.node.model_store).expanduser() if request.node.model_store else model_store()
     card = model_card(
@@ -180,7 +229,22 @@ def keep_global_model(request: LocalRequest, run_id: int, epsilon: float | None)
         federated_rounds=request.server_round,
         epsilon=epsilon,
     )
-    return save_checkpoint(store / f"federation-{run_id}", request.model, card)
+    try:
+        decision = check_promotion(request.model, current_default(store), request, card=card)
+    except Exception as exc:  # noqa: BLE001 - a check that cannot run must not promote
+        decision = PromotionDecision(False, f"promotion check failed: {str(exc)[:160]}")
+    folder = store if decision.promoted else store / REFUSED_FOLDER
+    path = save_checkpoint(folder / f"federation-{run_id}", request.model, card)
+    _history(
+        request,
+        {
+            "event": "model-promoted" if decision.promoted else "model-refused",
+            "reason": decision.reason[:200],
+            "candidate_dice": decision.candidate_score,
+            "current_dice": decision.current_score,
+        },
+    )
+    return path
 
 
 @app.evaluate()
@@ -188,9 +252,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the lab's held-out tiles; reply with scalars only.
 
     In the final evaluation round (config ``final``) the lab also keeps the
-    global model in its local model store, where the Segment widget finds it.
+    global model in its local model store (:func:`keep_global_model`); it
+    becomes the lab's default model only if it passes the lab's own check.
     """
-    request = _prepare(msg, context)
+    try:
+        request = _prepare(msg, context)
+    except DeclineRound as decline:
+        node = NodeSettings.from_node_config(context.node_config)
+        _append_history(node.history_file, int(_config(msg).get("server-round", 0)),
+                        {"event": "declined", "reason": decline.reason})  # fmt: skip
+        return Message(Error(code=0, reason=f"declined: {decline.reason}"[:200]), reply_to=msg)
     config = _config(msg)
     if bool(config.get("final", False)):
         epsilon = config.get("epsilon")

@@ -25,20 +25,28 @@ CONNECTION_FILE = "connection.json"
 
 @dataclass(eq=False)
 class Coordinator:
-    """SuperLink with TLS and SuperNode authentication, plus a ``flwr`` home.
+    """SuperLink (loopback), its SuperExec and the Fleet gateway, plus a ``flwr`` home.
+
+    Labs reach only the gateway (:attr:`fleet_address`, Fleet API); the
+    Control and Runtime APIs stay on this machine's loopback, where only the
+    coordinator's ``flwr`` commands (:attr:`cli`) and its own SuperExec (with
+    the shared secret) use them.
 
     Parameters
     ----------
     workdir : path
         Logs, the SuperLink's Flower home, the CLI's Flower home, ``connection.json``.
     pki : PilotPKI or None
-        TLS material and the labs' public keys (all registered at start).
+        CA and SuperLink certificate (no lab keys).
     insecure : bool
         Plain text, no node authentication (explicit opt-in, warns).
     host, port : str, int
-        Bind address (port None: a free one).
+        Public address of the gateway (port None: a free one).
     public_keys : dict
-        Additional ``{lab name: public key path}`` to register.
+        ``{lab name: public key path}`` registered at start (keys the labs
+        made themselves with ``federation keys``).
+    ready_timeout : float
+        Seconds to wait for each process.
     """
 
     workdir: Path
@@ -47,9 +55,16 @@ class Coordinator:
     host: str = LOOPBACK
     port: int | None = None
     public_keys: dict[str, Path] = field(default_factory=dict)
+    ready_timeout: float = 60.0
     superlink: SuperLinkProcess | None = field(default=None, init=False)
     cli: FlowerCli | None = field(default=None, init=False)
     registered: dict[str, int] = field(default_factory=dict, init=False)
+
+    @property
+    def fleet_address(self) -> str:
+        """``HOST:PORT`` labs dial."""
+        assert self.superlink is not None, "start() first"
+        return self.superlink.fleet_address
 
     def start(self) -> Coordinator:
         """Start the SuperLink, write the CLI config, register every known lab."""
@@ -60,21 +75,32 @@ class Coordinator:
         if self.pki is not None and not self.insecure:
             tls = TlsFiles(self.pki.ca.cert, self.pki.server.cert, self.pki.server.key)
         self.superlink = SuperLinkProcess(
-            self.workdir / "superlink", tls, insecure=self.insecure, port=self.port, host=self.host
+            self.workdir / "superlink", tls, insecure=self.insecure, port=self.port, host=self.host,
+            ready_timeout=self.ready_timeout,
         ).start()
         self.cli = FlowerCli(self.workdir / "cli-home")
         ca = None if self.insecure else self.pki.ca.cert
         write_flower_config(self.cli.flwr_home, self.superlink.address, root_cert=ca, insecure=self.insecure)
-        if not self.insecure:
-            keys = {lab: pair.public_key for lab, pair in self.pki.nodes.items()}
-            keys.update(self.public_keys)
-            for lab, public_key in keys.items():
-                self.register(public_key, lab)
-        (self.workdir / CONNECTION_FILE).write_text(
+        if not self.insecure and self.public_keys:
+            # Each registration is a `flwr` process: run them side by side.
+            from concurrent.futures import ThreadPoolExecutor
+
+            items = list(self.public_keys.items())
+            with ThreadPoolExecutor(max_workers=max(1, min(4, len(items)))) as pool:
+                list(pool.map(lambda item: self.register(item[1], item[0]), items))
+        self.write_connection()
+        return self
+
+    def write_connection(self) -> Path:
+        """Write ``connection.json`` (addresses, CA, Flower home, registered labs)."""
+        assert self.superlink is not None and self.cli is not None, "start() first"
+        path = self.workdir / CONNECTION_FILE
+        path.write_text(
             json.dumps(
                 {
-                    "address": self.superlink.address,
-                    "ca": None if ca is None else str(ca),
+                    "fleet_address": self.superlink.fleet_address,
+                    "control_address": self.superlink.address,
+                    "ca": None if self.insecure else str(self.pki.ca.cert),
                     "insecure": self.insecure,
                     "flwr_home": str(self.cli.flwr_home),
                     "labs": self.registered,
@@ -83,7 +109,7 @@ class Coordinator:
             )
             + "\n"
         )
-        return self
+        return path
 
     def register(self, public_key: str | Path, name: str) -> int:
         """Register a lab's public key; return its SuperNode id."""
@@ -93,7 +119,7 @@ class Coordinator:
         return node_id
 
     def stop(self) -> None:
-        """Stop the SuperLink (and any ServerApp it runs)."""
+        """Stop the gateway, SuperExec (and any ServerApp) and SuperLink."""
         if self.superlink is not None:
             self.superlink.stop()
 

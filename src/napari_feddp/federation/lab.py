@@ -30,7 +30,8 @@ class LabStatus:
     ----------
     state : str
         ``stopped``, ``connecting``, ``waiting``, ``training``, ``evaluating``,
-        ``declined`` or ``error``.
+        ``declined``, ``refused`` (a run's app bundle was not this lab's
+        napari-feddp) or ``error``.
     round : int or None
         Round of the last message received.
     message : str
@@ -59,7 +60,11 @@ class LabNode:
     lab : str, optional
         Lab name (default: the key file's stem).
     epsilon_budget : float
-        ``max-epsilon`` for the privacy ledger (0: no limit).
+        ``max-epsilon`` for the privacy ledger (default 8; 0: no limit).
+    policy : dict
+        The lab's other privacy-policy fields of
+        :class:`~napari_feddp.federation.settings.NodeSettings`
+        (``accept_dp_modes``, ``max_delta``, ``min_noise_multiplier``, ...).
     ledger_dir, eval_dataset, model_store : str
         See :class:`~napari_feddp.federation.settings.NodeSettings`.
     workdir : path, optional
@@ -73,7 +78,8 @@ class LabNode:
     key: Path | None
     dataset: Path
     lab: str | None = None
-    epsilon_budget: float = 0.0
+    epsilon_budget: float = 8.0
+    policy: dict = field(default_factory=dict)
     ledger_dir: str = ""
     eval_dataset: str = ""
     model_store: str = ""
@@ -99,7 +105,9 @@ class LabNode:
         def absolute(path: str | Path) -> str:
             return str(Path(path).expanduser().resolve()) if path else ""
 
-        return NodeSettings(
+        from .policy import accepted_dp_modes
+
+        settings = NodeSettings(
             lab=self.lab,
             data_dir=absolute(self.dataset),
             ledger_dir=absolute(self.ledger_dir),
@@ -108,7 +116,16 @@ class LabNode:
             model_store=absolute(self.model_store),
             history_file=str(self.history_file),
             threads=self.threads,
+            **self.policy,
         )
+        accepted_dp_modes(settings)  # an unknown mode fails here, not in the first round
+        return settings
+
+    def policy_summary(self) -> str:
+        """One line stating the lab's privacy policy (for the CLI and the widget)."""
+        from .policy import describe_policy
+
+        return describe_policy(self.settings())
 
     def start(self, wait: bool = True, timeout: float = 60.0) -> LabNode:
         """Start the SuperNode; with ``wait`` until the SuperLink accepted it.
@@ -175,6 +192,8 @@ class LabNode:
         last_sent = log.rfind("Sent successfully")
         last_received = log.rfind("Receiving:")
         history = self.history()
+        if history and history[-1].get("event") == "refused-app":
+            return LabStatus("refused", current, history[-1].get("reason", "untrusted app bundle"))
         if history and history[-1].get("event") == "declined" and history[-1].get("round") == current:
             return LabStatus("declined", current, history[-1].get("reason", "privacy budget exhausted"))
         if received and last_received > last_sent:

@@ -258,7 +258,7 @@ def _ledger(request: LocalRequest):
         node.lab,
         dataset_fingerprint(node.data_dir),
         dataset_dir=node.data_dir,
-        delta=request.settings.target_delta,
+        delta=node.max_delta,
     )
 
 
@@ -268,9 +268,10 @@ def _ledger(request: LocalRequest):
 def default_train(request: LocalRequest) -> LocalUpdate:
     """One local round with :func:`napari_feddp.training.train_local`.
 
-    ``sample`` mode: DP-SGD with the lab's persistent ledger; a round that
-    would exceed the lab's ``max-epsilon`` raises :class:`DeclineRound` before
-    any training. ``update`` and ``none`` modes train without per-sample noise
+    ``sample`` mode: DP-SGD with the lab's persistent ledger, accounted at the
+    lab's own delta (``max-delta`` of its policy, which the run's delta may not
+    exceed); a round that would exceed the lab's ``max-epsilon``, or a dataset
+    too large for that delta, raises :class:`DeclineRound` before any training. ``update`` and ``none`` modes train without per-sample noise
     (in ``update`` mode the ClientApp clips the update and the server adds noise).
     """
     from ..training import BudgetExceededError, TrainConfig, train_local
@@ -279,6 +280,12 @@ def default_train(request: LocalRequest) -> LocalUpdate:
     overrides = request.train_overrides or {}
     dataset = _dataset(request, "train")
     private = settings.dp_mode == "sample"
+    if private:
+        from .policy import delta_refusal
+
+        refusal = delta_refusal(node.max_delta, len(dataset))
+        if refusal:
+            raise DeclineRound(refusal)
     steps = settings.max_steps or None
     config = TrainConfig(
         epochs=None if steps else settings.local_epochs,
@@ -290,7 +297,7 @@ def default_train(request: LocalRequest) -> LocalUpdate:
         dp_mode="sample" if private else "none",
         max_grad_norm=settings.max_grad_norm,
         noise_multiplier=settings.noise_multiplier if private else None,
-        delta=settings.target_delta,
+        delta=node.max_delta,
         epsilon_max=node.epsilon_budget if private else None,
         seed=None,  # fresh noise and sampling every round
     )

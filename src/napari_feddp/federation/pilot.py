@@ -18,18 +18,17 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .app_bundle import write_app_dir
-from .certs import PilotPKI, create_pilot_pki, load_pilot_pki, validate_lab_name
+from .certs import NodeKeyPair, PilotPKI, create_node_keys, create_pilot_pki, load_pilot_pki, validate_lab_name
 from .checkpoints import EVALUATION_FILE, SUMMARY_FILE, read_json, read_rounds
-from .flwr_cli import FlowerCli, FlowerCliError, write_flower_config
-from .processes import (
-    FederationProcessError,
-    SuperLinkProcess,
-    SuperNodeProcess,
-    TlsFiles,
-)
+from .flwr_cli import FlowerCli, FlowerCliError
+from .processes import FederationProcessError, SuperLinkProcess, SuperNodeProcess
 from .settings import NodeSettings, RunSettings
+
+if TYPE_CHECKING:
+    from .coordinator import Coordinator
 
 
 class FederationRunError(RuntimeError):
@@ -57,6 +56,9 @@ class LabSpec:
         unknown lab, which the SuperLink must refuse).
     eval_dir : path, optional
         Held-out tiles for the final evaluation (default: ``data_dir``).
+    policy : mapping, optional
+        Lab privacy-policy fields of :class:`NodeSettings` (e.g.
+        ``{"accept_dp_modes": "sample,none"}``).
     """
 
     name: str
@@ -67,6 +69,7 @@ class LabSpec:
     extra_env: Mapping[str, str] | None = None
     register: bool = True
     eval_dir: Path | None = None
+    policy: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,10 +115,12 @@ class LocalFederation:
     threads: int = 1
     ready_timeout: float = 120.0
     keep_workdir: bool = False
+    coordinator: Coordinator | None = field(default=None, init=False)
     superlink: SuperLinkProcess | None = field(default=None, init=False)
     supernodes: dict[str, SuperNodeProcess] = field(default_factory=dict, init=False)
     cli: FlowerCli | None = field(default=None, init=False)
     pki: PilotPKI | None = field(default=None, init=False)
+    lab_keys: dict[str, NodeKeyPair] = field(default_factory=dict, init=False)
     _tempdir: str | None = field(default=None, init=False)
 
     # ------------------------------------------------------------------ lifecycle
@@ -132,7 +137,9 @@ class LocalFederation:
         self.stop()
 
     def start(self) -> LocalFederation:
-        """Create PKI, start the SuperLink, register labs, start SuperNodes."""
+        """Create PKI, start the coordinator, make and register lab keys, start SuperNodes."""
+        from .coordinator import Coordinator
+
         if self.workdir is None:
             self._tempdir = tempfile.mkdtemp(prefix="feddp-federation-")
             self.workdir = Path(self._tempdir)
@@ -141,53 +148,38 @@ class LocalFederation:
         names = [validate_lab_name(lab.name) for lab in self.labs]
         if len(set(names)) != len(names):
             raise ValueError(f"lab names must be unique: {names}")
-        tls = None
         if not self.insecure:
-            self.pki = self._load_or_create_pki(names)
-            tls = TlsFiles(self.pki.ca.cert, self.pki.server.cert, self.pki.server.key)
-        self.superlink = SuperLinkProcess(
-            self.workdir / "superlink",
-            tls,
+            self.pki = load_pilot_pki(self.pki_dir) if self.pki_dir is not None else create_pilot_pki(self.workdir / "pki")
+            for lab in self.labs:
+                self.lab_keys[lab.name] = self._lab_keys(lab.name)
+        self.coordinator = Coordinator(
+            self.workdir / "coordinator",
+            self.pki,
             insecure=self.insecure,
+            public_keys={lab.name: self.lab_keys[lab.name].public_key
+                         for lab in self.labs if lab.register and not self.insecure},
             ready_timeout=self.ready_timeout,
-        ).start()
-        self.cli = FlowerCli(self.workdir / "cli-home")
-        write_flower_config(
-            self.cli.flwr_home,
-            self.superlink.address,
-            root_cert=None if self.insecure else self.pki.ca.cert,
-            insecure=self.insecure,
-        )
-        if not self.insecure:
-            # Each registration is a `flwr` process: run them side by side.
-            from concurrent.futures import ThreadPoolExecutor
-
-            todo = [lab for lab in self.labs if lab.register]
-            with ThreadPoolExecutor(max_workers=max(1, min(4, len(todo)))) as pool:
-                list(pool.map(lambda lab: self.register(lab.name), todo))
+        ).start()  # fmt: skip
+        self.superlink, self.cli = self.coordinator.superlink, self.coordinator.cli
         for lab in self.labs:
             self.add_node(lab, wait=False, register=False)
-        for name, node in self.supernodes.items():
+        for node in self.supernodes.values():
             node.wait_ready(self.ready_timeout)
         return self
 
+    def _lab_keys(self, lab: str) -> NodeKeyPair:
+        """The lab's own key pair, made in the lab's folder (only the public key is registered)."""
+        keys = self.workdir / "labs" / lab / "keys"
+        if (keys / f"{lab}.key").exists():
+            return NodeKeyPair(lab=lab, private_key=keys / f"{lab}.key", public_key=keys / f"{lab}.pub")
+        return create_node_keys(keys, lab)
+
     def register(self, lab: str) -> int:
-        """Register ``lab``'s public key (creating its key pair if needed)."""
-        assert self.pki is not None and self.cli is not None, "start() first"
-        if lab not in self.pki.nodes:
-            from .certs import create_node_keys
-
-            self.pki.nodes[lab] = create_node_keys(self.pki.root / "nodes", lab)
-        return self.cli.register_node(self.pki.nodes[lab].public_key, name=lab)
-
-    def _load_or_create_pki(self, names: list[str]) -> PilotPKI:
-        if self.pki_dir is not None:
-            pki = load_pilot_pki(self.pki_dir)
-            missing = [n for n in names if n not in pki.nodes]
-            if missing:
-                raise ValueError(f"PKI in {self.pki_dir} has no keys for labs {missing}")
-            return pki
-        return create_pilot_pki(self.workdir / "pki", names)
+        """Register ``lab``'s public key (the lab makes its key pair if needed)."""
+        assert self.coordinator is not None, "start() first"
+        if lab not in self.lab_keys:
+            self.lab_keys[lab] = self._lab_keys(lab)
+        return self.coordinator.register(self.lab_keys[lab].public_key, lab)
 
     def add_node(
         self, lab: LabSpec, *, wait: bool = True, register: bool | None = None, **node_kwargs
@@ -208,14 +200,11 @@ class LocalFederation:
         validate_lab_name(lab.name)
         private_key = None
         if not self.insecure:
-            assert self.pki is not None
-            if lab.name not in self.pki.nodes:
-                from .certs import create_node_keys
-
-                self.pki.nodes[lab.name] = create_node_keys(self.pki.root / "nodes", lab.name)
-            private_key = self.pki.nodes[lab.name].private_key
             if lab.register if register is None else register:
                 self.register(lab.name)
+            elif lab.name not in self.lab_keys:
+                self.lab_keys[lab.name] = self._lab_keys(lab.name)
+            private_key = self.lab_keys[lab.name].private_key
         node_settings = NodeSettings(
             lab=lab.name,
             data_dir=str(Path(lab.data_dir).resolve()),
@@ -227,11 +216,12 @@ class LocalFederation:
             train_fn=lab.train_fn,
             eval_fn=lab.eval_fn,
             threads=self.threads,
+            **lab.policy,
         )
         node = SuperNodeProcess(
             name=lab.name,
             workdir=self.workdir / "supernodes" / lab.name,
-            superlink_address=self.superlink.address,
+            superlink_address=self.superlink.fleet_address,
             root_cert=None if self.insecure else self.pki.ca.cert,
             private_key=private_key,
             node_config=node_settings.to_node_config(),
@@ -249,9 +239,9 @@ class LocalFederation:
         for node in list(self.supernodes.values()):
             with contextlib.suppress(Exception):
                 node.stop(timeout=10)
-        if self.superlink is not None:
+        if self.coordinator is not None:
             with contextlib.suppress(Exception):
-                self.superlink.stop(timeout=10)
+                self.coordinator.stop()
         if self._tempdir and not self.keep_workdir:
             shutil.rmtree(self._tempdir, ignore_errors=True)
             self._tempdir = None
@@ -311,7 +301,7 @@ class LocalFederation:
             on_poll=on_poll,
             poll=poll,
             started=started,
-            alive=lambda: self.superlink is not None and self.superlink.process.is_running(),
+            alive=lambda: self.superlink is not None and self.superlink.is_running(),
         )
 
 

@@ -497,17 +497,21 @@ def superlink_argv(
     port: int,
     tls: TlsFiles | None,
     *,
+    superexec_secret: str | os.PathLike,
     enable_supernode_auth: bool = True,
     database: str | os.PathLike | None = None,
-    host: str = LOOPBACK,
 ) -> list[str]:
-    """Command line of ``flower-superlink`` (Flower 1.42).
+    """Command line of ``flower-superlink`` (Flower 1.42), bound to loopback.
 
-    One HTTP(S) port serves the Fleet, Control and Runtime APIs. ``tls=None``
-    means ``--insecure`` (and no SuperNode authentication, which needs TLS).
-    Runtime dependency installation is disabled: apps use this environment.
+    One HTTP(S) port serves the Fleet, Control and Runtime APIs, so it never
+    leaves loopback: labs reach the Fleet API through the gateway
+    (:mod:`.gateway`). ``--isolation process`` with a SuperExec secret means
+    only the coordinator's own SuperExec, holding that secret, can pick up a
+    ServerApp. ``tls=None`` means ``--insecure`` (and no SuperNode
+    authentication, which needs TLS). Runtime dependency installation is
+    disabled: apps use this environment.
     """
-    argv = [flower_executable("flower-superlink"), "--host", host, "--port", str(port)]
+    argv = [flower_executable("flower-superlink"), "--host", LOOPBACK, "--port", str(port)]
     if tls is None:
         argv.append("--insecure")
     else:
@@ -518,10 +522,46 @@ def superlink_argv(
         ]  # fmt: skip
         if enable_supernode_auth:
             argv.append("--enable-supernode-auth")
+    argv += ["--isolation", "process", "--superexec-auth-secret-file", _absolute(superexec_secret)]
     if database is not None:
         argv += ["--database", _absolute(database)]
     argv.append("--disable-runtime-dependency-installation")
     return argv
+
+
+def superexec_argv(
+    runtime_address: str, *, root_cert: str | os.PathLike | None, secret: str | os.PathLike
+) -> list[str]:
+    """Command line of ``flower-superexec`` for a SuperLink's or SuperNode's Runtime API.
+
+    ``root_cert=None`` means a plain-text Runtime API (a SuperNode's, on loopback).
+    """
+    argv = [flower_executable("flower-superexec"), "--runtime-api-address", runtime_address,
+            "--superexec-auth-secret-file", _absolute(secret)]  # fmt: skip
+    if root_cert is None:
+        argv.append("--insecure")
+    else:
+        argv += ["--root-certificates", _absolute(root_cert)]
+    return argv
+
+
+def write_secret(path: str | os.PathLike) -> Path:
+    """Write 32 random bytes to ``path`` (mode 0600, folder 0700); return the path.
+
+    The SuperExec shared secret: Flower authenticates task pick-up at a Runtime
+    API with an HMAC keyed by it, so another process cannot take a ServerApp or
+    ClientApp task.
+    """
+    import secrets
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secrets.token_bytes(32))
+    path.chmod(0o600)
+    return path
 
 
 def supernode_argv(
@@ -530,6 +570,7 @@ def supernode_argv(
     *,
     root_cert: str | os.PathLike | None,
     private_key: str | os.PathLike | None,
+    superexec_secret: str | os.PathLike,
     node_config: Mapping[str, object] | None = None,
     max_retries: int | None = None,
     max_wait_time: float | None = None,
@@ -537,14 +578,17 @@ def supernode_argv(
     """Command line of ``flower-supernode`` (Flower 1.42).
 
     ``root_cert=None`` means ``--insecure``. ``runtime_port`` is the SuperNode's
-    own local Runtime HTTP API (ClientApp processes talk to it), on loopback.
+    own local Runtime HTTP API, on loopback. ``--isolation process`` with a
+    SuperExec secret: only the lab's own SuperExec (which runs ClientApps
+    through the app pin, :mod:`.app_pin`) can pick up its tasks.
     """
     argv = [
         flower_executable("flower-supernode"),
         "--superlink", superlink_address,
         "--host", LOOPBACK,
         "--port", str(runtime_port),
-        "--isolation", "subprocess",
+        "--isolation", "process",
+        "--superexec-auth-secret-file", _absolute(superexec_secret),
     ]  # fmt: skip
     if root_cert is None:
         argv.append("--insecure")
@@ -598,12 +642,21 @@ def format_node_config(config: Mapping[str, object]) -> str:
 
 @dataclass(eq=False)
 class SuperLinkProcess:
-    """A ``flower-superlink`` child process on loopback.
+    """The coordinator's processes: SuperLink on loopback, its SuperExec, the Fleet gateway.
+
+    * ``flower-superlink`` listens on ``127.0.0.1`` only (Fleet, Control and
+      Runtime API share its port); :attr:`address` is for the coordinator's
+      own ``flwr`` commands.
+    * ``flower-superexec`` runs the ServerApp; it authenticates to the
+      SuperLink's Runtime API with a shared secret (``superexec.secret``,
+      mode 0600, new at every start), so no other process can take the task.
+    * the gateway (:mod:`.gateway`) listens on ``host:port`` and forwards the
+      Fleet API only; :attr:`fleet_address` is what labs dial.
 
     Parameters
     ----------
     workdir : path
-        Holds ``superlink.log`` and the SuperLink's ``FLWR_HOME``.
+        Logs, the secret and the SuperLink's ``FLWR_HOME``.
     tls : TlsFiles or None
         None only with ``insecure=True``.
     insecure : bool
@@ -611,10 +664,10 @@ class SuperLinkProcess:
     enable_supernode_auth : bool
         Only registered SuperNode public keys may connect (needs TLS).
     port : int, optional
-        Fixed port; default picks a free one (and retries on a clash).
+        Public (gateway) port; default picks a free one.
     host : str
-        Interface to bind (loopback by default; the TLS certificate must name
-        the address the labs dial).
+        Public interface of the gateway (loopback by default; the TLS
+        certificate must name the address the labs dial).
     """
 
     workdir: Path
@@ -625,63 +678,123 @@ class SuperLinkProcess:
     ready_timeout: float = 60.0
     host: str = LOOPBACK
     process: ManagedProcess | None = field(default=None, init=False)
+    superexec: ManagedProcess | None = field(default=None, init=False)
+    gateway: ManagedProcess | None = field(default=None, init=False)
+    internal_port: int | None = field(default=None, init=False)
 
     @property
     def address(self) -> str:
-        """``HOST:PORT`` to dial from this machine (Fleet, Control, Runtime API)."""
+        """``127.0.0.1:PORT`` of the SuperLink itself (Control API; coordinator only)."""
+        return f"{LOOPBACK}:{self.internal_port}"
+
+    @property
+    def fleet_address(self) -> str:
+        """``HOST:PORT`` labs dial (the gateway; Fleet API only)."""
         host = LOOPBACK if self.host in ("0.0.0.0", "") else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def secret_path(self) -> Path:
+        """The SuperExec shared secret."""
+        return Path(self.workdir) / "secrets" / "superexec.secret"
+
     def start(self) -> SuperLinkProcess:
-        """Start and wait until the HTTPS server accepts connections."""
+        """Start SuperLink, SuperExec and gateway; wait until labs can connect."""
         if self.tls is None and not self.insecure:
             raise ValueError("SuperLink needs TLS files unless insecure=True is given")
         if self.insecure:
             warn_insecure("SuperLink")
         workdir = Path(self.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        fixed = self.port is not None
+        write_secret(self.secret_path)
+        env = flower_env(workdir / "flwr-home")
         for attempt in range(4):
-            port = self.port if fixed else find_free_port()
+            port = find_free_port()
             proc = ManagedProcess(
                 name="superlink",
                 argv=superlink_argv(
                     port,
                     None if self.insecure else self.tls,
+                    superexec_secret=self.secret_path,
                     enable_supernode_auth=self.enable_supernode_auth and not self.insecure,
-                    host=self.host,
                 ),
                 log_path=workdir / "superlink.log",
-                env=flower_env(workdir / "flwr-home"),
+                env=env,
                 cwd=workdir,
             ).start()
-            self.process, self.port = proc, port
+            self.process, self.internal_port = proc, port
             try:
-                self._wait_ready(proc, port)
-                return self
+                proc.wait_for_log(r"Application startup complete|Uvicorn running on", self.ready_timeout)
+                _wait_port(proc, LOOPBACK, port, self.ready_timeout)
+                break
+            except FederationProcessError:
+                clash = _ADDRESS_IN_USE.search(proc.log_tail(40))
+                proc.stop(5)
+                if not clash or attempt == 3:
+                    raise
+        self.superexec = ManagedProcess(
+            name="superexec (serverapp)",
+            argv=superexec_argv(
+                self.address,
+                root_cert=None if self.insecure else self.tls.ca_cert,
+                secret=self.secret_path,
+            ),
+            log_path=workdir / "superexec.log",
+            env=env,
+            cwd=workdir,
+        ).start()
+        self._start_gateway(workdir)
+        return self
+
+    def _start_gateway(self, workdir: Path) -> None:
+        from .gateway import gateway_argv
+
+        fixed = self.port is not None
+        for attempt in range(4):
+            port = self.port if fixed else find_free_port(self.host if self.host else LOOPBACK)
+            tls = None if self.insecure else self.tls
+            proc = ManagedProcess(
+                name="fleet gateway",
+                argv=gateway_argv(
+                    self.host, port, self.address,
+                    certfile=None if tls is None else tls.server_cert,
+                    keyfile=None if tls is None else tls.server_key,
+                    ca_cert=None if tls is None else tls.ca_cert,
+                ),  # fmt: skip
+                log_path=workdir / "gateway.log",
+                env=flower_env(),
+                cwd=workdir,
+            ).start()
+            self.gateway, self.port = proc, port
+            try:
+                _wait_port(proc, self.fleet_address.rsplit(":", 1)[0], port, self.ready_timeout)
+                return
             except FederationProcessError:
                 clash = _ADDRESS_IN_USE.search(proc.log_tail(40))
                 proc.stop(5)
                 if fixed or not clash or attempt == 3:
                     raise
-        return self  # pragma: no cover
 
-    def _wait_ready(self, proc: ManagedProcess, port: int) -> None:
-        proc.wait_for_log(r"Application startup complete|Uvicorn running on", self.ready_timeout)
-        deadline = time.monotonic() + self.ready_timeout
-        while not port_is_open(self.address.rsplit(":", 1)[0], port):
-            if not proc.is_running():
-                raise FederationProcessError(
-                    f"superlink exited with code {proc.returncode}:\n{proc.log_tail()}"
-                )
-            if time.monotonic() > deadline:
-                raise FederationProcessError(f"superlink port {port} not open:\n{proc.log_tail()}")
-            time.sleep(0.1)
+    def is_running(self) -> bool:
+        """True while SuperLink and gateway both run."""
+        return all(p is not None and p.is_running() for p in (self.process, self.gateway))
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the SuperLink and its SuperExec / ServerApp processes."""
-        if self.process is not None:
-            self.process.stop(timeout)
+        """Stop the gateway, the SuperExec (and any ServerApp), then the SuperLink."""
+        for proc in (self.gateway, self.superexec, self.process):
+            if proc is not None:
+                proc.stop(timeout)
+
+
+def _wait_port(proc: ManagedProcess, host: str, port: int, timeout: float) -> None:
+    """Wait until ``host:port`` accepts connections while ``proc`` runs."""
+    deadline = time.monotonic() + timeout
+    while not port_is_open(host, port):
+        if not proc.is_running():
+            raise FederationProcessError(f"{proc.name} exited with code {proc.returncode}:\n{proc.log_tail()}")
+        if time.monotonic() > deadline:
+            raise FederationProcessError(f"{proc.name}: port {port} not open after {timeout:.0f} s:\n{proc.log_tail()}")
+        time.sleep(0.1)
 
 
 _NODE_ID = re.compile(r"SuperNode ID:\s*(\d+)")
@@ -712,8 +825,8 @@ class SuperNodeProcess:
     warm_clientapp : bool
         Start ClientApp processes from a pre-imported parent
         (:mod:`napari_feddp.federation.warm_clientapp`) instead of a cold
-        interpreter per message; falls back to Flower's cold start whenever
-        that parent is not ready. Default True unless the environment sets
+        interpreter per message; falls back to a cold (still pinned) start
+        whenever that parent is not ready. Default True unless the environment sets
         ``NAPARI_FEDDP_WARM_CLIENTAPP=0``.
     """
 
@@ -735,8 +848,19 @@ class SuperNodeProcess:
     warm_process: ManagedProcess | None = field(default=None, init=False, repr=False)
     _warm: WarmClientApp | None = field(default=None, init=False, repr=False)
 
+    superexec: ManagedProcess | None = field(default=None, init=False)
+
+    @property
+    def secret_path(self) -> Path:
+        """The SuperExec shared secret of this node (mode 0600)."""
+        return Path(self.workdir) / "secrets" / "superexec.secret"
+
     def start(self, wait: bool = True) -> SuperNodeProcess:
-        """Start; with ``wait`` block until the SuperLink accepted the node.
+        """Start the SuperNode and its SuperExec; with ``wait`` block until the SuperLink accepted the node.
+
+        The SuperExec starts every ClientApp through the app pin (the
+        ``flwr-clientapp`` launcher of :mod:`.warm_clientapp`, first on its
+        ``PATH``), warm or cold.
 
         Raises
         ------
@@ -749,10 +873,9 @@ class SuperNodeProcess:
             warn_insecure(f"SuperNode {self.name}")
         workdir = Path(self.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
+        write_secret(self.secret_path)
         self.runtime_port = find_free_port()
         env = flower_env(workdir / "flwr-home", self.extra_env)
-        if self.warm_clientapp:
-            env = self._start_warm_parent(env)
         self.process = ManagedProcess(
             name=f"supernode {self.name}",
             argv=supernode_argv(
@@ -760,6 +883,7 @@ class SuperNodeProcess:
                 self.runtime_port,
                 root_cert=None if self.insecure else self.root_cert,
                 private_key=None if self.insecure else self.private_key,
+                superexec_secret=self.secret_path,
                 node_config=self.node_config,
                 max_retries=self.max_retries,
                 max_wait_time=self.max_wait_time,
@@ -768,28 +892,40 @@ class SuperNodeProcess:
             env=env,
             cwd=workdir,
         ).start()
+        self.superexec = ManagedProcess(
+            name=f"superexec {self.name}",
+            argv=superexec_argv(f"{LOOPBACK}:{self.runtime_port}", root_cert=None, secret=self.secret_path),
+            log_path=workdir / f"{self.name}-clientapps.log",
+            env=self._clientapp_env(env),
+            cwd=workdir,
+        ).start()
         if wait:
             self.wait_ready()
         return self
 
-    def _start_warm_parent(self, env: dict[str, str]) -> dict[str, str]:
-        """Start the pre-imported ClientApp parent; return the SuperNode's env using it."""
+    def _clientapp_env(self, env: dict[str, str]) -> dict[str, str]:
+        """Environment of the SuperExec: the pinned ``flwr-clientapp`` launcher first on PATH."""
+        from .app_pin import HISTORY_ENV
         from .warm_clientapp import SOCKET_ENV, WarmClientApp
 
         self._stop_warm_parent(kill=True)
         warm = WarmClientApp.create()
-        warm.write_launcher(flower_executable("flwr-clientapp"))
-        self.warm_process = ManagedProcess(
-            name=f"clientapp parent {self.name}",
-            argv=warm.serve_argv(),
-            log_path=Path(self.workdir) / f"{self.name}-clientapp-parent.log",
-            env=env,
-            cwd=Path(self.workdir),
-        ).start()
+        warm.write_launcher()
         self._warm = warm
         env = dict(env)
         env["PATH"] = str(warm.bin_dir) + os.pathsep + env["PATH"]
-        env[SOCKET_ENV] = str(warm.socket_path)
+        history = self.node_config.get("history-file")
+        if history:
+            env[HISTORY_ENV] = str(history)
+        if self.warm_clientapp:
+            self.warm_process = ManagedProcess(
+                name=f"clientapp parent {self.name}",
+                argv=warm.serve_argv(),
+                log_path=Path(self.workdir) / f"{self.name}-clientapp-parent.log",
+                env=env,
+                cwd=Path(self.workdir),
+            ).start()
+            env[SOCKET_ENV] = str(warm.socket_path)
         return env
 
     def _stop_warm_parent(self, kill: bool = False, timeout: float = 5.0) -> None:
@@ -815,13 +951,17 @@ class SuperNodeProcess:
         return self.process is not None and self.process.is_running()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Graceful stop (the node deactivates itself at the SuperLink)."""
+        """Graceful stop (the node deactivates itself at the SuperLink), then its SuperExec."""
         if self.process is not None:
             self.process.stop(timeout)
+        if self.superexec is not None:
+            self.superexec.stop(timeout)
         self._stop_warm_parent(timeout=timeout)
 
     def kill(self) -> None:
         """Crash the node: SIGKILL it, its SuperExec and running ClientApp."""
         if self.process is not None:
             self.process.kill()
+        if self.superexec is not None:
+            self.superexec.kill()
         self._stop_warm_parent(kill=True)

@@ -6,10 +6,14 @@ Loaded by ``flwr-serverapp`` (started by the SuperLink's SuperExec) as
 * a seeded initial UNet is the round-0 global model;
 * every round: wait for ``min-clients`` connected SuperNodes, send the global
   weights + round config, collect replies until ``round-timeout``, drop
-  failed/declined/invalid replies (NaN/Inf, wrong shapes, ...), FedAvg the rest
-  (weighted by examples; uniform with client-level DP, where Flower's
+  failed/declined/invalid replies (NaN/Inf, wrong shapes, impossible epsilon,
+  outlier updates, ...), bound the rest (capped example counts, update norms
+  clipped) and FedAvg them (or take their coordinate-wise median / trimmed
+  mean; uniform weights with client-level DP, where Flower's
   ``DifferentialPrivacyClientSideFixedClipping`` adds Gaussian noise),
-* a checkpoint (safetensors + model card) and a ``rounds.jsonl`` line per round,
+* a checkpoint (safetensors + model card) and a ``rounds.jsonl`` line per round;
+  a card value that cannot be written is recorded in the round line, it does
+  not stop the run,
 * a final federated evaluation on every connected node,
 * ``summary.json`` with the run status.
 """
@@ -28,7 +32,7 @@ from flwr.supercore import log
 from .checkpoints import CheckpointWriter
 from .local import build_model
 from .settings import RunSettings
-from .strategy import GuardedStrategy, build_strategy
+from .strategy import GuardedStrategy, build_strategy, valid_epsilon
 
 app = ServerApp()
 
@@ -102,7 +106,8 @@ def run_federation(
     arrays, done = initial_arrays(settings)
     strategy = strategy or build_strategy(settings, arrays)
     strategy.summary()
-    writer.save_model(f"round-{done:03d}", arrays, round=done, federated_rounds=done)
+    # Nothing lab-reported is in the first card: a failure is the operator's to see.
+    writer.save_model(f"round-{done:03d}", arrays, strict=True, round=done, federated_rounds=done)
     epsilon = None
     released = 0  # noisy aggregates published (client-level DP accounting)
     last_round = done + settings.num_rounds
@@ -120,8 +125,16 @@ def run_federation(
         if settings.dp_mode == "update" and report.aggregated:
             released += 1
             report.epsilon_max = update_dp_epsilon(settings, released)
-        if report.epsilon_max is not None:
-            epsilon = max(epsilon or 0.0, report.epsilon_max)
+        # The strategy already rejects labs with invalid epsilons, but the
+        # server's own update-DP figure can be infinite; a figure that is no
+        # claim must not enter the running maximum and spoil every later card.
+        round_epsilon = valid_epsilon(report.epsilon_max)
+        if round_epsilon is not None:
+            epsilon = max(epsilon or 0.0, round_epsilon)
+        elif report.epsilon_max is not None:
+            report.note = "; ".join(
+                filter(None, [report.note, f"epsilon {report.epsilon_max!r} ignored (not a valid claim)"])
+            )
         round_metrics = {}
         if report.train_dice is not None:
             round_metrics["train_dice"] = report.train_dice
@@ -135,6 +148,9 @@ def run_federation(
         )
         row = report.to_dict()
         row["checkpoint"] = str(path) if path else None
+        problem = writer.problems.get(f"round-{server_round:03d}")
+        if problem:
+            row["checkpoint_problem"] = problem
         writer.append_round(row)
         log(
             logging.INFO,
@@ -180,9 +196,11 @@ def main(grid: Grid, context: Context) -> None:
             traceback=traceback.format_exc()[-4000:],
         )
         raise
+    extra = {"checkpoint_problems": writer.problems} if writer.problems else {}
     writer.write_summary(
         "completed",
         run_id=context.run_id,
         rounds=len(strategy.reports),
         evaluation=strategy.evaluation,
+        **extra,
     )

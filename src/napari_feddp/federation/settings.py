@@ -75,6 +75,26 @@ class RunSettings:
         the run; rounds are numbered on from the card's ``round``.
     model_name : str
         Model card name.
+    max_examples : int
+        Cap on the example count a lab reports: its FedAvg weight is
+        ``min(num-examples, max-examples)``, so one lab cannot claim the whole
+        average with a made-up count.
+    outlier_factor : float
+        With at least 3 updates in a round, an update whose distance to the
+        global model exceeds ``outlier-factor`` times the median distance is
+        rejected as an outlier (not used with ``dp-mode = update``).
+    max_update_norm : float
+        Absolute bound on the L2 norm of every update (reply minus global
+        model); larger updates are scaled down to it. 0 bounds each update by the
+        lower median of the round's update norms instead (not used with
+        ``dp-mode = update``, where ``update-clipping-norm`` bounds updates).
+    aggregation : {"mean", "median", "trimmed-mean"}
+        ``mean``: weighted FedAvg. ``median`` / ``trimmed-mean``: Flower's
+        coordinate-wise FedMedian / FedTrimmedAvg (unweighted) when at least 4
+        updates are accepted, weighted FedAvg otherwise. Only ``mean`` with
+        ``dp-mode = update`` (its noise is calibrated to a mean).
+    trim_fraction : float
+        Fraction cut from each tail by ``trimmed-mean``, in (0, 0.5).
     """
 
     num_rounds: int = 2
@@ -106,6 +126,11 @@ class RunSettings:
     checkpoint_dir: str = ""
     resume_from: str = ""
     model_name: str = "feddp-unet"
+    max_examples: int = 10000
+    outlier_factor: float = 3.0
+    max_update_norm: float = 0.0
+    aggregation: str = "mean"
+    trim_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         if self.dp_mode not in DP_MODES:
@@ -137,6 +162,31 @@ class RunSettings:
             raise ValueError(f"target-delta: expected (0, 1), received {self.target_delta}")
         if self.max_steps < 0:
             raise ValueError(f"max-steps: expected >= 0, received {self.max_steps}")
+        examples = self.max_examples
+        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+            raise ValueError(f"max-examples: expected a positive integer, received {self.max_examples!r}")
+        if not (isinstance(self.outlier_factor, (int, float)) and math.isfinite(self.outlier_factor)
+                and self.outlier_factor > 1):  # fmt: skip
+            raise ValueError(f"outlier-factor: expected a number > 1, received {self.outlier_factor!r}")
+        if not (isinstance(self.max_update_norm, (int, float)) and math.isfinite(self.max_update_norm)
+                and self.max_update_norm >= 0):  # fmt: skip
+            raise ValueError(
+                f"max-update-norm: expected a number >= 0 (0 = median rule), received {self.max_update_norm!r}"
+            )
+        aggregations = ("mean", "median", "trimmed-mean")
+        if self.aggregation not in aggregations:
+            raise ValueError(
+                f"aggregation: expected one of {aggregations}, received {self.aggregation!r}"
+            )
+        if not (isinstance(self.trim_fraction, (int, float)) and 0 < self.trim_fraction < 0.5):
+            raise ValueError(f"trim-fraction: expected (0, 0.5), received {self.trim_fraction!r}")
+        if self.dp_mode == "update" and self.aggregation != "mean":
+            # The server's Gaussian noise is calibrated to the sensitivity of a
+            # mean of clipped updates; a median or trimmed mean has another one.
+            raise ValueError(
+                f"aggregation {self.aggregation!r} cannot be used with dp-mode 'update' "
+                "(its noise calibration assumes a mean); use aggregation 'mean'"
+            )
         multiple = 2 ** (self.model_depth - 1)
         if self.crop_size % multiple:
             raise ValueError(
@@ -184,8 +234,8 @@ class NodeSettings:
         :func:`napari_feddp.federation.local.ledger_dir`). Keep and back it up:
         it is the lab's memory of the privacy budget spent.
     max_epsilon : float
-        The lab's privacy budget; 0 means no limit. A lab whose next round would
-        exceed it declines the round.
+        The lab's privacy budget (default 8); 0 means no limit. A lab whose
+        next round would exceed it declines the round.
     eval_dir : str
         Held-out tiles for federated evaluation ("" = ``data_dir``).
     model_store : str
@@ -201,18 +251,48 @@ class NodeSettings:
         Optional ``module:function`` replacing the default local evaluation.
     threads : int
         Torch CPU threads for the lab's ClientApp process.
+    promotion_margin : float
+        Dice the federation's final model may lose against the lab's current
+        default model on the lab's held-out tiles and still become the new
+        default (see :mod:`napari_feddp.federation.promotion`).
+    accept_dp_modes : str
+        Comma-separated DP modes this lab trains under (default ``sample``:
+        DP-SGD in the lab; ``update`` sends un-noised clipped updates to the
+        coordinator, ``none`` sends plain updates).
+    max_delta : float
+        Largest delta the lab accepts (its ledger reports epsilon at this
+        delta); a run must also ask for delta below 1 / (training samples).
+    min_noise_multiplier : float
+        Smallest DP-SGD noise multiplier the lab accepts.
+    max_model_parameters : int
+        Largest model (parameters) the lab builds.
+    max_steps_per_round, max_local_epochs, max_crop_size, max_batch_size : int
+        Limits on the local work a run may ask for.
+
+    The lab policy (the last six, plus ``max_epsilon``) is pinned when the lab
+    joins (its ``--node-config``); no run config can change it
+    (:mod:`napari_feddp.federation.policy`).
     """
 
     lab: str = "lab"
     data_dir: str = ""
     ledger_dir: str = ""
-    max_epsilon: float = 0.0
+    max_epsilon: float = 8.0
     eval_dir: str = ""
     model_store: str = ""
     history_file: str = ""
     train_fn: str = ""
     eval_fn: str = ""
     threads: int = 1
+    promotion_margin: float = 0.02
+    accept_dp_modes: str = "sample"
+    max_delta: float = 1e-5
+    min_noise_multiplier: float = 0.5
+    max_model_parameters: int = 2_000_000
+    max_steps_per_round: int = 2000
+    max_local_epochs: int = 5
+    max_crop_size: int = 512
+    max_batch_size: int = 64
 
     @classmethod
     def from_node_config(cls, config: Mapping[str, Any]) -> NodeSettings:

@@ -17,8 +17,12 @@ This module keeps the process-per-message model and removes the import cost:
   becomes that ClientApp process (it runs Flower's own ``flwr-clientapp``
   entry point with those arguments) and reports its exit code back; the
   launcher exits with it and forwards SIGTERM/SIGINT/SIGHUP to the child.
-* if the socket is missing or the warm parent is gone, the launcher simply
-  ``exec``s the real ``flwr-clientapp``: nothing changes but the speed.
+* if the socket is missing or the warm parent is gone, the launcher ``exec``s
+  the pinned cold start (``python -m napari_feddp.federation.app_pin``):
+  nothing changes but the speed.
+
+Warm or cold, every ClientApp runs through :mod:`.app_pin`, which refuses any
+app bundle other than this package's own before any of its code is imported.
 
 Each message still gets a fresh process (a forked copy of the parent, which
 has never run a model, opened a connection or started a thread), so state
@@ -38,7 +42,6 @@ import struct
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +51,7 @@ SOCKET_ENV = "NAPARI_FEDDP_CLIENTAPP_SOCKET"
 #: Modules the warm parent imports before it accepts the first request.
 PRELOAD = (
     "flwr.supernode.cli.flwr_clientapp",
+    "napari_feddp.federation.app_pin",
     "napari_feddp.federation.client_app",
     "napari_feddp.models",
     "napari_feddp.models.store",
@@ -66,7 +70,7 @@ _LAUNCHER_SOURCE = '''\
 import json, os, signal, socket, struct, sys
 REAL = {real!r}
 def fallback():
-    os.execv(REAL, [REAL, *sys.argv[1:]])
+    os.execv(REAL[0], [*REAL, *sys.argv[1:]])
 path = os.environ.get({env!r})
 if not path:
     fallback()
@@ -116,11 +120,18 @@ class WarmClientApp:
         """Put first on the SuperNode's ``PATH``."""
         return self.directory / "bin"
 
-    def write_launcher(self, real_clientapp: str) -> Path:
-        """Write the ``flwr-clientapp`` launcher that talks to the warm parent."""
+    def write_launcher(self, cold_start: list[str] | None = None) -> Path:
+        """Write the ``flwr-clientapp`` launcher: warm parent if listening, else ``cold_start``.
+
+        ``cold_start`` defaults to the pinned ClientApp (:func:`.app_pin.cold_start_argv`);
+        the launcher appends Flower's arguments to it.
+        """
+        from .app_pin import cold_start_argv
+
+        self.directory.chmod(0o700)
         self.bin_dir.mkdir(parents=True, exist_ok=True)
         launcher = self.bin_dir / "flwr-clientapp"
-        source = _LAUNCHER_SOURCE.format(real=str(real_clientapp), env=SOCKET_ENV)
+        source = _LAUNCHER_SOURCE.format(real=list(cold_start or cold_start_argv()), env=SOCKET_ENV)
         launcher.write_text(f"#!{sys.executable} -IS\n{source}")
         launcher.chmod(0o700)
         return launcher
@@ -247,21 +258,9 @@ def _set_process_name(name: bytes) -> None:
 
 
 def _run_clientapp_main() -> int:
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+    from .app_pin import run_pinned_clientapp
 
-    try:
-        flwr_clientapp()
-    except SystemExit as exc:
-        if exc.code is None:
-            return 0
-        if isinstance(exc.code, int):
-            return exc.code
-        print(exc.code, file=sys.stderr)
-        return 1
-    except BaseException:  # noqa: BLE001 - report like an uncaught exception would
-        traceback.print_exc()
-        return 1
-    return 0
+    return run_pinned_clientapp()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,9 @@
 The lab's local model store (``$FEDDP_HOME/models``, default
 ``~/.local/share/napari-feddp/models``) receives the federation's global model
 after each run; the Segment widget and ``napari-feddp segment`` use the newest
-one by default, then the model bundled with the package.
+one by default, then the model bundled with the package. A global model that
+fails the lab's own check (:mod:`napari_feddp.federation.promotion`) is kept
+under ``<store>/refused/`` instead, where it is never a default.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from .checkpoint import CheckpointError, checkpoint_paths, read_card
 
 #: Stem of the checkpoint shipped inside the package (data/models/<stem>.safetensors).
 BUNDLED_STEM = "feddp-nuclei"
+#: Sub-folder of a model store holding refused global models (kept for inspection only).
+REFUSED_FOLDER = "refused"
 
 
 class NoModelError(CheckpointError):
@@ -42,7 +46,11 @@ def bundled_checkpoint() -> Path | None:
 
 
 def latest_federated_checkpoint(store: Path | None = None) -> Path | None:
-    """Newest complete checkpoint (weights + card) in the local model store."""
+    """Newest complete checkpoint (weights + card) in the local model store.
+
+    Only the store's own folder is searched, so models kept under
+    ``<store>/refused/`` (see :data:`REFUSED_FOLDER`) never become the default.
+    """
     store = store or model_store()
     if not store.is_dir():
         return None

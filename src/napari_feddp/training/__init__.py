@@ -10,8 +10,10 @@ No Qt here; the napari widgets call these functions.
   optionally DP-SGD through Opacus (Poisson sampling, per-sample clipping,
   noise multiplier or target epsilon, memory-bounded physical batches).
 * :mod:`~napari_feddp.training.metrics` - pooled Dice, Jaccard, pixel accuracy.
-* :class:`PrivacyLedger` - the Opacus accountant of a (lab, dataset) on disk,
-  hash-chained, with a budget ``epsilon_max`` checked before each round.
+* :class:`PrivacyLedger` - the Opacus accounting of a lab's tiles on disk (identified by
+  content, not by lab name), hash-chained, with a budget ``epsilon_max`` checked before
+  each round; :func:`reset_ledger` starts a dataset's budget again, deliberately and logged;
+  :func:`privacy_report` reads what each tile has spent.
 """
 
 from .annotations import SavedTile, save_annotated_tile
@@ -25,7 +27,16 @@ from .dataset import (
     read_provenance,
 )
 from .errors import BudgetExceededError, DatasetError, LedgerError
-from .ledger import DEFAULT_DELTA, PrivacyLedger, RoundRecord
+from .ledger import (
+    DEFAULT_DELTA,
+    PrivacyLedger,
+    PrivacyReport,
+    ResetRecord,
+    RoundRecord,
+    TileSpending,
+    privacy_report,
+    reset_ledger,
+)
 from .local import RoundPlan, TrainConfig, TrainResult, evaluate, plan_round, train_local
 from .losses import DiceCELoss
 from .metrics import IGNORE_INDEX, SegmentationMetrics, dice, jaccard, pixel_accuracy
@@ -40,12 +51,15 @@ __all__ = [
     "DiceCELoss",
     "LedgerError",
     "PrivacyLedger",
+    "PrivacyReport",
+    "ResetRecord",
     "RoundPlan",
     "RoundRecord",
     "SamplePair",
     "SavedTile",
     "SegmentationDataset",
     "SegmentationMetrics",
+    "TileSpending",
     "TrainConfig",
     "TrainResult",
     "dataset_fingerprint",
@@ -55,7 +69,9 @@ __all__ = [
     "jaccard",
     "pixel_accuracy",
     "plan_round",
+    "privacy_report",
     "read_provenance",
+    "reset_ledger",
     "save_annotated_tile",
     "train_local",
 ]

@@ -1,26 +1,58 @@
-"""Privacy ledger: the Opacus accountant of a (lab, dataset), persisted across rounds and runs.
+"""Privacy ledger: the Opacus accounting of a lab's tiles, persisted across rounds, runs and lab names.
 
 Files
 -----
-``PATH_DIR/<lab_id>/<ledger_id>.jsonl``
-    One JSON object per line: a ``genesis`` record (lab, accountant mechanism,
-    delta), then one ``round`` record per local training round with the round's
-    accountant history ``[(noise_multiplier, sample_rate, steps), ...]``, the
-    cumulative accountant ``state_dict()`` after it, epsilon of the round and
-    cumulative epsilon at the ledger's delta, the dataset fingerprint and the
-    budget in force. Every record carries ``prev`` (hash of the previous
-    record) and ``hash`` (SHA-256 of its own canonical JSON): a hash chain.
-    The file is rewritten atomically (temporary file + ``os.replace``).
-``DATASET_DIR/.feddp/ledger-<lab_id>.json``
-    Marker written into the dataset folder after every recorded round: ledger
-    id, number of rounds, head hash and epsilon. It makes the dataset remember
-    that it has trained, so a ledger that is deleted, truncated, edited or
-    replaced by an older copy raises :class:`LedgerError` instead of starting
-    again from epsilon = 0.
+``LEDGER_DIR/<label>/<ledger_id>.jsonl``
+    A hash-chained ledger, one JSON object per line: a ``genesis`` record (lab
+    label, accountant mechanism, delta), then one ``round`` record per local
+    training round with the round's accountant history
+    ``[(noise_multiplier, sample_rate, steps), ...]``, the content hashes of
+    the tiles it trained on (``tiles``, ``images``), the dataset fingerprint,
+    the lab label, epsilon of the round alone and the dataset's worst-case
+    epsilon after it at the ledger's delta, and the budget in force. Every
+    record carries ``prev`` (hash of the previous record) and ``hash``
+    (SHA-256 of its own canonical JSON). The file is rewritten atomically
+    (temporary file + ``os.replace``).
+``LEDGER_DIR/resets.jsonl``
+    Append-only, hash-chained log of deliberate resets (:func:`reset_ledger`):
+    time, operator, reason, the tile and image hashes released, the hashes of
+    the rounds released for them and the epsilon that had been spent.
+``DATASET_DIR/.feddp/ledger.json``
+    Marker written into the dataset folder after every recorded round: the
+    ledger file that continues this dataset, its number of rounds, head hash
+    and epsilon. A ledger file that is deleted, truncated, edited or replaced
+    by an older copy then raises :class:`LedgerError` instead of starting
+    again from epsilon = 0. A folder without a marker whose tiles have trained
+    before continues the ledger file of their latest round (with a warning)
+    and gets a marker; folders sharing tiles may thus share a ledger file.
 
-Identity: a dataset folder with a marker keeps its ledger even when tiles are
-added (its fingerprint changes; each round records the fingerprint it used).
-Without a marker, the ledger is found by fingerprint among the lab's ledgers.
+Updates (rounds, resets) hold an exclusive lock on ``LEDGER_DIR/.lock`` and
+check that nothing counting for the dataset changed since it was opened.
+
+Identity
+--------
+Privacy is spent by tiles, so tiles, not lab names or folders, carry it. A
+tile's hash is the SHA-256 of the SHA-256 digests of its image file and of
+its mask file (the pairs :func:`~napari_feddp.training.find_pairs` lists);
+each round also stores the hashes of the images alone, so that re-painting a
+mask does not make an image fresh. Opening a ledger for a dataset reads every
+ledger file under ``LEDGER_DIR``, whatever lab label it was written under: a
+round counts for a tile now present if it trained on that tile or its image,
+unless a reset released that round for that tile. Rounds recorded without a
+dataset folder carry no tile hashes; they count for every tile of a dataset
+with the same fingerprint (and, without a dataset folder, the fingerprint is
+the only identity there is).
+
+Epsilon
+-------
+Sample-level DP protects each tile separately: a tile's privacy loss is the
+composition of the accountant histories of all rounds that included it. The
+dataset's epsilon is the worst case, the maximum over its tiles; a budget
+check adds the next round (which samples every tile) to each tile's history.
+A tile never trained on has spent nothing, but the maximum still includes
+the dataset's old tiles. Renaming the lab, re-keying, adding tiles or
+deleting ``.feddp`` therefore never lowers the epsilon of trained tiles;
+starting again is :func:`reset_ledger`, which is logged.
 
 Threat model: this detects accidents and casual edits. Someone who can rewrite
 both the ledger directory and the dataset folder consistently can still forge
@@ -44,14 +76,19 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ._io import write_atomic
+from .dataset import dataset_fingerprint, find_pairs
 from .errors import BudgetExceededError, LedgerError
 
-LEDGER_FORMAT = 1
+LEDGER_FORMAT = 2
 DEFAULT_DELTA = 1e-5
 ACCOUNTANTS = ("rdp", "prv")
 MARKER_DIR = ".feddp"
+MARKER_FILE = "ledger.json"
+RESETS_FILE = "resets.jsonl"
 _GENESIS_PREV = "0" * 64
 _LAB_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_LEDGER_FILE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}/[0-9a-f]{16}\.jsonl$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 History = list[tuple[float, float, int]]
 
@@ -63,7 +100,7 @@ class RoundRecord:
     Attributes
     ----------
     index : int
-        1-based position in the ledger.
+        1-based position in its ledger file.
     round_id : int, str or None
         Caller's label, e.g. the federated server round.
     fingerprint : str
@@ -77,7 +114,7 @@ class RoundRecord:
     epsilon_round : float
         Epsilon of this round alone.
     epsilon : float
-        Cumulative epsilon after this round, at ``delta``.
+        Worst-case epsilon over the dataset's tiles after this round, at ``delta``.
     delta : float
         The ledger's delta.
     epsilon_max : float or None
@@ -90,6 +127,10 @@ class RoundRecord:
         Caller's extra JSON data.
     hash : str
         This record's chain hash.
+    lab_id : str
+        Lab label the round was recorded under (informational).
+    tiles : tuple of str
+        Content hashes of the tiles the round trained on (empty without a dataset folder).
     """
 
     index: int
@@ -107,6 +148,106 @@ class RoundRecord:
     timestamp: str
     meta: dict[str, Any] = field(default_factory=dict)
     hash: str = ""
+    lab_id: str = ""
+    tiles: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ResetRecord:
+    """One deliberate reset of a dataset's privacy budget (see :func:`reset_ledger`).
+
+    Attributes
+    ----------
+    index : int
+        1-based position in ``resets.jsonl``.
+    timestamp : str
+        UTC time of the reset, ISO 8601.
+    reason, operator : str
+        Why, and who.
+    dataset : str
+        The dataset folder at the time of the reset.
+    tiles : tuple of str
+        Content hashes of the tiles released.
+    rounds : tuple of str
+        Hashes of the round records released for those tiles.
+    epsilon : float
+        Worst-case epsilon the tiles had spent, at ``delta``.
+    delta : float
+        Delta of ``epsilon``.
+    accountant : str
+        Mechanism of ``epsilon``.
+    hash : str
+        This record's chain hash.
+    """
+
+    index: int
+    timestamp: str
+    reason: str
+    operator: str
+    dataset: str
+    tiles: tuple[str, ...]
+    rounds: tuple[str, ...]
+    epsilon: float
+    delta: float
+    accountant: str
+    hash: str
+
+
+@dataclass(frozen=True)
+class TileSpending:
+    """Privacy spent by one tile of a dataset.
+
+    Attributes
+    ----------
+    name : str
+        File stem of the tile in the dataset folder.
+    hash : str
+        Content hash of the tile.
+    n_rounds : int
+        Rounds that count for this tile.
+    epsilon : float
+        Epsilon of the composed history of those rounds.
+    """
+
+    name: str
+    hash: str
+    n_rounds: int
+    epsilon: float
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    """Read-only summary of what a dataset has spent (see :func:`privacy_report`).
+
+    Attributes
+    ----------
+    ledger_dir, dataset_dir : Path
+        Where the ledgers and the dataset are.
+    epsilon : float
+        Worst case over the tiles, at ``delta``.
+    delta : float
+        Delta of every epsilon here.
+    accountant : str
+        Opacus mechanism used.
+    rounds : list of RoundRecord
+        Rounds that count for at least one tile, oldest first.
+    tiles : list of TileSpending
+        One entry per tile, in dataset order.
+    resets : list of ResetRecord
+        Resets that released tiles of this dataset.
+    ledger_file : Path or None
+        Ledger file that continues this dataset, if any.
+    """
+
+    ledger_dir: Path
+    dataset_dir: Path
+    epsilon: float
+    delta: float
+    accountant: str
+    rounds: list[RoundRecord]
+    tiles: list[TileSpending]
+    resets: list[ResetRecord]
+    ledger_file: Path | None
 
 
 # --------------------------------------------------------------------------- accounting helpers
@@ -161,37 +302,284 @@ def _check_step_args(noise_multiplier: float, sample_rate: float, steps: int) ->
         raise ValueError(f"steps: expected a non-negative integer, received {steps!r}")
 
 
+# --------------------------------------------------------------------------- tile identity
+
+
+def tile_hashes(dataset_dir: str | Path) -> dict[str, tuple[str, str]]:
+    """Content hashes of a dataset's tiles.
+
+    Parameters
+    ----------
+    dataset_dir : str or Path
+        Folder with ``images/`` and ``masks/``.
+
+    Returns
+    -------
+    dict
+        Tile name (file stem) -> ``(tile_hash, image_hash)``: ``image_hash`` is
+        the SHA-256 of the image file, ``tile_hash`` the SHA-256 of the image's
+        and the mask's SHA-256 digests. File names do not count.
+
+    Raises
+    ------
+    DatasetError
+        Like :func:`~napari_feddp.training.find_pairs`.
+    """
+    out: dict[str, tuple[str, str]] = {}
+    for pair in find_pairs(dataset_dir):
+        image, mask = _file_digest(pair.image_path), _file_digest(pair.mask_path)
+        out[pair.name] = (hashlib.sha256(image + mask).hexdigest(), image.hex())
+    return out
+
+
+def _file_digest(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.digest()
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """What DP protects: one tile, or the whole dataset when no folder is known."""
+
+    name: str
+    hash: str
+    keys: frozenset[str]
+
+
+def _dataset_units(dataset_dir: Path | None, fingerprint: str) -> tuple[_Unit, ...]:
+    if dataset_dir is None:
+        return (_Unit("dataset", fingerprint, frozenset({f"fingerprint:{fingerprint}"})),)
+    return tuple(_Unit(name, tile, frozenset({f"tile:{tile}", f"image:{image}"}))
+                 for name, (tile, image) in tile_hashes(dataset_dir).items())
+
+
+def _unit_fields(units: Sequence[_Unit]) -> dict[str, list[str]]:
+    """The ``tiles``/``images`` lists stored in round and reset records."""
+    keys = set().union(*(u.keys for u in units))
+    return {"tiles": sorted(k.removeprefix("tile:") for k in keys if k.startswith("tile:")),
+            "images": sorted(k.removeprefix("image:") for k in keys if k.startswith("image:"))}
+
+
+def _record_keys(record: dict[str, Any]) -> frozenset[str]:
+    return frozenset([f"tile:{t}" for t in record.get("tiles", ())]
+                     + [f"image:{i}" for i in record.get("images", ())]
+                     + [f"fingerprint:{record.get('fingerprint')}"])
+
+
+# --------------------------------------------------------------------------- what the ledger directory says
+
+
+@dataclass(frozen=True)
+class _Store:
+    """Everything read (and verified) from a ledger directory."""
+
+    ledgers: dict[str, list[dict[str, Any]]]
+    resets: list[dict[str, Any]]
+
+
+def _read_store(ledger_dir: Path) -> _Store:
+    ledgers: dict[str, list[dict[str, Any]]] = {}
+    if ledger_dir.is_dir():
+        for path in sorted(ledger_dir.glob("*/*.jsonl")):
+            if not path.name.startswith("."):
+                ledgers[path.relative_to(ledger_dir).as_posix()] = _load_chain(path, resets=False)
+    resets_path = ledger_dir / RESETS_FILE
+    resets = _load_chain(resets_path, resets=True) if resets_path.exists() else []
+    return _Store(ledgers, resets)
+
+
+@dataclass(frozen=True)
+class _Spending:
+    """The rounds that count for each unit of a dataset."""
+
+    units: tuple[_Unit, ...]
+    rounds: tuple[tuple[str, dict[str, Any]], ...]
+    per_unit: tuple[tuple[int, ...], ...]
+
+    def signature(self) -> tuple[tuple[str, ...], ...]:
+        return tuple(tuple(self.rounds[i][1]["hash"] for i in members) for members in self.per_unit)
+
+    def history(self, members: Sequence[int]) -> History:
+        out: History = []
+        for i in sorted(members):
+            out = compose(out, self.rounds[i][1]["history"])
+        return out
+
+    def worst(self, mechanism: str, delta: float, more: Sequence[Sequence[float]] = ()) -> tuple[float, History]:
+        """Largest epsilon over the units (with ``more`` added to each) and the history behind it."""
+        # Composition only grows epsilon, so a unit whose rounds are a subset of another's cannot be the worst.
+        kept: list[frozenset[int]] = []
+        for members in sorted({frozenset(m) for m in self.per_unit}, key=lambda m: (-len(m), sorted(m))):
+            if not any(members <= other for other in kept):
+                kept.append(members)
+        worst_epsilon, worst_history = -1.0, []
+        for members in kept:
+            history = compose(self.history(members), more)
+            epsilon = epsilon_of(mechanism, history, delta)
+            if epsilon > worst_epsilon:
+                worst_epsilon, worst_history = epsilon, history
+        return max(worst_epsilon, 0.0), worst_history
+
+
+def _spending(units: tuple[_Unit, ...], store: _Store, fingerprint: str) -> _Spending:
+    released: list[set[str]] = [set() for _ in units]
+    for reset in store.resets:
+        keys = _record_keys(reset)
+        for i, unit in enumerate(units):
+            if unit.keys & keys:
+                released[i].update(reset["rounds"])
+    candidates = sorted(((record["timestamp"], name, record["index"], record)
+                         for name, records in store.ledgers.items() for record in records[1:]),
+                        key=lambda entry: entry[:3])
+    rounds: list[tuple[str, dict[str, Any]]] = []
+    per_unit: list[list[int]] = [[] for _ in units]
+    seen: set[str] = set()
+    for _, name, _, record in candidates:
+        # A copy of a ledger file kept in the directory (a backup) holds the same records: count each once.
+        if record["hash"] in seen:
+            continue
+        seen.add(record["hash"])
+        keys = _record_keys(record)
+        untiled = not record.get("tiles") and record.get("fingerprint") == fingerprint
+        hits = [i for i, unit in enumerate(units)
+                if (untiled or unit.keys & keys) and record["hash"] not in released[i]]
+        if hits:
+            for i in hits:
+                per_unit[i].append(len(rounds))
+            rounds.append((name, record))
+    return _Spending(units, tuple(rounds), tuple(tuple(m) for m in per_unit))
+
+
+@dataclass(frozen=True)
+class _Opened:
+    store: _Store
+    spending: _Spending
+    chain: str | None
+    repair_marker: bool
+
+
+def _open_dataset(ledger_dir: Path, units: tuple[_Unit, ...], fingerprint: str, marker_path: Path | None,
+                  dataset_dir: Path | None, *, warn: bool) -> _Opened:
+    """Read the ledger directory for a dataset and find the ledger file that continues it."""
+    store = _read_store(ledger_dir)
+    spending = _spending(units, store, fingerprint)
+    marker = _read_marker(marker_path)
+    if marker is not None:
+        chain, repair = _check_marker(ledger_dir, store, spending, marker, marker_path, dataset_dir, warn=warn)
+        return _Opened(store, spending, chain, repair)
+    if not spending.rounds:
+        return _Opened(store, spending, None, False)
+    chain = spending.rounds[-1][0]
+    if marker_path is not None and warn:
+        warnings.warn(
+            f"dataset {dataset_dir} holds tiles that trained before ({len(spending.rounds)} round(s), latest in "
+            f"ledger {ledger_dir / chain}) but has no marker {marker_path} (deleted, or tiles copied from another "
+            f"folder); continuing that ledger and writing the marker",
+            stacklevel=3,
+        )
+    return _Opened(store, spending, chain, marker_path is not None)
+
+
+def _read_marker(path: Path | None) -> dict[str, Any] | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(marker, dict) or not isinstance(marker.get("ledger_file"), str):
+            raise ValueError("no 'ledger_file'")
+        if not _LEDGER_FILE_PATTERN.match(marker["ledger_file"]):
+            raise ValueError(f"ledger_file {marker['ledger_file']!r} is not '<lab>/<16 hex digits>.jsonl'")
+        int(marker["rounds"]), str(marker["head"])
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise LedgerError(f"ledger marker {path} is unreadable or was edited ({exc}); restore it from a backup") from exc
+    return marker
+
+
+def _check_marker(ledger_dir: Path, store: _Store, spending: _Spending, marker: dict[str, Any],
+                  marker_path: Path | None, dataset_dir: Path | None, *, warn: bool) -> tuple[str, bool]:
+    """Check the marker against its ledger file; return that file and whether the marker needs rewriting."""
+    chain, rounds, head = marker["ledger_file"], int(marker["rounds"]), str(marker["head"])
+    path = ledger_dir / chain
+    if chain not in store.ledgers:
+        raise LedgerError(
+            f"privacy ledger {path} is missing, but dataset {dataset_dir} has trained {rounds} round(s) "
+            f"(epsilon {marker.get('epsilon')}) according to {marker_path}; restore the ledger from a "
+            f"backup - privacy accounting is never restarted from zero"
+        )
+    records = store.ledgers[chain]
+    n_rounds = len(records) - 1
+    if n_rounds < rounds or records[rounds]["hash"] != head:
+        raise LedgerError(
+            f"privacy ledger {path} does not match marker {marker_path}: the marker records {rounds} "
+            f"round(s) ending in {head[:12]}, the ledger has {n_rounds} round(s) ending in "
+            f"{records[-1]['hash'][:12]}; the ledger was truncated, edited or replaced by an older copy"
+        )
+    counted = {record["hash"] for _, record in spending.rounds}
+    # Rounds another folder appended for tiles this dataset no longer holds are no news to this dataset.
+    if warn and any(record["hash"] in counted for record in records[rounds + 1:]):
+        warnings.warn(
+            f"privacy ledger {path} has {n_rounds} rounds, marker {marker_path} only {rounds} (an interrupted "
+            f"write, or rounds recorded from another folder holding some of these tiles); keeping the ledger "
+            f"(more privacy spent) and updating the marker",
+            stacklevel=4,
+        )
+    return chain, n_rounds > rounds
+
+
+def _marker_path(dataset_dir: Path) -> Path:
+    return dataset_dir / MARKER_DIR / MARKER_FILE
+
+
+def _parameters(opened: _Opened, delta: float | None, accountant: str | None) -> tuple[float, str]:
+    """Delta and mechanism: given ones, else those of the dataset's ledger file, else the defaults."""
+    if accountant is not None and accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant: expected one of {ACCOUNTANTS}, received {accountant!r}")
+    genesis = opened.store.ledgers[opened.chain][0] if opened.chain else {}
+    return (float(delta) if delta is not None else float(genesis.get("delta", DEFAULT_DELTA)),
+            accountant or str(genesis.get("accountant", "rdp")))
+
+
 # --------------------------------------------------------------------------- ledger
 
 
 class PrivacyLedger:
-    """Persistent privacy accounting of one lab's dataset across rounds and runs.
+    """Persistent privacy accounting of a lab's dataset, tile by tile, across rounds, runs and lab names.
 
     Parameters
     ----------
     path_dir : str or Path
         The lab's ledger directory (kept outside the dataset; back it up).
+        Every ledger file in it counts, whatever lab label it was written under.
     lab_id : str
-        Identifier of the lab (letters, digits, ``.``, ``_``, ``-``).
+        Label of the lab (letters, digits, ``.``, ``_``, ``-``): names the
+        folder of a new ledger file and is stored with each round. It does not
+        decide which rounds count.
     dataset_fingerprint : str
         :func:`~napari_feddp.training.dataset_fingerprint` of the dataset now.
     dataset_dir : str, Path or None
-        The dataset folder, which receives the ``.feddp`` marker. Strongly
-        recommended: without it a deleted ledger cannot be detected.
+        The dataset folder: its tiles are hashed (the identity of privacy
+        spending) and it receives the ``.feddp`` marker. Strongly recommended:
+        without it the whole dataset is one unit identified by its fingerprint,
+        and a deleted ledger cannot be detected.
     delta : float or None
-        Delta at which epsilon is reported. ``None``: the ledger's recorded
-        delta, or :data:`DEFAULT_DELTA` for a new ledger. A value different from
-        the recorded one raises :class:`LedgerError`.
+        Delta at which epsilon is reported. ``None``: the delta of the dataset's
+        ledger file, or :data:`DEFAULT_DELTA` for a new one. A value different
+        from the recorded one raises :class:`LedgerError`.
     accountant : {"rdp", "prv"} or None
         Opacus accounting mechanism; ``None``: recorded one, or ``"rdp"``.
 
     Raises
     ------
     LedgerError
-        If the marker says the dataset has trained but the ledger is missing,
-        if the ledger's hash chain is broken, if the ledger and the marker
-        disagree (ledger truncated or restored from an old copy), or if delta or
-        accountant differ from the recorded ones.
+        If the marker says the dataset has trained but its ledger file is
+        missing, if a hash chain under ``path_dir`` is broken, if the ledger
+        and the marker disagree (ledger truncated or restored from an old copy),
+        or if delta or accountant differ from the recorded ones.
+    DatasetError
+        If ``dataset_dir`` is not a valid dataset folder.
     """
 
     def __init__(
@@ -213,91 +601,102 @@ class PrivacyLedger:
             raise ValueError(f"dataset_fingerprint: expected a non-empty string, received {dataset_fingerprint!r}")
         if delta is not None and not (isinstance(delta, (int, float)) and 0 < delta < 1):
             raise ValueError(f"delta: expected a number in (0, 1), received {delta!r}")
-        self.lab_dir = Path(path_dir) / lab_id
+        self.ledger_dir = Path(path_dir)
         self.lab_id = lab_id
+        self.lab_dir = self.ledger_dir / lab_id
         self.fingerprint = dataset_fingerprint
         self.dataset_dir = Path(dataset_dir) if dataset_dir is not None else None
-        self._records: list[dict[str, Any]] = []
-        self.ledger_id, repair_marker = self._resolve()
+        self._units = _dataset_units(self.dataset_dir, dataset_fingerprint)
+        opened = _open_dataset(self.ledger_dir, self._units, self.fingerprint, self.marker_path,
+                               self.dataset_dir, warn=True)
+        self._chain = opened.chain or f"{lab_id}/{uuid.uuid4().hex[:16]}.jsonl"
+        self._records: list[dict[str, Any]] = opened.store.ledgers.get(self._chain, [])
+        self._spending = opened.spending
         self._settle_parameters(delta, accountant)
-        if repair_marker:
+        if opened.repair_marker:
             self._write_marker()
 
     # ------------------------------------------------------------------ properties
 
     @property
+    def ledger_id(self) -> str:
+        """Id of the ledger file this dataset's rounds are appended to."""
+        return Path(self._chain).stem
+
+    @property
     def path(self) -> Path:
-        """The ledger file (may not exist before the first round)."""
-        return self.lab_dir / f"{self.ledger_id}.jsonl"
+        """The ledger file new rounds go to (may not exist before the first round)."""
+        return self.ledger_dir / self._chain
 
     @property
     def marker_path(self) -> Path | None:
         """The marker in the dataset folder, or ``None`` without ``dataset_dir``."""
-        if self.dataset_dir is None:
-            return None
-        return self.dataset_dir / MARKER_DIR / f"ledger-{self.lab_id}.json"
+        return None if self.dataset_dir is None else _marker_path(self.dataset_dir)
+
+    @property
+    def tiles(self) -> dict[str, str]:
+        """Tile name -> content hash, for the tiles of the dataset (``{}`` without ``dataset_dir``)."""
+        return {} if self.dataset_dir is None else {u.name: u.hash for u in self._units}
 
     @property
     def rounds(self) -> list[RoundRecord]:
-        """All recorded rounds, oldest first."""
-        return [_round_from_dict(r) for r in self._records[1:]]
+        """The rounds that count for at least one tile of the dataset, oldest first, from every ledger file."""
+        return [_round_from_dict(record) for _, record in self._spending.rounds]
 
     @property
     def n_rounds(self) -> int:
-        """Number of recorded rounds."""
-        return max(len(self._records) - 1, 0)
+        """Number of rounds that count for at least one tile."""
+        return len(self._spending.rounds)
 
     @property
     def has_trained(self) -> bool:
-        """True once a round has been recorded."""
+        """True if some tile of the dataset has spent privacy budget."""
         return self.n_rounds > 0
 
     @property
     def total_steps(self) -> int:
-        """Noisy optimizer steps over all rounds."""
+        """Noisy optimizer steps in the worst-case tile's history."""
         return sum(n for _, _, n in self.history)
 
     @property
     def history(self) -> History:
-        """Cumulative accountant history (what ``accountant.history`` holds)."""
-        if not self.has_trained:
-            return []
-        return [tuple(e) for e in self._records[-1]["accountant_state"]["history"]]  # type: ignore[misc]
+        """Accountant history of the worst-case tile (what ``accountant.history`` would hold)."""
+        return self._spending.worst(self.mechanism, self.delta)[1]
 
     @property
     def epsilon(self) -> float:
-        """Cumulative epsilon at :attr:`delta`, recomputed from the stored history."""
-        return epsilon_of(self.mechanism, self.history, self.delta)
+        """Worst-case epsilon over the dataset's tiles at :attr:`delta`, recomputed from the stored histories."""
+        return self._spending.worst(self.mechanism, self.delta)[0]
 
     @property
     def fingerprint_changed(self) -> bool:
-        """True if the dataset's fingerprint differs from the one of the last round."""
-        return self.has_trained and self._records[-1]["fingerprint"] != self.fingerprint
+        """True if the dataset's fingerprint differs from the one of the latest counted round."""
+        return self.has_trained and self._spending.rounds[-1][1]["fingerprint"] != self.fingerprint
 
     # ------------------------------------------------------------------ accounting
 
     def state_dict(self) -> dict[str, Any]:
-        """Cumulative Opacus accountant ``state_dict()`` (``history`` and ``mechanism``)."""
+        """Opacus accountant ``state_dict()`` of the worst-case tile (``history`` and ``mechanism``)."""
         return {"history": self.history, "mechanism": self.mechanism}
 
     def accountant(self) -> Any:
-        """A fresh Opacus accountant holding the cumulative history (a copy: changing it changes nothing here)."""
+        """A fresh Opacus accountant holding the worst-case history (a copy: changing it changes nothing here)."""
         return make_accountant(self.mechanism, self.history)
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Cumulative epsilon if a round of ``steps`` DP-SGD steps at these parameters were added."""
+        """Worst-case epsilon over the tiles if a round of ``steps`` DP-SGD steps at these parameters were added."""
         _check_step_args(noise_multiplier, sample_rate, steps)
         more = [(noise_multiplier, sample_rate, steps)] if steps else []
-        return epsilon_of(self.mechanism, compose(self.history, more), self.delta)
+        return self._spending.worst(self.mechanism, self.delta, more)[0]
 
     def would_exceed(self, noise_multiplier: float, sample_rate: float, steps: int, epsilon_max: float | None) -> bool:
-        """True if the next round would take cumulative epsilon above ``epsilon_max`` (``None``: no budget)."""
+        """True if the next round would take the worst-case epsilon above ``epsilon_max`` (``None``: no budget)."""
         if epsilon_max is None:
             return False
         return self.epsilon_after(noise_multiplier, sample_rate, steps) > epsilon_max
 
     def check_budget(self, noise_multiplier: float, sample_rate: float, steps: int, epsilon_max: float | None) -> float:
-        """Predicted cumulative epsilon after the next round; raise if it exceeds the budget.
+        """Predicted worst-case epsilon after the next round; raise if it exceeds the budget.
 
         Raises
         ------
@@ -310,8 +709,9 @@ class PrivacyLedger:
             raise BudgetExceededError(
                 f"lab {self.lab_id!r} declines to train: the next round ({steps} steps, noise multiplier "
                 f"{noise_multiplier:.3g}, sample rate {sample_rate:.3g}) would raise epsilon from {spent:.3f} "
-                f"to {after:.3f} at delta={self.delta:g}, above the budget epsilon_max={epsilon_max:g} "
-                f"(ledger {self.path})",
+                f"to {after:.3f} at delta={self.delta:g} (worst case over {len(self._units)} tile(s), "
+                f"{self.n_rounds} earlier round(s)), above the budget epsilon_max={epsilon_max:g} "
+                f"(ledgers in {self.ledger_dir})",
                 epsilon_spent=spent,
                 epsilon_next=after,
                 epsilon_max=float(epsilon_max),
@@ -332,7 +732,7 @@ class PrivacyLedger:
         epsilon_max: float | None = None,
         meta: dict[str, Any] | None = None,
     ) -> RoundRecord:
-        """Append a round to the ledger (atomically) and update the dataset marker.
+        """Append a round on every tile of the dataset to the ledger (atomically) and update the marker.
 
         Parameters
         ----------
@@ -348,29 +748,31 @@ class PrivacyLedger:
         Returns
         -------
         RoundRecord
-            The stored record, with cumulative ``epsilon``.
+            The stored record, with the worst-case ``epsilon`` after it.
 
         Raises
         ------
         LedgerError
-            If the ledger file changed on disk since it was loaded.
+            If a ledger holding rounds of these tiles changed on disk since this one was opened.
         """
         _check_step_args(noise_multiplier, sample_rate, steps)
         round_history = compose([], history if history is not None else [(noise_multiplier, sample_rate, steps)])
         if sum(n for _, _, n in round_history) != steps:
             raise ValueError(f"history: expected {steps} steps in total to match 'steps', received {round_history}")
-        with _locked(self.lab_dir / ".lock"):
-            self._check_unchanged_on_disk()
+        with _locked(self.ledger_dir / ".lock"):
+            store = self._check_unchanged_on_disk()
             records = self._records or [self._genesis()]
             record = self._round_record(records, round_history, noise_multiplier, sample_rate, steps,
                                         n_examples, round_id, epsilon_max, meta)
             records = records + [record]
             write_atomic(self.path, "".join(_canonical(r) + "\n" for r in records).encode("utf-8"))
             self._records = records
+            self._spending = _spending(self._units, _Store({**store.ledgers, self._chain: records}, store.resets),
+                                       self.fingerprint)
             self._write_marker()
         return _round_from_dict(record)
 
-    # ------------------------------------------------------------------ internals: records
+    # ------------------------------------------------------------------ internals
 
     def _genesis(self) -> dict[str, Any]:
         return _seal({
@@ -380,15 +782,14 @@ class PrivacyLedger:
 
     def _round_record(self, records, round_history, noise_multiplier, sample_rate, steps,
                       n_examples, round_id, epsilon_max, meta) -> dict[str, Any]:
-        cumulative = compose(self.history, round_history)
+        epsilon, worst_history = self._spending.worst(self.mechanism, self.delta, round_history)
         payload = {
             "format": LEDGER_FORMAT, "kind": "round", "index": len(records), "round_id": round_id,
-            "fingerprint": self.fingerprint, "noise_multiplier": float(noise_multiplier),
-            "sample_rate": float(sample_rate), "steps": int(steps), "history": round_history,
-            "accountant_state": {"mechanism": self.mechanism, "history": cumulative},
-            "epsilon_round": epsilon_of(self.mechanism, round_history, self.delta),
-            "epsilon": epsilon_of(self.mechanism, cumulative, self.delta), "delta": self.delta,
-            "epsilon_max": None if epsilon_max is None else float(epsilon_max),
+            "lab_id": self.lab_id, "fingerprint": self.fingerprint, **_unit_fields(self._units),
+            "noise_multiplier": float(noise_multiplier), "sample_rate": float(sample_rate), "steps": int(steps),
+            "history": round_history, "accountant_state": {"mechanism": self.mechanism, "history": worst_history},
+            "epsilon_round": epsilon_of(self.mechanism, round_history, self.delta), "epsilon": epsilon,
+            "delta": self.delta, "epsilon_max": None if epsilon_max is None else float(epsilon_max),
             "n_examples": n_examples, "timestamp": _now(), "meta": meta or {}, "prev": records[-1]["hash"],
         }
         try:
@@ -396,95 +797,23 @@ class PrivacyLedger:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"round record: expected JSON-serialisable round_id and meta, {exc}") from exc
 
-    def _check_unchanged_on_disk(self) -> None:
-        if not self._records and (self._read_marker() is not None or self._find_by_fingerprint() is not None):
+    def _check_unchanged_on_disk(self) -> _Store:
+        store = _read_store(self.ledger_dir)
+        now = _spending(self._units, store, self.fingerprint)
+        if not self._records and (_read_marker(self.marker_path) is not None or now.rounds):
             raise LedgerError(
                 f"another process recorded the first round of this dataset (lab {self.lab_id!r}) after this "
                 f"ledger was opened; reopen the ledger so both rounds are counted"
             )
-        on_disk = _load_ledger(self.path) if self.path.exists() else []
-        if [r["hash"] for r in on_disk] != [r["hash"] for r in self._records]:
+        on_disk = store.ledgers.get(self._chain, [])
+        if [r["hash"] for r in on_disk] != [r["hash"] for r in self._records] or now.signature() != \
+                self._spending.signature():
             raise LedgerError(
-                f"ledger {self.path} changed on disk since it was opened ({len(on_disk) - 1 if on_disk else 0} "
-                f"rounds there, {self.n_rounds} here): another process is training on this dataset, "
-                f"or the file was edited; reopen the ledger"
+                f"ledger {self.path} changed on disk since it was opened ({len(now.rounds)} round(s) of these tiles "
+                f"there, {self.n_rounds} here): another process is training on these tiles, a reset was "
+                f"recorded, or a file was edited; reopen the ledger"
             )
-
-    # ------------------------------------------------------------------ internals: resolution
-
-    def _resolve(self) -> tuple[str, bool]:
-        """Find and load this dataset's ledger (via marker, else fingerprint).
-
-        Returns the ledger id and whether the marker must be (re)written.
-        """
-        marker = self._read_marker()
-        if marker is not None:
-            return self._load_via_marker(marker)
-        found = self._find_by_fingerprint()
-        if found is None:
-            return uuid.uuid4().hex[:16], False
-        ledger_id, records = found
-        self._records = records
-        if self.marker_path is None:
-            return ledger_id, False
-        warnings.warn(
-            f"dataset {self.dataset_dir} has trained before under ledger {self.lab_dir / ledger_id}.jsonl "
-            f"but its marker {self.marker_path} is missing; continuing that ledger and restoring the marker",
-            stacklevel=3,
-        )
-        return ledger_id, True
-
-    def _read_marker(self) -> dict[str, Any] | None:
-        path = self.marker_path
-        if path is None or not path.exists():
-            return None
-        try:
-            marker = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(marker, dict) or not isinstance(marker.get("ledger_id"), str):
-                raise ValueError("no 'ledger_id'")
-            if not re.fullmatch(r"[0-9a-f]{16}", marker["ledger_id"]):
-                raise ValueError(f"ledger_id {marker['ledger_id']!r} is not 16 hex digits")
-            int(marker["rounds"]), str(marker["head"])
-        except (ValueError, KeyError, TypeError, OSError) as exc:
-            raise LedgerError(f"ledger marker {path} is unreadable or was edited ({exc}); restore it from a backup") from exc
-        if marker.get("lab_id") != self.lab_id:
-            raise LedgerError(f"ledger marker {path} belongs to lab {marker.get('lab_id')!r}, expected {self.lab_id!r}")
-        return marker
-
-    def _load_via_marker(self, marker: dict[str, Any]) -> tuple[str, bool]:
-        ledger_id, rounds, head = marker["ledger_id"], int(marker["rounds"]), str(marker["head"])
-        path = self.lab_dir / f"{ledger_id}.jsonl"
-        if not path.exists():
-            raise LedgerError(
-                f"privacy ledger {path} is missing, but dataset {self.dataset_dir} has trained {rounds} round(s) "
-                f"(epsilon {marker.get('epsilon')}) according to {self.marker_path}; restore the ledger from a "
-                f"backup - privacy accounting is never restarted from zero"
-            )
-        records = _load_ledger(path)
-        n_rounds = len(records) - 1
-        if n_rounds < rounds or records[rounds]["hash"] != head:
-            raise LedgerError(
-                f"privacy ledger {path} does not match marker {self.marker_path}: the marker records {rounds} "
-                f"round(s) ending in {head[:12]}, the ledger has {n_rounds} round(s) ending in "
-                f"{records[-1]['hash'][:12]}; the ledger was truncated, edited or replaced by an older copy"
-            )
-        self._records = records
-        if n_rounds > rounds:
-            warnings.warn(
-                f"privacy ledger {path} has {n_rounds} rounds, marker {self.marker_path} only {rounds} "
-                f"(interrupted write?); keeping the ledger (more privacy spent) and updating the marker",
-                stacklevel=3,
-            )
-        return ledger_id, n_rounds > rounds
-
-    def _find_by_fingerprint(self) -> tuple[str, list[dict[str, Any]]] | None:
-        if not self.lab_dir.is_dir():
-            return None
-        for path in sorted(self.lab_dir.glob("*.jsonl")):
-            records = _load_ledger(path)
-            if any(r.get("fingerprint") == self.fingerprint for r in records[1:]):
-                return path.stem, records
-        return None
+        return store
 
     def _settle_parameters(self, delta: float | None, accountant: str | None) -> None:
         if self._records:
@@ -507,14 +836,127 @@ class PrivacyLedger:
         self.mechanism = accountant or "rdp"
 
     def _write_marker(self) -> None:
-        if self.marker_path is None or not self.has_trained:
+        if self.marker_path is None or len(self._records) < 2:
             return
         marker = {
             "format": LEDGER_FORMAT, "lab_id": self.lab_id, "ledger_id": self.ledger_id,
-            "ledger_file": self.path.name, "rounds": self.n_rounds, "head": self._records[-1]["hash"],
-            "epsilon": self._records[-1]["epsilon"], "delta": self.delta, "updated": _now(),
+            "ledger_file": self._chain, "rounds": len(self._records) - 1, "head": self._records[-1]["hash"],
+            "epsilon": self.epsilon, "delta": self.delta, "updated": _now(),
         }
         write_atomic(self.marker_path, (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+# --------------------------------------------------------------------------- reports and resets
+
+
+def privacy_report(ledger_dir: str | Path, dataset_dir: str | Path, *, delta: float | None = None,
+                   accountant: str | None = None) -> PrivacyReport:
+    """What a dataset's tiles have spent, read from a ledger directory without writing anything.
+
+    Parameters
+    ----------
+    ledger_dir : str or Path
+        The lab's ledger directory.
+    dataset_dir : str or Path
+        The dataset folder.
+    delta : float or None
+        Delta of the reported epsilons; default that of the dataset's ledger
+        file, else :data:`DEFAULT_DELTA`.
+    accountant : {"rdp", "prv"} or None
+        Mechanism; default that of the dataset's ledger file, else ``"rdp"``.
+
+    Returns
+    -------
+    PrivacyReport
+
+    Raises
+    ------
+    LedgerError
+        As :class:`PrivacyLedger` does for missing or tampered ledgers.
+    DatasetError
+        If ``dataset_dir`` is not a valid dataset folder.
+    """
+    ledger_dir, dataset_dir = Path(ledger_dir), Path(dataset_dir)
+    if delta is not None and not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise ValueError(f"delta: expected a number in (0, 1), received {delta!r}")
+    fingerprint = dataset_fingerprint(dataset_dir)
+    units = _dataset_units(dataset_dir, fingerprint)
+    opened = _open_dataset(ledger_dir, units, fingerprint, _marker_path(dataset_dir), dataset_dir, warn=False)
+    delta, mechanism = _parameters(opened, delta, accountant)
+    spending = opened.spending
+    tiles = [TileSpending(unit.name, unit.hash, len(members),
+                          epsilon_of(mechanism, spending.history(members), delta))
+             for unit, members in zip(units, spending.per_unit)]
+    unit_keys = frozenset().union(*(u.keys for u in units))
+    resets = [_reset_from_dict(r) for r in opened.store.resets if _record_keys(r) & unit_keys]
+    return PrivacyReport(
+        ledger_dir=ledger_dir, dataset_dir=dataset_dir, epsilon=spending.worst(mechanism, delta)[0], delta=delta,
+        accountant=mechanism, rounds=[_round_from_dict(r) for _, r in spending.rounds], tiles=tiles, resets=resets,
+        ledger_file=ledger_dir / opened.chain if opened.chain else None,
+    )
+
+
+def reset_ledger(ledger_dir: str | Path, dataset_dir: str | Path, *, reason: str, operator: str = "") -> ResetRecord:
+    """Deliberately start the privacy budget of a dataset's tiles again from zero, and log it.
+
+    Appends a ``reset`` record to ``LEDGER_DIR/resets.jsonl`` (hash-chained,
+    written atomically) naming the tiles released, the rounds released for
+    them and the epsilon they had spent. Later ledgers opened on these tiles
+    no longer count those rounds; rounds recorded afterwards count as usual.
+    Nothing is deleted: the ledger files and the dataset marker stay as they
+    are, so the history remains auditable.
+
+    Parameters
+    ----------
+    ledger_dir : str or Path
+        The lab's ledger directory.
+    dataset_dir : str or Path
+        The dataset folder whose current tiles are released.
+    reason : str
+        Why the budget starts again (e.g. "new patient cohort, tiles re-scanned");
+        required.
+    operator : str
+        Who decided it.
+
+    Returns
+    -------
+    ResetRecord
+        The logged record.
+
+    Raises
+    ------
+    ValueError
+        If ``reason`` is empty, or the dataset has spent nothing.
+    LedgerError
+        If the ledgers are missing or tampered with (a reset does not repair them).
+    """
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError(f"reason: expected a non-empty explanation of why the privacy budget starts again, "
+                         f"received {reason!r}")
+    if not isinstance(operator, str):
+        raise ValueError(f"operator: expected a string, received {operator!r}")
+    ledger_dir, dataset_dir = Path(ledger_dir), Path(dataset_dir)
+    fingerprint = dataset_fingerprint(dataset_dir)
+    units = _dataset_units(dataset_dir, fingerprint)
+    with _locked(ledger_dir / ".lock"):
+        opened = _open_dataset(ledger_dir, units, fingerprint, _marker_path(dataset_dir), dataset_dir, warn=False)
+        spending = opened.spending
+        if not spending.rounds:
+            raise ValueError(f"dataset {dataset_dir} has spent no privacy budget in {ledger_dir}: nothing to reset")
+        delta, mechanism = _parameters(opened, None, None)
+        trained = [unit for unit, members in zip(units, spending.per_unit) if members]
+        released = sorted({spending.rounds[i][1]["hash"] for members in spending.per_unit for i in members})
+        previous = opened.store.resets
+        record = _seal({
+            "format": LEDGER_FORMAT, "kind": "reset", "index": len(previous) + 1, "timestamp": _now(),
+            "reason": reason.strip(), "operator": operator.strip(), "dataset": str(dataset_dir.resolve()),
+            "fingerprint": fingerprint, **_unit_fields(trained), "rounds": released,
+            "epsilon": spending.worst(mechanism, delta)[0], "delta": delta, "accountant": mechanism,
+            "prev": previous[-1]["hash"] if previous else _GENESIS_PREV,
+        })
+        records = previous + [record]
+        write_atomic(ledger_dir / RESETS_FILE, "".join(_canonical(r) + "\n" for r in records).encode("utf-8"))
+    return _reset_from_dict(record)
 
 
 # --------------------------------------------------------------------------- file format
@@ -533,36 +975,51 @@ def _seal(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "hash": _digest(record)}
 
 
-def _load_ledger(path: Path) -> list[dict[str, Any]]:
-    """Parse and verify a ledger file; raise :class:`LedgerError` naming the first bad line."""
+def _load_chain(path: Path, *, resets: bool) -> list[dict[str, Any]]:
+    """Parse and verify a ledger file or the reset log; raise :class:`LedgerError` naming the first bad line."""
+    what = "reset log" if resets else "privacy ledger"
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise LedgerError(f"privacy ledger {path} is unreadable ({exc})") from exc
+        raise LedgerError(f"{what} {path} is unreadable ({exc})") from exc
     records: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
-        records.append(_verify_line(path, number, line, records))
-    if not records:
+        records.append(_verify_line(path, number, line, records, what, resets))
+    if not records and not resets:
         raise LedgerError(f"privacy ledger {path} is empty; expected a genesis record")
     return records
 
 
-def _verify_line(path: Path, number: int, line: str, previous: list[dict[str, Any]]) -> dict[str, Any]:
-    where = f"privacy ledger {path} line {number}"
+def _verify_line(path: Path, number: int, line: str, previous: list[dict[str, Any]], what: str,
+                 resets: bool) -> dict[str, Any]:
+    where = f"{what} {path} line {number}"
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise LedgerError(f"{where}: not valid JSON ({exc}); the ledger was edited or damaged") from exc
+        raise LedgerError(f"{where}: not valid JSON ({exc}); the file was edited or damaged") from exc
     if not isinstance(record, dict) or record.get("hash") != _digest(record):
         raise LedgerError(f"{where}: hash mismatch; the record was edited after it was written")
     expected_prev = previous[-1]["hash"] if previous else _GENESIS_PREV
-    expected_kind = "round" if previous else "genesis"
+    expected_kind = "reset" if resets else ("round" if previous else "genesis")
     if record.get("prev") != expected_prev or record.get("kind") != expected_kind:
         raise LedgerError(f"{where}: broken chain (expected a {expected_kind} record after the previous one); "
                           f"records were removed, reordered or inserted")
-    if previous and record.get("index") != len(previous):
-        raise LedgerError(f"{where}: expected round index {len(previous)}, found {record.get('index')}")
+    expected_index = len(previous) + 1 if resets else len(previous)
+    if expected_kind != "genesis" and record.get("index") != expected_index:
+        raise LedgerError(f"{where}: expected index {expected_index}, found {record.get('index')}")
+    if expected_kind != "genesis" and not _well_formed(record, resets):
+        raise LedgerError(f"{where}: malformed {expected_kind} record (tile hashes, rounds or history)")
     return record
+
+
+def _well_formed(record: dict[str, Any], resets: bool) -> bool:
+    hashes = [*record.get("tiles", []), *record.get("images", []), *(record.get("rounds", []) if resets else [])]
+    if not all(isinstance(h, str) and _HEX64.match(h) for h in hashes) or not isinstance(record.get("timestamp"), str):
+        return False
+    if resets:
+        return isinstance(record.get("rounds"), list)
+    history = record.get("history")
+    return isinstance(history, list) and all(isinstance(e, list) and len(e) == 3 for e in history)
 
 
 def _round_from_dict(record: dict[str, Any]) -> RoundRecord:
@@ -572,11 +1029,20 @@ def _round_from_dict(record: dict[str, Any]) -> RoundRecord:
         history=[tuple(e) for e in record["history"]], epsilon_round=record["epsilon_round"],
         epsilon=record["epsilon"], delta=record["delta"], epsilon_max=record["epsilon_max"],
         n_examples=record["n_examples"], timestamp=record["timestamp"], meta=record["meta"], hash=record["hash"],
+        lab_id=str(record.get("lab_id", "")), tiles=tuple(record.get("tiles", ())),
+    )
+
+
+def _reset_from_dict(record: dict[str, Any]) -> ResetRecord:
+    return ResetRecord(
+        index=record["index"], timestamp=record["timestamp"], reason=record["reason"], operator=record["operator"],
+        dataset=record["dataset"], tiles=tuple(record["tiles"]), rounds=tuple(record["rounds"]),
+        epsilon=record["epsilon"], delta=record["delta"], accountant=record["accountant"], hash=record["hash"],
     )
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 @contextlib.contextmanager

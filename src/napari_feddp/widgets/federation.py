@@ -20,8 +20,8 @@ from qtpy.QtWidgets import QApplication, QWidget
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-#: Series drawn in the round plot: (history key, colour).
-SERIES = (("loss", "#ffb000"), ("dice", "#00c0ff"), ("epsilon", "#ff4f7b"))
+#: Series drawn in the round plot: (history key, colour); the keys the ClientApp records.
+SERIES = (("train-loss", "#ffb000"), ("train-dice", "#00c0ff"), ("epsilon", "#ff4f7b"))
 
 
 class RoundPlot(QWidget):
@@ -73,9 +73,12 @@ class FederationWidget(Container):
         self.join_button = PushButton(text="Join")
         self.leave_button = PushButton(text="Leave", enabled=False)
         self.status = Label(value="not connected")
+        self.policy = Label(value=_policy_text(float(self.budget.value)), label="lab policy")
+        self.policy.native.setWordWrap(True)
         self.plot = RoundPlot()
         self.extend([self.superlink, self.ca, self.key, self.dataset, self.eval_dataset, self.budget,
-                     self.join_button, self.leave_button, self.status])
+                     self.policy, self.join_button, self.leave_button, self.status])
+        self.budget.changed.connect(lambda value: setattr(self.policy, "value", _policy_text(float(value))))
         self.native.layout().addWidget(self.plot)
         self.join_button.changed.connect(self.join)
         self.leave_button.changed.connect(self.leave)
@@ -100,6 +103,7 @@ class FederationWidget(Container):
             eval_dir = str(self.eval_dataset.value) if _is_set(self.eval_dataset.value) else ""
             self.node = LabNode(superlink=str(self.superlink.value), ca=ca, key=key, dataset=dataset,
                                 epsilon_budget=float(self.budget.value), eval_dataset=eval_dir)
+            self.policy.value = self.node.policy_summary()
             self.node.start(wait=False)
         except (ValueError, FileNotFoundError, OSError) as exc:
             self.status.value = f"error: {exc}"
@@ -135,6 +139,13 @@ class FederationWidget(Container):
         if status.state in ("error", "stopped"):
             self.timer.stop()
             self.join_button.enabled, self.leave_button.enabled = True, False
+
+
+def _policy_text(budget: float) -> str:
+    from ..federation.policy import describe_policy
+    from ..federation.settings import NodeSettings
+
+    return describe_policy(NodeSettings(max_epsilon=budget))
 
 
 def _is_set(value) -> bool:
