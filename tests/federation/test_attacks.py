@@ -23,6 +23,7 @@ import json
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import psutil
 import pytest
@@ -156,6 +157,10 @@ def attacked(tmp_path_factory):
             "log": attempt(lambda: outsider._run(["log", "1", outsider.connection, "--show"], json_output=False)),
         }
         result["registered_nodes"] = {n.get("node-id") for n in fed.cli.list_nodes()}
+        result["raw_control"] = {  # the same Control request, at the public address and at the SuperLink
+            where: httpx.post(f"https://{address}/v1/control/list-nodes", verify=str(ca), timeout=30).status_code
+            for where, address in (("gateway", fed.superlink.fleet_address), ("superlink", fed.superlink.address))
+        }
         superlink = psutil.Process(fed.superlink.process.pid)
         result["listening"] = [c.laddr for p in (superlink, *superlink.children(recursive=True))
                                for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]  # fmt: skip
@@ -228,6 +233,12 @@ def test_an_outsider_with_the_ca_cannot_use_the_control_api(attacked, command):
     assert len(attacked["registered_nodes"]) == 4  # the four labs, nothing the outsider added
 
 
+def test_the_gateway_answers_control_requests_with_404(attacked):
+    codes = attacked["raw_control"]
+    assert codes["gateway"] == 404
+    assert codes["superlink"] != 404  # the route exists behind it, on loopback only
+
+
 def test_the_superlink_listens_on_loopback_only(attacked):
     assert attacked["listening"] and all(address.ip == "127.0.0.1" for address in attacked["listening"])
     assert attacked["control"] != attacked["fleet"]
@@ -243,7 +254,7 @@ def test_rogue_superexecs_never_receive_a_task(attacked):
 
 def test_task_pickup_without_the_secret_is_refused(attacked):
     outcome = attacked["acquire_without_secret"]
-    assert outcome.startswith("refused") and "authentication" in outcome.lower(), outcome
+    assert outcome.startswith("refused") and "401 Unauthorized" in outcome, outcome
 
 
 # ----------------------------------------------------------------------- malicious coordinator

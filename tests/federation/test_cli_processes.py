@@ -69,9 +69,9 @@ def finish(proc: subprocess.Popen, timeout: float = 60.0) -> str:
 def test_serve_and_join_until_killed(tmp_path):
     pki = create_pilot_pki(tmp_path / "pki")
     # The lab makes its own key pair; only the public key reaches the coordinator.
-    keys = start_cli("keys", "--out", str(tmp_path / "lab-keys"), "--lab", "lab-a", cwd=tmp_path)
+    keys = start_cli("keys", "--out", str(tmp_path / "keys"), "--lab", "lab-a", cwd=tmp_path)
     assert "public key" in finish(keys) and keys.returncode == 0
-    lab_key, lab_pub = tmp_path / "lab-keys" / "lab-a.key", tmp_path / "lab-keys" / "lab-a.pub"
+    lab_key, lab_pub = tmp_path / "keys" / "lab-a.key", tmp_path / "keys" / "lab-a.pub"
     serve = start_cli("serve", "--pki", str(pki.root), "--workdir", str(tmp_path / "coord"),
                       "--register", "lab-a", str(lab_pub), cwd=tmp_path)
     try:

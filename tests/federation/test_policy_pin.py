@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 import zipfile
 
 import pytest
@@ -151,3 +152,26 @@ def test_the_policy_is_described_in_one_line():
     assert "epsilon budget 8 at delta <= 1e-05" in text and "DP modes sample" in text
     assert "unlimited" in describe_policy(NodeSettings(max_epsilon=0))
     assert math.isfinite(NodeSettings().max_delta)
+
+
+def test_a_refused_bundle_shows_as_the_labs_status(tmp_path):
+    from napari_feddp.federation.lab import LabNode
+    from napari_feddp.federation.processes import ManagedProcess, SuperNodeProcess
+
+    node = LabNode(superlink="127.0.0.1:1", ca=None, key=None, dataset=tmp_path, workdir=tmp_path / "w",
+                   insecure=True)
+    node.node = SuperNodeProcess(name="lab", workdir=tmp_path / "w", superlink_address="127.0.0.1:1",
+                                 root_cert=None, private_key=None, insecure=True)
+    # A running process whose log says it joined, as a SuperNode's does.
+    node.node.process = ManagedProcess("supernode lab", ["/bin/sh", "-c", "echo 'SuperNode ID: 7'; sleep 30"],
+                                       tmp_path / "w" / "lab.log").start()
+    try:
+        node.history_file.write_text(json.dumps({"event": "refused-app", "reason": "the app bundle carries "
+                                                 "files of its own (evil.py)"}) + "\n")
+        deadline = time.monotonic() + 10
+        while "SuperNode ID" not in node.node.process.read_log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = node.status()
+        assert status.state == "refused" and "evil.py" in status.message
+    finally:
+        node.node.process.kill()

@@ -13,7 +13,6 @@ from napari_feddp.federation.strategy import (
     build_strategy,
     check_arrays,
     array_spec,
-    weighted_average,
 )
 
 from .conftest import array_record, instruction, reply, tiny_settings, train_reply
@@ -32,22 +31,6 @@ def metrics(examples: int, **extra) -> dict:
 def fedavg_strategy(**kwargs) -> GuardedStrategy:
     settings = tiny_settings(dp_mode="none", min_clients=1, **kwargs)
     return build_strategy(settings, array_record(GLOBAL))
-
-
-def test_weighted_average_matches_hand_computation():
-    a = {"w": np.array([1.0, 2.0]), "b": np.array([[0.0]])}
-    b = {"w": np.array([4.0, 8.0]), "b": np.array([[3.0]])}
-    out = weighted_average([(a, 1.0), (b, 3.0)])
-    # (1*1 + 3*4)/4 = 3.25, (1*2 + 3*8)/4 = 6.5, (0 + 9)/4 = 2.25
-    np.testing.assert_allclose(out["w"], [3.25, 6.5])
-    np.testing.assert_allclose(out["b"], [[2.25]])
-
-
-@pytest.mark.parametrize("weights", [[0.0, 1.0], [-1.0, 2.0], [float("nan"), 1.0]])
-def test_weighted_average_refuses_bad_weights(weights):
-    a = {"w": np.ones(2)}
-    with pytest.raises(ValueError):
-        weighted_average([(a, weights[0]), (a, weights[1])])
 
 
 def test_fedavg_weights_by_examples_like_a_hand_computation():

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,36 +173,6 @@ class FlowerCli:
             return str(self._run(["log", str(run_id), self.connection, "--show"], json_output=False))
         except FlowerCliError as exc:
             return f"(logs unavailable: {exc})"
-
-    def wait_run(self, run_id: int, timeout: float, poll: float = 2.0, on_poll=None) -> dict:
-        """Poll until the run's status starts with ``finished``.
-
-        Parameters
-        ----------
-        run_id : int
-        timeout : float
-            Seconds; on timeout the run is stopped and FlowerCliError raised.
-        poll : float
-            Seconds between polls.
-        on_poll : callable, optional
-            Called with no arguments after every poll (e.g. to print progress).
-
-        Returns
-        -------
-        dict
-            Final run details.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            info = self.run_info(run_id)
-            if on_poll is not None:
-                on_poll()
-            if str(info.get("status", "")).startswith("finished"):
-                return info
-            if time.monotonic() > deadline:
-                self.stop_run(run_id)
-                raise FlowerCliError(f"run {run_id} did not finish within {timeout:.0f} s")
-            time.sleep(poll)
 
 
 def _parse_json(text: str) -> dict | None:

@@ -182,45 +182,14 @@ def flower_env(
     return env
 
 
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    try:
-        import psutil  # optional
-
-        for proc in psutil.process_iter(["pid", "ppid"]):
-            children.setdefault(proc.info["ppid"], []).append(proc.info["pid"])
-        return children
-    except Exception:  # noqa: BLE001 - psutil missing or failing: use /proc
-        pass
-    proc_dir = Path("/proc")
-    if not proc_dir.is_dir():
-        return children
-    for entry in proc_dir.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ..."; comm may contain spaces or parentheses
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 1:
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    return children
-
-
 def descendants(pid: int) -> list[int]:
     """Process ids of all descendants of ``pid`` (children first), best effort."""
-    children = _children_map()
-    result: list[int] = []
-    queue = list(children.get(pid, []))
-    while queue:
-        child = queue.pop(0)
-        if child in result:
-            continue
-        result.append(child)
-        queue.extend(children.get(child, []))
-    return result
+    import psutil
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def _signal_pid(pid: int, sig: int) -> None:

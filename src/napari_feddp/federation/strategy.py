@@ -83,51 +83,6 @@ class NotEnoughNodesError(RuntimeError):
 # --------------------------------------------------------------------------- pure helpers
 
 
-def weighted_average(
-    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
-) -> dict[str, np.ndarray]:
-    """Federated averaging of named arrays.
-
-    Parameters
-    ----------
-    updates : sequence of (arrays, weight)
-        Each client's arrays (same names and shapes) and its positive weight
-        (number of training examples for FedAvg).
-
-    Returns
-    -------
-    dict
-        ``sum_k w_k * x_k / sum_k w_k`` for every name, as float arrays.
-
-    Raises
-    ------
-    ValueError
-        If there are no updates, weights are not positive and finite, or names
-        or shapes differ.
-    """
-    if not updates:
-        raise ValueError("weighted_average needs at least one update")
-    weights = np.asarray([float(w) for _, w in updates], dtype=np.float64)
-    if not np.all(np.isfinite(weights)) or np.any(weights <= 0):
-        raise ValueError(f"weights must be positive and finite, received {weights.tolist()}")
-    names = list(updates[0][0].keys())
-    for arrays, _ in updates[1:]:
-        if list(arrays.keys()) != names:
-            raise ValueError("all updates must have the same array names in the same order")
-    total = weights.sum()
-    out: dict[str, np.ndarray] = {}
-    for name in names:
-        shape = np.shape(updates[0][0][name])
-        acc = np.zeros(shape, dtype=np.float64)
-        for (arrays, _), weight in zip(updates, weights):
-            value = np.asarray(arrays[name], dtype=np.float64)
-            if value.shape != shape:
-                raise ValueError(f"shape mismatch for {name!r}: {value.shape} != {shape}")
-            acc += value * (weight / total)
-        out[name] = acc.astype(np.asarray(updates[0][0][name]).dtype, copy=False)
-    return out
-
-
 def array_spec(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{name: (shape, dtype)}`` of an ArrayRecord or a mapping of arrays."""
     spec = {}
