@@ -263,7 +263,7 @@ def calibrate_steps(settings, lab_dir: Path, target_seconds: float, workdir: Pat
     from napari_feddp.federation.settings import NodeSettings
 
     torch.set_num_threads(1)
-    node = NodeSettings(lab="calib", data_dir=str(lab_dir), ledger_dir=str(workdir / "calib-ledger"))
+    node = NodeSettings(lab="calib", data_dir=str(lab_dir), ledger_dir=str(workdir / "calib-ledger"), max_epsilon=0)
     times = {}
     for steps in (1, 3, 9):  # the first call warms up imports and caches
         request = LocalRequest(

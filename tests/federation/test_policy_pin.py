@@ -175,3 +175,37 @@ def test_a_refused_bundle_shows_as_the_labs_status(tmp_path):
         assert status.state == "refused" and "evil.py" in status.message
     finally:
         node.node.process.kill()
+
+
+@pytest.mark.parametrize(
+    ("rows", "state", "round_", "text"),
+    [
+        ([], "waiting", None, ""),
+        ([{"event": "training", "round": 3}], "training", 3, ""),
+        ([{"event": "declined", "round": 4, "reason": "privacy budget exhausted"}], "declined", 4,
+         "privacy budget exhausted"),
+        ([{"event": "trained", "round": 4}], "waiting", 4, ""),
+        ([{"event": "evaluating", "round": 5}], "evaluating", 5, ""),
+        ([{"event": "model-refused", "round": 5, "reason": "Dice 0.10 < 0.90 - 0.02"},
+          {"event": "evaluated", "round": 5, "final": True}], "finished", 5, "was not adopted: Dice 0.10"),
+    ],
+)
+def test_the_labs_status_comes_from_its_history(tmp_path, rows, state, round_, text):
+    from napari_feddp.federation.lab import LabNode
+    from napari_feddp.federation.processes import ManagedProcess, SuperNodeProcess
+
+    node = LabNode(superlink="127.0.0.1:1", ca=None, key=None, dataset=tmp_path, workdir=tmp_path / "w",
+                   insecure=True)
+    node.node = SuperNodeProcess(name="lab", workdir=tmp_path / "w", superlink_address="127.0.0.1:1",
+                                 root_cert=None, private_key=None, insecure=True)
+    node.node.process = ManagedProcess("supernode lab", ["/bin/sh", "-c", "echo 'SuperNode ID: 7'; sleep 30"],
+                                       tmp_path / "w" / "lab.log").start()
+    try:
+        node.history_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        deadline = time.monotonic() + 10
+        while "SuperNode ID" not in node.node.process.read_log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = node.status()
+        assert (status.state, status.round) == (state, round_) and text in status.message
+    finally:
+        node.node.process.kill()

@@ -263,7 +263,9 @@ def evaluate(msg: Message, context: Context) -> Message:
                         {"event": "declined", "reason": decline.reason})  # fmt: skip
         return Message(Error(code=0, reason=f"declined: {decline.reason}"[:200]), reply_to=msg)
     config = _config(msg)
-    if bool(config.get("final", False)):
+    final = bool(config.get("final", False))
+    _history(request, {"event": "evaluating"})
+    if final:
         epsilon = config.get("epsilon")
         try:
             keep_global_model(request, context.run_id, float(epsilon) if epsilon is not None else None)
@@ -280,5 +282,5 @@ def evaluate(msg: Message, context: Context) -> Message:
             "pixel-accuracy": float(result.pixel_accuracy),
         }
     )
-    _history(request, {"event": "evaluated", **metrics})
+    _history(request, {"event": "evaluated", "final": final, **metrics})
     return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)

@@ -10,7 +10,6 @@ and the ClientApp's local history file. Nothing here needs Qt.
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,6 @@ from pathlib import Path
 from .processes import SuperNodeProcess
 from .settings import NodeSettings
 
-_ROUND = re.compile(r"\[RUN (\d+), ROUND (\d+)\]")
-_RECEIVING = re.compile(r"Receiving: (\w+) message")
 
 
 @dataclass
@@ -31,7 +28,8 @@ class LabStatus:
     state : str
         ``stopped``, ``connecting``, ``waiting``, ``training``, ``evaluating``,
         ``declined``, ``refused`` (a run's app bundle was not this lab's
-        napari-feddp) or ``error``.
+        napari-feddp), ``finished`` (the run's final evaluation is done) or
+        ``error``.
     round : int or None
         Round of the last message received.
     message : str
@@ -174,7 +172,12 @@ class LabNode:
         return rows
 
     def status(self) -> LabStatus:
-        """Current state from the process, its log and the local history."""
+        """Current state from the process and the ClientApp's local history.
+
+        The SuperNode's log only tells whether it has joined; everything else
+        (round, declines and their reasons, a refused app bundle, the end of a
+        run) comes from the history the ClientApp records in this lab.
+        """
         if self.node is None or self.node.process is None:
             return LabStatus("stopped")
         log = self.node.process.read_log()
@@ -186,17 +189,26 @@ class LabNode:
             return LabStatus("error", message=f"SuperNode exited with code {code}: {tail}")
         if "SuperNode ID" not in log:
             return LabStatus("connecting")
-        rounds = _ROUND.findall(log)
-        current = int(rounds[-1][1]) if rounds else None
-        received = _RECEIVING.findall(log)
-        last_sent = log.rfind("Sent successfully")
-        last_received = log.rfind("Receiving:")
         history = self.history()
-        if history and history[-1].get("event") == "refused-app":
-            return LabStatus("refused", current, history[-1].get("reason", "untrusted app bundle"))
-        if history and history[-1].get("event") == "declined" and history[-1].get("round") == current:
-            return LabStatus("declined", current, history[-1].get("reason", "privacy budget exhausted"))
-        if received and last_received > last_sent:
-            state = "training" if received[-1] == "train" else "evaluating"
-            return LabStatus(state, current)
-        return LabStatus("waiting", current)
+        if not history:
+            return LabStatus("waiting")
+        last = history[-1]
+        event, rnd = last.get("event"), (last.get("round") or None)
+        reason = str(last.get("reason", ""))
+        if event == "refused-app":
+            return LabStatus("refused", None, reason or "untrusted app bundle")
+        if event == "declined":
+            return LabStatus("declined", rnd, reason or "declined")
+        if event in ("training", "evaluating"):
+            return LabStatus(event, rnd)
+        if event in ("model-promoted", "model-refused", "store-failed") or (
+            event == "evaluated" and last.get("final")
+        ):
+            verdicts = [r for r in history if r.get("event") in ("model-promoted", "model-refused", "store-failed")]
+            detail = ""
+            if verdicts:
+                v = verdicts[-1]
+                kept = "became this lab's default model" if v["event"] == "model-promoted" else "was not adopted"
+                detail = f"the final model {kept}: {v.get('reason', '')}".rstrip(": ")
+            return LabStatus("finished", rnd, detail)
+        return LabStatus("waiting", rnd)
