@@ -263,7 +263,13 @@ def calibrate_steps(settings, lab_dir: Path, target_seconds: float, workdir: Pat
     from napari_feddp.federation.settings import NodeSettings
 
     torch.set_num_threads(1)
-    node = NodeSettings(lab="calib", data_dir=str(lab_dir), ledger_dir=str(workdir / "calib-ledger"), max_epsilon=0)
+    # A copy of the lab's tiles: calibration spends privacy on the copy's own ledger, so the
+    # lab's ledger (keyed to the tiles' content and marked in the folder) starts the run clean.
+    import shutil
+
+    calib_dir = workdir / "calib-data"
+    shutil.copytree(lab_dir, calib_dir, ignore=shutil.ignore_patterns(".feddp"))
+    node = NodeSettings(lab="calib", data_dir=str(calib_dir), ledger_dir=str(workdir / "calib-ledger"), max_epsilon=0)
     times = {}
     for steps in (1, 3, 9):  # the first call warms up imports and caches
         request = LocalRequest(

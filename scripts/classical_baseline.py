@@ -36,9 +36,12 @@ def main() -> int:
               "data": str(args.data), "mpp": args.mpp, "dice": report.dice, "jaccard": report.jaccard,
               "accuracy": report.accuracy, "n_images": report.n_images, "per_image": report.per_image,
               "seconds": round(report.seconds, 1)}
+    if report.instances is not None:  # object scores of the connected components (instances/ present)
+        result.update(report.instances)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"Dice {result['dice']:.4f}  Jaccard {result['jaccard']:.4f}  Acc {result['accuracy']:.4f}  "
+    objects = f"  AJI {result['aji']:.4f}  PQ {result['pq']:.4f}" if "aji" in result else ""
+    print(f"Dice {result['dice']:.4f}  Jaccard {result['jaccard']:.4f}  Acc {result['accuracy']:.4f}{objects}  "
           f"({result['n_images']} images, {result['seconds']} s) -> {args.json}")
     return 0
 

@@ -59,6 +59,7 @@ def test_any_predictor_is_scored_the_same_way(tmp_path):
         return out
 
     report = score_folder(tmp_path, left_half)
+    assert report.instances is None and "aji" not in report.to_dict()  # no instances/ folder
     # tp = 16, fp = 16, fn = 0, tn = 32
     assert report.matrix.tolist() == [[32, 16], [0, 16]]
     assert report.dice == pytest.approx(2 * 16 / (2 * 16 + 16))
@@ -66,6 +67,31 @@ def test_any_predictor_is_scored_the_same_way(tmp_path):
     assert report.n_images == 1 and report.per_image[0]["name"] == "a"
     with pytest.raises(ValueError, match="no image/mask pair named"):
         score_folder(tmp_path, left_half, names=["b"])
+
+
+def test_object_scores_when_the_folder_has_instances(tmp_path):
+    """Two annotated nuclei side by side; the predictor finds the left one and merges nothing."""
+    import tifffile
+    from PIL import Image
+
+    from napari_feddp.evaluation import score_folder
+
+    for sub in ("images", "masks", "instances"):
+        (tmp_path / sub).mkdir()
+    nuclei = np.zeros((8, 8), np.uint16)
+    nuclei[0:2, 0:2], nuclei[0:2, 4:6] = 1, 2
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(((nuclei > 0) * 255).astype(np.uint8)).save(tmp_path / "masks" / "a.png")
+    tifffile.imwrite(tmp_path / "instances" / "a.tif", nuclei)
+
+    def finds_the_left_nucleus(image):
+        return (nuclei == 1).astype(np.uint8)
+
+    report = score_folder(tmp_path, finds_the_left_nucleus)
+    # AJI: C = 4, U = 4 + 4 (the missed nucleus) = 8; PQ: TP 1, FN 1 -> DQ 2/3, SQ 1.
+    assert report.instances["aji"] == pytest.approx(0.5)
+    assert report.instances["pq"] == pytest.approx(2 / 3) and report.instances["fn"] == 1
+    assert report.to_dict()["aji"] == pytest.approx(0.5) and report.per_image[0]["pq"] == pytest.approx(2 / 3)
 
 
 def test_cli_writes_json(tmp_path, tiny_checkpoint, capsys):
@@ -78,6 +104,7 @@ def test_cli_writes_json(tmp_path, tiny_checkpoint, capsys):
     assert set(data) >= {"dice", "jaccard", "accuracy", "n_images", "per_image"}
     assert data["n_images"] == 1 and data["per_image"][0]["name"] == SUBSET[0]
     assert 0.0 <= data["dice"] <= 1.0
+    assert 0.0 <= data["aji"] <= 1.0 and 0.0 <= data["pq"] <= 1.0  # MoNuSeg has instances/
     assert "Dice" in capsys.readouterr().out
 
 

@@ -5,6 +5,12 @@ numbers describe what users get. Dice and Jaccard are over the foreground
 classes and **pooled** over every pixel of the set (one confusion matrix for
 all images, then one score); pixel accuracy counts all pixels. Per-image scores
 are reported too.
+
+When the folder also holds ``instances/`` (one integer label image per tile,
+one id per annotated nucleus, as MoNuSeg's), the report adds the object scores
+of :mod:`napari_feddp.training.instance_metrics` (AJI, PQ, DQ, SQ, object F1 at
+IoU 0.5), averaged over tiles; the predicted objects are the connected
+components (4-connectivity) of the predicted nucleus class.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from skimage.measure import label
 
 from .inference import run_to_completion
 from .segmentation import LoadedModel, run_segmentation
 from .training._io import read_image, read_mask
 from .training.dataset import find_pairs
+from .training.instance_metrics import instance_scores, mean_instance_scores
 from .training.metrics import SegmentationMetrics, confusion_matrix, scores_from_confusion
 
 
@@ -38,14 +46,24 @@ class EvaluationReport:
     seconds: float = 0.0
     #: Pooled confusion matrix (rows: truth, columns: prediction); not part of ``to_dict``.
     matrix: np.ndarray | None = field(default=None, repr=False)
+    #: Object scores averaged over tiles (``aji``, ``pq``, ``dq``, ``sq``, ``f1``, counts), when
+    #: the folder has ``instances/``.
+    instances: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "dice": self.dice, "jaccard": self.jaccard, "accuracy": self.accuracy,
             "n_images": self.n_images, "per_image": self.per_image, "model": self.model,
             "mpp": self.mpp, "seconds": round(self.seconds, 2),
             "convention": "foreground Dice/Jaccard pooled over all pixels of the set; accuracy over all pixels",
         }
+        if self.instances is not None:
+            out.update(self.instances)
+            out["instance_convention"] = (
+                "AJI (Kumar 2017) and PQ/DQ/SQ (Kirillov 2019, match IoU > 0.5) per tile, mean over tiles; "
+                "predicted objects: 4-connected components of the nucleus class"
+            )
+        return out
 
 
 def evaluate_folder(
@@ -104,23 +122,50 @@ def score_folder(
             raise ValueError(f"{data_dir}: no image/mask pair named {sorted(missing)}")
         pairs = [p for p in pairs if p.name in wanted]
     pooled = SegmentationMetrics(n_classes=n_classes)
-    per_image = []
+    per_image, per_tile_objects = [], []
+    instance_dir = Path(data_dir) / "instances"
     for pair in pairs:
         image = read_image(pair.image_path)
         truth = read_mask(pair.mask_path, n_classes=n_classes)
-        matrix = confusion_matrix(np.asarray(predict(image)), truth, n_classes)
+        prediction = np.asarray(predict(image))
+        matrix = confusion_matrix(prediction, truth, n_classes)
         pooled.matrix += matrix
         scores = scores_from_confusion(matrix)
-        per_image.append({"name": pair.name, "dice": scores["dice"], "jaccard": scores["jaccard"],
-                          "accuracy": scores["pixel_accuracy"]})
+        row = {"name": pair.name, "dice": scores["dice"], "jaccard": scores["jaccard"],
+               "accuracy": scores["pixel_accuracy"]}
+        instances = _instance_map(instance_dir, pair.name)
+        if instances is not None:
+            objects = instance_scores(instances, label(prediction == 1, connectivity=1))
+            per_tile_objects.append(objects)
+            row.update({k: objects[k] for k in ("aji", "pq", "dq", "sq")})
+        per_image.append(row)
     if not per_image:
         raise ValueError(f"{data_dir}: no image/mask pairs to evaluate")
     scores = pooled.compute()
+    if per_tile_objects and len(per_tile_objects) != len(per_image):
+        raise ValueError(f"{instance_dir}: instance maps for {len(per_tile_objects)} of {len(per_image)} tiles; "
+                         "give one per tile or none")
     return EvaluationReport(
         dice=scores["dice"], jaccard=scores["jaccard"], accuracy=scores["pixel_accuracy"],
         n_images=len(per_image), per_image=per_image, mpp=source_mpp,
         seconds=time.perf_counter() - started, matrix=pooled.matrix,
+        instances=mean_instance_scores(per_tile_objects) if per_tile_objects else None,
     )
+
+
+def _instance_map(instance_dir: Path, name: str) -> np.ndarray | None:
+    """The tile's annotated nuclei (``instances/<name>.tif`` or ``.png``), or None."""
+    for suffix in (".tif", ".tiff", ".png"):
+        path = instance_dir / f"{name}{suffix}"
+        if path.is_file():
+            if suffix == ".png":
+                from PIL import Image
+
+                return np.asarray(Image.open(path))
+            import tifffile
+
+            return tifffile.imread(path)
+    return None
 
 
 def predict_image(image: np.ndarray, loaded: LoadedModel, *, mpp: float | None, batch_size: int = 8,

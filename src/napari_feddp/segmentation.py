@@ -4,16 +4,23 @@ Segment widget and ``napari-feddp segment`` (no Qt here)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from collections.abc import Generator
+import re
+import tempfile
+import uuid
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+import numpy as np
 import torch
 
 from .inference import InferenceSpec, Progress, SegmentationResult, segment_slide
 from .models import ModelCard, load_checkpoint
 from .models.store import resolve_checkpoint
+from .regions import PolygonRegion, mask_outside, region_from_geojson
 
 
 @dataclass
@@ -45,13 +52,263 @@ def load_model(choice: str | os.PathLike | None = None, device: str = "cpu") -> 
     return LoadedModel(model=model, card=card, spec=spec_from_card(card, model), path=path)
 
 
+# --- messages in the front end's words ------------------------------------
+
+
+@dataclass(frozen=True)
+class Controls:
+    """How a front end lets the user change a setting, for messages that say what to do.
+
+    The engine and the model store name Python parameters in their hints
+    (``tissue=False``); a pathologist using the widget or the command line
+    needs the name of the control in front of them instead.
+
+    Attributes
+    ----------
+    pixel_size : str
+        How to give the slide's pixel size.
+    whole_slide : str
+        How to predict background tiles too.
+    model : str
+        How to choose a checkpoint file.
+    """
+
+    pixel_size: str
+    whole_slide: str
+    model: str
+
+
+#: ``napari-feddp segment``.
+CLI_CONTROLS = Controls(
+    pixel_size="pass --mpp MICRONS_PER_PIXEL",
+    whole_slide="pass --all-tiles to predict every tile",
+    model="pass a checkpoint with --model CKPT.safetensors",
+)
+#: The Segment dock widget.
+WIDGET_CONTROLS = Controls(
+    pixel_size="set the pixel size field (µm/px)",
+    whole_slide='choose region "whole slide" to predict every tile',
+    model='choose model "checkpoint file…"',
+)
+# Hints of the engine and the model store, and the control each one stands for.
+_HINTS = (
+    (re.compile(r"pass tissue=False to predict (?:every tile|it anyway)"), "whole_slide"),
+    (re.compile(r"pass mpp=<[^>]*> to segment_slide"), "pixel_size"),
+    (re.compile(r"pass a checkpoint with --model CKPT\.safetensors"), "model"),
+)
+
+
+class SegmentationInputError(ValueError):
+    """A setting the user chose cannot work; the message says which control to change."""
+
+
+def user_message(error: BaseException | str, controls: Controls) -> str:
+    """The text of ``error`` with every Python-parameter hint replaced by ``controls``' words."""
+    text = str(error)
+    for pattern, control in _HINTS:
+        text = pattern.sub(getattr(controls, control), text)
+    return text
+
+
+def check_pixel_size(
+    image, loaded: LoadedModel, mpp: float | tuple[float, float] | None = None, controls: Controls = CLI_CONTROLS
+) -> tuple[float, float] | None:
+    """The level-0 pixel size a run will use: ``mpp`` if given, else the image's own.
+
+    Called before any tile is read, so that a slide without a pixel size (or a
+    bad value) is reported in the front end's words instead of the engine's.
+
+    Parameters
+    ----------
+    image : Slide or array-like
+        What will be segmented; a Slide carries its pixel size as ``mpp``.
+    loaded : LoadedModel
+    mpp : float or (float, float), optional
+        Micrometres per level-0 pixel the user gave, overriding the file's.
+    controls : Controls
+        How the user gives a pixel size, for the message.
+
+    Returns
+    -------
+    (float, float) or None
+        ``(y, x)`` µm per pixel; None only when the model needs no pixel size.
+
+    Raises
+    ------
+    SegmentationInputError
+        If ``mpp`` is not a positive number, or the model expects a pixel size
+        and neither ``mpp`` nor the image gives one.
+    """
+    if mpp is not None:
+        pair = (mpp, mpp) if isinstance(mpp, (int, float)) else tuple(mpp)
+        if len(pair) != 2 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in pair
+        ):
+            raise SegmentationInputError(f"pixel size: expected a positive number of µm per pixel, received {mpp!r}")
+        return (float(pair[0]), float(pair[1]))
+    own = getattr(image, "mpp", None)
+    if own is not None:
+        return (float(own[0]), float(own[1]))
+    if loaded.spec.mpp is None:
+        return None
+    path = getattr(image, "path", None)
+    what = Path(path).name if path else "the image"
+    raise SegmentationInputError(
+        f"{what} has no pixel size and the model {loaded.card.name} expects {loaded.spec.mpp:g} µm/px: "
+        f"{controls.pixel_size} (µm per pixel of the full-resolution image)"
+    )
+
+
+# --- output files -----------------------------------------------------------
+
+
+class OutputPathError(ValueError):
+    """An output path cannot be written; found before any work is done."""
+
+
+def check_output_path(path: str | os.PathLike, what: str) -> Path:
+    """Refuse an output path that cannot be written, before anything is computed.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file to write.
+    what : str
+        How the user gave it (``"--out"``, ``"--json"``), to start the message with.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path`` with ``~`` expanded.
+
+    Raises
+    ------
+    OutputPathError
+        If ``path`` is a folder, its folder is missing or not a folder, or no
+        file can be created there (read-only or virtual file systems such as
+        ``/sys`` and ``/proc``, missing permission).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OutputPathError(f"{what}: {path} is a folder; give a file name (inside it, or elsewhere)")
+    parent = path.parent
+    if not parent.exists():
+        raise OutputPathError(f"{what}: folder {parent} does not exist")
+    if not parent.is_dir():
+        raise OutputPathError(f"{what}: {parent} is not a folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputPathError(f"{what}: {path} exists and cannot be overwritten (no write permission)")
+    # Permission bits do not tell (root, read-only mounts, /proc, /sys): create a file to know.
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".feddp-probe-", dir=parent)
+    except OSError as exc:
+        raise OutputPathError(f"{what}: cannot create files in {parent} ({exc.strerror or exc})") from None
+    os.close(handle)
+    os.unlink(probe)
+    return path
+
+
+def check_output_paths(outputs: dict[str, str | os.PathLike | None],
+                       inputs: Sequence[str | os.PathLike] = ()) -> dict[str, Path]:
+    """:func:`check_output_path` for every given output, which must differ from each other and the inputs.
+
+    Parameters
+    ----------
+    outputs : dict
+        How the user gave each output (``"--out"``) -> its path; None entries are skipped.
+    inputs : sequence of path
+        Files the run reads, which an output must not replace.
+
+    Returns
+    -------
+    dict of str to pathlib.Path
+        The checked outputs.
+
+    Raises
+    ------
+    OutputPathError
+    """
+    checked = {what: check_output_path(path, what) for what, path in outputs.items() if path is not None}
+    seen: dict[Path, str] = {Path(p).expanduser().resolve(): "the input" for p in inputs}
+    for what, path in checked.items():
+        key = path.resolve()
+        if key in seen:
+            raise OutputPathError(f"{what}: {path} is also {seen[key]}; give another file name")
+        seen[key] = f"the {what} file"
+    return checked
+
+
+T = TypeVar("T")
+
+
+def write_together(writes: Sequence[tuple[Path, Callable[[Path], T]]]) -> list[T]:
+    """Write several output files so that all of them appear, or none.
+
+    Each writer fills a temporary file next to its target; only when every
+    one has succeeded are they moved into place. A failure removes the
+    temporaries (and any file already moved into place by this call), so a
+    run never leaves half of its outputs.
+
+    Parameters
+    ----------
+    writes : sequence of (target path, writer)
+        ``writer(path)`` writes the file at the path it is given.
+
+    Returns
+    -------
+    list
+        What each writer returned, in order.
+    """
+    temps = [path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial") for path, _ in writes]
+    placed: list[Path] = []
+    try:
+        results = [write(temp) for (_, write), temp in zip(writes, temps)]
+        for (path, _), temp in zip(writes, temps):
+            os.replace(temp, path)
+            placed.append(path)
+    except BaseException:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+    return results
+
+
 def run_segmentation(
     image,
     loaded: LoadedModel,
+    *,
+    region: tuple[int, int, int, int] | PolygonRegion | None = None,
     **engine_options,
 ) -> Generator[Progress, None, SegmentationResult]:
-    """:func:`~napari_feddp.inference.segment_slide` with the loaded model's settings."""
-    return segment_slide(image, loaded.model, loaded.spec, **engine_options)
+    """:func:`~napari_feddp.inference.segment_slide` with the loaded model's settings.
+
+    Parameters
+    ----------
+    image : Slide or array-like
+        What the engine segments.
+    loaded : LoadedModel
+    region : (y0, x0, y1, x1), PolygonRegion or None
+        Level-0 rectangle, or polygons: the engine segments their bounding
+        box, then every label pixel whose centre is outside them is set to 0.
+    **engine_options
+        Passed to :func:`~napari_feddp.inference.segment_slide`.
+    """
+    if isinstance(region, PolygonRegion):
+        run = segment_slide(image, loaded.model, loaded.spec, region=region.bounds(), **engine_options)
+        return _inside_polygons(run, region)
+    return segment_slide(image, loaded.model, loaded.spec, region=region, **engine_options)
+
+
+def _inside_polygons(
+    run: Generator[Progress, None, SegmentationResult], region: PolygonRegion
+) -> Generator[Progress, None, SegmentationResult]:
+    result = yield from run
+    if result.complete:
+        mask_outside(result.labels, region, result.downsample)
+    return result
 
 
 def region_from_xywh(text: str) -> tuple[int, int, int, int]:
@@ -63,3 +320,109 @@ def region_from_xywh(text: str) -> tuple[int, int, int, int]:
     if w <= 0 or h <= 0 or x < 0 or y < 0:
         raise ValueError(f"--region: expected X,Y >= 0 and W,H > 0, received {text!r}")
     return (y, x, y + h, x + w)
+
+
+def region_from_argument(text: str) -> tuple[int, int, int, int] | PolygonRegion:
+    """``--region``: ``"X,Y,W,H"`` in level-0 pixels, or a GeoJSON file of polygons.
+
+    The GeoJSON's coordinates are level-0 pixels, as QuPath exports annotations.
+    """
+    path = Path(text)
+    if path.suffix.lower() in (".geojson", ".json") or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"--region: GeoJSON file {text!r} does not exist")
+        try:
+            return region_from_geojson(path)
+        except ValueError as exc:
+            raise ValueError(f"--region: {exc}") from None
+    try:
+        return region_from_xywh(text)
+    except ValueError:
+        raise ValueError(
+            f"--region: expected X,Y,W,H as four numbers or a GeoJSON file with a polygon, received {text!r}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- editing results
+
+#: A result (or, when a region was given, the region's part of it) of at most
+#: this many label pixels is loaded into memory as one editable array (uint8:
+#: 256 MiB); larger results stay on disk and are corrected through windows.
+EDITABLE_MAX_PIXELS = 2**28
+#: Largest side of a correction window, in label pixels.
+WINDOW_MAX_SIDE = 4096
+
+
+def label_box(result: SegmentationResult, region: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """Label pixels ``(y0, x0, y1, x1)`` covering a level-0 ``region``, clipped to the map."""
+    (dy, dx), (height, width) = result.downsample, result.labels.shape
+    y0, x0, y1, x1 = region
+    return (
+        max(int(y0 // dy), 0), max(int(x0 // dx), 0),
+        min(int(-(-y1 // dy)), height), min(int(-(-x1 // dx)), width),
+    )
+
+
+def editable_box(result: SegmentationResult, max_pixels: int = EDITABLE_MAX_PIXELS) -> tuple[int, int, int, int] | None:
+    """Part of the label map to load as one editable array, or None when it is too large.
+
+    The whole map when it has at most ``max_pixels``; else the segmented
+    region's part of it (everything outside is 0) when that is small enough.
+    """
+    height, width = result.labels.shape
+    if height * width <= max_pixels:
+        return (0, 0, height, width)
+    if result.region is not None:
+        box = label_box(result, result.region)
+        if (box[2] - box[0]) * (box[3] - box[1]) <= max_pixels:
+            return box
+    return None
+
+
+class CorrectionWindow:
+    """An in-memory copy of part of a large label map whose edits go back to the map.
+
+    Parameters
+    ----------
+    target : zarr.Array or numpy.ndarray
+        The writable ``(H, W)`` label map (a :class:`SegmentationResult`'s ``labels``).
+    box : (y0, x0, y1, x1)
+        Label pixels to copy; clipped to the map.
+    max_side : int
+        Refuse larger windows: they would not fit in memory comfortably.
+
+    Attributes
+    ----------
+    data : numpy.ndarray
+        The copy to edit (a napari Labels layer's data).
+    origin : (int, int)
+        ``(row, col)`` of ``data[0, 0]`` in ``target``.
+    """
+
+    def __init__(self, target, box: tuple[int, int, int, int], max_side: int = WINDOW_MAX_SIDE):
+        height, width = (int(s) for s in target.shape)
+        y0, x0 = max(int(box[0]), 0), max(int(box[1]), 0)
+        y1, x1 = min(int(box[2]), height), min(int(box[3]), width)
+        if y1 <= y0 or x1 <= x0:
+            raise ValueError("the view does not show the segmentation: pan to it first")
+        if max(y1 - y0, x1 - x0) > max_side:
+            raise ValueError(
+                f"the view is {x1 - x0} x {y1 - y0} label pixels; zoom in until it is at most "
+                f"{max_side} on each side to correct it"
+            )
+        self.target = target
+        self.origin = (y0, x0)
+        self.data = np.array(target[y0:y1, x0:x1])
+        self._written = self.data.copy()
+
+    def write_back(self) -> int:
+        """Write what changed in :attr:`data` since the last call to the map; returns pixels changed."""
+        changed = self.data != self._written
+        if not changed.any():
+            return 0
+        rows, cols = np.nonzero(changed.any(axis=1))[0], np.nonzero(changed.any(axis=0))[0]
+        r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        y0, x0 = self.origin
+        self.target[y0 + r0 : y0 + r1, x0 + c0 : x0 + c1] = self.data[r0:r1, c0:c1]
+        self._written[r0:r1, c0:c1] = self.data[r0:r1, c0:c1]
+        return int(changed.sum())

@@ -117,7 +117,7 @@ def test_demo_interrupted_by_ctrl_c_leaves_nothing_running(tmp_path):
     assert wait_no_processes(str(tmp_path / "work")) == []
 
 
-def test_lab_status_follows_the_supernode_log(tmp_path):
+def test_lab_status_follows_the_supernode_log_and_the_labs_history(tmp_path):
     lab = LabNode("127.0.0.1:1", None, None, tmp_path, lab="lab-a", workdir=tmp_path, insecure=True)
     assert lab.status() == LabStatus("stopped")
     script = (
@@ -137,22 +137,31 @@ def test_lab_status_follows_the_supernode_log(tmp_path):
         lab.node = node
         return node
 
-    node = fake("Starting Flower SuperNode")
-    assert lab.status().state == "connecting"
+    # Flower colours its log even with NO_COLOR=1.
+    retry = "\x1b[93mWARNING \x1b[0m:   Connection attempt failed, retrying in 0.67 seconds"
+    node = fake("Starting Flower SuperNode", retry)
+    assert lab.status().state == "connecting"  # never started here: no connect deadline
+    lab.started_at, lab.connect_timeout = time.monotonic() - 2, 1.0
+    status = lab.status()
+    assert status == LabStatus("unreachable", None, status.message)
+    assert status.describe() == ("cannot reach coordinator at 127.0.0.1:1 (no connection after 2 s; "
+                                 "Connection attempt failed)")
+    lab.started_at = None
     node.stop()
     node = fake("SuperNode ID: 42")
     assert lab.status().state == "waiting"
-    node.stop()
-    node = fake("SuperNode ID: 42", "[RUN 7, ROUND 3]", "Receiving: train message (ID: x)")
+    lab.history_file.write_text('{"round": 3, "event": "training"}\n')
     assert lab.status() == LabStatus("training", 3)
-    lab.history_file.write_text('{"round": 3, "event": "declined", "reason": "privacy budget exhausted"}\n')
-    assert lab.status() == LabStatus("declined", 3, "privacy budget exhausted")
-    node.stop()
-    node = fake("SuperNode ID: 42", "[RUN 7, ROUND 4]", "Receiving: evaluate message (ID: y)")
-    assert lab.status().state == "evaluating"
+    with lab.history_file.open("a") as history:
+        history.write('{"round": 3, "event": "declined", "reason": "next round would reach epsilon 9.0 > budget 8.0"}\n')
+    assert lab.status() == LabStatus("declined", 3, "next round would reach epsilon 9.0 > budget 8.0")
+    with lab.history_file.open("a") as history:
+        history.write('{"round": 4, "event": "evaluating"}\n')
+    assert lab.status() == LabStatus("evaluating", 4)
     node.stop()
     assert lab.status().state == "stopped"
-    fake("Exit Code: 305", "Failed to initialize the connection to the SuperLink.")
+    fake("\x1b[91mERROR \x1b[0m:     Exit Code: 305", "Failed to initialize the connection to the SuperLink.")
     lab.node.process.kill()
     status = lab.status()
     assert status.state == "error" and "Failed to initialize" in status.message
+    assert "\x1b" not in status.message and "ERROR" not in status.message and "Exit Code: 305" in status.message

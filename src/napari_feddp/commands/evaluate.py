@@ -36,6 +36,9 @@ def run(args) -> int:
         raise CommandError(str(exc)) from None
     out = Path(args.json_out)
     out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    objects = ""
+    if report.instances is not None:
+        objects = f"  AJI {report.instances['aji']:.4f}  PQ {report.instances['pq']:.4f}"
     print(f"{report.n_images} images: Dice {report.dice:.4f}  Jaccard {report.jaccard:.4f}  "
-          f"accuracy {report.accuracy:.4f}  ({report.seconds:.1f} s) -> {out}")
+          f"accuracy {report.accuracy:.4f}{objects}  ({report.seconds:.1f} s) -> {out}")
     return 0

@@ -317,6 +317,8 @@ def run_run(args) -> int:
 
 
 def _add_join(sub) -> None:
+    from ..federation.lab import CONNECT_TIMEOUT
+
     p = sub.add_parser("join", help="connect this lab's dataset to a federation (runs a SuperNode)")
     p.add_argument("--superlink", required=True, help="HOST:PORT the coordinator gave (its Fleet gateway)")
     p.add_argument("--ca", help="CA certificate of the federation")
@@ -329,6 +331,9 @@ def _add_join(sub) -> None:
                    "i.e. ~/.local/share/napari-feddp/ledger)")
     p.add_argument("--model-store", default="", help="where to keep the federation's final model")
     p.add_argument("--workdir", default=None, help="logs and local history")
+    p.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT,
+                   help="seconds to wait for the coordinator to accept this lab before giving up "
+                        f"(default {CONNECT_TIMEOUT:g})")
     p.add_argument("--insecure", action="store_true", help="plain text, no authentication (debug only)")
     _add_policy_options(p)
     p.set_defaults(func=run_join)
@@ -373,12 +378,14 @@ def policy_from_args(args) -> dict:
 
 
 def run_join(args) -> int:
-    from ..federation.lab import LabNode
+    from ..federation.lab import CoordinatorUnreachable, LabNode
     from ..federation.processes import FederationProcessError, signals_raise_keyboard_interrupt
 
     _insecure_warning(args)
     if not args.insecure and not (args.ca and args.key):
         raise CommandError("--ca and --key are required unless --insecure")
+    if args.connect_timeout <= 0:
+        raise CommandError("--connect-timeout must be > 0 seconds")
     policy = policy_from_args(args)
     node = LabNode(
         superlink=args.superlink,
@@ -393,6 +400,7 @@ def run_join(args) -> int:
         model_store=args.model_store,
         workdir=Path(args.workdir) if args.workdir else None,
         insecure=args.insecure,
+        connect_timeout=args.connect_timeout,
     )
     with signals_raise_keyboard_interrupt(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -408,15 +416,17 @@ def run_join(args) -> int:
             last = None
             while True:
                 status = node.status()
-                line = f"status: {status.state}" + (f" (round {status.round})" if status.round else "")
-                if status.message:
-                    line += f": {status.message}"
+                line = f"status: {status.describe()}"
                 if line != last:
                     print(line, flush=True)
                     last = line
-                if status.state in ("error", "stopped"):
-                    return 1 if status.state == "error" else 0
+                if status.state in status.FINAL:
+                    return 0 if status.state == "stopped" else 1
                 time.sleep(1.0)
+        except CoordinatorUnreachable as exc:
+            # One line instead of the SuperNode's retry log: the address, how long, and why.
+            print(exc, file=sys.stderr)
+            return 1
         except FederationProcessError as exc:
             raise CommandError(f"could not join: {exc}") from None
         except KeyboardInterrupt:
@@ -432,13 +442,15 @@ def run_join(args) -> int:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run a whole federation (SuperLink + N labs) on loopback")
     p.add_argument("--clients", type=int, default=3, help="number of simulated labs")
-    p.add_argument("--checkpoint-dir", required=True, help="where round checkpoints and cards go")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="where round checkpoints and model cards go (default: checkpoints/ in the "
+                        "work folder; without --workdir a new feddp-demo-* folder in the system's "
+                        "temporary folder, of which only checkpoints/ is kept)")
     p.add_argument("--data", default=None,
-                   help="dataset folder (images/, masks/) split across the labs; default: "
-                        "MoNuSeg train from ../shared/data if present, else synthetic tiles")
+                   help="dataset folder (images/, masks/) split across the labs (default: synthetic tiles)")
     p.add_argument("--synthetic", action="store_true", help="use synthetic tiles")
     p.add_argument("--tiles", type=int, default=4, help="synthetic tiles per lab")
-    p.add_argument("--workdir", default=None, help="keep logs, PKI and Flower homes here")
+    p.add_argument("--workdir", default=None, help="keep logs, PKI, Flower homes and checkpoints here")
     p.add_argument("--epsilon-budget", type=float, default=8.0,
                    help="every lab's privacy budget (default 8; 0: unlimited, with a warning)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before giving up")
@@ -463,8 +475,9 @@ def run_demo(args) -> int:
         args.min_clients = args.clients
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="feddp-demo-"))
     keep = args.workdir is not None
-    checkpoint_dir = Path(args.checkpoint_dir)
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else workdir / "checkpoints"
     settings = _settings(args, checkpoint_dir)
+    print(f"checkpoints and model cards go to {checkpoint_dir.resolve()}", flush=True)
     with signals_raise_keyboard_interrupt(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -494,10 +507,24 @@ def run_demo(args) -> int:
             return 130
         finally:
             if not keep:
-                import shutil
-
-                shutil.rmtree(workdir, ignore_errors=True)
+                _remove_all_but(workdir, checkpoint_dir)
     _report(outcome)
     if keep:
         print(f"logs and Flower homes: {workdir}")
     return 0
+
+
+def _remove_all_but(workdir: Path, keep: Path) -> None:
+    """Delete the demo's temporary work folder, except ``keep`` if it lies inside (its checkpoints)."""
+    import shutil
+
+    keep = keep.resolve()
+    if not keep.is_relative_to(workdir.resolve()) or not keep.exists():
+        shutil.rmtree(workdir, ignore_errors=True)
+        return
+    for child in workdir.iterdir():
+        if child.resolve() != keep and not keep.is_relative_to(child.resolve()):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import dask.array as da
@@ -25,6 +25,7 @@ def write_ome_labels(
     mpp: tuple[float, float] | None = None,
     name: str = "labels",
     compression: str = "zlib",
+    offset: tuple[int, int] = (0, 0),
 ) -> Path:
     """Write a 2-D label image as a pyramidal OME-TIFF.
 
@@ -32,10 +33,11 @@ def write_ome_labels(
     ----------
     path : str or PathLike
         Output file; should end with ``.ome.tif`` or ``.ome.tiff``.
-    labels : array-like or list of array-like
-        ``(Y, X)`` integer labels (numpy, dask or zarr), or a multiscale list
-        whose first element is level 0 (coarser levels are recomputed by
-        nearest-neighbour subsampling so that every level is tile-aligned).
+    labels : array-like or sequence of array-like
+        ``(Y, X)`` integer labels (numpy, dask or zarr), or multiscale levels
+        (a list, a tuple, napari's ``MultiScaleData``) whose first element is
+        level 0; coarser levels are recomputed by nearest-neighbour
+        subsampling so that every level is tile-aligned.
     mpp : (float, float), optional
         ``(y, x)`` micrometres per level-0 pixel, stored as OME
         ``PhysicalSizeY/X`` and as TIFF resolution tags.
@@ -43,6 +45,10 @@ def write_ome_labels(
         OME image name.
     compression : str
         Any tifffile compression; lossless ``zlib`` by default.
+    offset : (int, int)
+        ``(row, col)`` where ``labels`` starts in the written image; the rows
+        and columns before it are written as 0, so that a crop of a label map
+        is saved where it lies over the slide.
 
     Returns
     -------
@@ -50,13 +56,23 @@ def write_ome_labels(
         The written file.
     """
     path = Path(path)
-    level0 = labels[0] if isinstance(labels, (list, tuple)) else labels
-    level0 = da.asarray(level0) if not isinstance(level0, da.Array) else level0
+    # Any sequence is a list of levels (napari hands multiscale layers over as
+    # MultiScaleData); arrays (numpy, dask, zarr) are not sequences.
+    if isinstance(labels, Sequence):
+        if len(labels) == 0:
+            raise ValueError("labels: expected an array or a non-empty list of levels, received an empty sequence")
+        labels = labels[0]
+    level0 = labels if isinstance(labels, da.Array) else da.asarray(labels)
     if level0.ndim != 2:
         raise ValueError(f"labels must be 2-D (Y, X); got shape {tuple(level0.shape)}")
     if not np.issubdtype(level0.dtype, np.integer) and level0.dtype != bool:
         raise ValueError(f"labels must have an integer dtype; got {level0.dtype}")
     dtype = _storage_dtype(level0.dtype)
+    top, left = (int(v) for v in offset)
+    if top < 0 or left < 0:
+        raise ValueError(f"offset: expected (row, col) >= 0, received {tuple(offset)}")
+    if top or left:
+        level0 = da.pad(level0, ((top, 0), (left, 0)))
     levels = [level0]
     while max(levels[-1].shape) > COARSEST_SIDE:
         levels.append(levels[-1][::2, ::2])

@@ -10,13 +10,67 @@ and the ClientApp's local history file. Nothing here needs Qt.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .processes import SuperNodeProcess
+from .processes import FederationProcessError, SuperNodeProcess
 from .settings import NodeSettings
 
+#: Seconds a lab waits for the coordinator to accept its SuperNode before giving up.
+CONNECT_TIMEOUT = 60.0
+
+# Flower colours its log even with NO_COLOR set; nothing shown to a user keeps the escapes.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+# SuperNode log lines that say why a connection failed.
+_FAILURE = re.compile(r"attempt failed|error|refused|certificate|handshake", re.IGNORECASE)
+# Flower's "LEVEL :   text" prefix.
+_LEVEL = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without ANSI escape sequences (colours, cursor moves).
+
+    Parameters
+    ----------
+    text : str
+        Log text, possibly coloured.
+
+    Returns
+    -------
+    str
+    """
+    return _ANSI.sub("", text)
+
+
+def log_excerpt(log: str, lines: int = 6) -> str:
+    """The last meaningful lines of a Flower log, readable in one message.
+
+    Parameters
+    ----------
+    log : str
+        Whole log text.
+    lines : int
+        How many lines to keep at most.
+
+    Returns
+    -------
+    str
+        Non-empty lines without colour codes, Flower's level prefix or the
+        command line the log starts with.
+    """
+    kept = [
+        _LEVEL.sub("", line).strip()
+        for line in strip_ansi(log).splitlines()
+        if line.strip() and not line.startswith("$ ")
+    ]
+    return "\n".join(kept[-lines:])
+
+
+class CoordinatorUnreachable(FederationProcessError):
+    """The SuperNode could not connect to the coordinator within the timeout."""
 
 
 @dataclass
@@ -26,10 +80,11 @@ class LabStatus:
     Attributes
     ----------
     state : str
-        ``stopped``, ``connecting``, ``waiting``, ``training``, ``evaluating``,
-        ``declined``, ``refused`` (a run's app bundle was not this lab's
-        napari-feddp), ``finished`` (the run's final evaluation is done) or
-        ``error``.
+        ``stopped``, ``connecting``, ``unreachable`` (no connection to the
+        coordinator within the connect timeout), ``waiting``, ``training``,
+        ``evaluating``, ``declined``, ``refused`` (a run's app bundle was not
+        this lab's napari-feddp), ``finished`` (the run's final evaluation is
+        done) or ``error``.
     round : int or None
         Round of the last message received.
     message : str
@@ -39,6 +94,41 @@ class LabStatus:
     state: str
     round: int | None = None
     message: str = ""
+
+    #: States in which the lab's SuperNode no longer runs (or should be stopped).
+    FINAL = ("stopped", "unreachable", "error")
+
+    def describe(self) -> str:
+        """One line for a person: the state, the round and the detail.
+
+        Returns
+        -------
+        str
+            For example ``"round 4: declined - next round would reach epsilon
+            9.0 > budget 8.0"`` or ``"run finished (round 5): the final model
+            was not adopted: ..."``.
+        """
+        at = "" if self.round is None else f"round {self.round}: "
+        detail = self.message
+        if self.state == "connecting":
+            return "connecting to the coordinator…"
+        if self.state == "unreachable":
+            return detail or "cannot reach the coordinator"
+        if self.state == "waiting":
+            done = "" if self.round is None else f" (last: round {self.round})"
+            return f"waiting for the next round{done}"
+        if self.state in ("training", "evaluating"):
+            return f"{at}{self.state}"
+        if self.state == "declined":
+            return f"{at}declined - {detail or 'outside this lab policy'}"
+        if self.state == "refused":
+            return f"refused a run: its app bundle is not this lab's napari-feddp ({detail})"
+        if self.state == "finished":
+            where = "" if self.round is None else f" (round {self.round})"
+            return f"run finished{where}" + (f"; {detail}" if detail else "")
+        if self.state == "error":
+            return f"error: {detail}" if detail else "error"
+        return self.state + (f": {detail}" if detail else "")
 
 
 @dataclass(eq=False)
@@ -69,6 +159,13 @@ class LabNode:
         Logs, Flower home and history (default: a new temporary directory).
     insecure : bool
         Plain text (explicit opt-in, warns).
+    threads : int
+        Torch threads of each ClientApp.
+    connect_timeout : float
+        Seconds after :meth:`start` within which the coordinator must accept
+        the SuperNode; later :meth:`status` reports ``unreachable``
+        (default :data:`CONNECT_TIMEOUT`; 0: :meth:`status` keeps reporting
+        ``connecting``).
     """
 
     superlink: str
@@ -84,7 +181,9 @@ class LabNode:
     workdir: Path | None = None
     insecure: bool = False
     threads: int = 1
+    connect_timeout: float = CONNECT_TIMEOUT
     node: SuperNodeProcess | None = field(default=None, init=False)
+    started_at: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.lab is None:
@@ -125,13 +224,24 @@ class LabNode:
 
         return describe_policy(self.settings())
 
-    def start(self, wait: bool = True, timeout: float = 60.0) -> LabNode:
+    def start(self, wait: bool = True, timeout: float | None = None) -> LabNode:
         """Start the SuperNode; with ``wait`` until the SuperLink accepted it.
+
+        Parameters
+        ----------
+        wait : bool
+            Block until the coordinator accepted the node (else return at once
+            and follow :meth:`status`).
+        timeout : float, optional
+            Seconds to wait (default: ``connect_timeout``).
 
         Raises
         ------
+        CoordinatorUnreachable
+            If no connection was made within the timeout (the node is stopped).
         FederationProcessError
-            If the SuperLink refuses the node (unknown key, TLS failure, ...).
+            If the SuperNode exits first (e.g. its key is not registered); the
+            message carries the end of its log without colour codes.
         """
         if not Path(self.dataset).is_dir():
             raise FileNotFoundError(f"dataset folder not found: {self.dataset}")
@@ -143,10 +253,47 @@ class LabNode:
             private_key=None if self.key is None else Path(self.key),
             node_config=self.settings().to_node_config(),
             insecure=self.insecure,
-            ready_timeout=timeout,
+            ready_timeout=timeout or self.connect_timeout or CONNECT_TIMEOUT,
         )
-        self.node.start(wait=wait)
+        self.started_at = time.monotonic()
+        self.node.start(wait=False)
+        if wait:
+            try:
+                self.node.wait_ready()
+            except FederationProcessError:
+                process = self.node.process
+                if self.node.is_running():  # still retrying: nobody answered
+                    self.node.stop()
+                    raise CoordinatorUnreachable(
+                        self.unreachable_message(time.monotonic() - self.started_at)) from None
+                code = process.returncode
+                self.node.stop()
+                raise FederationProcessError(
+                    f"the SuperNode exited with code {code}:\n{log_excerpt(process.read_log())}\n"
+                    f"(log: {process.log_path})") from None
         return self
+
+    def unreachable_message(self, waited: float | None = None) -> str:
+        """``cannot reach coordinator at HOST:PORT (why)``, from the SuperNode's log.
+
+        Parameters
+        ----------
+        waited : float, optional
+            Seconds waited (default: since :meth:`start`).
+
+        Returns
+        -------
+        str
+        """
+        if waited is None:
+            waited = 0.0 if self.started_at is None else time.monotonic() - self.started_at
+        why = f"no connection after {waited:.0f} s"
+        log = self.node.process.read_log() if self.node is not None and self.node.process is not None else ""
+        attempts = [line for line in log_excerpt(log, lines=200).splitlines() if _FAILURE.search(line)]
+        if attempts:
+            # "Connection attempt failed, retrying in 1.57 seconds": the retry no longer happens.
+            why += f"; {attempts[-1].split(', retrying')[0]}"
+        return f"cannot reach coordinator at {self.superlink} ({why})"
 
     def stop(self) -> None:
         """Leave: stop the SuperNode and everything it started."""
@@ -185,9 +332,11 @@ class LabNode:
             code = self.node.process.returncode
             if code in (0, None, -15):
                 return LabStatus("stopped")
-            tail = "\n".join(line for line in log.splitlines()[-12:] if line.strip())
-            return LabStatus("error", message=f"SuperNode exited with code {code}: {tail}")
+            return LabStatus("error", message=f"SuperNode exited with code {code}: {log_excerpt(log)}")
         if "SuperNode ID" not in log:
+            waited = None if self.started_at is None else time.monotonic() - self.started_at
+            if self.connect_timeout and waited is not None and waited > self.connect_timeout:
+                return LabStatus("unreachable", message=self.unreachable_message(waited))
             return LabStatus("connecting")
         history = self.history()
         if not history:
@@ -204,7 +353,10 @@ class LabNode:
         if event in ("model-promoted", "model-refused", "store-failed") or (
             event == "evaluated" and last.get("final")
         ):
-            verdicts = [r for r in history if r.get("event") in ("model-promoted", "model-refused", "store-failed")]
+            # Only this run's verdict: it is recorded after the final "evaluating" row.
+            since = max((i for i, r in enumerate(history) if r.get("event") == "evaluating"), default=0)
+            verdicts = [r for r in history[since:]
+                        if r.get("event") in ("model-promoted", "model-refused", "store-failed")]
             detail = ""
             if verdicts:
                 v = verdicts[-1]

@@ -306,7 +306,7 @@ def default_train(request: LocalRequest) -> LocalUpdate:
         result = train_local(request.model, dataset, config, ledger=ledger, round_id=request.server_round)
     except BudgetExceededError as exc:
         raise DeclineRound(
-            "privacy budget exhausted",
+            f"next round would reach epsilon {_epsilon(exc.epsilon_next)} > budget {_epsilon(exc.epsilon_max)}",
             epsilon=exc.epsilon_spent,
             epsilon_next=exc.epsilon_next,
             epsilon_max=exc.epsilon_max,
@@ -320,6 +320,11 @@ def default_train(request: LocalRequest) -> LocalUpdate:
         delta=result.delta,
         steps=int(result.steps),
     )
+
+
+def _epsilon(value: float) -> str:
+    """Epsilon for a decline reason: one decimal, two significant digits below 1 (a budget of 0.01 is not 0.0)."""
+    return f"{value:.1f}" if abs(value) >= 1 else f"{value:.2g}"
 
 
 def default_evaluate(request: LocalRequest) -> LocalEvaluation:

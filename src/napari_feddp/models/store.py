@@ -11,6 +11,8 @@ under ``<store>/refused/`` instead, where it is never a default.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from datetime import datetime
 from importlib.resources import files
 from pathlib import Path
 
@@ -76,7 +78,17 @@ def resolve_checkpoint(choice: str | os.PathLike | None = None) -> Path:
         When ``choice`` names a file whose other half (card or weights) is missing.
     """
     if choice not in (None, "latest", "bundled", "default"):
+        if Path(choice).is_dir():
+            raise CheckpointError(
+                f"{choice} is a folder, not a model: choose its .safetensors file "
+                "(with the .json model card next to it)"
+            )
         weights, card = checkpoint_paths(choice)
+        if not weights.exists() and not card.exists():
+            # Neither half exists: the path is wrong, which says more than "card missing".
+            raise CheckpointError(
+                f"model file not found: {choice} (expected {weights.name} with its card {card.name})"
+            )
         read_card(card)  # fails early, naming the file, if the card is missing or invalid
         if not weights.is_file():
             raise CheckpointError(f"model weights not found: {weights} (next to card {card.name})")
@@ -94,3 +106,140 @@ def resolve_checkpoint(choice: str | os.PathLike | None = None) -> Path:
         "no model is bundled with this version of napari-feddp and no federated model has been "
         f"received (looked in {model_store()}); pass a checkpoint with --model CKPT.safetensors"
     )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model the user can choose, with what its card says about it.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The ``.safetensors`` file (its ``.json`` card lies next to it).
+    source : {"received", "bundled", "file"}
+        Received from a federation into the lab's store, shipped with the
+        package, or any other checkpoint file.
+    name : str or None
+        The card's model name; None when the card cannot be read.
+    created : str or None
+        The card's ISO 8601 creation time.
+    epsilon, delta : float or None
+        Differential-privacy budget of the weights (None: no DP or not accounted).
+    dp_mode : str or None
+        ``"sample"``, ``"update"`` or ``"none"``.
+    metrics : dict of str to float
+        The card's metrics; keys starting with ``test_`` are held-out test scores.
+    problem : str or None
+        Why the card cannot be read, when it cannot; the model then cannot be used.
+    """
+
+    path: Path
+    source: str
+    name: str | None = None
+    created: str | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    dp_mode: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    problem: str | None = None
+
+    @property
+    def date(self) -> str:
+        """Creation date ``YYYY-MM-DD`` (empty when unknown)."""
+        if not self.created:
+            return ""
+        try:
+            return datetime.fromisoformat(self.created).date().isoformat()
+        except ValueError:
+            return self.created[:10]
+
+    @property
+    def privacy_text(self) -> str:
+        """``"ε 7.92"``, ``"no DP"`` or ``"ε not accounted"``."""
+        if self.dp_mode == "none":
+            return "no DP"
+        if self.epsilon is None:
+            return "ε not accounted"
+        return f"ε {self.epsilon:.3g}"
+
+    @property
+    def metrics_text(self) -> str:
+        """Held-out test scores (``test_*`` keys), else the card's other metrics, else ''."""
+        tests = {key[len("test_"):]: value for key, value in self.metrics.items() if key.startswith("test_")}
+        shown, prefix = (tests, "test ") if tests else (self.metrics, "")
+        return prefix + ", ".join(f"{key} {value:.3f}" for key, value in shown.items()) if shown else ""
+
+    @property
+    def description(self) -> str:
+        """One line naming the model: file, card name, source, date, epsilon, test metrics."""
+        stem = self.path.stem
+        title = stem if self.name in (None, stem) else f"{stem} ({self.name})"
+        if self.problem is not None:
+            return f"{title} · {self.source} · unusable: {self.problem}"
+        parts = [title, self.source, self.date, self.privacy_text, self.metrics_text]
+        return " · ".join(part for part in parts if part)
+
+
+def describe_model(path: str | os.PathLike, source: str | None = None) -> ModelInfo:
+    """What a checkpoint's card says, for showing which model is in use.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Either half of a checkpoint pair (or their common stem).
+    source : {"received", "bundled", "file"}, optional
+        Where it comes from; by default worked out from its folder.
+
+    Returns
+    -------
+    ModelInfo
+        With ``problem`` set, instead of raising, when the card cannot be read.
+    """
+    weights, card_path = checkpoint_paths(path)
+    if source is None:
+        bundled = bundled_checkpoint()
+        if bundled is not None and weights.resolve() == bundled.resolve():
+            source = "bundled"
+        elif weights.parent.resolve() == model_store().resolve():
+            source = "received"
+        else:
+            source = "file"
+    try:
+        card = read_card(card_path)
+    except CheckpointError as exc:
+        return ModelInfo(path=weights, source=source, problem=str(exc))
+    privacy = card.provenance.privacy
+    return ModelInfo(
+        path=weights, source=source, name=card.name, created=card.created,
+        epsilon=privacy.epsilon, delta=privacy.delta, dp_mode=privacy.dp_mode,
+        metrics=dict(card.metrics),
+    )
+
+
+def available_models(store: Path | None = None) -> list[ModelInfo]:
+    """Every model a user can choose without browsing for a file.
+
+    The complete checkpoints in the lab's store root, newest first (the order
+    :func:`latest_federated_checkpoint` uses), then the bundled model; so with
+    a usable store the first entry is what :func:`resolve_checkpoint` picks
+    when given nothing. Models under ``<store>/refused/`` are not listed.
+
+    Parameters
+    ----------
+    store : pathlib.Path, optional
+        Model store to list (default :func:`model_store`).
+
+    Returns
+    -------
+    list of ModelInfo
+    """
+    store = store or model_store()
+    received = []
+    if store.is_dir():
+        complete = [p for p in store.glob("*.safetensors") if p.with_suffix(".json").is_file()]
+        received = sorted(complete, key=lambda p: p.stat().st_mtime, reverse=True)
+    models = [describe_model(path, "received") for path in received]
+    bundled = bundled_checkpoint()
+    if bundled is not None:
+        models.append(describe_model(bundled, "bundled"))
+    return models

@@ -3,7 +3,8 @@
 The lab's Flower SuperNode runs as a child process (it installs signal handlers
 and blocks, so never in napari's GUI thread); this widget only starts it, polls
 its status and local history once a second, plots loss, Dice and epsilon per
-round, and stops it on Leave or when napari quits. All logic lives in
+round, and stops it on Leave, when napari quits, when it fails, or when the
+coordinator cannot be reached within :data:`CONNECT_TIMEOUT`. All logic lives in
 :class:`napari_feddp.federation.lab.LabNode`.
 """
 
@@ -15,13 +16,31 @@ from typing import TYPE_CHECKING
 from magicgui.widgets import Container, FileEdit, FloatSpinBox, Label, LineEdit, PushButton
 from qtpy.QtCore import QPointF, QTimer
 from qtpy.QtGui import QColor, QPainter, QPen
-from qtpy.QtWidgets import QApplication, QWidget
+from qtpy.QtWidgets import QApplication, QSizePolicy, QWidget
+
+from . import ERROR_COLOR
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
+    from ..federation.lab import LabNode, LabStatus
+
 #: Series drawn in the round plot: (history key, colour); the keys the ClientApp records.
 SERIES = (("train-loss", "#ffb000"), ("train-dice", "#00c0ff"), ("epsilon", "#ff4f7b"))
+
+#: Seconds Join waits for the coordinator to accept this lab before it gives up and stops the node.
+CONNECT_TIMEOUT = 60.0
+
+#: Status lines at least this long are also shown as a napari notification (the dock may be narrow).
+LONG_STATUS = 80
+
+#: States shown in the error colour.
+_ALARMING = ("error", "unreachable", "refused")
+#: States worth a notification whatever their length: the lab stopped, sat out, or finished.
+_NOTABLE = ("error", "unreachable", "refused", "declined", "finished")
+
+_UNLIMITED_WARNING = ("WARNING: 0 means UNLIMITED: this lab's epsilon keeps growing with every round "
+                      "it trains and no round is ever declined for privacy.")
 
 
 class RoundPlot(QWidget):
@@ -59,30 +78,43 @@ class RoundPlot(QWidget):
 
 
 class FederationWidget(Container):
-    """Coordinator address, CA, node key, dataset and epsilon budget; Join and Leave."""
+    """Coordinator address, CA, node key, dataset and epsilon budget; Join and Leave.
+
+    Parameters
+    ----------
+    napari_viewer : napari.Viewer
+        The viewer the dock belongs to.
+    """
 
     def __init__(self, napari_viewer: napari.Viewer):
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self.superlink = LineEdit(value="127.0.0.1:9092", label="coordinator")
+        self.superlink = LineEdit(value="127.0.0.1:9092", label="coordinator (HOST:PORT)")
         self.ca = FileEdit(label="CA certificate", filter="*.pem")
         self.key = FileEdit(label="node key")
         self.dataset = FileEdit(label="dataset", mode="d")
         self.eval_dataset = FileEdit(label="held-out set", mode="d")
         self.budget = FloatSpinBox(value=8.0, min=0.0, max=1000.0, step=0.5, label="epsilon budget")
+        self.budget_warning = Label(value=_UNLIMITED_WARNING, label="budget warning", visible=False)
+        self.policy = Label(value=_policy_text(float(self.budget.value)), label="lab policy")
         self.join_button = PushButton(text="Join")
         self.leave_button = PushButton(text="Leave", enabled=False)
-        self.status = Label(value="not connected")
-        self.policy = Label(value=_policy_text(float(self.budget.value)), label="lab policy")
-        self.policy.native.setWordWrap(True)
+        self.status = Label(value="not connected", label="status")
+        self.plot_legend = Label(value="local training loss, Dice and cumulative epsilon per round "
+                                       "(this lab's history, never sent)", label="rounds")
+        for label in (self.budget_warning, self.policy, self.status, self.plot_legend):
+            _wrap(label)
+        self.budget_warning.native.setStyleSheet(f"color: {ERROR_COLOR};")
         self.plot = RoundPlot()
         self.extend([self.superlink, self.ca, self.key, self.dataset, self.eval_dataset, self.budget,
-                     self.policy, self.join_button, self.leave_button, self.status])
-        self.budget.changed.connect(lambda value: setattr(self.policy, "value", _policy_text(float(value))))
+                     self.budget_warning, self.policy, self.join_button, self.leave_button, self.status,
+                     self.plot_legend])
+        self.budget.changed.connect(self._budget_changed)
+        self._budget_changed(self.budget.value)
         self.native.layout().addWidget(self.plot)
         self.join_button.changed.connect(self.join)
         self.leave_button.changed.connect(self.leave)
-        self.node = None
+        self.node: LabNode | None = None
         self.timer = QTimer()
         self.timer.setInterval(1000)
         self.timer.timeout.connect(self.refresh)
@@ -91,7 +123,13 @@ class FederationWidget(Container):
             app.aboutToQuit.connect(self.leave)  # closing napari stops the SuperNode
 
     def join(self, *_) -> bool:
-        """Start this lab's SuperNode (returns at once; status follows)."""
+        """Start this lab's SuperNode (returns at once; status follows).
+
+        Returns
+        -------
+        bool
+            False if the form is incomplete or the node could not start.
+        """
         from ..federation.lab import LabNode
 
         try:
@@ -101,44 +139,91 @@ class FederationWidget(Container):
             if not host or not port.isdigit():
                 raise ValueError(f"coordinator: expected HOST:PORT, received {self.superlink.value!r}")
             eval_dir = str(self.eval_dataset.value) if _is_set(self.eval_dataset.value) else ""
-            self.node = LabNode(superlink=str(self.superlink.value), ca=ca, key=key, dataset=dataset,
-                                epsilon_budget=float(self.budget.value), eval_dataset=eval_dir)
-            self.policy.value = self.node.policy_summary()
-            self.node.start(wait=False)
+            node = LabNode(superlink=str(self.superlink.value), ca=ca, key=key, dataset=dataset,
+                           epsilon_budget=float(self.budget.value), eval_dataset=eval_dir,
+                           connect_timeout=CONNECT_TIMEOUT)
+            self.policy.value = node.policy_summary()
+            self.node = node
+            node.start(wait=False)
         except (ValueError, FileNotFoundError, OSError) as exc:
-            self.status.value = f"error: {exc}"
+            if self.node is not None:
+                self.node.stop()
             self.node = None
+            self._set_status(f"error: {exc}", "error")
             return False
         self.join_button.enabled, self.leave_button.enabled = False, True
-        self.status.value = "connecting…"
+        self._set_status(f"connecting to {node.superlink}…", "connecting")
         self.timer.start()
         return True
 
     def leave(self, *_) -> None:
         """Stop the SuperNode; the privacy ledger keeps what was spent."""
         self.timer.stop()
-        if self.node is not None:
-            self.node.stop()
+        node, self.node = self.node, None
+        if node is not None:
+            node.stop()
+            self._plot(node)
+            self._set_status("left the federation", "stopped")
         self.join_button.enabled, self.leave_button.enabled = True, False
-        if self.node is not None:
-            self.refresh()
-            self.status.value = "left the federation"
-        self.node = None
 
     def refresh(self) -> None:
-        """Poll the node: status line and the per-round plot."""
-        if self.node is None:
+        """Poll the node: status line and the per-round plot.
+
+        A node that failed, stopped or never reached the coordinator is
+        stopped (with everything it started) and the form is ready to Join again.
+        """
+        node = self.node
+        if node is None:
             return
-        status = self.node.status()
-        text = status.state if status.round is None else f"{status.state} (round {status.round})"
-        if status.message:
-            text += f": {status.message}"
-        self.status.value = text
-        rows = [r for r in self.node.history() if r.get("event") == "trained"]
-        self.plot.set_values({key: [float(r[key]) for r in rows if r.get(key) is not None] for key, _ in SERIES})
-        if status.state in ("error", "stopped"):
+        status = node.status()
+        self._plot(node)
+        if status.state in status.FINAL:
             self.timer.stop()
+            node.stop()
+            self.node = None
             self.join_button.enabled, self.leave_button.enabled = True, False
+        self._set_status(_status_text(status, node), status.state)
+
+    def _plot(self, node: LabNode) -> None:
+        rows = [r for r in node.history() if r.get("event") == "trained"]
+        self.plot.set_values({key: [float(r[key]) for r in rows if r.get(key) is not None] for key, _ in SERIES})
+
+    def _set_status(self, text: str, state: str) -> None:
+        """Show ``text``; alarming states in the error colour, notable or long ones also as a notification."""
+        if text == self.status.value:
+            return
+        self.status.value = text
+        self.status.native.setStyleSheet(f"color: {ERROR_COLOR};" if state in _ALARMING else "")
+        if state in _NOTABLE or len(text) >= LONG_STATUS:
+            _notify(f"Federation: {text}", state)
+
+    def _budget_changed(self, value: float) -> None:
+        self.policy.value = _policy_text(float(value))
+        self.budget_warning.visible = float(value) == 0
+
+
+def _status_text(status: LabStatus, node: LabNode) -> str:
+    if status.state == "connecting":
+        return f"connecting to {node.superlink}…"
+    return status.describe()
+
+
+def _notify(text: str, state: str) -> None:
+    from napari.utils.notifications import show_error, show_info, show_warning
+
+    if state in _ALARMING:
+        show_error(text)
+    elif state == "declined":
+        show_warning(text)
+    else:
+        show_info(text)
+
+
+def _wrap(label: Label) -> None:
+    """Let a label wrap inside the dock instead of widening it."""
+    label.native.setWordWrap(True)
+    label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+    label.native.setMinimumWidth(1)
 
 
 def _policy_text(budget: float) -> str:

@@ -3,8 +3,28 @@
 All the work happens in :mod:`napari_feddp.segmentation` and
 :mod:`napari_feddp.inference`; this widget collects the choices, runs the
 engine's progress generator in napari's ``thread_worker`` (so the viewer stays
-responsive and Cancel works between batches) and shows the result as a
-multiscale Labels layer aligned with the slide.
+responsive and Cancel works between batches) and shows the result as a Labels
+layer aligned with the slide.
+
+Region
+    ``tissue``, ``current view``, ``whole slide``, or any Shapes layer: its
+    selected shapes (all of them when none is selected) that are polygons,
+    rectangles or ellipses. The engine segments their bounding box and every
+    label pixel whose centre is outside them is set to 0.
+
+Correcting the result
+    napari paints only single-scale layers, so the result is shown as one
+    in-memory numpy layer whenever it fits in
+    :data:`~napari_feddp.segmentation.EDITABLE_MAX_PIXELS` label pixels (about
+    270 megapixels): the whole map, or for a region only the region's part
+    (its ``metadata["origin"]`` says where it lies, and the writer saves it in
+    place over the slide). This covers the bundled sample, ordinary slides
+    processed at half resolution, and every region. A larger result stays on
+    disk as a multiscale layer, which napari cannot paint; **Correct current
+    view** then copies the visible part (at most
+    :data:`~napari_feddp.segmentation.WINDOW_MAX_SIDE` pixels a side) into an
+    editable layer whose every stroke, fill and undo is written back into the
+    result, so saving the multiscale layer saves the corrections.
 """
 
 from __future__ import annotations
@@ -48,19 +68,25 @@ class SegmentWidget(Container):
         self.model_source = ComboBox(choices=[MODEL_DEFAULT, MODEL_FILE], value=MODEL_DEFAULT, label="model")
         self.checkpoint = FileEdit(label="checkpoint", filter="*.safetensors", visible=False)
         self.device = ComboBox(choices=available_devices(), value="auto", label="device")
-        self.region = ComboBox(choices=list(REGIONS), value="tissue", label="region")
+        self.region = ComboBox(choices=self._region_choices, value="tissue", label="region")
         self.batch_size = SpinBox(value=8, min=1, max=512, label="batch size")
         self.overlap = FloatSpinBox(value=0.25, min=0.0, max=0.9, step=0.05, label="overlap")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.correct_button = PushButton(text="Correct current view", visible=False,
+                                         tooltip="Copy the visible part of a large result into an editable layer")
         self.progress = ProgressBar(value=0, min=0, max=1000, label="progress")
         self.status = Label(value="")
         self.extend([self.image, self.model_source, self.checkpoint, self.device, self.region,
-                     self.batch_size, self.overlap, self.run_button, self.cancel_button,
+                     self.batch_size, self.overlap, self.run_button, self.cancel_button, self.correct_button,
                      self.progress, self.status])
         self.model_source.changed.connect(self._on_model_source)
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
+        self.correct_button.changed.connect(self.correct_view)
+        #: Results larger than this many label pixels are shown multiscale.
+        self.editable_max_pixels = EDITABLE_MAX_PIXELS
+        self._large_result = None
         self.worker = None
         self.last_result = None
         self._cancel = threading.Event()

@@ -27,12 +27,14 @@ class TrainingDataWidget(Container):
 
         self.viewer = napari_viewer
         self.image = create_widget(annotation=napari.layers.Image, label="image")
-        self.labels = create_widget(annotation=napari.layers.Labels, label="labels")
+        # Not ``self.labels``: that is magicgui's Container.labels (show field labels),
+        # and shadowing it hides every field's label.
+        self.labels_layer = create_widget(annotation=napari.layers.Labels, label="labels")
         self.dataset = FileEdit(label="dataset folder", mode="d")
         self.annotator = LineEdit(value=_user(), label="annotator")
         self.add_button = PushButton(text="Add current view to training set")
         self.status = Label(value="")
-        self.extend([self.image, self.labels, self.dataset, self.annotator, self.add_button, self.status])
+        self.extend([self.image, self.labels_layer, self.dataset, self.annotator, self.add_button, self.status])
         self.add_button.changed.connect(self.add_current_view)
 
     def add_current_view(self, *_):
@@ -40,7 +42,7 @@ class TrainingDataWidget(Container):
         from ..training import save_annotated_tile
         from ..training.from_layers import aligned_tile
 
-        image, labels = self.image.value, self.labels.value
+        image, labels = self.image.value, self.labels_layer.value
         folder = self.dataset.value
         try:
             if image is None or labels is None:
