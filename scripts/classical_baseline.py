@@ -30,14 +30,19 @@ def main() -> int:
         from napari_feddp.experiments.runner import _find_data
 
         args.data = str(_find_data() / "test")
-    report = score_folder(args.data, lambda image: nuclei_pseudo_mask(image, mpp=args.mpp).astype("uint8"),
-                          source_mpp=args.mpp)
+    def rule(image):
+        return nuclei_pseudo_mask(image, mpp=args.mpp).astype("uint8")
+
+    report = score_folder(args.data, rule, source_mpp=args.mpp)
+    components = score_folder(args.data, rule, source_mpp=args.mpp, objects="components")
     result = {"method": "haematoxylin optical density, Otsu per image (nuclei_pseudo_mask), no learning",
               "data": str(args.data), "mpp": args.mpp, "dice": report.dice, "jaccard": report.jaccard,
               "accuracy": report.accuracy, "n_images": report.n_images, "per_image": report.per_image,
               "seconds": round(report.seconds, 1)}
-    if report.instances is not None:  # object scores of the connected components (instances/ present)
+    if report.instances is not None:  # object scores (instances/ present): watershed, and plain components
         result.update(report.instances)
+        result["objects"] = report.objects
+        result["components"] = {k: components.instances[k] for k in ("aji", "pq", "dq", "sq", "f1")}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     objects = f"  AJI {result['aji']:.4f}  PQ {result['pq']:.4f}" if "aji" in result else ""

@@ -87,7 +87,7 @@ def test_object_scores_when_the_folder_has_instances(tmp_path):
     def finds_the_left_nucleus(image):
         return (nuclei == 1).astype(np.uint8)
 
-    report = score_folder(tmp_path, finds_the_left_nucleus)
+    report = score_folder(tmp_path, finds_the_left_nucleus, objects="components")
     # AJI: C = 4, U = 4 + 4 (the missed nucleus) = 8; PQ: TP 1, FN 1 -> DQ 2/3, SQ 1.
     assert report.instances["aji"] == pytest.approx(0.5)
     assert report.instances["pq"] == pytest.approx(2 / 3) and report.instances["fn"] == 1

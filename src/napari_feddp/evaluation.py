@@ -9,8 +9,11 @@ are reported too.
 When the folder also holds ``instances/`` (one integer label image per tile,
 one id per annotated nucleus, as MoNuSeg's), the report adds the object scores
 of :mod:`napari_feddp.training.instance_metrics` (AJI, PQ, DQ, SQ, object F1 at
-IoU 0.5), averaged over tiles; the predicted objects are the connected
-components (4-connectivity) of the predicted nucleus class.
+IoU 0.5), averaged over tiles. The predicted objects are what the product
+shows: the predicted nucleus class split into nuclei by
+:func:`napari_feddp.inference.instances.split_nuclei` (``objects="watershed"``,
+when the pixel size is known), or its connected components
+(``objects="components"``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .inference import run_to_completion
 from .segmentation import LoadedModel, run_segmentation
 from .training._io import read_image, read_mask
 from .training.dataset import find_pairs
+from .inference.instances import split_nuclei
 from .training.instance_metrics import instance_scores, mean_instance_scores
 from .training.metrics import SegmentationMetrics, confusion_matrix, scores_from_confusion
 
@@ -49,6 +53,8 @@ class EvaluationReport:
     #: Object scores averaged over tiles (``aji``, ``pq``, ``dq``, ``sq``, ``f1``, counts), when
     #: the folder has ``instances/``.
     instances: dict[str, float] | None = None
+    #: How predicted objects were made from the class map.
+    objects: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -61,7 +67,7 @@ class EvaluationReport:
             out.update(self.instances)
             out["instance_convention"] = (
                 "AJI (Kumar 2017) and PQ/DQ/SQ (Kirillov 2019, match IoU > 0.5) per tile, mean over tiles; "
-                "predicted objects: 4-connected components of the nucleus class"
+                f"predicted objects: {self.objects}"
             )
         return out
 
@@ -106,6 +112,7 @@ def score_folder(
     n_classes: int = 2,
     source_mpp: float | None = None,
     names: list[str] | None = None,
+    objects: str = "watershed",
 ) -> EvaluationReport:
     """Score any predictor (RGB image -> class map of the same size) on a folder of pairs.
 
@@ -122,6 +129,16 @@ def score_folder(
             raise ValueError(f"{data_dir}: no image/mask pair named {sorted(missing)}")
         pairs = [p for p in pairs if p.name in wanted]
     pooled = SegmentationMetrics(n_classes=n_classes)
+    if objects not in ("watershed", "components"):
+        raise ValueError(f"objects: expected 'watershed' or 'components', received {objects!r}")
+    if objects == "watershed" and not source_mpp:
+        objects = "components"  # the watershed's distances are in micrometres
+    to_objects = (
+        (lambda nuclei: split_nuclei(nuclei, float(source_mpp))) if objects == "watershed"
+        else (lambda nuclei: label(nuclei, connectivity=1))
+    )
+    described = ("nucleus class split by distance-transform watershed (split_nuclei)" if objects == "watershed"
+                 else "4-connected components of the nucleus class")
     per_image, per_tile_objects = [], []
     instance_dir = Path(data_dir) / "instances"
     for pair in pairs:
@@ -135,9 +152,9 @@ def score_folder(
                "accuracy": scores["pixel_accuracy"]}
         instances = _instance_map(instance_dir, pair.name)
         if instances is not None:
-            objects = instance_scores(instances, label(prediction == 1, connectivity=1))
-            per_tile_objects.append(objects)
-            row.update({k: objects[k] for k in ("aji", "pq", "dq", "sq")})
+            scored = instance_scores(instances, to_objects(prediction == 1))
+            per_tile_objects.append(scored)
+            row.update({k: scored[k] for k in ("aji", "pq", "dq", "sq")})
         per_image.append(row)
     if not per_image:
         raise ValueError(f"{data_dir}: no image/mask pairs to evaluate")
@@ -150,6 +167,7 @@ def score_folder(
         n_images=len(per_image), per_image=per_image, mpp=source_mpp,
         seconds=time.perf_counter() - started, matrix=pooled.matrix,
         instances=mean_instance_scores(per_tile_objects) if per_tile_objects else None,
+        objects=described if per_tile_objects else "",
     )
 
 

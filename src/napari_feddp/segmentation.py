@@ -415,8 +415,20 @@ class CorrectionWindow:
         self.data = np.array(target[y0:y1, x0:x1])
         self._written = self.data.copy()
 
-    def write_back(self) -> int:
-        """Write what changed in :attr:`data` since the last call to the map; returns pixels changed."""
+    def write_back(self, data=None) -> int:
+        """Write what changed since the last call into the map; returns the pixels changed.
+
+        Parameters
+        ----------
+        data : array-like, optional
+            The edited copy, when it replaced :attr:`data` (a napari layer's
+            data may be swapped for a new array of the same shape).
+        """
+        if data is not None and data is not self.data:
+            data = np.asarray(data)
+            if data.shape != self.data.shape:
+                raise ValueError(f"expected the window's shape {self.data.shape}, received {data.shape}")
+            self.data = data
         changed = self.data != self._written
         if not changed.any():
             return 0

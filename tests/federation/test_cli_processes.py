@@ -120,12 +120,8 @@ def test_demo_interrupted_by_ctrl_c_leaves_nothing_running(tmp_path):
 def test_lab_status_follows_the_supernode_log_and_the_labs_history(tmp_path):
     lab = LabNode("127.0.0.1:1", None, None, tmp_path, lab="lab-a", workdir=tmp_path, insecure=True)
     assert lab.status() == LabStatus("stopped")
-    script = (
-        "import sys, time\n"
-        "for line in sys.argv[1:]:\n"
-        "    print(line, flush=True); time.sleep(0.05)\n"
-        "time.sleep(30)\n"
-    )
+    # One line, as a real command line is: the log's first line echoes it.
+    script = "import sys, time; [print(line, flush=True) or time.sleep(0.05) for line in sys.argv[1:]]; time.sleep(30)"
 
     def fake(*lines):
         from napari_feddp.federation.processes import SuperNodeProcess
@@ -133,7 +129,7 @@ def test_lab_status_follows_the_supernode_log_and_the_labs_history(tmp_path):
         node = SuperNodeProcess("lab-a", tmp_path, "127.0.0.1:1", None, None, insecure=True)
         node.process = ManagedProcess("fake", [sys.executable, "-c", script, *lines],
                                       tmp_path / f"fake{time.monotonic_ns()}.log").start()
-        node.process.wait_for_log(re.escape(lines[-1]), 30)
+        node.process.wait_for_log("(?m)^" + re.escape(lines[-1]), 30)  # printed, not the echoed command
         lab.node = node
         return node
 

@@ -6,6 +6,10 @@ after each run; the Segment widget and ``napari-feddp segment`` use the newest
 one by default, then the model bundled with the package. A global model that
 fails the lab's own check (:mod:`napari_feddp.federation.promotion`) is kept
 under ``<store>/refused/`` instead, where it is never a default.
+
+:func:`available_models` lists what a user can pick (received models newest
+first, then the bundled one) with what each card says: name, date, privacy
+budget and test metrics, so that the model in use is always named.
 """
 
 from __future__ import annotations
@@ -75,20 +79,20 @@ def resolve_checkpoint(choice: str | os.PathLike | None = None) -> Path:
     NoModelError
         When nothing suitable exists, with what to do about it.
     CheckpointError
-        When ``choice`` names a file whose other half (card or weights) is missing.
+        When ``choice`` is a folder, names no existing file, or names a file
+        whose other half (card or weights) is missing.
     """
     if choice not in (None, "latest", "bundled", "default"):
         if Path(choice).is_dir():
             raise CheckpointError(
-                f"{choice} is a folder, not a model: choose its .safetensors file "
-                "(with the .json model card next to it)"
+                f"{choice} is a folder, not a model checkpoint: give a .safetensors file "
+                "(with its .json model card next to it)"
             )
         weights, card = checkpoint_paths(choice)
         if not weights.exists() and not card.exists():
             # Neither half exists: the path is wrong, which says more than "card missing".
-            raise CheckpointError(
-                f"model file not found: {choice} (expected {weights.name} with its card {card.name})"
-            )
+            looked = "" if Path(choice) == weights else f" (looked for {weights} and its card {card.name})"
+            raise CheckpointError(f"model file not found: {choice}{looked}")
         read_card(card)  # fails early, naming the file, if the card is missing or invalid
         if not weights.is_file():
             raise CheckpointError(f"model weights not found: {weights} (next to card {card.name})")

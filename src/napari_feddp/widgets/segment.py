@@ -84,6 +84,8 @@ class SegmentWidget(Container):
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.correct_button.changed.connect(self.correct_view)
+        from ..segmentation import EDITABLE_MAX_PIXELS
+
         #: Results larger than this many label pixels are shown multiscale.
         self.editable_max_pixels = EDITABLE_MAX_PIXELS
         self._large_result = None
@@ -93,6 +95,12 @@ class SegmentWidget(Container):
         self._activity = None
 
     # -- callbacks ---------------------------------------------------------
+    def _region_choices(self, _widget=None) -> list[tuple[str, object]]:
+        import napari.layers
+
+        shapes = [layer for layer in self.viewer.layers if isinstance(layer, napari.layers.Shapes)]
+        return [(name, name) for name in REGIONS] + [(f"shapes: {layer.name}", layer) for layer in shapes]
+
     def _on_model_source(self, value: str) -> None:
         self.checkpoint.visible = value == MODEL_FILE
 
@@ -117,10 +125,14 @@ class SegmentWidget(Container):
         try:
             loaded = load_model(self._model_choice())
             source, mpp = _engine_source(layer)
-            region = _view_region(layer) if self.region.value == "current view" else None
+            choice = self.region.value
+            if isinstance(choice, str):
+                region = _view_region(layer) if choice == "current view" else None
+            else:
+                region = shapes_region(choice, layer)
             self._cancel.clear()
             generator = run_segmentation(
-                source, loaded, mpp=mpp, region=region, tissue=self.region.value != "whole slide",
+                source, loaded, mpp=mpp, region=region, tissue=choice != "whole slide",
                 batch_size=int(self.batch_size.value), overlap=float(self.overlap.value),
                 device=self.device.value, cancel=self._cancel,
             )
@@ -164,6 +176,8 @@ class SegmentWidget(Container):
             return
         from napari.utils.colormaps import DirectLabelColormap
 
+        from ..segmentation import editable_box
+
         layer = self._layer
         units = "micrometer" if _layer_in_microns(layer) else "pixel"
         kwargs = result.layer_kwargs(units if result.mpp is not None else "pixel")
@@ -173,14 +187,61 @@ class SegmentWidget(Container):
         colors.update({i: c for i, c in enumerate(self._loaded.class_colors) if i > 0})
         kwargs["translate"] = tuple(np.add(kwargs["translate"], layer.translate[-2:]))
         kwargs["metadata"].update(model=str(self._loaded.path), model_card=self._loaded.card.to_dict())
-        self.viewer.add_labels(
-            result.pyramid if len(result.pyramid) > 1 else result.pyramid[0],
+        box = editable_box(result, self.editable_max_pixels)
+        if box is not None:  # one numpy array: napari's brush, fill and eraser work on it
+            y0, x0, y1, x1 = box
+            data, multiscale = np.asarray(result.labels[y0:y1, x0:x1]), False
+            kwargs["translate"] = tuple(np.add(kwargs["translate"], np.multiply((y0, x0), kwargs["scale"])))
+            kwargs["metadata"]["origin"] = [y0, x0]
+        else:
+            data, multiscale = result.pyramid, True
+        added = self.viewer.add_labels(
+            data,
             colormap=DirectLabelColormap(color_dict=colors),
-            multiscale=len(result.pyramid) > 1,
+            multiscale=multiscale,
             **{**kwargs, "name": f"{layer.name} {self._loaded.card.name}"},
         )
+        self._large_result = (added, result) if multiscale else None
+        self.correct_button.visible = multiscale
         self._set_status(f"Done: {result.tiles_done} tiles in {result.elapsed_seconds:.1f} s "
                          f"({result.tiles_skipped} background tiles skipped).")
+
+    def correct_view(self, *_):
+        """Copy the visible part of the last large result into an editable Labels layer.
+
+        Every edit of the new layer (brush, fill, eraser, undo) is written back
+        into the result, and the multiscale layer redrawn, so saving that layer
+        saves the corrections. Returns the new layer, or None (reason in the
+        status line).
+        """
+        from ..segmentation import CorrectionWindow
+
+        if self._large_result is None or self._large_result[0] not in self.viewer.layers:
+            self._set_status("Segment a slide first: only a large (multiscale) result needs this.", error=True)
+            return None
+        layer, result = self._large_result
+        try:
+            window = CorrectionWindow(result.labels, _view_region(layer))
+        except ValueError as exc:
+            self._set_status(str(exc), error=True)
+            return None
+        translate = np.add(layer.translate, np.multiply(window.origin, layer.scale))
+        edit = self.viewer.add_labels(
+            window.data, scale=layer.scale, translate=translate, units=layer.units,
+            colormap=layer.colormap, metadata={**layer.metadata, "origin": list(window.origin)},
+            name=f"{layer.name} correction",
+        )
+
+        def write_back(*_):
+            if window.write_back(edit.data):
+                layer.refresh()
+
+        # paint: every committed stroke or fill; set_data: undo/redo and new data.
+        edit.events.paint.connect(write_back)
+        edit.events.set_data.connect(write_back)
+        self._set_status(f"Correcting {window.data.shape[1]} x {window.data.shape[0]} px: "
+                         "edits are written into the result.")
+        return edit
 
     def _on_error(self, exc: Exception) -> None:
         self._set_status(f"Error: {exc}", error=True)
@@ -213,6 +274,34 @@ def _engine_source(layer):
     data = layer.data[0] if layer.multiscale else layer.data
     mpp = tuple(float(s) for s in layer.scale[-2:]) if _layer_in_microns(layer) else None
     return data, mpp
+
+
+def shapes_region(shapes, image):
+    """The polygons of a Shapes layer in ``image``'s level-0 pixels.
+
+    Uses the selected shapes, or all of them when none is selected; polygons,
+    rectangles and ellipses count, lines and paths do not.
+
+    Raises
+    ------
+    ValueError
+        No polygon, rectangle or ellipse to use.
+    """
+    from ..regions import PolygonRegion, ellipse_polygon
+
+    indices = sorted(shapes.selected_data) or range(len(shapes.data))
+    polygons = []
+    for index in indices:
+        kind, vertices = shapes.shape_type[index], np.asarray(shapes.data[index], dtype=float)
+        if kind not in ("polygon", "rectangle", "ellipse"):
+            continue
+        world = [shapes.data_to_world(v) for v in vertices]
+        # napari puts pixel centres on integers; regions put pixel (r, c) over [r, r + 1).
+        level0 = np.asarray([image.world_to_data(w)[-2:] for w in world]) + 0.5
+        polygons.append(ellipse_polygon(level0) if kind == "ellipse" else level0)
+    if not polygons:
+        raise ValueError(f"{shapes.name}: draw a polygon, rectangle or ellipse to segment inside it")
+    return PolygonRegion.from_yx(polygons)
 
 
 def _view_region(layer) -> tuple[int, int, int, int]:

@@ -1,0 +1,48 @@
+"""What the FedDP dock widgets share in how they show messages.
+
+A dock is narrow, and Qt widens it to fit the widest child: a status line must
+wrap instead of growing sideways, and a message longer than a few lines of the
+dock is also posted as a napari notification, where it can be read whole.
+"""
+
+from __future__ import annotations
+
+#: Colour of error text in every FedDP widget (readable on napari's dark and light themes).
+ERROR_COLOR = "#ff6b6b"
+#: Messages longer than this (characters) also go to a napari notification.
+NOTIFY_LENGTH = 120
+
+
+def wrap_message_label(label) -> None:
+    """Make a magicgui ``Label`` wrap inside its dock instead of widening it.
+
+    magicgui gives labels a fixed size policy, so a long line sets the dock's
+    width; here the label takes the width it is given and grows in height.
+    Its text can be selected to copy a path or an error.
+    """
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QSizePolicy
+
+    native = label.native
+    native.setWordWrap(True)
+    policy = QSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Minimum)
+    policy.setHeightForWidth(True)  # the wrapped text decides the height for the width it gets
+    native.setSizePolicy(policy)
+    native.setMinimumWidth(1)
+    native.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+
+
+def show_message(label, text: str, *, error: bool = False) -> None:
+    """Show ``text`` in ``label`` (in :data:`ERROR_COLOR` for an error).
+
+    A message longer than :data:`NOTIFY_LENGTH` is also posted as a napari
+    notification (an error as an error) and kept as the label's tooltip.
+    """
+    label.value = text
+    label.native.setStyleSheet(f"color: {ERROR_COLOR};" if error else "")
+    long = len(text) > NOTIFY_LENGTH
+    label.native.setToolTip(text if long else "")
+    if long:
+        from napari.utils.notifications import show_error, show_info
+
+        (show_error if error else show_info)(text)
