@@ -73,3 +73,85 @@ def split_nuclei(
     markers = np.where(markers > 0, markers, new_ids[blobs])
     labels = watershed(-distance, markers, mask=mask)
     return labels.astype(np.int32, copy=False)
+
+
+#: Margin read around each window (µm): larger than any nucleus, so a nucleus owned by a
+#: window is never cut by the window's edge.
+HALO_UM = 16.0
+
+
+def label_nuclei_tiled(
+    classes,
+    mpp: float,
+    *,
+    out=None,
+    window: int = 2048,
+    halo_um: float = HALO_UM,
+    nucleus_class: int = 1,
+) -> np.ndarray:
+    """Slide-wide nucleus labels from a (chunked) class map, one window at a time.
+
+    Each window is read with a margin of ``halo_um`` on every side and split
+    into nuclei (:func:`split_nuclei`); a nucleus belongs to the window that
+    holds its centroid, so a nucleus cut by a window seam is labelled once, whole,
+    by the window it belongs to. Ids are unique slide-wide (consecutive per
+    window, offset by the nuclei of the earlier windows). Memory is bounded by
+    one window plus its margin.
+
+    Parameters
+    ----------
+    classes : array-like
+        ``(H, W)`` class indices (NumPy, zarr or dask; read by slices).
+    mpp : float
+        Micrometres per pixel of ``classes``.
+    out : array-like, optional
+        ``(H, W)`` integer array written in place (e.g. a zarr array on disk);
+        default a new NumPy int32 array.
+    window : int
+        Window edge in pixels.
+    halo_um : float
+        Margin around each window in micrometres.
+    nucleus_class : int
+        Class index of nuclei in ``classes``.
+
+    Returns
+    -------
+    array-like
+        ``out`` (0 background, 1..N nuclei).
+    """
+    height, width = (int(n) for n in classes.shape[-2:])
+    if out is None:
+        out = np.zeros((height, width), np.int32)
+    halo = int(np.ceil(halo_um / mpp))
+    next_id = 1
+    for y0 in range(0, height, window):
+        for x0 in range(0, width, window):
+            y1, x1 = min(y0 + window, height), min(x0 + window, width)
+            top, left = max(0, y0 - halo), max(0, x0 - halo)
+            bottom, right = min(height, y1 + halo), min(width, x1 + halo)
+            block = np.asarray(classes[top:bottom, left:right]) == nucleus_class
+            if not block.any():
+                continue
+            labels = split_nuclei(block, mpp)
+            count = int(labels.max())
+            if not count:
+                continue
+            # Centroid of every nucleus in the window's coordinates: keep the window's own.
+            index = np.arange(1, count + 1)
+            from scipy import ndimage as ndi
+
+            centres = np.asarray(ndi.center_of_mass(np.ones_like(labels), labels, index)).reshape(-1, 2)
+            cy, cx = centres[:, 0] + top, centres[:, 1] + left
+            own = (cy >= y0) & (cy < y1) & (cx >= x0) & (cx < x1)
+            new_ids = np.zeros(count + 1, np.int64)
+            new_ids[index[own]] = np.arange(next_id, next_id + int(own.sum()))
+            next_id += int(own.sum())
+            relabelled = new_ids[labels]
+            # Earlier windows keep the pixels they labelled (a seam nucleus is theirs).
+            current = np.asarray(out[top:bottom, left:right])
+            write = (relabelled > 0) & (current == 0)
+            if write.any():
+                current = current.copy()
+                current[write] = relabelled[write]
+                out[top:bottom, left:right] = current
+    return out
