@@ -56,3 +56,33 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         final = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
         final.bias.copy_(torch.tensor([0.0, 0.0]))
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-unet", model, card)
+
+
+def save_received_model(store: Path, run: str = "run7", *, epsilon: float = 3.0, test_dice: float = 0.5) -> Path:
+    """Write a federated model as the lab's ClientApp does: ``<store>/federation-<run>``.
+
+    A small real U-Net with a card that records a DP budget and a test score,
+    so that what the widgets and the CLI print can be checked against it.
+    """
+    import dataclasses
+
+    import torch
+
+    from napari_feddp.models import build_model, default_card, save_checkpoint
+    from napari_feddp.models.card import Privacy, Provenance
+
+    torch.manual_seed(1)
+    card = default_card(name="tiny-federated", tile_size=256, depth=3, base_width=8, groups=4)
+    card = dataclasses.replace(
+        card,
+        provenance=Provenance(training_data="federated", federated_rounds=3, round=3,
+                              privacy=Privacy(epsilon=epsilon, delta=1e-5, dp_mode="sample")),
+        metrics={"test_dice": test_dice},
+    )
+    return save_checkpoint(store / f"federation-{run}", build_model(card), card)
+
+
+@pytest.fixture
+def received_model(isolated_feddp_home) -> Path:
+    """A promoted federated model in this test's lab model store (the default model)."""
+    return save_received_model(isolated_feddp_home / "models")

@@ -126,3 +126,37 @@ def test_bad_region_and_out(tmp_path, cmu1_path, tiny_checkpoint, capsys):
     assert rc == 2 and "X,Y,W,H" in _error_line(capsys)
     rc = main(["segment", str(cmu1_path), "--out", str(tmp_path / "m.png"), "--model", str(tiny_checkpoint)])
     assert rc == 2 and ".ome.tif" in _error_line(capsys)
+
+
+def test_segment_inside_geojson_polygon(tmp_path, cmu1_path, tiny_checkpoint):
+    # A QuPath annotation: [x, y] in level-0 pixels, pixel (r, c) covering [c, c+1) x [r, r+1), ring closed.
+    ring = [[1000.4, 1150.2], [1350.7, 1240.9], [1180.1, 1500.6], [990.3, 1420.8], [1000.4, 1150.2]]
+    geo = tmp_path / "annotation.geojson"
+    geo.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "id": "a1", "geometry": {"type": "Polygon", "coordinates": [ring]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}},
+    ]}))
+    out = tmp_path / "inside.ome.tif"
+    assert main(["segment", str(cmu1_path), "--out", str(out), "--model", str(tiny_checkpoint),
+                 "--region", str(geo), "--all-tiles", "--quiet"]) == 0
+    labels = tifffile.imread(out)
+    assert labels.shape == open_slide(cmu1_path).shape
+    # Pixel (r, c) is inside when its centre (r + 0.5, c + 0.5) is; polygon2mask puts centres on integers.
+    from skimage.draw import polygon2mask
+
+    yx = np.asarray(ring)[:-1, ::-1] - 0.5
+    inside = polygon2mask(labels.shape, yx)
+    assert labels[inside].any()
+    assert not labels[~inside].any()
+
+
+def test_region_geojson_without_polygon(tmp_path, cmu1_path, tiny_checkpoint, capsys):
+    geo = tmp_path / "points.geojson"
+    geo.write_text(json.dumps({"type": "Feature", "geometry": {"type": "Point", "coordinates": [10, 10]}}))
+    rc = main(["segment", str(cmu1_path), "--out", str(tmp_path / "m.ome.tif"), "--model", str(tiny_checkpoint),
+               "--region", str(geo)])
+    line = _error_line(capsys)
+    assert rc == 2 and "points.geojson" in line and "Polygon" in line
+    rc = main(["segment", str(cmu1_path), "--out", str(tmp_path / "m.ome.tif"), "--model", str(tiny_checkpoint),
+               "--region", str(tmp_path / "missing.geojson")])
+    assert rc == 2 and "does not exist" in _error_line(capsys)

@@ -79,3 +79,12 @@ def saved_region(saved) -> list[int]:
         if saved.provenance.suffix == ".jsonl" else [json.loads(saved.provenance.read_text())]
     record = next(r for r in records if r.get("name", saved.name) == saved.name)
     return record.get("region") or record["provenance"]["region"]
+
+
+def test_every_field_shows_its_label(make_napari_viewer):
+    from qtpy.QtWidgets import QLabel
+
+    widget = TrainingDataWidget(make_napari_viewer())
+    assert widget.labels is True  # magicgui's "show labels" switch, not a layer picker
+    texts = {label.text() for label in widget.native.findChildren(QLabel)}
+    assert {"image", "labels", "dataset folder", "annotator"} <= texts

@@ -142,6 +142,10 @@ def rasterise(rings: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray
 def mask_outside(labels, region: PolygonRegion, downsample: tuple[float, float]) -> int:
     """Set the pixels of a label map outside ``region`` to 0, chunk by chunk.
 
+    Only the chunks overlapping the region's bounding box are read: beyond it
+    the map must already be 0, as the engine leaves everything outside the
+    rectangle it was given.
+
     Parameters
     ----------
     labels : zarr.Array or numpy.ndarray

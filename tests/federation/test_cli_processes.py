@@ -1,4 +1,4 @@
-"""The CLI as users run it: ``serve`` and ``join`` until killed, ``demo`` interrupted.
+"""The CLI as users run it: ``serve`` and ``join`` until killed, ``join`` to nobody, ``demo`` as written.
 
 Each command runs in its own Python process; the test signals it like a user
 would (Ctrl-C, ``kill``) and checks that no Flower process survives.
@@ -19,7 +19,7 @@ import pytest
 from napari_feddp.federation.certs import create_node_keys, create_pilot_pki
 from napari_feddp.federation.demo import make_synthetic_lab
 from napari_feddp.federation.lab import LabNode, LabStatus
-from napari_feddp.federation.processes import ManagedProcess
+from napari_feddp.federation.processes import ManagedProcess, find_free_port
 
 from .conftest import wait_no_processes
 
@@ -31,8 +31,8 @@ CLI = (
 )
 
 
-def start_cli(*argv: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def start_cli(*argv: str, cwd: Path, **environ: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **environ}
     return subprocess.Popen(
         [sys.executable, "-c", CLI, "federation", *argv], cwd=cwd, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -161,3 +161,50 @@ def test_lab_status_follows_the_supernode_log_and_the_labs_history(tmp_path):
     status = lab.status()
     assert status.state == "error" and "Failed to initialize" in status.message
     assert "\x1b" not in status.message and "ERROR" not in status.message and "Exit Code: 305" in status.message
+
+
+@pytest.mark.slow
+def test_join_gives_up_on_an_unreachable_coordinator_in_one_clean_line(tmp_path):
+    pki = create_pilot_pki(tmp_path / "pki")
+    keys = create_node_keys(tmp_path / "keys", "lab-a")
+    address = f"127.0.0.1:{find_free_port()}"  # nothing listens there
+    data = make_synthetic_lab(tmp_path / "data", n_tiles=2, size=32)
+    join = start_cli("join", "--superlink", address, "--ca", str(pki.ca.cert), "--key", str(keys.private_key),
+                     "--dataset", str(data), "--workdir", str(tmp_path / "lab"), "--connect-timeout", "3",
+                     cwd=tmp_path)
+    out = finish(join)
+    assert join.returncode == 1, out
+    assert "\x1b" not in out and "WARNING" not in out  # no Flower log, no colour codes
+    [line] = out.splitlines()
+    # The SuperNode's last failed attempt, when it has made one within the 3 s.
+    assert re.fullmatch(rf"cannot reach coordinator at {re.escape(address)} \(no connection after \d+ s"
+                        r"(; Connection attempt failed)?\)", line), line
+    assert wait_no_processes(str(tmp_path / "lab")) == []
+
+
+def test_demo_needs_no_checkpoint_dir_and_no_help_names_the_repositorys_shared_folder(capsys):
+    from napari_feddp import cli
+
+    args = cli.build_parser().parse_args(["federation", "demo"])
+    assert args.checkpoint_dir is None and callable(args.func)
+    for command in (["federation", "demo"], ["federation", "join"], ["federation"]):
+        with pytest.raises(SystemExit):
+            cli.main([*command, "--help"])
+        assert "shared" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_as_the_readme_writes_it_keeps_its_checkpoints(tmp_path):
+    # The README's line plus the options that keep it short; its temporary folder goes under tmp_path.
+    demo = start_cli("demo", "--clients", "1", "--rounds", "1", "--synthetic", "--crop-size", "32",
+                     "--depth", "2", "--base-width", "8", "--max-steps", "2", "--batch-size", "2",
+                     cwd=tmp_path, TMPDIR=str(tmp_path))
+    match, _ = read_until(demo, r"checkpoints and model cards go to (\S+)")
+    out = finish(demo, timeout=300)
+    assert demo.returncode == 0, out
+    checkpoints = Path(match.group(1))
+    assert checkpoints.parent.name.startswith("feddp-demo-") and checkpoints.is_relative_to(tmp_path)
+    assert (checkpoints / "final.safetensors").is_file() and (checkpoints / "rounds.jsonl").is_file()
+    assert [p.name for p in checkpoints.parent.iterdir()] == ["checkpoints"]  # logs, PKI and tiles are gone
+    assert f"checkpoints and model cards: {checkpoints}" in out
+    assert wait_no_processes(str(checkpoints.parent)) == []

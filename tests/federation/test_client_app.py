@@ -110,7 +110,7 @@ def test_update_mode_lets_declines_through(node):
 def declining(request):
     from napari_feddp.federation.local import DeclineRound
 
-    raise DeclineRound("privacy budget exhausted", epsilon=1.0)
+    raise DeclineRound("next round would reach epsilon 9.0 > budget 8.0", epsilon=1.0)
 
 
 def test_final_evaluation_keeps_the_model_and_returns_scores_only(settings, node, tmp_path):

@@ -182,8 +182,8 @@ def test_a_refused_bundle_shows_as_the_labs_status(tmp_path):
     [
         ([], "waiting", None, ""),
         ([{"event": "training", "round": 3}], "training", 3, ""),
-        ([{"event": "declined", "round": 4, "reason": "privacy budget exhausted"}], "declined", 4,
-         "privacy budget exhausted"),
+        ([{"event": "declined", "round": 4, "reason": "next round would reach epsilon 9.0 > budget 8.0"}],
+         "declined", 4, "next round would reach epsilon 9.0 > budget 8.0"),
         ([{"event": "trained", "round": 4}], "waiting", 4, ""),
         ([{"event": "evaluating", "round": 5}], "evaluating", 5, ""),
         ([{"event": "model-refused", "round": 5, "reason": "Dice 0.10 < 0.90 - 0.02"},

@@ -83,7 +83,7 @@ def test_errors_declines_and_bad_metrics_are_sorted_out():
     strategy = fedavg_strategy()
     decline = RecordDict({
         "metrics": MetricRecord({"declined": 1.0, "epsilon": 7.9, "epsilon-next": 9.1, "epsilon-max": 8.0}),
-        "reason": ConfigRecord({"reason": "privacy budget exhausted"}),
+        "reason": ConfigRecord({"reason": "next round would reach epsilon 9.0 > budget 8.0"}),
     })
     replies = [
         reply(1, error=Error(code=3, reason="Node unavailable")),
@@ -97,7 +97,7 @@ def test_errors_declines_and_bad_metrics_are_sorted_out():
     np.testing.assert_allclose(arrays["b"].numpy(), np.full(3, 5.0))
     report = strategy.reports[2]
     assert report.failed == {"1": "error 3: Node unavailable"}
-    assert report.declined == {"2": "privacy budget exhausted"}
+    assert report.declined == {"2": "next round would reach epsilon 9.0 > budget 8.0"}
     assert set(report.rejected) == {"3", "4", "5"}
     assert report.accepted == [6]
 

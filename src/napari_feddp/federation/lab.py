@@ -26,8 +26,9 @@ CONNECT_TIMEOUT = 60.0
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 # SuperNode log lines that say why a connection failed.
 _FAILURE = re.compile(r"attempt failed|error|refused|certificate|handshake", re.IGNORECASE)
-# Flower's "LEVEL :   text" prefix.
+# Flower's (and Uvicorn's) "LEVEL :   text" prefix.
 _LEVEL = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*")
+_ERROR = re.compile(r"^(?:ERROR|CRITICAL)\s*:")
 
 
 def strip_ansi(text: str) -> str:
@@ -46,7 +47,7 @@ def strip_ansi(text: str) -> str:
 
 
 def log_excerpt(log: str, lines: int = 6) -> str:
-    """The last meaningful lines of a Flower log, readable in one message.
+    """The part of a Flower log that says what went wrong, readable in one message.
 
     Parameters
     ----------
@@ -58,15 +59,21 @@ def log_excerpt(log: str, lines: int = 6) -> str:
     Returns
     -------
     str
-        Non-empty lines without colour codes, Flower's level prefix or the
+        The last ``ERROR`` entry with its continuation lines (Flower explains
+        an exit code over several lines, then logs its shutdown), else the last
+        non-empty lines; without colour codes, Flower's level prefix or the
         command line the log starts with.
     """
-    kept = [
-        _LEVEL.sub("", line).strip()
-        for line in strip_ansi(log).splitlines()
-        if line.strip() and not line.startswith("$ ")
-    ]
-    return "\n".join(kept[-lines:])
+    rows = [line.rstrip() for line in strip_ansi(log).splitlines() if line.strip() and not line.startswith("$ ")]
+    errors = [i for i, line in enumerate(rows) if _ERROR.match(line)]
+    if errors:
+        entry = [rows[errors[-1]]]
+        for line in rows[errors[-1] + 1:]:
+            if _LEVEL.match(line):
+                break
+            entry.append(line)
+        rows = entry[:lines]
+    return "\n".join(_LEVEL.sub("", line).strip() for line in rows[-lines:])
 
 
 class CoordinatorUnreachable(FederationProcessError):
@@ -263,9 +270,9 @@ class LabNode:
             except FederationProcessError:
                 process = self.node.process
                 if self.node.is_running():  # still retrying: nobody answered
-                    self.node.stop()
-                    raise CoordinatorUnreachable(
-                        self.unreachable_message(time.monotonic() - self.started_at)) from None
+                    message = self.unreachable_message(time.monotonic() - self.started_at)
+                    self.node.stop()  # after reading the log: shutting down adds lines of its own
+                    raise CoordinatorUnreachable(message) from None
                 code = process.returncode
                 self.node.stop()
                 raise FederationProcessError(
@@ -289,7 +296,8 @@ class LabNode:
             waited = 0.0 if self.started_at is None else time.monotonic() - self.started_at
         why = f"no connection after {waited:.0f} s"
         log = self.node.process.read_log() if self.node is not None and self.node.process is not None else ""
-        attempts = [line for line in log_excerpt(log, lines=200).splitlines() if _FAILURE.search(line)]
+        attempts = [_LEVEL.sub("", line).strip() for line in strip_ansi(log).splitlines()
+                    if _FAILURE.search(line) and not line.startswith("$ ")]
         if attempts:
             # "Connection attempt failed, retrying in 1.57 seconds": the retry no longer happens.
             why += f"; {attempts[-1].split(', retrying')[0]}"

@@ -174,13 +174,17 @@ class ModelInfo:
         return prefix + ", ".join(f"{key} {value:.3f}" for key, value in shown.items()) if shown else ""
 
     @property
+    def title(self) -> str:
+        """The file's stem, and the card's name when it differs."""
+        stem = self.path.stem
+        return stem if self.name in (None, stem) else f"{stem} ({self.name})"
+
+    @property
     def description(self) -> str:
         """One line naming the model: file, card name, source, date, epsilon, test metrics."""
-        stem = self.path.stem
-        title = stem if self.name in (None, stem) else f"{stem} ({self.name})"
         if self.problem is not None:
-            return f"{title} · {self.source} · unusable: {self.problem}"
-        parts = [title, self.source, self.date, self.privacy_text, self.metrics_text]
+            return f"{self.title} · {self.source} · unusable: {self.problem}"
+        parts = [self.title, self.source, self.date, self.privacy_text, self.metrics_text]
         return " · ".join(part for part in parts if part)
 
 

@@ -7,8 +7,10 @@ dock is also posted as a napari notification, where it can be read whole.
 
 from __future__ import annotations
 
-#: Colour of error text in every FedDP widget (readable on napari's dark and light themes).
-ERROR_COLOR = "#ff6b6b"
+from . import ERROR_COLOR
+
+__all__ = ["ERROR_COLOR", "NOTIFY_LENGTH", "show_message", "wrap_message_label"]
+
 #: Messages longer than this (characters) also go to a napari notification.
 NOTIFY_LENGTH = 120
 
@@ -36,13 +38,15 @@ def show_message(label, text: str, *, error: bool = False) -> None:
     """Show ``text`` in ``label`` (in :data:`ERROR_COLOR` for an error).
 
     A message longer than :data:`NOTIFY_LENGTH` is also posted as a napari
-    notification (an error as an error) and kept as the label's tooltip.
+    notification (an error as an error), once however often it is shown
+    again (widgets that poll repeat their status), and kept as the label's tooltip.
     """
+    changed = label.value != text
     label.value = text
     label.native.setStyleSheet(f"color: {ERROR_COLOR};" if error else "")
     long = len(text) > NOTIFY_LENGTH
     label.native.setToolTip(text if long else "")
-    if long:
+    if long and changed:
         from napari.utils.notifications import show_error, show_info
 
         (show_error if error else show_info)(text)

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 from magicgui.widgets import Container, FileEdit, FloatSpinBox, Label, LineEdit, PushButton
 from qtpy.QtCore import QPointF, QTimer
 from qtpy.QtGui import QColor, QPainter, QPen
-from qtpy.QtWidgets import QApplication, QSizePolicy, QWidget
+from qtpy.QtWidgets import QApplication, QWidget
 
-from . import ERROR_COLOR
+from ._style import ERROR_COLOR, NOTIFY_LENGTH, show_message, wrap_message_label
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -31,12 +31,9 @@ SERIES = (("train-loss", "#ffb000"), ("train-dice", "#00c0ff"), ("epsilon", "#ff
 #: Seconds Join waits for the coordinator to accept this lab before it gives up and stops the node.
 CONNECT_TIMEOUT = 60.0
 
-#: Status lines at least this long are also shown as a napari notification (the dock may be narrow).
-LONG_STATUS = 80
-
 #: States shown in the error colour.
 _ALARMING = ("error", "unreachable", "refused")
-#: States worth a notification whatever their length: the lab stopped, sat out, or finished.
+#: States worth a notification however short the line: the lab stopped, sat out, or finished.
 _NOTABLE = ("error", "unreachable", "refused", "declined", "finished")
 
 _UNLIMITED_WARNING = ("WARNING: 0 means UNLIMITED: this lab's epsilon keeps growing with every round "
@@ -52,6 +49,7 @@ class RoundPlot(QWidget):
         self.values: dict[str, list[float]] = {key: [] for key, _ in SERIES}
 
     def set_values(self, values: dict[str, list[float]]) -> None:
+        """Replace the plotted series (history key -> one value per round) and repaint."""
         self.values = values
         self.update()
 
@@ -103,7 +101,7 @@ class FederationWidget(Container):
         self.plot_legend = Label(value="local training loss, Dice and cumulative epsilon per round "
                                        "(this lab's history, never sent)", label="rounds")
         for label in (self.budget_warning, self.policy, self.status, self.plot_legend):
-            _wrap(label)
+            wrap_message_label(label)
         self.budget_warning.native.setStyleSheet(f"color: {ERROR_COLOR};")
         self.plot = RoundPlot()
         self.extend([self.superlink, self.ca, self.key, self.dataset, self.eval_dataset, self.budget,
@@ -189,12 +187,14 @@ class FederationWidget(Container):
         self.plot.set_values({key: [float(r[key]) for r in rows if r.get(key) is not None] for key, _ in SERIES})
 
     def _set_status(self, text: str, state: str) -> None:
-        """Show ``text``; alarming states in the error colour, notable or long ones also as a notification."""
+        """Show ``text`` (alarming states in the error colour); notable states also as a notification.
+
+        Polling repeats the status every second: only a change is shown and announced.
+        """
         if text == self.status.value:
             return
-        self.status.value = text
-        self.status.native.setStyleSheet(f"color: {ERROR_COLOR};" if state in _ALARMING else "")
-        if state in _NOTABLE or len(text) >= LONG_STATUS:
+        show_message(self.status, text, error=state in _ALARMING)  # posts lines too long for the dock
+        if state in _NOTABLE and len(text) <= NOTIFY_LENGTH:
             _notify(f"Federation: {text}", state)
 
     def _budget_changed(self, value: float) -> None:
@@ -217,13 +217,6 @@ def _notify(text: str, state: str) -> None:
         show_warning(text)
     else:
         show_info(text)
-
-
-def _wrap(label: Label) -> None:
-    """Let a label wrap inside the dock instead of widening it."""
-    label.native.setWordWrap(True)
-    label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
-    label.native.setMinimumWidth(1)
 
 
 def _policy_text(budget: float) -> str:

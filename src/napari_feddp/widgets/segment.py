@@ -37,10 +37,12 @@ import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
 from magicgui.widgets import create_widget
 
+from ._style import show_message, wrap_message_label
+
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-MODEL_DEFAULT = "federation latest / bundled"
+#: Model picker entry that shows a file field for any checkpoint.
 MODEL_FILE = "checkpoint file…"
 REGIONS = ("tissue", "current view", "whole slide")
 
@@ -65,8 +67,18 @@ class SegmentWidget(Container):
 
         self.viewer = napari_viewer
         self.image = create_widget(annotation=napari.layers.Image, label="image")
-        self.model_source = ComboBox(choices=[MODEL_DEFAULT, MODEL_FILE], value=MODEL_DEFAULT, label="model")
+        # The received models and the bundled one, by what their cards say; the
+        # default is what resolve_checkpoint picks, until the user picks another.
+        self._models = {}
+        self._model_picked = False
+        self._listing_models = False
+        self.model_source = ComboBox(choices=self._model_choices, label="model")
         self.checkpoint = FileEdit(label="checkpoint", filter="*.safetensors", visible=False)
+        self.pixel_size = FloatSpinBox(
+            value=0.0, min=0.0, max=100.0, step=0.01, label="pixel size (µm/px)",
+            tooltip="µm per pixel of the slide's full-resolution image: needed when the file has none, "
+                    "or to override the file's. At 0 the file's own value is used.",
+        )
         self.device = ComboBox(choices=available_devices(), value="auto", label="device")
         self.region = ComboBox(choices=self._region_choices, value="tissue", label="region")
         self.batch_size = SpinBox(value=8, min=1, max=512, label="batch size")
@@ -76,11 +88,17 @@ class SegmentWidget(Container):
         self.correct_button = PushButton(text="Correct current view", visible=False,
                                          tooltip="Copy the visible part of a large result into an editable layer")
         self.progress = ProgressBar(value=0, min=0, max=1000, label="progress")
-        self.status = Label(value="")
-        self.extend([self.image, self.model_source, self.checkpoint, self.device, self.region,
+        self.status = Label(value="", label="status")
+        self.extend([self.image, self.model_source, self.checkpoint, self.pixel_size, self.device, self.region,
                      self.batch_size, self.overlap, self.run_button, self.cancel_button, self.correct_button,
                      self.progress, self.status])
+        wrap_message_label(self.status)
+        self._fit_model_picker()
+        self.pixel_size.native.setDecimals(4)
+        self._show_default_model()
+        self._on_image(self.image.value)
         self.model_source.changed.connect(self._on_model_source)
+        self.image.changed.connect(self._on_image)
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.correct_button.changed.connect(self.correct_view)
@@ -101,8 +119,82 @@ class SegmentWidget(Container):
         shapes = [layer for layer in self.viewer.layers if isinstance(layer, napari.layers.Shapes)]
         return [(name, name) for name in REGIONS] + [(f"shapes: {layer.name}", layer) for layer in shapes]
 
-    def _on_model_source(self, value: str) -> None:
+    def _model_choices(self, _widget=None) -> list[tuple[str, str]]:
+        from ..models.store import available_models
+
+        self._models = {str(info.path): info for info in available_models()}
+        return [(info.description, path) for path, info in self._models.items()] + [(MODEL_FILE, MODEL_FILE)]
+
+    def _fit_model_picker(self) -> None:
+        # A combo box is as wide as its longest entry by default; model lines are long.
+        from qtpy.QtWidgets import QComboBox
+
+        native = self.model_source.native
+        native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        native.setMinimumContentsLength(18)
+
+    def _show_default_model(self) -> None:
+        """Select what ``resolve_checkpoint(None)`` uses, unless the user picked a model."""
+        from ..models.store import NoModelError, resolve_checkpoint
+
+        if self._model_picked:
+            return
+        try:
+            default = str(resolve_checkpoint(None))
+        except NoModelError:
+            default = MODEL_FILE
+        self._listing_models = True
+        try:
+            if default in self._models or default == MODEL_FILE:
+                self.model_source.value = default
+        finally:
+            self._listing_models = False
+        self._describe_model_choice()
+
+    def _describe_model_choice(self) -> None:
+        value = self.model_source.value
         self.checkpoint.visible = value == MODEL_FILE
+        info = self._models.get(value)
+        self.model_source.tooltip = f"{info.description}\n{info.path}" if info is not None else None
+
+    def reset_choices(self, *_) -> None:
+        """Refresh the layer, region and model lists (napari calls this when layers change)."""
+        for widget in self:
+            if widget is not self.model_source and hasattr(widget, "reset_choices"):
+                widget.reset_choices()
+        self.refresh_models()
+
+    def refresh_models(self) -> None:
+        """List the models as the store holds them now; keep the user's pick, else show the default."""
+        picked = self.model_source.value if self._model_picked else None
+        self._listing_models = True
+        try:
+            # Qt's combo box keeps old entries in place and appends new ones; emptied
+            # first, it lists the models in the store's order (newest first) again.
+            native = self.model_source.native
+            native.blockSignals(True)
+            native.clear()
+            native.blockSignals(False)
+            self.model_source.reset_choices()
+            if picked is not None and picked in self.model_source.choices:
+                self.model_source.value = picked
+        finally:
+            self._listing_models = False
+        self._model_picked = picked is not None and picked in self.model_source.choices
+        self._show_default_model()
+        self._describe_model_choice()
+
+    def _on_model_source(self, value: str) -> None:
+        if not self._listing_models:
+            self._model_picked = True
+        self._describe_model_choice()
+
+    def _on_image(self, layer) -> None:
+        """Say in the pixel size field what the file gives, so an empty one is noticed."""
+        mpp = _layer_mpp(layer) if layer is not None else None
+        self.pixel_size.native.setSpecialValueText(
+            f"from the slide ({mpp:.4g})" if mpp else "none in the file: set it"
+        )
 
     def _model_choice(self) -> str | None:
         if self.model_source.value == MODEL_FILE:
@@ -110,21 +202,25 @@ class SegmentWidget(Container):
             if not path.name or path.is_dir():
                 raise ValueError("choose a checkpoint file (.safetensors with its .json card)")
             return str(path)
-        return None
+        return self.model_source.value
 
     def run(self, *_):
         """Start a segmentation in a worker thread; returns the worker (or None on bad input)."""
         from napari.qt.threading import create_worker
 
-        from ..segmentation import load_model, run_segmentation
+        from ..segmentation import WIDGET_CONTROLS, check_pixel_size, load_model, run_segmentation, user_message
 
+        self.progress.value = 0
         layer = self.image.value
         if layer is None:
             self._set_status("Open a slide first.", error=True)
             return None
+        self.refresh_models()  # a model received since the list was made (the default, unless one was picked)
         try:
             loaded = load_model(self._model_choice())
-            source, mpp = _engine_source(layer)
+            source, layer_mpp = _engine_source(layer)
+            override = float(self.pixel_size.value) or None  # 0 means "the file's own"
+            mpp = check_pixel_size(source, loaded, override or layer_mpp, WIDGET_CONTROLS)
             choice = self.region.value
             if isinstance(choice, str):
                 region = _view_region(layer) if choice == "current view" else None
@@ -137,9 +233,10 @@ class SegmentWidget(Container):
                 device=self.device.value, cancel=self._cancel,
             )
         except (ValueError, FileNotFoundError) as exc:  # bad input: say it, lose nothing
-            self._set_status(str(exc), error=True)
+            self._set_status(user_message(exc, WIDGET_CONTROLS), error=True)
             return None
         self._loaded, self._layer = loaded, layer
+        self._model_title = _model_title(loaded.path)
         worker = create_worker(lambda: (yield from generator), _start_thread=False)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_result)
@@ -147,8 +244,7 @@ class SegmentWidget(Container):
         worker.finished.connect(self._on_finished)
         self.worker = worker
         self.run_button.enabled, self.cancel_button.enabled = False, True
-        self.progress.value = 0
-        self._set_status(f"Running {loaded.card.name} on {layer.name}…")
+        self._set_status(f"Running {self._model_title} on {layer.name}…")
         from napari.utils import progress
 
         self._activity = progress(total=0, desc=f"FedDP: segmenting {layer.name}")
@@ -179,9 +275,13 @@ class SegmentWidget(Container):
         from ..segmentation import editable_box
 
         layer = self._layer
-        units = "micrometer" if _layer_in_microns(layer) else "pixel"
-        kwargs = result.layer_kwargs(units if result.mpp is not None else "pixel")
-        if units == "micrometer" and result.mpp is not None:
+        # Placed in the image layer's own coordinates (its level-0 scale), not by the
+        # result's pixel size: the two differ when the pixel size field overrides the file's.
+        kwargs = result.layer_kwargs("pixel")
+        level0_scale = np.asarray(layer.scale[-2:], dtype=float)
+        kwargs["scale"] = tuple(np.multiply(kwargs["scale"], level0_scale))
+        kwargs["translate"] = tuple(np.multiply(kwargs["translate"], level0_scale))
+        if _layer_in_microns(layer):
             kwargs["units"] = ("micrometer", "micrometer")
         colors = {None: "transparent", 0: "transparent"}
         colors.update({i: c for i, c in enumerate(self._loaded.class_colors) if i > 0})
@@ -203,8 +303,8 @@ class SegmentWidget(Container):
         )
         self._large_result = (added, result) if multiscale else None
         self.correct_button.visible = multiscale
-        self._set_status(f"Done: {result.tiles_done} tiles in {result.elapsed_seconds:.1f} s "
-                         f"({result.tiles_skipped} background tiles skipped).")
+        self._set_status(f"Done with {self._model_title}: {result.tiles_done} tiles in "
+                         f"{result.elapsed_seconds:.1f} s ({result.tiles_skipped} background tiles skipped).")
 
     def correct_view(self, *_):
         """Copy the visible part of the last large result into an editable Labels layer.
@@ -244,7 +344,9 @@ class SegmentWidget(Container):
         return edit
 
     def _on_error(self, exc: Exception) -> None:
-        self._set_status(f"Error: {exc}", error=True)
+        from ..segmentation import WIDGET_CONTROLS, user_message
+
+        self._set_status(f"Error: {user_message(exc, WIDGET_CONTROLS)}", error=True)
 
     def _on_finished(self) -> None:
         self.run_button.enabled, self.cancel_button.enabled = True, False
@@ -253,8 +355,23 @@ class SegmentWidget(Container):
             self._activity = None
 
     def _set_status(self, text: str, error: bool = False) -> None:
-        self.status.value = text
-        self.status.native.setStyleSheet("color: #ff6b6b;" if error else "")
+        show_message(self.status, text, error=error)
+
+
+def _model_title(path) -> str:
+    """Short name of a model for the status line: file, card name, source and epsilon."""
+    from ..models.store import describe_model
+
+    info = describe_model(path)
+    return f"{info.title} ({info.source}, {info.privacy_text})"
+
+
+def _layer_mpp(layer) -> float | None:
+    """The level-0 µm per pixel an image layer's file gives (x), or None."""
+    mpp = (layer.metadata.get("feddp") or {}).get("mpp")
+    if mpp:
+        return float(mpp[-1])
+    return float(layer.scale[-1]) if _layer_in_microns(layer) else None
 
 
 def _layer_in_microns(layer) -> bool:

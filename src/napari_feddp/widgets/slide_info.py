@@ -2,6 +2,9 @@
 
 It is also the explicit opt-in for a slide's label and macro pictures, which
 can show patient identifiers and are therefore never opened by default.
+
+Selecting another layer (a segmentation, a Shapes layer with regions) keeps it
+useful: it then describes the slide those lie on, or the last slide selected.
 """
 
 from __future__ import annotations
@@ -50,16 +53,41 @@ class SlideInfoWidget(QWidget):
         layout.addWidget(self.info)
         layout.addWidget(self.show_associated)
         layout.addStretch()
+        self._last_slide = None
         self.viewer.layers.selection.events.active.connect(self._refresh)
+        self.viewer.layers.events.removed.connect(self._refresh)
         self._refresh()
 
+    def slide_layer(self):
+        """The slide image layer described: the selected one, else the one under the selection.
+
+        With a Labels (or any other) layer selected, it is the slide that layer
+        lies on, preferring the last slide selected; with nothing on screen to
+        go by, the last slide selected (or the only slide open).
+        """
+        slides = [layer for layer in self.viewer.layers if _is_slide(layer)]
+        active = self.viewer.layers.selection.active
+        if active is not None and _is_slide(active):
+            self._last_slide = active
+            return active
+        last = self._last_slide if self._last_slide in slides else None
+        if active is not None:
+            under = [layer for layer in slides if _overlaps(layer, active)]
+            if under:
+                return last if last in under else under[-1]  # the topmost, as drawn
+        if last is not None:
+            return last
+        return slides[0] if len(slides) == 1 else None
+
     def _active_meta(self) -> dict | None:
-        layer = self.viewer.layers.selection.active
+        layer = self.slide_layer()
         return None if layer is None else layer.metadata.get("feddp")
 
     def _refresh(self, event=None) -> None:
-        meta = self._active_meta()
-        self.info.setText(slide_info_text(meta))
+        layer = self.slide_layer()
+        meta = None if layer is None else layer.metadata.get("feddp")
+        text = slide_info_text(meta)
+        self.info.setText(text if layer is None else f"Slide: {layer.name}\n{text}")
         self.show_associated.setEnabled(bool(meta and meta.get("associated_images")))
 
     def _on_show_associated(self, checked: bool = False, *, confirm: bool = True) -> int:
@@ -90,3 +118,19 @@ class SlideInfoWidget(QWidget):
         for data, kwargs, _ in layers:
             self.viewer.add_image(data, **kwargs)
         return len(layers)
+
+
+def _is_slide(layer) -> bool:
+    """An image layer opened by the FedDP reader (it carries the slide's metadata)."""
+    import napari.layers
+
+    return isinstance(layer, napari.layers.Image) and bool(layer.metadata.get("feddp"))
+
+
+def _overlaps(slide, layer) -> bool:
+    """Whether ``layer`` lies over ``slide`` in the canvas (last two world axes)."""
+    import numpy as np
+
+    a = np.asarray(slide.extent.world, dtype=float)[:, -2:]
+    b = np.asarray(layer.extent.world, dtype=float)[:, -2:]
+    return bool(np.all(a[0] <= b[1]) and np.all(b[0] <= a[1]))
