@@ -141,24 +141,21 @@ def measure_nuclei_tiled(
     halo_um : float
         Margin in micrometres.
     """
+    from .inference.instances import windows
+
     height, width = (int(n) for n in labels.shape[-2:])
-    halo = int(np.ceil(halo_um / mpp))
     parts: list[dict[str, np.ndarray]] = []
-    for y0 in range(0, height, window):
-        for x0 in range(0, width, window):
-            y1, x1 = min(y0 + window, height), min(x0 + window, width)
-            top, left = max(0, y0 - halo), max(0, x0 - halo)
-            bottom, right = min(height, y1 + halo), min(width, x1 + halo)
-            block = np.asarray(labels[top:bottom, left:right])
-            if not block.any():
-                continue
-            rgb = read_rgb(top, left, bottom, right) if read_rgb is not None else None
-            origin = (origin_um[0] + top * mpp, origin_um[1] + left * mpp)
-            table = measure_nuclei(block.astype(np.int64, copy=False), mpp, rgb=rgb, origin_um=origin)
-            cy = (table["centroid_y_um"] - origin_um[0]) / mpp
-            cx = (table["centroid_x_um"] - origin_um[1]) / mpp
-            own = (cy >= y0) & (cy < y1) & (cx >= x0) & (cx < x1)
-            parts.append({k: v[own] for k, v in table.items()})
+    for (y0, x0, y1, x1), (top, left, bottom, right) in windows(height, width, window, int(np.ceil(halo_um / mpp))):
+        block = np.asarray(labels[top:bottom, left:right])
+        if not block.any():
+            continue
+        rgb = read_rgb(top, left, bottom, right) if read_rgb is not None else None
+        origin = (origin_um[0] + top * mpp, origin_um[1] + left * mpp)
+        table = measure_nuclei(block.astype(np.int64, copy=False), mpp, rgb=rgb, origin_um=origin)
+        cy = (table["centroid_y_um"] - origin_um[0]) / mpp
+        cx = (table["centroid_x_um"] - origin_um[1]) / mpp
+        own = (cy >= y0) & (cy < y1) & (cx >= x0) & (cx < x1)
+        parts.append({k: v[own] for k, v in table.items()})
     if not parts:
         return measure_nuclei(np.zeros((1, 1), np.int64), mpp)
     merged = {k: np.concatenate([p[k] for p in parts]) for k in COLUMNS}

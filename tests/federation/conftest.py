@@ -140,3 +140,20 @@ def wait_no_processes(text: str, timeout: float = 15.0) -> list[tuple[int, str]]
         time.sleep(0.2)
         left = live_processes_mentioning(text)
     return left
+
+
+@pytest.fixture
+def joined_lab(tmp_path):
+    """A LabNode whose SuperNode has joined (a stand-in process logs the node id); its history is ours to write."""
+    from napari_feddp.federation.lab import LabNode
+    from napari_feddp.federation.processes import ManagedProcess, SuperNodeProcess
+
+    node = LabNode(superlink="127.0.0.1:1", ca=None, key=None, dataset=tmp_path, workdir=tmp_path / "w",
+                   insecure=True)
+    node.node = SuperNodeProcess(name="lab", workdir=tmp_path / "w", superlink_address="127.0.0.1:1",
+                                 root_cert=None, private_key=None, insecure=True)
+    node.node.process = ManagedProcess("supernode lab", ["/bin/sh", "-c", "echo 'SuperNode ID: 7'; sleep 60"],
+                                       tmp_path / "w" / "lab.log").start()
+    node.node.process.wait_for_log("SuperNode ID", 10)
+    yield node
+    node.node.process.kill()

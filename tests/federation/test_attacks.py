@@ -31,7 +31,7 @@ import pytest
 from napari_feddp.federation.app_bundle import render_pyproject
 from napari_feddp.federation.certs import create_node_keys
 from napari_feddp.federation.demo import make_synthetic_lab
-from napari_feddp.federation.flwr_cli import FlowerCli, FlowerCliError, write_flower_config
+from napari_feddp.federation.flwr_cli import FlowerCli, write_flower_config
 from napari_feddp.federation.pilot import LabSpec, LocalFederation
 from napari_feddp.federation.processes import ManagedProcess, flower_env, flower_executable
 from napari_feddp.models import load_checkpoint

@@ -4,15 +4,13 @@ it gives up on a coordinator nobody answers for, and words the lab's history for
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 from napari_feddp.federation.certs import create_node_keys, create_pilot_pki
 from napari_feddp.federation.demo import make_synthetic_lab
-from napari_feddp.federation.lab import LabNode
 from napari_feddp.federation.pilot import LocalFederation
-from napari_feddp.federation.processes import ManagedProcess, SuperNodeProcess, find_free_port
+from napari_feddp.federation.processes import find_free_port
 from napari_feddp.widgets import ERROR_COLOR
 from napari_feddp.widgets import federation as federation_widget
 from napari_feddp.widgets.federation import FederationWidget
@@ -80,20 +78,6 @@ def test_widget_gives_up_on_an_unreachable_coordinator_and_stops_the_node(
     assert ERROR_COLOR in widget.status.native.styleSheet()
     assert widget.join_button.enabled and not widget.leave_button.enabled
     assert wait_no_processes(workdir) == []
-
-
-@pytest.fixture
-def joined_lab(tmp_path):
-    """A LabNode whose SuperNode has joined (a stand-in process logs the node id); its history is ours to write."""
-    node = LabNode(superlink="127.0.0.1:1", ca=None, key=None, dataset=tmp_path, workdir=tmp_path / "w",
-                   insecure=True)
-    node.node = SuperNodeProcess(name="lab", workdir=tmp_path / "w", superlink_address="127.0.0.1:1",
-                                 root_cert=None, private_key=None, insecure=True)
-    node.node.process = ManagedProcess("supernode lab", ["/bin/sh", "-c", "echo 'SuperNode ID: 7'; sleep 60"],
-                                       tmp_path / "w" / "lab.log").start()
-    node.node.process.wait_for_log("SuperNode ID", 10)
-    yield node
-    node.node.process.kill()
 
 
 @pytest.mark.parametrize(

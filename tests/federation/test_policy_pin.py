@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import time
 import zipfile
 
 import pytest
@@ -154,27 +153,11 @@ def test_the_policy_is_described_in_one_line():
     assert math.isfinite(NodeSettings().max_delta)
 
 
-def test_a_refused_bundle_shows_as_the_labs_status(tmp_path):
-    from napari_feddp.federation.lab import LabNode
-    from napari_feddp.federation.processes import ManagedProcess, SuperNodeProcess
-
-    node = LabNode(superlink="127.0.0.1:1", ca=None, key=None, dataset=tmp_path, workdir=tmp_path / "w",
-                   insecure=True)
-    node.node = SuperNodeProcess(name="lab", workdir=tmp_path / "w", superlink_address="127.0.0.1:1",
-                                 root_cert=None, private_key=None, insecure=True)
-    # A running process whose log says it joined, as a SuperNode's does.
-    node.node.process = ManagedProcess("supernode lab", ["/bin/sh", "-c", "echo 'SuperNode ID: 7'; sleep 30"],
-                                       tmp_path / "w" / "lab.log").start()
-    try:
-        node.history_file.write_text(json.dumps({"event": "refused-app", "reason": "the app bundle carries "
-                                                 "files of its own (evil.py)"}) + "\n")
-        deadline = time.monotonic() + 10
-        while "SuperNode ID" not in node.node.process.read_log() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        status = node.status()
-        assert status.state == "refused" and "evil.py" in status.message
-    finally:
-        node.node.process.kill()
+def test_a_refused_bundle_shows_as_the_labs_status(joined_lab):
+    joined_lab.history_file.write_text(json.dumps({"event": "refused-app", "reason": "the app bundle carries "
+                                                   "files of its own (evil.py)"}) + "\n")
+    status = joined_lab.status()
+    assert status.state == "refused" and "evil.py" in status.message
 
 
 @pytest.mark.parametrize(
@@ -190,22 +173,7 @@ def test_a_refused_bundle_shows_as_the_labs_status(tmp_path):
           {"event": "evaluated", "round": 5, "final": True}], "finished", 5, "was not adopted: Dice 0.10"),
     ],
 )
-def test_the_labs_status_comes_from_its_history(tmp_path, rows, state, round_, text):
-    from napari_feddp.federation.lab import LabNode
-    from napari_feddp.federation.processes import ManagedProcess, SuperNodeProcess
-
-    node = LabNode(superlink="127.0.0.1:1", ca=None, key=None, dataset=tmp_path, workdir=tmp_path / "w",
-                   insecure=True)
-    node.node = SuperNodeProcess(name="lab", workdir=tmp_path / "w", superlink_address="127.0.0.1:1",
-                                 root_cert=None, private_key=None, insecure=True)
-    node.node.process = ManagedProcess("supernode lab", ["/bin/sh", "-c", "echo 'SuperNode ID: 7'; sleep 30"],
-                                       tmp_path / "w" / "lab.log").start()
-    try:
-        node.history_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        deadline = time.monotonic() + 10
-        while "SuperNode ID" not in node.node.process.read_log() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        status = node.status()
-        assert (status.state, status.round) == (state, round_) and text in status.message
-    finally:
-        node.node.process.kill()
+def test_the_labs_status_comes_from_its_history(joined_lab, rows, state, round_, text):
+    joined_lab.history_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    status = joined_lab.status()
+    assert (status.state, status.round) == (state, round_) and text in status.message

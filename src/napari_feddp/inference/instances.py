@@ -80,6 +80,21 @@ def split_nuclei(
 HALO_UM = 16.0
 
 
+def windows(height: int, width: int, window: int, halo: int):
+    """Tiles of a ``(height, width)`` image with a margin: ``(core, padded)`` rectangles.
+
+    Yields ``((y0, x0, y1, x1), (top, left, bottom, right))``: the window itself and
+    the window grown by ``halo`` pixels on every side, clipped to the image. Whatever
+    is computed on the padded rectangle is kept only for objects centred in the core,
+    so every object is handled once and whole.
+    """
+    for y0 in range(0, height, window):
+        for x0 in range(0, width, window):
+            y1, x1 = min(y0 + window, height), min(x0 + window, width)
+            yield (y0, x0, y1, x1), (max(0, y0 - halo), max(0, x0 - halo), min(height, y1 + halo),
+                                     min(width, x1 + halo))
+
+
 def label_nuclei_tiled(
     classes,
     mpp: float,
@@ -122,36 +137,31 @@ def label_nuclei_tiled(
     height, width = (int(n) for n in classes.shape[-2:])
     if out is None:
         out = np.zeros((height, width), np.int32)
-    halo = int(np.ceil(halo_um / mpp))
-    next_id = 1
-    for y0 in range(0, height, window):
-        for x0 in range(0, width, window):
-            y1, x1 = min(y0 + window, height), min(x0 + window, width)
-            top, left = max(0, y0 - halo), max(0, x0 - halo)
-            bottom, right = min(height, y1 + halo), min(width, x1 + halo)
-            block = np.asarray(classes[top:bottom, left:right]) == nucleus_class
-            if not block.any():
-                continue
-            labels = split_nuclei(block, mpp)
-            count = int(labels.max())
-            if not count:
-                continue
-            # Centroid of every nucleus in the window's coordinates: keep the window's own.
-            index = np.arange(1, count + 1)
-            from scipy import ndimage as ndi
+    from scipy import ndimage as ndi
 
-            centres = np.asarray(ndi.center_of_mass(np.ones_like(labels), labels, index)).reshape(-1, 2)
-            cy, cx = centres[:, 0] + top, centres[:, 1] + left
-            own = (cy >= y0) & (cy < y1) & (cx >= x0) & (cx < x1)
-            new_ids = np.zeros(count + 1, np.int64)
-            new_ids[index[own]] = np.arange(next_id, next_id + int(own.sum()))
-            next_id += int(own.sum())
-            relabelled = new_ids[labels]
-            # Earlier windows keep the pixels they labelled (a seam nucleus is theirs).
-            current = np.asarray(out[top:bottom, left:right])
-            write = (relabelled > 0) & (current == 0)
-            if write.any():
-                current = current.copy()
-                current[write] = relabelled[write]
-                out[top:bottom, left:right] = current
+    next_id = 1
+    for (y0, x0, y1, x1), (top, left, bottom, right) in windows(height, width, window, int(np.ceil(halo_um / mpp))):
+        block = np.asarray(classes[top:bottom, left:right]) == nucleus_class
+        if not block.any():
+            continue
+        labels = split_nuclei(block, mpp)
+        count = int(labels.max())
+        if not count:
+            continue
+        # Centroid of every nucleus in the window's coordinates: keep the window's own.
+        index = np.arange(1, count + 1)
+        centres = np.asarray(ndi.center_of_mass(np.ones_like(labels), labels, index)).reshape(-1, 2)
+        cy, cx = centres[:, 0] + top, centres[:, 1] + left
+        own = (cy >= y0) & (cy < y1) & (cx >= x0) & (cx < x1)
+        new_ids = np.zeros(count + 1, np.int64)
+        new_ids[index[own]] = np.arange(next_id, next_id + int(own.sum()))
+        next_id += int(own.sum())
+        relabelled = new_ids[labels]
+        # Earlier windows keep the pixels they labelled (a seam nucleus is theirs).
+        current = np.asarray(out[top:bottom, left:right])
+        write = (relabelled > 0) & (current == 0)
+        if write.any():
+            current = current.copy()
+            current[write] = relabelled[write]
+            out[top:bottom, left:right] = current
     return out
