@@ -70,6 +70,12 @@ def test_current_view_region(qtbot, widget_with_slide):
     assert result.complete and result.region is not None
     y0, x0, y1, x1 = result.region
     assert (y1 - y0) < 2967 and (x1 - x0) < 2220
+    # Exactly what is on screen (canvas pixels / zoom, in slide pixels of 0.499 µm), not the
+    # loaded level's chunks around it.
+    height, width = viewer.canvas.size
+    zoom = viewer.camera.zoom
+    assert abs((y1 - y0) - height / zoom / 0.499) <= 3 and abs((x1 - x0) - width / zoom / 0.499) <= 3
+    assert abs((y0 + y1) / 2 - 1200) <= 3 and abs((x0 + x1) / 2 - 1100) <= 3
 
 
 def test_bad_checkpoint_says_so_and_keeps_layers(tmp_path, widget_with_slide):

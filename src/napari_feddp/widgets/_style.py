@@ -15,6 +15,10 @@ __all__ = ["ERROR_COLOR", "NOTIFY_LENGTH", "show_message", "wrap_message_label"]
 NOTIFY_LENGTH = 120
 
 
+#: Narrowest a wrapped message label gets (px): sets the tallest it can make its dock.
+MIN_MESSAGE_WIDTH = 200
+
+
 def wrap_message_label(label) -> None:
     """Make a magicgui ``Label`` wrap inside its dock instead of widening it.
 
@@ -30,7 +34,9 @@ def wrap_message_label(label) -> None:
     policy = QSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Minimum)
     policy.setHeightForWidth(True)  # the wrapped text decides the height for the width it gets
     native.setSizePolicy(policy)
-    native.setMinimumWidth(1)
+    # The dock's minimum height is the label's height at its minimum width: a 1-px minimum
+    # would stack one word per line and make the dock taller than a laptop screen.
+    native.setMinimumWidth(MIN_MESSAGE_WIDTH)
     native.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
 

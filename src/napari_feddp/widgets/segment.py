@@ -223,7 +223,7 @@ class SegmentWidget(Container):
             mpp = check_pixel_size(source, loaded, override or layer_mpp, WIDGET_CONTROLS)
             choice = self.region.value
             if isinstance(choice, str):
-                region = _view_region(layer) if choice == "current view" else None
+                region = _view_region(self.viewer, layer) if choice == "current view" else None
             else:
                 region = shapes_region(choice, layer)
             self._cancel.clear()
@@ -321,7 +321,7 @@ class SegmentWidget(Container):
             return None
         layer, result = self._large_result
         try:
-            window = CorrectionWindow(result.labels, _view_region(layer))
+            window = CorrectionWindow(result.labels, _view_region(self.viewer, layer))
         except ValueError as exc:
             self._set_status(str(exc), error=True)
             return None
@@ -421,10 +421,25 @@ def shapes_region(shapes, image):
     return PolygonRegion.from_yx(polygons)
 
 
-def _view_region(layer) -> tuple[int, int, int, int]:
-    """The part of ``layer`` visible in the canvas, as level-0 ``(y0, x0, y1, x1)``."""
-    # corner_pixels covers the spatial axes only (an RGB layer's channel axis is not one).
-    corners = np.asarray(layer.corner_pixels, dtype=float)[:, -2:]
-    factor = np.asarray(layer.downsample_factors[layer.data_level][:2]) if layer.multiscale else np.ones(2)
-    (y0, x0), (y1, x1) = corners * factor
-    return (int(y0), int(x0), int(np.ceil(y1)) + 1, int(np.ceil(x1)) + 1)
+def _view_region(viewer, layer) -> tuple[int, int, int, int]:
+    """The part of ``layer`` visible in the canvas, as level-0 ``(y0, x0, y1, x1)``.
+
+    From the camera (centre, zoom) and the canvas size, mapped through the
+    layer's own transform: napari's ``corner_pixels`` are snapped to the
+    loaded level's chunks, which can be several times what is on screen.
+    """
+    height, width = (float(n) for n in viewer.canvas.size[-2:])
+    zoom = float(viewer.camera.zoom)
+    cy, cx = (float(c) for c in viewer.camera.center[-2:])
+    point = list(viewer.dims.point)
+    corners = []
+    for dy, dx in ((-1, -1), (1, 1)):
+        point[-2:] = [cy + dy * height / 2 / zoom, cx + dx * width / 2 / zoom]
+        corners.append(np.asarray(layer.world_to_data(point), dtype=float)[-2:])
+    (y0, x0), (y1, x1) = np.minimum(*corners), np.maximum(*corners)
+    shape = (layer.data[0] if layer.multiscale else layer.data).shape[:2]
+    y0, x0 = max(0, int(np.floor(y0))), max(0, int(np.floor(x0)))
+    y1, x1 = min(int(shape[0]), int(np.ceil(y1))), min(int(shape[1]), int(np.ceil(x1)))
+    if y1 <= y0 or x1 <= x0:
+        raise ValueError("the current view shows none of the image: pan or zoom onto it")
+    return (y0, x0, y1, x1)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from magicgui.widgets import Container, FileEdit, Label, LineEdit, PushButton, create_widget
 
+from ._style import show_message, wrap_message_label
 from .segment import _view_region
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,7 +34,8 @@ class TrainingDataWidget(Container):
         self.dataset = FileEdit(label="dataset folder", mode="d")
         self.annotator = LineEdit(value=_user(), label="annotator")
         self.add_button = PushButton(text="Add current view to training set")
-        self.status = Label(value="")
+        self.status = Label(value="", label="status")
+        wrap_message_label(self.status)
         self.extend([self.image, self.labels_layer, self.dataset, self.annotator, self.add_button, self.status])
         self.add_button.changed.connect(self.add_current_view)
 
@@ -49,7 +51,7 @@ class TrainingDataWidget(Container):
                 raise ValueError("choose an image layer and the Labels layer you corrected")
             if folder is None or str(folder) in ("", "."):
                 raise ValueError("choose the lab's dataset folder")
-            region = _view_region(image)
+            region = _view_region(self.viewer, image)
             level0 = image.data[0] if image.multiscale else image.data
             labels0 = labels.data[0] if labels.multiscale else labels.data
             rgb, mask = aligned_tile(level0, image.scale, image.translate, labels0, labels.scale,
@@ -66,9 +68,9 @@ class TrainingDataWidget(Container):
             }
             saved = save_annotated_tile(Path(folder), rgb, mask, provenance)
         except (ValueError, OSError) as exc:
-            self.status.value = f"error: {exc}"
+            show_message(self.status, f"error: {exc}", error=True)
             return None
-        self.status.value = f"added {saved.name} ({rgb.shape[1]} x {rgb.shape[0]} px)"
+        show_message(self.status, f"added {saved.name} ({rgb.shape[1]} x {rgb.shape[0]} px)")
         return saved
 
 
