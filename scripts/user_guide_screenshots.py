@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         from napari_feddp.widgets.segment import _view_region
 
         viewer.layers.selection.active = result
-        pixels = false_detection(image, np.asarray(result.data), _view_region(image))
+        pixels = false_detection(image, np.asarray(result.data), _view_region(viewer, image))
         centre = pixels.mean(axis=0)
         viewer.scene.camera.center = (0, centre[0] * mpp, centre[1] * mpp)
         viewer.scene.camera.zoom *= 2
