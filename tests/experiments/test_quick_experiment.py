@@ -269,3 +269,19 @@ def test_bad_overrides_are_refused_before_anything_is_written(tmp_path):
         with pytest.raises(CommandError, match=message):
             args.func(args)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("dp_mode", "noise"), [("none", 1.0), ("update", 1.0), ("sample", 1e-4), ("sample", 2.3)])
+def test_the_simulated_hospitals_accept_every_settings_mode_and_noise(tmp_path, dp_mode, noise):
+    from napari_feddp.experiments.runner import hospital_labs
+    from napari_feddp.federation.policy import policy_refusal
+    from napari_feddp.federation.settings import NodeSettings, RunSettings
+
+    labs = hospital_labs(["h1", "h2"], {"h1": tmp_path, "h2": tmp_path}, dp_mode, 8.0)
+    settings = RunSettings(dp_mode=dp_mode, noise_multiplier=noise, min_clients=2, crop_size=128,
+                           model_base_width=8)
+    for lab in labs:
+        assert policy_refusal(settings, NodeSettings(**lab.policy)) is None
+    # A lab left at its defaults would decline all but DP-SGD with enough noise.
+    refused = policy_refusal(settings, NodeSettings())
+    assert (refused is None) == (dp_mode == "sample" and noise >= 0.5)

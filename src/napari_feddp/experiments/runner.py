@@ -184,7 +184,7 @@ def train_federated(folders: dict[str, Path], budget: Budget, *, dp_mode: str, n
                     epsilon_budget: float, seed: int, out: Path, name: str,
                     init: Path | None = None) -> tuple[Path, list[dict]]:
     """One run through Flower (SuperLink + one SuperNode per hospital, TLS, loopback)."""
-    from ..federation.pilot import LabSpec, LocalFederation
+    from ..federation.pilot import LocalFederation
     from ..federation.settings import RunSettings
 
     if dp_mode == "sample":
@@ -201,8 +201,7 @@ def train_federated(folders: dict[str, Path], budget: Budget, *, dp_mode: str, n
                 if not link.exists():
                     link.symlink_to(Path(folders[h]).resolve() / sub, target_is_directory=True)
         folders = fresh
-    labs = [LabSpec(name=h, data_dir=folders[h], max_epsilon=epsilon_budget if dp_mode == "sample" else 0.0)
-            for h in budget.hospitals]
+    labs = hospital_labs(budget.hospitals, folders, dp_mode, epsilon_budget)
     settings = RunSettings(
         num_rounds=budget.rounds, min_clients=len(labs), min_updates=len(labs), dp_mode=dp_mode,
         noise_multiplier=noise if dp_mode == "sample" else 1.0, max_grad_norm=budget.max_grad_norm,
@@ -225,6 +224,20 @@ def train_federated(folders: dict[str, Path], budget: Budget, *, dp_mode: str, n
         raise RuntimeError(f"{name}: no round was aggregated (failed: {first.get('failed')}, "
                            f"declined: {first.get('declined')})")
     return outcome.checkpoint_dir / "final.safetensors", outcome.rounds
+
+
+def hospital_labs(hospitals, folders: dict[str, Path], dp_mode: str, epsilon_budget: float) -> list:
+    """The simulated hospitals of a run, as :class:`~napari_feddp.federation.pilot.LabSpec`.
+
+    The researcher plays every hospital and chooses each setting's DP mode and noise, so their
+    policy accepts exactly what the setting asks (a real lab's default accepts DP-SGD only, with
+    a minimum noise the clipping-only diagnostic is below).
+    """
+    from ..federation.pilot import LabSpec
+
+    policy = {"accept_dp_modes": dp_mode, "min_noise_multiplier": 0.0}
+    return [LabSpec(name=h, data_dir=folders[h], max_epsilon=epsilon_budget if dp_mode == "sample" else 0.0,
+                    policy=policy) for h in hospitals]
 
 
 # --------------------------------------------------------------------------- one setting
