@@ -86,3 +86,15 @@ def save_received_model(store: Path, run: str = "run7", *, epsilon: float = 3.0,
 def received_model(isolated_feddp_home) -> Path:
     """A promoted federated model in this test's lab model store (the default model)."""
     return save_received_model(isolated_feddp_home / "models")
+
+
+def docked_segment_widget(viewer, checkpoint):
+    """A Segment dock widget in ``viewer``, set to run ``checkpoint`` (the "checkpoint file…" choice)."""
+    from napari_feddp.widgets.segment import MODEL_FILE, SegmentWidget
+
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.reset_choices()
+    widget.model_source.value = MODEL_FILE
+    widget.checkpoint.value = str(checkpoint)
+    return widget

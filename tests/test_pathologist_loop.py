@@ -7,7 +7,7 @@ import pytest
 import tifffile
 from skimage.draw import polygon2mask
 
-from napari_feddp.widgets.segment import MODEL_FILE, SegmentWidget
+from .conftest import docked_segment_widget
 
 PLUGIN = "napari-feddp"
 MPP = 0.499  # CMU-1's level-0 micrometres per pixel
@@ -17,12 +17,7 @@ MPP = 0.499  # CMU-1's level-0 micrometres per pixel
 def sample_and_widget(make_napari_viewer, tiny_checkpoint):
     viewer = make_napari_viewer(show=True)
     viewer.open_sample(PLUGIN, "cmu1_small_region")
-    widget = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    widget.reset_choices()
-    widget.model_source.value = MODEL_FILE
-    widget.checkpoint.value = str(tiny_checkpoint)
-    return viewer, widget
+    return viewer, docked_segment_widget(viewer, tiny_checkpoint)
 
 
 def _segment(qtbot, widget):

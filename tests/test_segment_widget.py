@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_feddp.widgets.segment import MODEL_FILE, SegmentWidget
+from napari_feddp.widgets.segment import SegmentWidget
+
+from .conftest import docked_segment_widget
 
 PLUGIN = "napari-feddp"
 
@@ -14,12 +16,7 @@ PLUGIN = "napari-feddp"
 def widget_with_slide(make_napari_viewer, cmu1_path, tiny_checkpoint):
     viewer = make_napari_viewer()
     viewer.open(str(cmu1_path), plugin=PLUGIN)
-    widget = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    widget.reset_choices()
-    widget.model_source.value = MODEL_FILE
-    widget.checkpoint.value = str(tiny_checkpoint)
-    return viewer, widget
+    return viewer, docked_segment_widget(viewer, tiny_checkpoint)
 
 
 def test_run_adds_aligned_labels_layer(qtbot, widget_with_slide):
