@@ -153,7 +153,7 @@ def plot_rounds(grouped: dict[str, list[dict[str, Any]]], out: str | os.PathLike
 def plot_privacy_cost(rows: list[dict[str, Any]], out: str | os.PathLike,
                       prefix: str = "results_") -> Path | None:
     """``<prefix>dice_vs_epsilon.png``: test Dice of the sample-level FedDP settings against
-    their ε (mean, bar = std over seeds), with FedAvg, FedAvg - 1 point (the issue's target
+    their ε (mean, bar = std over seeds), with FedAvg, FedAvg - 1 point (the target
     for ε = 8), centralized and the clipping-only diagnostic (if run) as lines. None when fewer than two ε were run."""
     dp = sorted((DP_EPSILONS[r["setting"]], r) for r in rows if r["run"] and r["setting"] in DP_EPSILONS)
     if len(dp) < 2:

@@ -39,7 +39,7 @@ DP_EPSILONS = {"feddp-eps1": 1.0, "feddp-eps3": 3.0, "feddp-eps8": 8.0, "feddp-e
 CLIP_ONLY_NOISE = 1e-4
 #: Settings trained with sample-level DP-SGD (their own ``Budget.for_sample_dp``).
 SAMPLE_DP = (*DP_EPSILONS, "feddp-clip")
-#: Run only when asked for (``--settings``): the privacy-cost sweep past the issue's epsilons,
+#: Run only when asked for (``--settings``): the privacy-cost sweep past the grid's epsilons,
 #: which measures what budget FedDP needs to come within 1 Dice point of FedAvg, and the
 #: clipping-only diagnostic.
 SWEEP_ONLY = ("feddp-eps16", "feddp-eps32", "feddp-clip")
@@ -53,7 +53,7 @@ class Budget:
 
     rounds: int = 10
     local_steps: int = 10
-    #: Batch 32 and base width 8 since the fifth session (chosen on a held-out training hospital,
+    #: Batch 32 and base width 8 (chosen on a held-out training hospital,
     #: ``--holdout h5-mixed``; docs/results.md): DP-SGD's noise on the mean gradient is
     #: sigma * C / batch and its norm grows with the number of weights.
     batch_size: int = 32
