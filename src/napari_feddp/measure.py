@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .inference.instances import HALO_UM
+
 #: Columns of :func:`measure_nuclei`, in order.
 COLUMNS = (
     "label", "centroid_y_um", "centroid_x_um", "area_um2", "perimeter_um", "equivalent_diameter_um",
@@ -118,7 +120,7 @@ def measure_nuclei_tiled(
     read_rgb=None,
     origin_um: tuple[float, float] = (0.0, 0.0),
     window: int = 2048,
-    halo_um: float = 16.0,
+    halo_um: float = HALO_UM,
 ) -> dict[str, np.ndarray]:
     """:func:`measure_nuclei` over a slide-sized label image, one window at a time.
 

@@ -251,7 +251,7 @@ def _verify_sha256(weights_path: Path, card_path: Path, card: ModelCard) -> None
             f"{card_path}: card has no weights_sha256, so {weights_path.name} cannot be "
             "verified; save the checkpoint with save_checkpoint"
         )
-    found = _file_sha256(weights_path)
+    found = file_sha256(weights_path).hex()
     if found != card.weights_sha256:
         raise CheckpointError(
             f"{weights_path}: card does not match weights: {card_path.name} expects "
@@ -260,12 +260,13 @@ def _verify_sha256(weights_path: Path, card_path: Path, card: ModelCard) -> None
         )
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> bytes:
+    """SHA-256 digest of a file's bytes, read in 1 MiB blocks (checkpoints, privacy-ledger tiles)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest()
+    return digest.digest()
 
 
 # --- comparing tensor sets -------------------------------------------------

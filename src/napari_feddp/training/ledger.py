@@ -75,6 +75,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from ..models.checkpoint import file_sha256
 from ._io import write_atomic
 from .dataset import dataset_fingerprint, find_pairs
 from .errors import BudgetExceededError, LedgerError
@@ -327,17 +328,9 @@ def tile_hashes(dataset_dir: str | Path) -> dict[str, tuple[str, str]]:
     """
     out: dict[str, tuple[str, str]] = {}
     for pair in find_pairs(dataset_dir):
-        image, mask = _file_digest(pair.image_path), _file_digest(pair.mask_path)
+        image, mask = file_sha256(pair.image_path), file_sha256(pair.mask_path)
         out[pair.name] = (hashlib.sha256(image + mask).hexdigest(), image.hex())
     return out
-
-
-def _file_digest(path: Path) -> bytes:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.digest()
 
 
 @dataclass(frozen=True)
