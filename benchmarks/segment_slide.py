@@ -29,6 +29,13 @@ What is measured, all on the CPU with ``torch.set_num_threads(--threads)``:
   interleaved, after one warm-up batch. On a shared machine wall time is
   noisy, so the same ratio of process CPU time is reported too
   (``pipeline_efficiency_cpu_time``).
+* ``pipeline_efficiency_with_nuclei``: the same, with the nucleus steps a
+  user gets from the CLI and the widget added to the end-to-end time:
+  one label per nucleus (``napari_feddp.nuclei.nuclei_of``: windowed
+  watershed, zarr output) and the measurement table (slide pixels re-read at
+  the label grid for the staining column). ``nuclei_seconds`` is that
+  post-processing alone, split into ``nuclei_labelling_seconds`` and
+  ``nuclei_measuring_seconds``; ``--nuclei-window`` sets its window.
 * ``speedup_vs_monai``: MONAI ``sliding_window_inference`` (``mode="gaussian"``,
   same overlap, tile and batch size) over the whole image as its users run it
   (the decoded image as one tensor, then ``argmax``), divided by our
@@ -279,6 +286,30 @@ def run_engine(path: Path, model, *, out=None, cpu_times: list | None = None):
     return time.perf_counter() - start, result, slide
 
 
+def run_nuclei(result, slide, window: int) -> dict:
+    """The nucleus steps on a finished run: wall and CPU time, each step's wall time, nucleus count."""
+    from napari_feddp.nuclei import LABELLING, MEASURING, nuclei_of
+
+    start, cpu = time.perf_counter(), time.process_time()
+    began: dict[str, float] = {}
+    steps = nuclei_of(result, ("background", "nucleus"), image=slide, window=window)
+    while True:
+        try:
+            began.setdefault(next(steps).stage, time.perf_counter())
+        except StopIteration as stop:
+            nuclei = stop.value
+            break
+    end = time.perf_counter()
+    return {
+        "seconds": end - start,
+        "cpu_seconds": time.process_time() - cpu,
+        "labelling_seconds": began[MEASURING] - began[LABELLING],
+        "measuring_seconds": end - began[MEASURING],
+        "nuclei": nuclei.count,
+        "summary": nuclei.summary,
+    }
+
+
 def forward_only_seconds(slide, model, result, cpu_times: list | None = None) -> float:
     """Time of ``model(batch)`` alone on exactly the tiles and batches the engine predicted."""
     import torch
@@ -414,6 +445,8 @@ def main() -> None:
     parser.add_argument("--skip-monai", action="store_true")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--merge", action="store_true", help="keep the keys of an existing --out not measured now")
+    parser.add_argument("--nuclei-window", type=int, help="window of the nucleus steps in label pixels "
+                        "(default: napari_feddp.nuclei.WINDOW)")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
@@ -438,15 +471,37 @@ def main() -> None:
         "slide": {"path": str(path), "side": side, "mpp": _synthetic.MPP},
         "settings": {"tile": TILE, "overlap": OVERLAP, "batch": BATCH, "window": "gaussian", "model": "UNet(3, 2, depth=4, base_width=16)"},
     }
-    engine_times, forward_times, engine_cpu, forward_cpu = [], [], [], []
+    from napari_feddp.nuclei import WINDOW
+
+    args.nuclei_window = args.nuclei_window or WINDOW
+    engine_times, forward_times, engine_cpu, forward_cpu, nuclei_runs = [], [], [], [], []
     result = slide = None
     _warm_up(model)
+    report["load_average_before"] = os.getloadavg()
     for _ in range(repeats):
         seconds, result, slide = run_engine(path, model, cpu_times=engine_cpu)
         engine_times.append(seconds)
+        nuclei_runs.append(run_nuclei(result, slide, args.nuclei_window))
         forward_times.append(forward_only_seconds(slide, model, result, cpu_times=forward_cpu))
-        print(f"  engine {seconds:.1f} s, forward only {forward_times[-1]:.1f} s", file=sys.stderr)
+        print(f"  engine {seconds:.1f} s + nuclei {nuclei_runs[-1]['seconds']:.1f} s "
+              f"(labelling {nuclei_runs[-1]['labelling_seconds']:.1f} s, measuring "
+              f"{nuclei_runs[-1]['measuring_seconds']:.1f} s), forward only {forward_times[-1]:.1f} s", file=sys.stderr)
+    report["load_average_after"] = os.getloadavg()
     ours = np.asarray(result.labels[:])
+    with_nuclei = [e + n["seconds"] for e, n in zip(engine_times, nuclei_runs)]
+    with_nuclei_cpu = [e + n["cpu_seconds"] for e, n in zip(engine_cpu, nuclei_runs)]
+    best = min(range(repeats), key=lambda k: with_nuclei[k])
+    report.update({
+        "end_to_end_with_nuclei_seconds": with_nuclei[best],
+        "pipeline_efficiency_with_nuclei": with_nuclei[best] / min(forward_times),
+        "pipeline_efficiency_with_nuclei_cpu_time": min(with_nuclei_cpu) / min(forward_cpu),
+        "nuclei_seconds": nuclei_runs[best]["seconds"],
+        "nuclei_labelling_seconds": nuclei_runs[best]["labelling_seconds"],
+        "nuclei_measuring_seconds": nuclei_runs[best]["measuring_seconds"],
+        "nuclei_window": args.nuclei_window,
+        "nuclei_runs": nuclei_runs,
+        "nuclei_count": nuclei_runs[best]["nuclei"],
+    })
     report.update({
         "engine_seconds": min(engine_times),
         "forward_only_seconds": min(forward_times),
@@ -480,8 +535,8 @@ def main() -> None:
         report.update(measure_rss(sides, args.threads))
         if args.quick:
             report["rss_note"] = "quick run: 8k and 16k slides"
-    report["targets"] = {"pipeline_efficiency": "<= 1.15", "speedup_vs_monai": ">= 2.0",
-                         "dice_vs_monai": ">= 0.99", "rss_growth_20k_to_40k": "<= 1.2"}
+    report["targets"] = {"pipeline_efficiency": "<= 1.15", "pipeline_efficiency_with_nuclei": "<= 1.2",
+                         "speedup_vs_monai": ">= 2.0", "dice_vs_monai": ">= 0.99", "rss_growth_20k_to_40k": "<= 1.2"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge and args.out.is_file():
         previous = json.loads(args.out.read_text())
@@ -489,7 +544,8 @@ def main() -> None:
         previous.update(report)
         report = {**previous, "earlier_runs": earlier}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    summary = {k: report.get(k) for k in ("pipeline_efficiency", "speedup_vs_monai", "dice_vs_monai", "rss_growth_20k_to_40k")}
+    summary = {k: report.get(k) for k in ("pipeline_efficiency", "pipeline_efficiency_with_nuclei", "nuclei_seconds",
+                                          "speedup_vs_monai", "dice_vs_monai", "rss_growth_20k_to_40k")}
     print(json.dumps(summary, indent=2))
 
 

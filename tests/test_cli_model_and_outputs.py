@@ -154,6 +154,7 @@ def test_label_map_round_trip_unchanged_by_the_checks(tmp_path, cmu1_path, tiny_
     out, geo = tmp_path / "m.ome.tif", tmp_path / "o.geojson"
     assert main(["segment", str(cmu1_path), "--out", str(out), "--geojson", str(geo), "--model",
                  str(tiny_checkpoint), "--region", "1000,1200,256,256", "--quiet"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ome.tif", "o.geojson"]  # no temporaries
+    # The measurement table goes next to --out by default; no temporaries are left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv", "m.ome.tif", "o.geojson"]
     assert tifffile.imread(out).shape == open_slide(cmu1_path).shape
     assert json.loads(geo.read_text())["type"] == "FeatureCollection"

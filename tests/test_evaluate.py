@@ -127,3 +127,28 @@ def test_cli_bad_inputs(tmp_path, tiny_checkpoint, capsys):
     rc = main(["evaluate", "--data", str(tmp_path / "d"), "--model", str(tiny_checkpoint), "--mpp", "-1",
                "--json", str(tmp_path / "x.json")])
     assert rc == 2 and "--mpp" in capsys.readouterr().err
+
+
+def test_contour_model_is_scored_as_nucleus_versus_background_and_by_its_nuclei(tmp_path):
+    """A perfect contour prediction of two touching nuclei: Dice 1, AJI 1, PQ 1."""
+    import tifffile
+    from PIL import Image
+
+    from napari_feddp.evaluation import score_folder
+    from napari_feddp.training.dataset import contour_target
+
+    for sub in ("images", "masks", "instances"):
+        (tmp_path / sub).mkdir()
+    nuclei = np.zeros((24, 24), np.uint16)
+    nuclei[4:14, 2:12], nuclei[4:14, 12:22] = 1, 2  # touching
+    Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(((nuclei > 0) * 255).astype(np.uint8)).save(tmp_path / "masks" / "a.png")
+    tifffile.imwrite(tmp_path / "instances" / "a.tif", nuclei)
+    outlined = contour_target(nuclei.astype(np.int32))
+
+    report = score_folder(tmp_path, lambda image: outlined, n_classes=3, source_mpp=0.5, contour_class=2)
+    assert report.dice == pytest.approx(1.0) and report.matrix.shape == (2, 2)
+    assert report.instances["aji"] == pytest.approx(1.0) and report.instances["pq"] == pytest.approx(1.0)
+    # The same map read as a foreground-only prediction merges the pair into one object.
+    merged = score_folder(tmp_path, lambda image: (outlined > 0).astype(np.uint8), objects="components")
+    assert merged.instances["pq"] < 0.5

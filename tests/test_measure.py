@@ -82,3 +82,30 @@ def test_tiled_measurements_equal_whole_image_measurements():
     assert tiled["label"].tolist() == whole["label"].tolist()  # every nucleus once, seams included
     for column in COLUMNS[1:]:
         np.testing.assert_allclose(tiled[column], whole[column], rtol=1e-6)
+
+
+def test_every_column_equals_scikit_image_regionprops():
+    """The columns computed for all nuclei at once equal regionprops_table's, nucleus by nucleus."""
+    from skimage.color import rgb2hed
+    from skimage.measure import regionprops_table
+
+    from napari_feddp.inference.instances import split_nuclei
+
+    from .test_instances import _field_of_nuclei
+
+    labels = split_nuclei(_field_of_nuclei(), 0.5)  # touching, irregular nuclei, some at the border
+    labels[labels == 7] = 0  # ids need not be consecutive
+    labels[labels == 20] = 9999
+    rgb = np.random.default_rng(2).integers(0, 255, labels.shape + (3,), dtype=np.uint8)
+    mpp = 0.5
+    ours = measure_nuclei(labels, mpp, rgb=rgb)
+    reference = regionprops_table(labels, intensity_image=rgb2hed(rgb)[..., 0], properties=[
+        "label", "centroid", "area", "perimeter", "equivalent_diameter_area", "eccentricity", "solidity",
+        "intensity_mean"])
+    assert ours["label"].tolist() == reference["label"].tolist()
+    pairs = {"centroid_y_um": ("centroid-0", mpp), "centroid_x_um": ("centroid-1", mpp), "area_um2": ("area", mpp**2),
+             "perimeter_um": ("perimeter", mpp), "equivalent_diameter_um": ("equivalent_diameter_area", mpp),
+             "eccentricity": ("eccentricity", 1), "solidity": ("solidity", 1),
+             "mean_haematoxylin_od": ("intensity_mean", 1)}
+    for column, (name, factor) in pairs.items():
+        np.testing.assert_allclose(ours[column], reference[name] * factor, rtol=1e-9, atol=1e-12, err_msg=column)

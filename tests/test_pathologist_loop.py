@@ -85,7 +85,7 @@ def test_large_result_is_corrected_through_a_window(qtbot, sample_and_widget, tm
     result_layer = _segment(qtbot, widget)
     assert result_layer.multiscale and not result_layer.editable
     assert widget.correct_button.visible
-    labels = widget.last_result.labels
+    labels = widget.last_nuclei.labels  # the nucleus labels the multiscale layer shows
 
     viewer.scene.camera.center = (0, 1400 * MPP, 1100 * MPP)
     viewer.scene.camera.zoom *= 6

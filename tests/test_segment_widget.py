@@ -37,9 +37,18 @@ def test_run_adds_aligned_labels_layer(qtbot, widget_with_slide):
     data0 = labels.data[0] if labels.multiscale else labels.data
     extent_labels = np.asarray(data0.shape) * np.asarray(labels.scale)
     np.testing.assert_allclose(extent_labels, extent_slide, rtol=0.01)
-    assert labels.colormap.color_dict[1] is not None
+    # One label per nucleus, each in its own colour, with its measurements as features.
+    nuclei = widget.last_nuclei
+    data0 = np.asarray(data0)
+    ids = np.unique(data0[data0 > 0])
+    assert data0.dtype == np.uint32 and len(ids) == nuclei.count > 1
+    assert not np.array_equal(labels.get_color(int(ids[0])), labels.get_color(int(ids[1])))
+    assert sorted(labels.features["index"]) == ids.tolist()
+    assert {"area_um2", "eccentricity", "mean_haematoxylin_od"} <= set(labels.features.columns)
+    assert labels.selected_label == ids.max() + 1  # the brush adds a new nucleus
     assert widget.run_button.enabled and not widget.cancel_button.enabled
     assert "Done" in widget.status.value
+    assert f"{nuclei.count:,} nuclei in" in widget.status.value and "per mm²" in widget.status.value
 
 
 def test_cancel_adds_no_result(qtbot, widget_with_slide):

@@ -1,9 +1,12 @@
 """``make demo``: open the bundled H&E slide in napari, segment its nuclei with the
-default model, and show them as a Labels layer, with the FedDP widgets docked.
+default model, and show them as a Labels layer (one colour per nucleus, the
+measurements under the cursor), with the FedDP widgets docked.
 
 Without a display it says so and runs the headless equivalent: the same viewer
-on a private virtual X server (Xvfb); the label map (pyramidal OME-TIFF), the
-nuclei as QuPath GeoJSON and an overlay PNG of the canvas go to ``demo-output/``.
+on a private virtual X server (Xvfb); the nucleus label map (pyramidal
+OME-TIFF), the measurement table (CSV), the nuclei as QuPath GeoJSON and
+overlay PNGs of the canvas go to ``demo-output/``, and the first rows of the
+table and the slide's summary are printed.
 """
 
 from __future__ import annotations
@@ -36,15 +39,17 @@ def build_viewer(show: bool):
 
 
 def segment_sample(out_dir: Path):
-    """Segment the sample slide with the default model; write OME-TIFF and GeoJSON.
+    """Segment the sample slide's nuclei with the default model; write OME-TIFF, CSV and GeoJSON.
 
-    Returns ``(result, loaded model)``, or ``(None, None)`` when no model is available.
+    Returns ``(nuclei, loaded model)``, or ``(None, None)`` when no model is available.
     """
     from ._sample_data import sample_slide_path
-    from .export import write_geojson, write_ome_labels
+    from .export import write_nuclei_geojson, write_ome_labels
     from .inference import run_to_completion
+    from .measure import write_csv
     from .models.store import NoModelError
-    from .segmentation import load_model, run_segmentation
+    from .nuclei import describe_summary, segment_nuclei
+    from .segmentation import load_model
     from .slides import open_slide
 
     try:
@@ -54,27 +59,34 @@ def segment_sample(out_dir: Path):
         return None, None
     slide = open_slide(sample_slide_path())
     print(f"Segmenting {slide.path.name} with {loaded.card.name} ({loaded.path.name})…")
-    result = run_to_completion(run_segmentation(slide, loaded))
-    mask = write_ome_labels(out_dir / "nuclei.ome.tif", result.labels, mpp=result.mpp, name="nuclei")
-    geojson, count = write_geojson(out_dir / "nuclei.geojson", result.labels, class_names=loaded.card.class_names,
-                                   class_colors=loaded.class_colors, downsample=result.downsample)
-    print(f"Wrote {mask} and {geojson} ({count} nuclei, {result.tiles_done} tiles, "
-          f"{result.elapsed_seconds:.1f} s)")
-    return result, loaded
+    nuclei = run_to_completion(segment_nuclei(slide, loaded), allow_partial=True)  # nothing cancels it
+    result = nuclei.segmentation
+    mask = write_ome_labels(out_dir / "nuclei.ome.tif", nuclei.labels, mpp=result.mpp, name="nuclei")
+    table = write_csv(nuclei.table, out_dir / "nuclei.csv")
+    geojson, count = write_nuclei_geojson(out_dir / "nuclei.geojson", nuclei.labels, table=nuclei.table,
+                                          class_color=loaded.class_colors[1], downsample=result.downsample)
+    print(f"Wrote {mask}, {table} and {geojson} ({count} nuclei, {result.tiles_done} tiles, "
+          f"{result.elapsed_seconds:.1f} s + {nuclei.elapsed_seconds:.1f} s for labelling and measuring)")
+    print_measurements(nuclei)
+    print(f"Summary: {describe_summary(nuclei.summary)}")
+    return nuclei, loaded
 
 
-def add_result_layer(viewer, result, loaded):
-    """Show a segmentation result over the slide, in the model's class colours."""
-    from napari.utils.colormaps import DirectLabelColormap
+def print_measurements(nuclei, rows: int = 5) -> None:
+    """Print the first ``rows`` of the measurement table."""
+    import pandas as pd
 
-    colors = {None: "transparent", 0: "transparent"}
-    colors.update({i: c for i, c in enumerate(loaded.class_colors) if i > 0})
-    kwargs = result.layer_kwargs()
-    kwargs["name"] = "nuclei"
-    if result.mpp is not None:
+    with pd.option_context("display.width", 160, "display.max_columns", None, "display.precision", 3):
+        print(pd.DataFrame(nuclei.table).head(rows).to_string(index=False))
+
+
+def add_result_layer(viewer, nuclei, loaded):
+    """Show the nuclei over the slide: one colour per nucleus, measurements as the layer's features."""
+    kwargs = nuclei.layer_kwargs()
+    kwargs["name"] = f"nuclei ({loaded.card.name})"
+    if nuclei.segmentation.mpp is not None:
         kwargs["units"] = ("micrometer", "micrometer")
-    return viewer.add_labels(result.pyramid, multiscale=len(result.pyramid) > 1,
-                             colormap=DirectLabelColormap(color_dict=colors), **kwargs)
+    return viewer.add_labels(nuclei.pyramid, multiscale=len(nuclei.pyramid) > 1, **kwargs)
 
 
 def run_headless(out_dir: Path) -> Path:
@@ -83,20 +95,20 @@ def run_headless(out_dir: Path) -> Path:
     from skimage.io import imsave
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    result, loaded = segment_sample(out_dir)
+    nuclei, loaded = segment_sample(out_dir)
     viewer = build_viewer(show=True)  # shown on the virtual display only
     viewer.window.resize(1600, 1000)
     try:
         layer = viewer.layers[0]
         print(f"Opened {layer.name}: {layer.data[0].shape[1]} x {layer.data[0].shape[0]} px, "
               f"{len(layer.data)} levels, {layer.scale[-1]:.3f} µm/px")
-        if result is not None:
-            add_result_layer(viewer, result, loaded)
+        if nuclei is not None:
+            add_result_layer(viewer, nuclei, loaded)
         for _ in range(20):  # let Qt lay out the docked widgets first
             QApplication.processEvents()
-        target = out_dir / ("overlay.png" if result is not None else "slide-canvas.png")
+        target = out_dir / ("overlay.png" if nuclei is not None else "slide-canvas.png")
         imsave(target, viewer.screenshot(canvas_only=True, flash=False), check_contrast=False)
-        if result is not None:  # a close-up where individual nuclei are visible
+        if nuclei is not None:  # a close-up where individual nuclei are visible
             viewer.scene.camera.center = (0, 1400 * layer.scale[0], 1100 * layer.scale[1])
             viewer.scene.camera.zoom *= 6
             for _ in range(20):

@@ -10,10 +10,13 @@ When the folder also holds ``instances/`` (one integer label image per tile,
 one id per annotated nucleus, as MoNuSeg's), the report adds the object scores
 of :mod:`napari_feddp.training.instance_metrics` (AJI, PQ, DQ, SQ, object F1 at
 IoU 0.5), averaged over tiles. The predicted objects are what the product
-shows: the predicted nucleus class split into nuclei by
-:func:`napari_feddp.inference.instances.split_nuclei` (``objects="watershed"``,
-when the pixel size is known), or its connected components
-(``objects="components"``).
+shows: for a contour model (classes background, nucleus, contour) the nuclei of
+:func:`napari_feddp.inference.instances.nuclei_from_classes` (specks dropped,
+then the contours' interiors grown to the contours); for a foreground-only
+model the same function splits the nucleus class by a distance watershed
+(``objects="watershed"``, when the pixel size is known), or its connected
+components are the objects (``objects="components"``). Dice, Jaccard and accuracy always score nucleus
+versus background (a contour pixel is a nucleus pixel).
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ from skimage.measure import label
 
 from .inference import run_to_completion
 from .segmentation import LoadedModel, run_segmentation
-from .training._io import read_image, read_mask
+from .training._io import find_instance_map, read_image, read_instances, read_mask
 from .training.dataset import find_pairs
-from .inference.instances import split_nuclei
+from .inference.instances import contour_class_of, nuclei_from_classes
 from .training.instance_metrics import instance_scores, mean_instance_scores
 from .training.metrics import SegmentationMetrics, confusion_matrix, scores_from_confusion
 
@@ -100,6 +103,7 @@ def evaluate_folder(
         data_dir,
         lambda image: predict_image(image, loaded, mpp=image_mpp, batch_size=batch_size, device=device),
         n_classes=loaded.card.n_classes, source_mpp=image_mpp, names=names,
+        contour_class=contour_class_of(loaded.card.class_names),
     )
     report.model, report.mpp = str(loaded.path), image_mpp
     return report
@@ -113,12 +117,15 @@ def score_folder(
     source_mpp: float | None = None,
     names: list[str] | None = None,
     objects: str = "watershed",
+    contour_class: int | None = None,
 ) -> EvaluationReport:
     """Score any predictor (RGB image -> class map of the same size) on a folder of pairs.
 
     The loop behind :func:`evaluate_folder`, also used for methods that are not a model
     (e.g. the colour-deconvolution baseline). ``report.matrix`` holds the pooled
-    confusion matrix (rows: truth, columns: prediction).
+    confusion matrix (rows: truth, columns: prediction) of nucleus versus background.
+    ``contour_class``: the class index of nucleus contours for a contour model (its
+    nuclei come from :func:`nuclei_from_contours`; ``objects`` is then ignored).
     """
     started = time.perf_counter()
     pairs = find_pairs(data_dir, source_mpp=source_mpp or 1.0)
@@ -128,31 +135,41 @@ def score_folder(
         if missing:
             raise ValueError(f"{data_dir}: no image/mask pair named {sorted(missing)}")
         pairs = [p for p in pairs if p.name in wanted]
+    if contour_class is not None:
+        n_classes = 2  # scored as nucleus (interior or contour) versus background
     pooled = SegmentationMetrics(n_classes=n_classes)
     if objects not in ("watershed", "components"):
         raise ValueError(f"objects: expected 'watershed' or 'components', received {objects!r}")
     if objects == "watershed" and not source_mpp:
         objects = "components"  # the watershed's distances are in micrometres
-    to_objects = (
-        (lambda nuclei: split_nuclei(nuclei, float(source_mpp))) if objects == "watershed"
-        else (lambda nuclei: label(nuclei, connectivity=1))
-    )
-    described = ("nucleus class split by distance-transform watershed (split_nuclei)" if objects == "watershed"
-                 else "4-connected components of the nucleus class")
+    if contour_class is not None and not source_mpp:
+        raise ValueError("a contour model's nuclei need the pixel size: pass source_mpp")
+    if objects == "watershed" or contour_class is not None:
+        def to_objects(classes: np.ndarray) -> np.ndarray:
+            return nuclei_from_classes(classes, float(source_mpp), contour_class=contour_class)
+
+        described = ("nuclei_from_classes: specks dropped, then "
+                     + ("interiors of the predicted contours grown to the contours" if contour_class is not None
+                        else "the nucleus class split by distance-transform watershed"))
+    else:
+        def to_objects(classes: np.ndarray) -> np.ndarray:
+            return label(classes == 1, connectivity=1)
+
+        described = "4-connected components of the nucleus class"
     per_image, per_tile_objects = [], []
-    instance_dir = Path(data_dir) / "instances"
     for pair in pairs:
         image = read_image(pair.image_path)
         truth = read_mask(pair.mask_path, n_classes=n_classes)
-        prediction = np.asarray(predict(image))
+        classes = np.asarray(predict(image))
+        prediction = (classes > 0).astype(np.uint8) if contour_class is not None else classes
         matrix = confusion_matrix(prediction, truth, n_classes)
         pooled.matrix += matrix
         scores = scores_from_confusion(matrix)
         row = {"name": pair.name, "dice": scores["dice"], "jaccard": scores["jaccard"],
                "accuracy": scores["pixel_accuracy"]}
-        instances = _instance_map(instance_dir, pair.name)
-        if instances is not None:
-            scored = instance_scores(instances, to_objects(prediction == 1))
+        instance_path = find_instance_map(Path(data_dir), pair.name)
+        if instance_path is not None:
+            scored = instance_scores(read_instances(instance_path), to_objects(classes))
             per_tile_objects.append(scored)
             row.update({k: scored[k] for k in ("aji", "pq", "dq", "sq")})
         per_image.append(row)
@@ -160,7 +177,7 @@ def score_folder(
         raise ValueError(f"{data_dir}: no image/mask pairs to evaluate")
     scores = pooled.compute()
     if per_tile_objects and len(per_tile_objects) != len(per_image):
-        raise ValueError(f"{instance_dir}: instance maps for {len(per_tile_objects)} of {len(per_image)} tiles; "
+        raise ValueError(f"{Path(data_dir) / 'instances'}: instance maps for {len(per_tile_objects)} of {len(per_image)} tiles; "
                          "give one per tile or none")
     return EvaluationReport(
         dice=scores["dice"], jaccard=scores["jaccard"], accuracy=scores["pixel_accuracy"],
@@ -169,21 +186,6 @@ def score_folder(
         instances=mean_instance_scores(per_tile_objects) if per_tile_objects else None,
         objects=described if per_tile_objects else "",
     )
-
-
-def _instance_map(instance_dir: Path, name: str) -> np.ndarray | None:
-    """The tile's annotated nuclei (``instances/<name>.tif`` or ``.png``), or None."""
-    for suffix in (".tif", ".tiff", ".png"):
-        path = instance_dir / f"{name}{suffix}"
-        if path.is_file():
-            if suffix == ".png":
-                from PIL import Image
-
-                return np.asarray(Image.open(path))
-            import tifffile
-
-            return tifffile.imread(path)
-    return None
 
 
 def predict_image(image: np.ndarray, loaded: LoadedModel, *, mpp: float | None, batch_size: int = 8,

@@ -159,6 +159,39 @@ def check_pixel_size(
     )
 
 
+# --- inputs ----------------------------------------------------------------
+
+#: An image of one level and at most this many pixels a side is a field of view
+#: (a tile or a camera picture): all of it is tissue, and the tissue detector,
+#: which works on a thumbnail at 8 µm per pixel, would see only a handful of pixels.
+FIELD_OF_VIEW_MAX_SIDE = 2048
+
+
+def open_image(path: str | os.PathLike):
+    """Open a slide (:func:`~napari_feddp.slides.open_slide`) or a PNG / JPEG picture.
+
+    Raises
+    ------
+    FileNotFoundError, napari_feddp.slides.SlideError
+    """
+    from .slides import is_plain_image_path, open_plain_image, open_slide
+
+    return open_plain_image(path) if is_plain_image_path(path) else open_slide(path)
+
+
+def is_field_of_view(image) -> bool:
+    """True for a single-level image of at most :data:`FIELD_OF_VIEW_MAX_SIDE` pixels a side.
+
+    Parameters
+    ----------
+    image : Slide or array-like
+        A slide (its ``layer_levels``) or an RGB array.
+    """
+    levels = getattr(image, "layer_levels", None)
+    levels = list(levels) if levels is not None else [image]
+    return len(levels) == 1 and max(int(n) for n in levels[0].shape[:2]) <= FIELD_OF_VIEW_MAX_SIDE
+
+
 # --- output files -----------------------------------------------------------
 
 
@@ -346,9 +379,10 @@ def region_from_argument(text: str) -> tuple[int, int, int, int] | PolygonRegion
 # --------------------------------------------------------------------------- editing results
 
 #: A result (or, when a region was given, the region's part of it) of at most
-#: this many label pixels is loaded into memory as one editable array (uint8:
-#: 256 MiB); larger results stay on disk and are corrected through windows.
-EDITABLE_MAX_PIXELS = 2**28
+#: this many label pixels is loaded into memory as one editable array (uint32
+#: nucleus ids: 256 MiB, 8192 x 8192 label pixels); larger results stay on disk
+#: and are corrected through windows.
+EDITABLE_MAX_PIXELS = 2**26
 #: Largest side of a correction window, in label pixels.
 WINDOW_MAX_SIDE = 4096
 

@@ -42,8 +42,10 @@ def test_card_privacy_claim_and_provenance():
     assert privacy.delta == pytest.approx(1e-5)
     assert card.provenance.federated_rounds >= 1
     assert "CC BY-NC-SA 4.0" in card.provenance.license_note and "TCGA" in card.provenance.license_note
-    for key in ("test_dice", "test_jaccard", "test_accuracy", "subset3_dice", "subset3_jaccard", "subset3_accuracy"):
+    for key in ("test_dice", "test_jaccard", "test_accuracy", "subset3_dice", "subset3_jaccard", "subset3_accuracy",
+                "test_aji", "test_pq", "subset3_aji", "subset3_pq"):
         assert 0.0 <= card.metrics[key] <= 1.0
+    assert "AJI" in card.description
 
 
 def test_subset3_scores_are_reproduced(tmp_path):
@@ -59,3 +61,6 @@ def test_subset3_scores_are_reproduced(tmp_path):
     assert report["dice"] == pytest.approx(card.metrics["subset3_dice"], abs=1e-3)
     assert report["jaccard"] == pytest.approx(card.metrics["subset3_jaccard"], abs=1e-3)
     assert report["accuracy"] == pytest.approx(card.metrics["subset3_accuracy"], abs=1e-3)
+    # The object scores on the card are those of the nuclei the product shows.
+    assert report["aji"] == pytest.approx(card.metrics["subset3_aji"], abs=1e-3)
+    assert report["pq"] == pytest.approx(card.metrics["subset3_pq"], abs=1e-3)

@@ -100,3 +100,59 @@ def test_tall_objects_are_never_cut(monkeypatch):
     features = list(labels_to_features(mask, class_names=["bg", "tissue"]))
     assert len(features) == 2
     assert _dice(_rasterise(features, mask.shape), mask.astype(bool)) > 0.99
+
+
+def _touching_nuclei(shape=(300, 260), seed=5) -> np.ndarray:
+    """Instance labels: ellipses with their own ids, many touching (no background between them)."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.uint32)
+    n = 0
+    for r in range(12, shape[0] - 12, 14):
+        for c in range(12, shape[1] - 12, 14):
+            n += 1
+            rr, cc = ellipse(r + rng.integers(-2, 3), c + rng.integers(-2, 3), 8, 6, shape=shape,
+                             rotation=rng.uniform(0, np.pi))
+            labels[rr, cc] = 5000 + n  # slide-wide ids, far from 1
+    return labels
+
+
+def test_one_polygon_per_nucleus_with_its_measurements(tmp_path, monkeypatch):
+    from napari_feddp.export import nuclei_to_features, write_nuclei_geojson
+    from napari_feddp.measure import COLUMNS, measure_nuclei
+
+    monkeypatch.setattr(geojson_module, "STRIP_ROWS", 64)  # nuclei across strip seams too
+    monkeypatch.setattr(geojson_module, "MARGIN_ROWS", 16)
+    labels = _touching_nuclei()
+    ids = np.unique(labels[labels > 0])
+    from skimage.measure import label
+
+    assert label(labels > 0).max() < len(ids)  # touching: connected components would merge them
+    table = measure_nuclei(labels, 0.5)  # no image: the staining column is NaN
+    features = list(nuclei_to_features(labels, table=table, class_color="#00ff7f", downsample=2.0))
+    assert len(features) == len(ids)
+    names = sorted(int(f["properties"]["name"].split()[-1]) for f in features)
+    assert names == ids.tolist()  # every nucleus once, seams included
+    for feature in features[:25]:
+        properties = feature["properties"]
+        nucleus = int(properties["name"].split()[-1])
+        assert properties["objectType"] == "detection"
+        assert properties["classification"] == {"name": "nucleus", "color": [0, 255, 127]}
+        row = int(np.searchsorted(table["label"], nucleus))
+        measurements = properties["measurements"]
+        assert set(measurements) == set(COLUMNS) - {"label", "mean_haematoxylin_od"}  # NaN left out
+        assert measurements["area_um2"] == pytest.approx(table["area_um2"][row])
+        # The polygon, back on the label grid, is this nucleus.
+        drawn = _rasterise([feature], labels.shape, downsample=2.0)
+        assert _dice(drawn, labels == nucleus) > 0.95
+    path, count = write_nuclei_geojson(tmp_path / "nuclei.geojson", labels, table=table)
+    data = json.loads(path.read_text())  # valid JSON: no NaN written
+    assert count == len(data["features"]) == len(ids)
+
+
+def test_nuclei_export_needs_integer_labels():
+    from napari_feddp.export import nuclei_to_features
+
+    with pytest.raises(ValueError, match="integer label image"):
+        list(nuclei_to_features(np.ones((4, 4), np.float32)))
+    with pytest.raises(ValueError, match="'label' column"):
+        list(nuclei_to_features(np.ones((4, 4), np.uint8), table={"area_um2": np.ones(1)}))

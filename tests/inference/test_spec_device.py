@@ -63,3 +63,38 @@ def test_select_device():
 def test_autocast_only_on_cuda():
     with autocast(torch.device("cpu")):
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+
+
+class _ConstantLogits(torch.nn.Module):
+    """Every pixel: background 0.36, nucleus 0.34, contour 0.30 (softmax probabilities)."""
+
+    def forward(self, x):
+        probabilities = torch.tensor([0.36, 0.34, 0.30]).log().view(1, 3, 1, 1)
+        return probabilities.expand(x.shape[0], 3, *x.shape[2:]).clone()
+
+
+def test_contour_models_weight_the_contour_class_in_the_decision():
+    import numpy as np
+
+    from napari_feddp.inference import run_to_completion, segment_slide
+    from napari_feddp.inference.spec import CONTOUR_WEIGHT
+    from napari_feddp.models import default_card
+
+    card = default_card(contours=True, tile_size=32, depth=2, base_width=8, groups=4)
+    spec = InferenceSpec.from_card(card)
+    assert spec.class_weights == (1.0, 1.0, CONTOUR_WEIGHT)
+    assert InferenceSpec.from_card(default_card(tile_size=32)).class_weights is None
+    image = np.full((64, 64, 3), 120, np.uint8)
+
+    def classes(spec):
+        result = run_to_completion(segment_slide(image, _ConstantLogits(), spec, tissue=False, device="cpu", mpp=0.5))
+        return set(np.unique(result.labels[:]).tolist())
+
+    assert classes(spec) == {2}  # 0.30 x 2.5 beats 0.36
+    import dataclasses
+
+    assert classes(dataclasses.replace(spec, class_weights=None)) == {0}  # plain arg max
+    with pytest.raises(InferenceError, match="class_weights"):
+        InferenceSpec(n_classes=3, class_weights=(1.0, 0.0, 2.0))
+    with pytest.raises(InferenceError, match="class_weights"):
+        InferenceSpec(n_classes=2, class_weights=(1.0, 1.0, 2.0))

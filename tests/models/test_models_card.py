@@ -145,7 +145,19 @@ def test_default_card_rejects_unknown_unet_argument_and_inconsistent_classes():
     with pytest.raises(ModelCardError, match="widht"):
         default_card(widht=8)
     with pytest.raises(ModelCardError, match="n_classes"):
-        default_card(n_classes=3)
+        default_card(n_classes=4)
+    with pytest.raises(ModelCardError, match="n_classes"):
+        default_card(contours=True, n_classes=2)
+
+
+def test_default_card_with_contours_has_three_classes_and_builds():
+    card = default_card(contours=True, depth=2, base_width=8, groups=4, tile_size=32)
+    assert card.class_names == ["background", "nucleus", "contour"]
+    assert card.n_classes == 3 and card.architecture.params["n_classes"] == 3
+    assert default_card(n_classes=3).class_names == card.class_names
+    import torch
+
+    assert build_model(card)(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
 
 
 def test_to_dict_equals_what_the_json_file_holds():

@@ -81,3 +81,24 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(DatasetError, match="'mpp'"):
         save_annotated_tile(tmp_path, image, labels, {"mpp": 0})
     assert not (tmp_path / "images").exists()  # nothing written on error
+
+
+def test_painted_nuclei_are_kept_as_instances_for_contour_models(tmp_path):
+    from napari_feddp.training.dataset import contour_target
+
+    image = np.full((24, 24, 3), 150, np.uint8)
+    labels = np.zeros((24, 24), np.int32)
+    labels[4:14, 2:12], labels[4:14, 12:22] = 7, 40  # two touching nuclei, napari ids
+    saved = save_annotated_tile(tmp_path, image, labels, {"mpp": 0.5}, name="t")
+    instances = tmp_path / "instances" / "t.png"
+    assert instances.is_file()
+    dataset = SegmentationDataset(tmp_path, n_classes=3, crop_size=24, mode="center", source_mpp=0.5)
+    _, target = dataset.load_tile(0)
+    expected = contour_target(np.where(labels == 7, 1, np.where(labels == 40, 2, 0)))
+    assert np.array_equal(target, expected)  # the pathologist's separation, not one merged blob
+    # The two-class view of the same tile is unchanged: non-zero = nucleus.
+    _, mask = SegmentationDataset(tmp_path, crop_size=24, mode="center", source_mpp=0.5).load_tile(0)
+    assert np.array_equal(mask, (labels > 0).astype(np.uint8))
+    # A tile saved again as a plain mask drops its old nuclei.
+    save_annotated_tile(tmp_path, image, labels > 0, {"mpp": 0.5}, name="t", overwrite=True)
+    assert not instances.exists() and saved.mask.is_file()

@@ -204,3 +204,30 @@ def test_bad_arguments(tiny_dir: Path):
         SegmentationDataset(tiny_dir, crop_size=0)
     with pytest.raises(ValueError, match="source_mpp: expected a positive number"):
         SegmentationDataset(tiny_dir, source_mpp=-1)
+
+
+def test_contour_targets_come_from_instances_or_mask_components(tmp_path):
+    import tifffile
+
+    from napari_feddp.training.dataset import contour_target
+
+    for sub in ("images", "masks", "instances"):
+        (tmp_path / sub).mkdir()
+    instances = np.zeros((32, 32), np.uint16)
+    instances[4:16, 4:16], instances[4:16, 16:28] = 1, 2  # touching: one blob in the mask
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(((instances > 0) * 255).astype(np.uint8)).save(tmp_path / "masks" / "a.png")
+    tifffile.imwrite(tmp_path / "instances" / "a.tif", instances)
+    with_instances = SegmentationDataset(tmp_path, n_classes=3, crop_size=32, mode="center")
+    assert with_instances.contours
+    _, target = with_instances.load_tile(0)
+    assert np.array_equal(target, contour_target(instances.astype(np.int32)))
+    (tmp_path / "instances" / "a.tif").unlink()
+    from_mask = SegmentationDataset(tmp_path, n_classes=3, crop_size=32, mode="center")
+    _, merged = from_mask.load_tile(0)
+    assert (merged[5:15, 15:17] == 1).all()  # one component: no contour between the two
+    # Resampled to half the pixel size, ids are not interpolated.
+    half = SegmentationDataset(tmp_path, n_classes=3, crop_size=16, mode="center", source_mpp=0.25, target_mpp=0.5)
+    assert set(np.unique(half.load_tile(0)[1])) <= {0, 1, 2}
+    with pytest.raises(ValueError, match="3 classes"):
+        SegmentationDataset(tmp_path, n_classes=2, contours=True)

@@ -210,3 +210,17 @@ def test_evaluate_on_sliding_windows(tiny_dir):
     scores = evaluate(tiny_model(), data, batch_size=4)
     assert scores["n_pixels"] == 3 * 40 * 48 and scores["n_items"] == 12
     assert 0 <= scores["dice"] <= 1 and 0 <= scores["pixel_accuracy"] <= 1 and math.isfinite(scores["loss"])
+
+
+def test_contour_model_trains_on_contour_targets_under_dp(tiny_dir):
+    """A three-class model with two-class targets would never learn the contour class: refused."""
+    from napari_feddp.models import UNet
+
+    model = UNet(n_classes=3, depth=2, base_width=8, groups=4)
+    two_class = SegmentationDataset(tiny_dir, crop_size=16, seed=0)
+    with pytest.raises(ValueError, match="predicts 3 classes but the dataset's targets have 2"):
+        train_local(model, two_class, TrainConfig(steps=1, batch_size=2, dp_mode="none"))
+    contours = SegmentationDataset(tiny_dir, crop_size=16, seed=0, n_classes=3)
+    assert 2 in torch.unique(torch.stack([contours[i][1] for i in range(len(contours))]))
+    result = train_local(model, contours, TrainConfig(steps=2, batch_size=2, noise_multiplier=1.0, seed=0))
+    assert result.epsilon > 0 and math.isfinite(result.loss)

@@ -22,6 +22,10 @@ def add_parser(subparsers) -> None:
     run_p.add_argument("--local-steps", type=int, help="override the local steps per round")
     run_p.add_argument("--batch-size", type=int, help="override the shared batch size")
     run_p.add_argument("--base-width", type=int, help="override the U-Net base width (channels of the first level)")
+    run_p.add_argument("--mpp", type=float, help="override the model's pixel size in µm (default 0.5)")
+    run_p.add_argument("--foreground-only", action="store_true",
+                       help="two-class models (background, nucleus; nuclei split by a distance watershed) "
+                            "instead of contour models (background, nucleus, contour)")
     run_p.add_argument("--holdout", metavar="HOSPITAL",
                        help="model selection on training data: leave this hospital out of training and score "
                             "on its MoNuSeg training tiles instead of the test split")
@@ -43,7 +47,10 @@ def add_parser(subparsers) -> None:
     rep_p.add_argument("--out", required=True)
     rep_p.set_defaults(func=report)
     bun_p = sub.add_parser("bundle", help="ship a FedDP run's model as the package's default model (with its card)")
-    bun_p.add_argument("--record", required=True, help="the run's JSON, e.g. runs/monuseg/feddp-eps8-s0.json")
+    which = bun_p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--record", help="the run's JSON, e.g. runs/monuseg/feddp-eps8-s0.json")
+    which.add_argument("--rescore", action="store_true",
+                       help="keep the shipped weights; score them again and rewrite the card's test metrics")
     bun_p.add_argument("--dest", default=None,
                        help="checkpoint stem to write (default: src/napari_feddp/data/models/feddp-nuclei "
                             "of this source tree)")
@@ -78,6 +85,12 @@ def run(args) -> int:
         if args.holdout not in budget.hospitals:
             raise CommandError(f"--holdout: expected one of {list(budget.hospitals)}, got {args.holdout!r}")
         budget = replace(budget, holdout=args.holdout)
+    if args.mpp is not None:
+        if not args.mpp > 0:
+            raise CommandError(f"--mpp: expected a positive number of µm per pixel, received {args.mpp}")
+        budget = replace(budget, mpp=args.mpp)
+    if args.foreground_only:
+        budget = replace(budget, contours=False)
     if args.dp_batch_size:
         budget = replace(budget, dp_batch_size=args.dp_batch_size)
     if args.dp_local_steps:
@@ -108,16 +121,19 @@ def run(args) -> int:
 def bundle(args) -> int:
     from pathlib import Path
 
-    from ..experiments.bundle import bundle_from_record
+    from ..experiments.bundle import bundle_from_record, rescore_default_model
     from ..models import read_card
     from ..models.store import BUNDLED_STEM
     from . import CommandError
 
     dest = Path(args.dest) if args.dest else Path(__file__).resolve().parents[1] / "data" / "models" / BUNDLED_STEM
     try:
-        path = bundle_from_record(args.record, dest, data=args.data)
+        if args.rescore:
+            path = rescore_default_model(dest, data=args.data)
+        else:
+            path = bundle_from_record(args.record, dest, data=args.data)
     except (OSError, ValueError, KeyError) as exc:
-        raise CommandError(f"cannot bundle {args.record}: {exc}") from exc
+        raise CommandError(f"cannot bundle {args.record or dest}: {exc}") from exc
     card = read_card(path)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     print(", ".join(f"{k} {v:.4f}" for k, v in card.metrics.items()))

@@ -1,4 +1,10 @@
-"""``napari-feddp segment SLIDE --out MASK.ome.tif``: headless whole-slide segmentation."""
+"""``napari-feddp segment SLIDE --out NUCLEI.ome.tif``: headless whole-slide nucleus segmentation.
+
+Writes one label per nucleus (pyramidal OME-TIFF), the measurement table (CSV,
+next to ``--out`` unless told otherwise), optionally one QuPath detection per
+nucleus (GeoJSON, with measurements) and the model's class map, and prints the
+slide's summary: nucleus count, density per mm² of tissue, median area.
+"""
 
 from __future__ import annotations
 
@@ -11,59 +17,71 @@ from pathlib import Path
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "segment",
-        help="segment a slide and write a pyramidal OME-TIFF label map (and QuPath GeoJSON)",
-        description="Run the model over the slide's tissue tiles; write labels aligned with the slide.",
+        help="segment a slide's nuclei: one label per nucleus (OME-TIFF), measurements (CSV), QuPath GeoJSON",
+        description="Run the model over the slide's tissue tiles, split the result into nuclei and measure "
+                    "each; write labels aligned with the slide and print a summary.",
     )
-    parser.add_argument("slide", help="slide file (.svs, .ndpi, .scn, .bif, (OME-)TIFF)")
-    parser.add_argument("--out", required=True, help="output label map, e.g. MASK.ome.tif")
+    parser.add_argument("slide", help="slide file (.svs, .ndpi, .scn, .bif, (OME-)TIFF) or a PNG / JPEG picture")
+    parser.add_argument("--out", required=True, help="output nucleus label map (one id per nucleus), "
+                        "e.g. NUCLEI.ome.tif")
     parser.add_argument("--model", help="checkpoint (.safetensors next to its .json card); "
                         "default: the federation's latest model, else the bundled one")
     parser.add_argument("--mpp", type=float, metavar="MICRONS_PER_PIXEL",
                         help="pixel size of the slide's full-resolution image in µm, for files that lack one "
-                        "or to override the file's")
-    parser.add_argument("--geojson", help="also write objects as a QuPath GeoJSON FeatureCollection")
+                        "(PNG, JPEG, many TIFFs) or to override the file's")
+    parser.add_argument("--csv", metavar="PATH", help="measurement table, one row per nucleus "
+                        "(default: next to --out, NAME.csv for NAME.ome.tif)")
+    parser.add_argument("--no-csv", action="store_true", help="write no measurement table")
+    parser.add_argument("--geojson", help="also write one QuPath detection per nucleus, with its measurements")
+    parser.add_argument("--classes-out", metavar="PATH", help="also write the model's class map "
+                        "(0 background, 1 nucleus, ...) as an OME-TIFF")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--overlap", type=float, default=0.25, help="fraction of a tile shared with neighbours")
     parser.add_argument("--region", help="X,Y,W,H in level-0 pixels, or a GeoJSON file of polygons in "
                         "level-0 pixels (e.g. QuPath annotations): labels only inside them (default: all tissue)")
-    parser.add_argument("--all-tiles", action="store_true", help="predict background tiles too")
+    parser.add_argument("--all-tiles", action="store_true", help="predict background tiles too "
+                        "(always so for pictures of at most 2048 px a side: they are all tissue)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
 
+def default_csv_path(out: Path) -> Path:
+    """``NAME.csv`` next to ``NAME.ome.tif`` (or ``NAME.ome.tiff``)."""
+    name = out.name
+    for ending in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(ending):
+            return out.with_name(name[: -len(ending)] + ".csv")
+    return out.with_suffix(".csv")
+
+
 def run(args) -> int:
-    from . import CommandError
-    from ..export import write_geojson, write_ome_labels
-    from ..inference import InferenceError
-    from ..models import CheckpointError
-    from ..models.store import describe_model
     from ..segmentation import (
-        CLI_CONTROLS,
         OutputPathError,
-        SegmentationInputError,
         check_output_paths,
-        check_pixel_size,
-        load_model,
+        open_image,
         region_from_argument,
-        run_segmentation,
-        user_message,
-        write_together,
     )
-    from ..slides import SlideError, open_slide
+    from ..slides import SlideError
+    from . import CommandError
 
     out = Path(args.out)
-    if not out.name.lower().endswith((".ome.tif", ".ome.tiff")):
-        raise CommandError(f"--out: expected a file name ending in .ome.tif or .ome.tiff, received {out.name!r}")
+    for what, path in (("--out", out), ("--classes-out", args.classes_out)):
+        if path is not None and not Path(path).name.lower().endswith((".ome.tif", ".ome.tiff")):
+            raise CommandError(f"{what}: expected a file name ending in .ome.tif or .ome.tiff, "
+                               f"received {Path(path).name!r}")
     if args.mpp is not None and not args.mpp > 0:
         raise CommandError(f"--mpp: expected a positive number of µm per pixel, received {args.mpp}")
+    if args.no_csv and args.csv:
+        raise CommandError("--csv and --no-csv: expected one of them, received both")
+    csv_path = None if args.no_csv else (args.csv or default_csv_path(out))
     # Every output is checked before the model or the slide is read: a run must
     # not take minutes and then fail to save its result.
     try:
-        outputs = check_output_paths({"--out": out, "--geojson": args.geojson}, inputs=[args.slide])
+        outputs = check_output_paths({"--out": out, "--csv": csv_path, "--geojson": args.geojson,
+                                      "--classes-out": args.classes_out}, inputs=[args.slide])
     except OutputPathError as exc:
         raise CommandError(str(exc)) from None
-    out = outputs["--out"]
     try:
         region = region_from_argument(args.region) if args.region else None
     except ValueError as exc:
@@ -71,9 +89,31 @@ def run(args) -> int:
     if Path(args.slide).is_dir():
         raise CommandError(f"{args.slide} is a folder, not a slide file")
     try:
-        slide = open_slide(args.slide)
-    except SlideError as exc:
+        slide = open_image(args.slide)
+    except (SlideError, FileNotFoundError) as exc:
         raise CommandError(str(exc)) from None
+    try:
+        return _segment(args, slide, outputs, region)
+    finally:
+        slide.close()  # its tile-decoding threads end now, not whenever the garbage collector runs
+
+
+def _segment(args, slide, outputs: dict, region) -> int:
+    """Segment an opened slide and write ``outputs``; returns the exit status."""
+    from ..inference import InferenceError
+    from ..models import CheckpointError
+    from ..models.store import describe_model
+    from ..nuclei import describe_summary, segment_nuclei
+    from ..segmentation import (
+        CLI_CONTROLS,
+        SegmentationInputError,
+        check_pixel_size,
+        is_field_of_view,
+        load_model,
+        user_message,
+    )
+    from . import CommandError
+
     if slide.kind != "rgb":
         raise CommandError(f"{Path(args.slide).name} is a label image, not a slide")
     try:
@@ -87,40 +127,77 @@ def run(args) -> int:
         raise CommandError(str(exc)) from None
     bar = _ProgressBar(enabled=not args.quiet)
     try:
-        generator = run_segmentation(
-            slide, loaded, region=region, tissue=not args.all_tiles, batch_size=args.batch_size,
-            overlap=args.overlap, device=args.device, cancel=threading.Event(), mpp=mpp,
+        generator = segment_nuclei(
+            slide, loaded, region=region, tissue=not (args.all_tiles or is_field_of_view(slide)),
+            batch_size=args.batch_size, overlap=args.overlap, device=args.device, cancel=threading.Event(),
+            mpp=mpp,
         )
         while True:
             try:
                 bar.update(next(generator))
             except StopIteration as stop:
-                result = stop.value
+                nuclei = stop.value
                 break
-    except InferenceError as exc:
+    except (InferenceError, ValueError) as exc:
         raise CommandError(user_message(exc, CLI_CONTROLS)) from None
     finally:
         bar.close()
-    mpp = result.mpp
-    writes = [(out, lambda path: write_ome_labels(path, result.labels, mpp=mpp,
-                                                  name=f"{Path(args.slide).name} segmentation"))]
-    geojson = outputs.get("--geojson")
-    if geojson is not None:
-        writes.append((geojson, lambda path: write_geojson(
-            path, result.labels, class_names=loaded.card.class_names,
-            class_colors=loaded.class_colors, downsample=result.downsample,
-        )[1]))
+    written = _write_outputs(outputs, nuclei, loaded, Path(args.slide).name)
+    _report(outputs, nuclei, written, describe_summary)
+    return 0
+
+
+def _write_outputs(outputs: dict, nuclei, loaded, slide_name: str) -> dict:
+    """Write every requested output, all or none; returns what each writer returned, by option."""
+    from ..export import write_nuclei_geojson, write_ome_labels
+    from ..measure import write_csv
+    from ..segmentation import write_together
+    from . import CommandError
+
+    result, mpp = nuclei.segmentation, nuclei.segmentation.mpp
+    writers = {
+        "--out": lambda path: write_ome_labels(path, nuclei.labels, mpp=mpp, name=f"{slide_name} nuclei"),
+        "--csv": lambda path: write_csv(nuclei.table, path),
+        "--geojson": lambda path: write_nuclei_geojson(
+            path, nuclei.labels, table=nuclei.table, class_name=_nucleus_class_name(loaded),
+            class_color=_nucleus_class_color(loaded), downsample=result.downsample,
+        )[1],
+        "--classes-out": lambda path: write_ome_labels(path, result.labels, mpp=mpp,
+                                                       name=f"{slide_name} classes"),
+    }
+    names = [what for what in writers if what in outputs]
     try:
-        # Both files or neither: a label map without its objects (or the reverse) looks complete but is not.
-        written = write_together(writes)
+        # All files or none: a label map without its table (or the reverse) looks complete but is not.
+        values = write_together([(outputs[what], writers[what]) for what in names])
     except OSError as exc:
         raise CommandError(f"cannot write the outputs, none was kept: {exc}") from None
-    print(f"labels: {out} ({result.labels.shape[1]} x {result.labels.shape[0]} px at "
-          f"{'%.3f µm/px' % mpp[1] if mpp else 'slide pixels'}, downsample {result.downsample[1]:g}; "
-          f"{result.tiles_done} tiles predicted, {result.tiles_skipped} skipped, {result.elapsed_seconds:.1f} s)")
-    if geojson is not None:
-        print(f"objects: {geojson} ({written[1]} polygons, level-0 pixel coordinates)")
-    return 0
+    return dict(zip(names, values))
+
+
+def _report(outputs: dict, nuclei, written: dict, describe_summary) -> None:
+    result, mpp = nuclei.segmentation, nuclei.segmentation.mpp
+    print(f"nuclei: {describe_summary(nuclei.summary)}")
+    print(f"labels: {outputs['--out']} (one id per nucleus; {result.labels.shape[1]} x {result.labels.shape[0]} px "
+          f"at {f'{mpp[1]:.3f} µm/px' if mpp else 'slide pixels'}, downsample {result.downsample[1]:g}; "
+          f"{result.tiles_done} tiles predicted, {result.tiles_skipped} skipped, "
+          f"{result.elapsed_seconds + nuclei.elapsed_seconds:.1f} s)")
+    if "--csv" in outputs:
+        print(f"measurements: {outputs['--csv']} ({nuclei.count} rows)")
+    if "--geojson" in outputs:
+        print(f"objects: {outputs['--geojson']} ({written['--geojson']} nucleus polygons with measurements, "
+              "level-0 pixel coordinates)")
+    if "--classes-out" in outputs:
+        print(f"classes: {outputs['--classes-out']} (the model's class map)")
+
+
+def _nucleus_class_name(loaded) -> str:
+    names = loaded.card.class_names
+    return str(names[1]) if names and len(names) > 1 else "nucleus"
+
+
+def _nucleus_class_color(loaded) -> str | None:
+    colors = loaded.class_colors
+    return colors[1] if len(colors) > 1 else None
 
 
 class _ProgressBar:
@@ -130,18 +207,22 @@ class _ProgressBar:
         self.enabled = enabled
         self.width = width
         self._last = 0.0
+        self._stage = None
 
     def update(self, progress) -> None:
         if not self.enabled:
             return
         now = time.monotonic()
-        if progress.stage == "predicting" and now - self._last < 0.2 and progress.done != progress.total:
+        same_stage = progress.stage == self._stage
+        if same_stage and now - self._last < 0.2 and progress.done != progress.total:
             return
-        self._last = now
+        if not same_stage and self._stage is not None and progress.unit == "windows" and progress.stage != "cancelled":
+            sys.stderr.write("\n")  # each step after the model's run keeps its own line
+        self._last, self._stage = now, progress.stage
         filled = int(self.width * progress.fraction)
         eta = f"ETA {progress.eta_seconds:5.0f}s" if progress.eta_seconds is not None else "ETA    ?"
-        sys.stderr.write(f"\r{progress.stage:>10} [{'#' * filled}{'.' * (self.width - filled)}] "
-                         f"{progress.done}/{progress.total} tiles {eta}")
+        sys.stderr.write(f"\r{progress.stage:>16} [{'#' * filled}{'.' * (self.width - filled)}] "
+                         f"{progress.done}/{progress.total} {progress.unit} {eta}")
         sys.stderr.flush()
 
     def close(self) -> None:

@@ -107,13 +107,13 @@ def prepare_hospitals(
     """
     from PIL import Image
 
-    from ..training._io import read_image, read_mask
-    from ..training.dataset import find_pairs, resample_pair
+    from ..training._io import find_instance_map, read_image, read_instances, read_mask
+    from ..training.dataset import find_pairs, resample_instances, resample_pair
 
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     chosen = list(hospitals or HOSPITALS)
     params = {"train_dir": str(train_dir.resolve()), "hospitals": chosen, "source_mpp": source_mpp,
-              "target_mpp": target_mpp, "grid": grid, "max_tiles": max_tiles}
+              "target_mpp": target_mpp, "grid": grid, "max_tiles": max_tiles, "instances": True}
     stamp = out_dir / "prepared.json"
     folders = {h: out_dir / h for h in chosen}
     folders["pooled"] = out_dir / "pooled"
@@ -123,7 +123,7 @@ def prepare_hospitals(
     groups = split_names(list(pairs))
     manifest: dict[str, list[str]] = {}
     for folder in folders.values():
-        for sub in ("images", "masks"):
+        for sub in ("images", "masks", "instances"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
             for old in (folder / sub).iterdir():
                 old.unlink()
@@ -135,6 +135,9 @@ def prepare_hospitals(
             image = read_image(pair.image_path)
             mask = read_mask(pair.mask_path, n_classes=2)
             image, mask = resample_pair(image, mask, source_mpp / target_mpp)
+            instance_path = find_instance_map(train_dir, name)
+            instances = (resample_instances(read_instances(instance_path), mask.shape)
+                         if instance_path is not None else None)
             ys = np.linspace(0, mask.shape[0], grid + 1).astype(int)
             xs = np.linspace(0, mask.shape[1], grid + 1).astype(int)
             for i in range(grid):
@@ -145,6 +148,9 @@ def prepare_hospitals(
                         Image.fromarray(np.ascontiguousarray(image[crop])).save(folder / "images" / f"{stem}.png")
                         Image.fromarray((mask[crop] > 0).astype(np.uint8) * 255).save(
                             folder / "masks" / f"{stem}.png")
+                        if instances is not None:  # per-nucleus targets of contour models
+                            Image.fromarray(instances[crop].astype(np.uint16)).save(
+                                folder / "instances" / f"{stem}.png")
     stamp.write_text(json.dumps({"params": params, "tiles": manifest}, indent=2) + "\n")
     return folders
 

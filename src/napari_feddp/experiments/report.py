@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .runner import DP_EPSILONS, SETTINGS, SWEEP_ONLY
+from .runner import DP_EPSILONS, OBJECT_SCORES, SETTINGS, SWEEP_ONLY
 
 LABELS = {
     "pretrained": "Public pretraining only (initial model of every row)",
@@ -59,7 +59,9 @@ def summarize(grouped: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             rows.append({"setting": setting, "label": LABELS[setting], "run": False})
             continue
         row: dict[str, Any] = {"setting": setting, "label": LABELS[setting], "run": True, "seeds": len(records)}
-        for key in ("dice", "jaccard", "accuracy"):
+        for key in ("dice", "jaccard", "accuracy", *OBJECT_SCORES):
+            if key in OBJECT_SCORES and not all(key in r for r in records):
+                continue  # runs scored before the test folder had per-nucleus annotations
             row[key], row[f"{key}_std"] = _mean_std([r[key] for r in records])
             row[f"{key}_text"] = _fmt([r[key] for r in records])
         if setting == "local":
@@ -75,11 +77,14 @@ def summarize(grouped: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 def markdown_table(rows: list[dict[str, Any]], command: str = "napari-feddp experiment run --out DIR") -> str:
     """Paper-shaped Markdown table."""
-    lines = ["| Setting | Dice | Jaccard | Pixel acc. | ε (δ=1e-5) | Δ Dice vs FedAvg | seeds | time / run |",
-             "|---|---|---|---|---|---|---|---|"]
+    objects = any("aji" in row for row in rows)
+    extra = " AJI | PQ |" if objects else ""
+    lines = [f"| Setting |{extra} Dice | Jaccard | Pixel acc. | ε (δ=1e-5) | Δ Dice vs FedAvg | seeds | time / run |",
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if objects else "")]
     for row in rows:
         if not row["run"]:
-            lines.append(f"| {row['label']} | not run yet | | | | | | `{command} --settings {row['setting']}` |")
+            lines.append(f"| {row['label']} | not run yet | |{' | |' if objects else ''} | | | | "
+                         f"`{command} --settings {row['setting']}` |")
             continue
         dice = row["dice_text"] + (f" / worst {row['worst_dice_text']}" if "worst_dice_text" in row else "")
         if row["setting"] == "pretrained":
@@ -89,7 +94,8 @@ def markdown_table(rows: list[dict[str, Any]], command: str = "napari-feddp expe
         else:
             eps = f"{row['epsilon']:.2f}"
         rel = f"{row['rel_change_pct']:+.1f} %" if "rel_change_pct" in row else ""
-        lines.append(f"| {row['label']} | {dice} | {row['jaccard_text']} | {row['accuracy_text']} | {eps} | {rel} "
+        scores = f" {row.get('aji_text', '')} | {row.get('pq_text', '')} |" if objects else ""
+        lines.append(f"| {row['label']} |{scores} {dice} | {row['jaccard_text']} | {row['accuracy_text']} | {eps} | {rel} "
                      f"| {row['seeds']} | {row['seconds'] / 60:.1f} min |")
     return "\n".join(lines) + "\n"
 

@@ -86,6 +86,10 @@ class Budget:
     #: every setting starts from that model. 0 (the headline recipe): a seeded random init.
     #: Tried with 500 steps, not adopted (``docs/results.md``).
     pretrain_steps: int = 0
+    #: Three classes (background, nucleus, contour): the model outlines each nucleus, so
+    #: touching nuclei are separated (targets from each hospital's ``instances/``). False:
+    #: foreground only, nuclei split by a distance watershed.
+    contours: bool = True
     #: Model selection on training data: this hospital is left out of every setting and its
     #: training tiles (at their own 0.25 µm/px) replace the test split. None: the real grid.
     holdout: str | None = None
@@ -101,7 +105,8 @@ class Budget:
         return self.rounds * len(self.hospitals) * self.local_steps
 
     def unet_params(self) -> dict[str, int]:
-        return {"in_channels": 3, "n_classes": 2, "depth": self.depth, "base_width": self.base_width,
+        return {"in_channels": 3, "n_classes": 3 if self.contours else 2, "depth": self.depth,
+                "base_width": self.base_width,
                 "groups": self.groups}
 
 
@@ -130,6 +135,9 @@ def noise_for_epsilon(epsilon: float, n_examples: int, budget: Budget) -> float:
 
 # --------------------------------------------------------------------------- evaluation
 
+#: Object scores recorded per run when the test folder has per-nucleus annotations.
+OBJECT_SCORES = ("aji", "pq", "dq", "sq", "f1")
+
 
 def score(checkpoint: Path, test_dir: Path, names: tuple[str, ...] | None) -> dict[str, Any]:
     """Pooled Dice / Jaccard / accuracy of a checkpoint on the test folder (0.25 µm/px)."""
@@ -138,7 +146,8 @@ def score(checkpoint: Path, test_dir: Path, names: tuple[str, ...] | None) -> di
 
     report = evaluate_folder(test_dir, load_model(str(checkpoint)), mpp=0.25,
                              names=list(names) if names else None)
-    return {"dice": report.dice, "jaccard": report.jaccard, "accuracy": report.accuracy,
+    objects = {k: report.instances[k] for k in OBJECT_SCORES} if report.instances else {}
+    return {"dice": report.dice, "jaccard": report.jaccard, "accuracy": report.accuracy, **objects,
             "n_images": report.n_images, "seconds": round(report.seconds, 1)}
 
 
@@ -170,7 +179,8 @@ def train_direct(folder: Path, steps: int, budget: Budget, seed: int, out: Path,
     if init is not None:
         model.load_state_dict(_initial_weights(init, budget))
     dataset = SegmentationDataset(folder, crop_size=budget.crop_size, source_mpp=budget.mpp,
-                                  target_mpp=budget.mpp, normalization=(IMAGENET_MEAN, IMAGENET_STD))
+                                  target_mpp=budget.mpp, n_classes=budget.unet_params()["n_classes"],
+                                  normalization=(IMAGENET_MEAN, IMAGENET_STD))
     config = TrainConfig(steps=steps, lr=budget.learning_rate, batch_size=budget.batch_size,
                          max_physical_batch_size=budget.batch_size, crop_size=budget.crop_size,
                          dp_mode="sample" if noise else "none", noise_multiplier=noise or None,
@@ -196,9 +206,9 @@ def train_federated(folders: dict[str, Path], budget: Budget, *, dp_mode: str, n
         for h in budget.hospitals:
             fresh[h] = out / "data" / h
             fresh[h].mkdir(parents=True, exist_ok=True)
-            for sub in ("images", "masks"):
+            for sub in ("images", "masks", "instances"):
                 link = fresh[h] / sub
-                if not link.exists():
+                if not link.exists() and (Path(folders[h]) / sub).is_dir():
                     link.symlink_to(Path(folders[h]).resolve() / sub, target_is_directory=True)
         folders = fresh
     labs = hospital_labs(budget.hospitals, folders, dp_mode, epsilon_budget)
@@ -208,7 +218,8 @@ def train_federated(folders: dict[str, Path], budget: Budget, *, dp_mode: str, n
         update_noise_multiplier=update_noise, update_clipping_norm=budget.update_clipping_norm,
         target_delta=budget.delta, batch_size=budget.batch_size, max_steps=budget.local_steps,
         learning_rate=budget.learning_rate, crop_size=budget.crop_size, model_depth=budget.depth,
-        model_base_width=budget.base_width, model_groups=budget.groups, mpp=budget.mpp, source_mpp=budget.mpp,
+        model_base_width=budget.base_width, model_groups=budget.groups, n_classes=budget.unet_params()["n_classes"],
+        mpp=budget.mpp, source_mpp=budget.mpp,
         seed=seed, checkpoint_dir=str(out / "checkpoints"), model_name=name, final_evaluation=False,
         resume_from=str(Path(init).resolve()) if init is not None else "",
         round_timeout=budget.timeout, node_wait_timeout=300.0)
@@ -279,7 +290,8 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
                                 init=init)
             per[h] = score(ckpt, test_dir, budget.test_names)
         worst = min(per, key=lambda h: per[h]["dice"])
-        record.update({k: sum(p[k] for p in per.values()) / len(per) for k in ("dice", "jaccard", "accuracy")})
+        averaged = [k for k in ("dice", "jaccard", "accuracy", *OBJECT_SCORES) if all(k in p for p in per.values())]
+        record.update({k: sum(p[k] for p in per.values()) / len(per) for k in averaged})
         record.update(worst=worst, worst_dice=per[worst]["dice"], worst_jaccard=per[worst]["jaccard"],
                       worst_accuracy=per[worst]["accuracy"], per_hospital=per, epsilon=None)
     else:
@@ -407,6 +419,7 @@ def _holdout(budget: Budget, train_dir: Path, folder: Path) -> tuple[Budget, Pat
     The validation folder links the held-out hospital's MoNuSeg *training* tiles (images and
     masks, 0.25 µm/px), so a recipe can be chosen without touching the test split.
     """
+    from ..training._io import find_instance_map
     from ..training.dataset import find_pairs
     from .hospitals import hospital_of
 
@@ -419,7 +432,10 @@ def _holdout(budget: Budget, train_dir: Path, folder: Path) -> tuple[Budget, Pat
     if not pairs:
         raise ValueError(f"holdout {budget.holdout!r}: none of its tiles is in {train_dir}")
     for pair in pairs:
-        for sub, source in (("images", pair.image_path), ("masks", pair.mask_path)):
+        instance_path = find_instance_map(train_dir, pair.name)
+        for sub, source in (("images", pair.image_path), ("masks", pair.mask_path), ("instances", instance_path)):
+            if source is None:
+                continue
             link = folder / sub / source.name
             link.parent.mkdir(parents=True, exist_ok=True)
             if not link.exists():

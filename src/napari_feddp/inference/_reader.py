@@ -39,9 +39,11 @@ class TileReader:
         return self.scale != (1.0, 1.0)
 
 
-def resize_rgb(region: np.ndarray, size: int) -> np.ndarray:
-    """Resize a ``(h, w, 3)`` uint8 image to ``(size, size, 3)``, antialiased bilinear."""
+def resize_rgb(region: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize a ``(h, w, 3)`` uint8 image to ``(size, size, 3)`` (or ``size = (height, width)``),
+    antialiased bilinear."""
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     tensor = torch.from_numpy(np.ascontiguousarray(region)).permute(2, 0, 1)[None].float()
-    antialias = region.shape[0] > size or region.shape[1] > size
-    resized = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
+    antialias = region.shape[0] > height or region.shape[1] > width
+    resized = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False, antialias=antialias)
     return resized[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()

@@ -59,18 +59,21 @@ class Progress:
     Attributes
     ----------
     done : int
-        Tiles predicted so far.
+        Tiles predicted so far (windows processed, for steps counted in windows).
     total : int
-        Tiles to predict (those touching tissue and the region).
+        Tiles to predict (those touching tissue and the region), or windows.
     elapsed_seconds : float
-        Time since the run started (tissue detection included).
+        Time since the run (or the step) started (tissue detection included).
     eta_seconds : float or None
         Estimated time to finish; None until the first batch is done.
     stage : str
         ``"planning"`` (tissue detection), ``"predicting"``, ``"finished"`` or
-        ``"cancelled"``.
+        ``"cancelled"``; steps after the engine add their own (e.g.
+        ``"labelling nuclei"``, see :mod:`napari_feddp.nuclei`).
     skipped : int
         Grid tiles never predicted (background, or outside the region).
+    unit : str
+        What ``done`` and ``total`` count: ``"tiles"`` or ``"windows"``.
     """
 
     done: int
@@ -79,6 +82,7 @@ class Progress:
     eta_seconds: float | None
     stage: str
     skipped: int = 0
+    unit: str = "tiles"
 
     @property
     def fraction(self) -> float:
@@ -632,12 +636,18 @@ class _Run:
 
     def _finalise(self, state: _State, y0: int, x0: int, acc: np.ndarray) -> None:
         """Turn finished accumulator rows into labels and hand them to the writer."""
+        weights = self.spec.class_weights
         if len(acc) == 2:  # the common binary case, without argmax over a 2-long axis
-            labels = (acc[1] > acc[0]).astype(state.labels.dtype)
+            if weights is None:
+                labels = (acc[1] > acc[0]).astype(state.labels.dtype)
+            else:
+                labels = (acc[1] * weights[1] > acc[0] * weights[0]).astype(state.labels.dtype)
             keep = (acc[0] + acc[1]) > 0
         else:
-            labels = acc.argmax(axis=0).astype(state.labels.dtype)
             keep = acc.sum(axis=0) > 0
+            if weights is not None:
+                acc = acc * np.asarray(weights, acc.dtype)[:, None, None]
+            labels = acc.argmax(axis=0).astype(state.labels.dtype)
         h, w = labels.shape
         window = state.plan.window
         if window is not None:

@@ -61,7 +61,10 @@ def split_nuclei(
         distance = gaussian(distance, sigma=sigma, preserve_range=True)
     blobs = label(mask, connectivity=1)
     min_distance = max(1, int(round(min_centre_distance_um / mpp)))
-    peaks = peak_local_max(distance, min_distance=min_distance, labels=blobs, exclude_border=False)
+    # Peaks inside the mask (one label for all blobs: per-blob search is much slower and
+    # differs only for peaks of two blobs closer than min_distance, where the blob that
+    # loses its peak still becomes a nucleus below).
+    peaks = peak_local_max(distance, min_distance=min_distance, labels=mask.astype(np.uint8), exclude_border=False)
     markers = np.zeros(mask.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
     # A blob without a peak (too small or flat) still becomes one nucleus: it is its own marker.
@@ -73,6 +76,119 @@ def split_nuclei(
     markers = np.where(markers > 0, markers, new_ids[blobs])
     labels = watershed(-distance, markers, mask=mask)
     return labels.astype(np.int32, copy=False)
+
+
+#: Smallest nucleus interior kept as a marker (µm²); smaller specks of the interior class are noise.
+MIN_MARKER_AREA_UM2 = 1.0
+
+
+def nuclei_from_contours(
+    classes: np.ndarray,
+    mpp: float,
+    *,
+    nucleus_class: int = 1,
+    contour_class: int = 2,
+    min_marker_area_um2: float = MIN_MARKER_AREA_UM2,
+) -> np.ndarray:
+    """Instance labels from a three-class map (background, nucleus interior, nucleus contour).
+
+    A model that predicts each nucleus's contour separates touching nuclei
+    itself: the interiors are disjoint, so each connected interior is one
+    nucleus (its marker), and a watershed on the distance to the background
+    gives every contour pixel to the nucleus it borders. Foreground without any
+    interior (a small nucleus drawn as contour only) is one nucleus per
+    connected piece.
+
+    Parameters
+    ----------
+    classes : numpy.ndarray of int
+        ``(h, w)`` class indices.
+    mpp : float
+        Micrometres per pixel of ``classes``.
+    nucleus_class, contour_class : int
+        Class indices of nucleus interiors and nucleus contours.
+    min_marker_area_um2 : float
+        Interior pieces smaller than this are not markers (their pixels go to a neighbour).
+
+    Returns
+    -------
+    numpy.ndarray of int32
+        0 background, 1..N nuclei; every foreground pixel is labelled.
+    """
+    from scipy import ndimage as ndi
+    from skimage.measure import label
+    from skimage.morphology import remove_small_objects
+    from skimage.segmentation import watershed
+
+    classes = np.asarray(classes)
+    if classes.ndim != 2:
+        raise ValueError(f"nuclei_from_contours: expected a 2-D class map, received shape {classes.shape}")
+    if not (isinstance(mpp, (int, float)) and mpp > 0):
+        raise ValueError(f"nuclei_from_contours: mpp must be a positive number, received {mpp!r}")
+    foreground = (classes == nucleus_class) | (classes == contour_class)
+    if not foreground.any():
+        return np.zeros(classes.shape, np.int32)
+    min_size = max(1, int(round(min_marker_area_um2 / mpp**2)))
+    interior = remove_small_objects(classes == nucleus_class, max_size=min_size - 1) if min_size > 1 \
+        else classes == nucleus_class
+    markers = label(interior, connectivity=1).astype(np.int32)
+    count = int(markers.max())
+    # Foreground pieces that hold no marker become nuclei of their own.
+    pieces = label(foreground, connectivity=1)
+    unmarked = np.setdiff1d(np.unique(pieces[foreground]), np.unique(pieces[markers > 0]))
+    if unmarked.size:
+        extra = np.zeros(int(pieces.max()) + 1, np.int32)
+        extra[unmarked] = np.arange(count + 1, count + 1 + unmarked.size, dtype=np.int32)
+        markers = np.where(markers > 0, markers, extra[pieces])
+    distance = ndi.distance_transform_edt(foreground)
+    return watershed(-distance, markers, mask=foreground).astype(np.int32, copy=False)
+
+
+#: Pieces of nucleus foreground smaller than this (µm²) are model noise, not nuclei: a
+#: lymphocyte, the smallest nucleus, is about 5 µm across (20 µm²).
+MIN_NUCLEUS_AREA_UM2 = 3.0
+
+
+def without_specks(classes: np.ndarray, foreground: tuple[int, ...], min_pixels: int) -> np.ndarray:
+    """``classes`` with connected foreground pieces of fewer than ``min_pixels`` pixels set to 0."""
+    from skimage.morphology import remove_small_objects
+
+    classes = np.asarray(classes)
+    if min_pixels <= 1:
+        return classes
+    mask = np.isin(classes, foreground)
+    specks = mask & ~remove_small_objects(mask, max_size=min_pixels - 1)
+    if specks.any():
+        classes = classes.copy()
+        classes[specks] = 0
+    return classes
+
+
+def nuclei_from_classes(
+    classes: np.ndarray,
+    mpp: float,
+    *,
+    nucleus_class: int = 1,
+    contour_class: int | None = None,
+    min_area_um2: float = MIN_NUCLEUS_AREA_UM2,
+) -> np.ndarray:
+    """One label per nucleus from a class map: what the product shows as nuclei.
+
+    Foreground pieces smaller than ``min_area_um2`` are dropped as noise; then
+    ``contour_class`` given: :func:`nuclei_from_contours`; None (a
+    foreground-only model): :func:`split_nuclei` on the nucleus class.
+    """
+    foreground = (nucleus_class,) if contour_class is None else (nucleus_class, contour_class)
+    classes = without_specks(classes, foreground, round(min_area_um2 / mpp**2))
+    if contour_class is None:
+        return split_nuclei(classes == nucleus_class, mpp)
+    return nuclei_from_contours(classes, mpp, nucleus_class=nucleus_class, contour_class=contour_class)
+
+
+def contour_class_of(class_names) -> int | None:
+    """Index of the ``"contour"`` class in a model's class names, or None (a foreground-only model)."""
+    names = [str(n).lower() for n in (class_names or ())]
+    return names.index("contour") if "contour" in names else None
 
 
 #: Margin read around each window (µm): larger than any nucleus, so a nucleus owned by a
@@ -103,11 +219,13 @@ def label_nuclei_tiled(
     window: int = 2048,
     halo_um: float = HALO_UM,
     nucleus_class: int = 1,
+    contour_class: int | None = None,
+    min_area_um2: float = MIN_NUCLEUS_AREA_UM2,
 ) -> np.ndarray:
     """Slide-wide nucleus labels from a (chunked) class map, one window at a time.
 
     Each window is read with a margin of ``halo_um`` on every side and split
-    into nuclei (:func:`split_nuclei`); a nucleus belongs to the window that
+    into nuclei (:func:`nuclei_from_classes`); a nucleus belongs to the window that
     holds its centroid, so a nucleus cut by a window seam is labelled once, whole,
     by the window it belongs to. Ids are unique slide-wide (consecutive per
     window, offset by the nuclei of the earlier windows). Memory is bounded by
@@ -127,7 +245,14 @@ def label_nuclei_tiled(
     halo_um : float
         Margin around each window in micrometres.
     nucleus_class : int
-        Class index of nuclei in ``classes``.
+        Class index of nuclei (their interiors, for a contour model) in ``classes``.
+    contour_class : int, optional
+        Class index of nucleus contours, for models that predict them (see
+        :func:`contour_class_of`); None splits the nucleus class by watershed.
+    min_area_um2 : float
+        Foreground pieces smaller than this are noise, not nuclei. A piece cut by
+        the edge of a window's margin may look smaller there than it is; only
+        nuclei centred in the window itself are kept, so such a piece never is.
 
     Returns
     -------
@@ -141,10 +266,11 @@ def label_nuclei_tiled(
 
     next_id = 1
     for (y0, x0, y1, x1), (top, left, bottom, right) in windows(height, width, window, int(np.ceil(halo_um / mpp))):
-        block = np.asarray(classes[top:bottom, left:right]) == nucleus_class
-        if not block.any():
+        block = np.asarray(classes[top:bottom, left:right])
+        if not ((block == nucleus_class) | ((block == contour_class) if contour_class is not None else False)).any():
             continue
-        labels = split_nuclei(block, mpp)
+        labels = nuclei_from_classes(block, mpp, nucleus_class=nucleus_class, contour_class=contour_class,
+                                     min_area_um2=min_area_um2)
         count = int(labels.max())
         if not count:
             continue

@@ -7,7 +7,7 @@
   ``<stem>.json``, hash-checked, never unpickled.
 """
 
-from .build import ARCHITECTURES, build_model, default_card, register_architecture
+from .build import ARCHITECTURES, CONTOUR_CLASSES, build_model, default_card, register_architecture
 from .card import (
     CARD_FORMAT_VERSION,
     DP_MODES,
@@ -31,6 +31,7 @@ from .unet import UNet
 
 __all__ = [
     "ARCHITECTURES",
+    "CONTOUR_CLASSES",
     "CARD_FORMAT_VERSION",
     "DP_MODES",
     "Architecture",

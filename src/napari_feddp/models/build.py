@@ -33,6 +33,11 @@ NUCLEI_CLASSES = (
     ClassInfo(name="nucleus", color="#00ff7f"),
 )
 
+#: Classes of a model that separates touching nuclei: each nucleus's one-pixel
+#: outline is its own class, so the interiors of touching nuclei never touch
+#: (see :func:`napari_feddp.inference.instances.nuclei_from_contours`).
+CONTOUR_CLASSES = NUCLEI_CLASSES + (ClassInfo(name="contour", color="#ff00ff"),)
+
 
 def register_architecture(name: str, factory: Callable[..., nn.Module]) -> None:
     """Make ``factory`` buildable from cards whose ``architecture.name`` is ``name``.
@@ -106,9 +111,10 @@ def default_card(
     tile_size: int = 256,
     description: str = "U-Net for nuclei segmentation in H&E tiles (background / nucleus).",
     training_data: str = "unspecified",
+    contours: bool | None = None,
     **unet_params: Any,
 ) -> ModelCard:
-    """Card for a 2-class (background, nucleus) :class:`UNet` on H&E at 0.5 µm/px.
+    """Card for a nuclei :class:`UNet` on H&E at 0.5 µm/px.
 
     Parameters
     ----------
@@ -116,6 +122,10 @@ def default_card(
         Card name, free-text description, and a note on the training data.
     mpp : float
         Microns per pixel the model expects (0.5 ≈ 20x objective).
+    contours : bool, optional
+        Three classes (background, nucleus, contour: :data:`CONTOUR_CLASSES`), so
+        touching nuclei are told apart, or two (background, nucleus). Default:
+        three when ``n_classes=3`` is passed, else two.
     tile_size : int
         Square tile edge in pixels; must suit the UNet depth.
     **unet_params
@@ -131,8 +141,12 @@ def default_card(
     ------
     ModelCardError
         If ``unet_params`` holds an argument UNet does not have, or the
-        resulting card is inconsistent (e.g. ``n_classes`` other than 2).
+        resulting card is inconsistent (e.g. ``n_classes`` other than the classes' count).
     """
+    if contours is None:
+        contours = unet_params.get("n_classes") == len(CONTOUR_CLASSES)
+    classes = CONTOUR_CLASSES if contours else NUCLEI_CLASSES
+    unet_params = {"n_classes": len(classes), **unet_params}
     try:
         bound = inspect.signature(UNet).bind(**unet_params)
     except TypeError as exc:
@@ -144,7 +158,7 @@ def default_card(
         name=name,
         description=description,
         architecture=Architecture(name="unet", params=dict(bound.arguments)),
-        classes=[ClassInfo(info.name, info.color) for info in NUCLEI_CLASSES],
+        classes=[ClassInfo(info.name, info.color) for info in classes],
         input=InputSpec(
             mpp=mpp,
             tile_size=tile_size,

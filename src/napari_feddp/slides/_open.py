@@ -88,7 +88,8 @@ class Slide:
     mpp : (float, float) or None
         ``(y, x)`` micrometres per level-0 pixel; ``None`` when the file has none.
     vendor : str
-        ``aperio``, ``hamamatsu``, ``leica``, ``ventana``, ``ome-tiff`` or ``generic-tiff``.
+        ``aperio``, ``hamamatsu``, ``leica``, ``ventana``, ``ome-tiff`` or ``generic-tiff``
+        (``png`` or ``jpeg`` for pictures from :func:`~napari_feddp.slides.open_plain_image`).
     objective_power : float or None
         Scanning magnification (e.g. 20, 40).
     kind : str

@@ -125,6 +125,33 @@ def read_mask(path: Path, *, n_classes: int = 2, mask_mode: str = "auto") -> np.
     return _class_indices(array, path, n_classes=n_classes, mask_mode=mask_mode)
 
 
+def read_instances(path: Path) -> np.ndarray:
+    """Read a nucleus instance map (0 background, one integer id per nucleus) as ``(H, W)`` int32.
+
+    Raises
+    ------
+    DatasetError
+        If the file is unreadable, not a single-channel integer image, or holds negative ids.
+    """
+    array = _single_channel(_channels_last(np.squeeze(_decode(path))), path)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise DatasetError(f"instance map {path}: expected integer ids, received dtype {array.dtype}")
+    if array.size and array.min() < 0:
+        raise DatasetError(f"instance map {path}: expected ids >= 0, received {array.min()}")
+    return array.astype(np.int32, copy=False)
+
+
+def find_instance_map(dataset_dir: Path, name: str) -> Path | None:
+    """``DIR/instances/NAME.{png,tif,tiff}`` when the dataset has per-nucleus annotations, else None."""
+    for suffix in SUFFIXES:
+        path = Path(dataset_dir) / "instances" / f"{name}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
 def _single_channel(array: np.ndarray, path: Path) -> np.ndarray:
     if array.ndim == 2:
         return array
@@ -189,7 +216,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def encode_png(array: np.ndarray) -> bytes:
-    """PNG bytes of a uint8 ``(H, W)`` or ``(H, W, 3)`` array."""
+    """PNG bytes of a uint8 ``(H, W)`` or ``(H, W, 3)`` array, or a uint16 ``(H, W)`` one."""
     import io
 
     buffer = io.BytesIO()

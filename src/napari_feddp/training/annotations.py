@@ -47,6 +47,10 @@ def save_annotated_tile(
 ) -> SavedTile:
     """Write ``images/NAME.png`` (or ``.tif``), ``masks/NAME.png`` and a provenance record.
 
+    When ``mask`` holds one label per nucleus (more than one id), the nuclei are
+    also written to ``instances/NAME.png`` (16-bit, ids renumbered 1..N): the
+    targets from which contour models learn to separate touching nuclei.
+
     Parameters
     ----------
     dataset_dir : str or Path
@@ -67,8 +71,9 @@ def save_annotated_tile(
     image_format : {"png", "tif"}
         Lossless format of the image file.
     binary : bool
-        ``True``: any non-zero label is foreground (1) - painted instance ids
-        become one "nucleus" class. ``False``: labels are kept as class indices
+        ``True``: any non-zero label is foreground (1) in ``masks/`` - painted
+        instance ids become one "nucleus" class there, and are kept in
+        ``instances/``. ``False``: labels are kept as class indices
         (must be < 256).
     overwrite : bool
         Replace an existing tile of the same name instead of raising.
@@ -98,8 +103,14 @@ def save_annotated_tile(
     _check_free(root, name, overwrite=overwrite)
     image_bytes = encode_png(rgb) if image_format == "png" else encode_tiff(rgb)
     mask_bytes = encode_png(labels)
+    nuclei = _instances(mask) if binary else None
     write_atomic(image_path, image_bytes)
     write_atomic(mask_path, mask_bytes)
+    instance_path = root / "instances" / f"{name}.png"
+    if nuclei is not None:
+        write_atomic(instance_path, encode_png(nuclei))
+    elif instance_path.exists():  # an overwritten tile must not keep its old nuclei
+        instance_path.unlink()
     provenance_path = _append_provenance(root, name, image_path, mask_path, image_bytes, mask_bytes, rgb, record)
     return SavedTile(name, image_path, mask_path, provenance_path)
 
@@ -135,6 +146,19 @@ def _check_mask(mask: Any, size: tuple[int, ...], *, binary: bool) -> np.ndarray
             f"received values from {array.min()} to {array.max()}"
         )
     return array.astype(np.uint8)
+
+
+def _instances(mask: Any) -> np.ndarray | None:
+    """The nuclei of an instance Labels array, renumbered 1..N as uint16; None for a plain mask."""
+    from skimage.segmentation import relabel_sequential
+
+    array = np.asarray(mask)
+    if array.dtype == bool or array.size == 0 or len(np.unique(array[array > 0])) < 2:
+        return None
+    relabelled, _, _ = relabel_sequential(np.where(array > 0, array, 0).astype(np.int64))
+    if relabelled.max() > np.iinfo(np.uint16).max:
+        raise DatasetError(f"annotated tile: at most 65535 nuclei per tile, received {int(relabelled.max())}")
+    return relabelled.astype(np.uint16)
 
 
 def _check_provenance(provenance: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,10 @@ Folder layout (MoNuSeg's ``train`` and ``test`` folders load as they are)::
 
     DIR/images/NAME.{png,tif,tiff}   RGB uint8 tiles
     DIR/masks/NAME.{png,tif,tiff}    labels: 0/1, 0/255 or class indices
+    DIR/instances/NAME.{png,tif,tiff} optional, one integer id per nucleus: the
+                                     targets of contour models (background,
+                                     nucleus, contour); without it the connected
+                                     components of the mask are the nuclei
     DIR/provenance.jsonl             optional, one JSON record per tile (see
                                      :func:`~napari_feddp.training.save_annotated_tile`);
                                      a record's ``mpp`` overrides ``source_mpp``
@@ -27,7 +31,7 @@ import torch
 from skimage.transform import resize
 from torch.utils.data import Dataset
 
-from ._io import SUFFIXES, is_supported, read_image, read_mask, read_size
+from ._io import SUFFIXES, find_instance_map, is_supported, read_image, read_instances, read_mask, read_size
 from .augment import Augmentation
 from .errors import DatasetError
 from .metrics import IGNORE_INDEX
@@ -241,6 +245,29 @@ def resample_pair(image: np.ndarray, mask: np.ndarray, scale: float) -> tuple[np
     return image_out, classes[np.argmax(cover, axis=0)].astype(mask.dtype)
 
 
+def resample_instances(instances: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resampling of an instance map (ids are not quantities to interpolate)."""
+    if tuple(instances.shape) == tuple(out_size):
+        return instances
+    rows = np.minimum(((np.arange(out_size[0]) + 0.5) * instances.shape[0] / out_size[0]).astype(int),
+                      instances.shape[0] - 1)
+    cols = np.minimum(((np.arange(out_size[1]) + 0.5) * instances.shape[1] / out_size[1]).astype(int),
+                      instances.shape[1] - 1)
+    return instances[np.ix_(rows, cols)]
+
+
+def contour_target(instances: np.ndarray) -> np.ndarray:
+    """Three-class target of an instance map: 0 background, 1 nucleus interior, 2 nucleus contour.
+
+    The contour is each nucleus's own one-pixel outline (pixels with a 4-neighbour
+    outside the nucleus), so touching nuclei are separated by two contour pixels.
+    """
+    from skimage.segmentation import find_boundaries
+
+    outline = find_boundaries(instances, connectivity=1, mode="inner") & (instances > 0)
+    return np.where(instances > 0, np.where(outline, 2, 1), 0).astype(np.uint8)
+
+
 # --------------------------------------------------------------------------- dataset
 
 
@@ -272,6 +299,10 @@ class SegmentationDataset(Dataset):
         Augmentation of ``"train"`` crops (``True``: :class:`Augmentation` defaults).
     n_classes : int
         Number of classes including background; masks are checked against it.
+    contours : bool, optional
+        Targets for a contour model (background, nucleus interior, nucleus
+        contour; :func:`contour_target`) made from ``instances/`` or, without it,
+        from the mask's connected components. Default: when ``n_classes == 3``.
     mask_mode : {"auto", "binary", "classes"}
         How mask values are read (see :func:`~napari_feddp.training._io.read_mask`).
     normalization : (mean, std) or None
@@ -302,6 +333,7 @@ class SegmentationDataset(Dataset):
         stride: int | None = None,
         augment: bool | Augmentation = True,
         n_classes: int = 2,
+        contours: bool | None = None,
         mask_mode: str = "auto",
         normalization: tuple[Sequence[float], Sequence[float]] | None = None,
         seed: int | None = None,
@@ -322,6 +354,9 @@ class SegmentationDataset(Dataset):
         _check_positive_int("stride", self.stride)
         self.augmentation = Augmentation() if augment is True else (augment or None)
         self.n_classes = int(n_classes)
+        self.contours = self.n_classes == 3 if contours is None else bool(contours)
+        if self.contours and self.n_classes != 3:
+            raise ValueError(f"contours: a contour model has 3 classes, received n_classes={n_classes}")
         self.mask_mode = mask_mode
         self.normalization = _normalization_arrays(normalization)
         self.cache = cache
@@ -392,13 +427,12 @@ class SegmentationDataset(Dataset):
             return self._cache[tile]
         pair = self.pairs[tile]
         image = read_image(pair.image_path)
-        mask = read_mask(pair.mask_path, n_classes=self.n_classes, mask_mode=self.mask_mode)
-        if image.shape[:2] != mask.shape:
-            raise DatasetError(
-                f"image and mask sizes differ: {pair.image_path} is {image.shape[0]}x{image.shape[1]}, "
-                f"{pair.mask_path} is {mask.shape[0]}x{mask.shape[1]}; expected the same size"
-            )
-        result = resample_pair(image, mask, self.scale(tile))
+        if self.contours:
+            result = self._contour_tile(pair, image, tile)
+        else:
+            mask = read_mask(pair.mask_path, n_classes=self.n_classes, mask_mode=self.mask_mode)
+            _check_sizes(image, mask, pair.image_path, pair.mask_path)
+            result = resample_pair(image, mask, self.scale(tile))
         if self.cache:
             self._cache[tile] = result
         return result
@@ -409,6 +443,20 @@ class SegmentationDataset(Dataset):
             self.load_tile(tile)
 
     # ------------------------------------------------------------------ internals
+
+    def _contour_tile(self, pair: SamplePair, image: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
+        from skimage.measure import label
+
+        path = find_instance_map(self.dataset_dir, pair.name)
+        if path is not None:
+            instances = read_instances(path)
+        else:
+            path = pair.mask_path
+            instances = label(read_mask(path, mask_mode="binary"), connectivity=1)
+        _check_sizes(image, instances, pair.image_path, path)
+        scale = self.scale(tile)
+        image, _ = resample_pair(image, np.zeros(image.shape[:2], np.uint8), scale)
+        return image, contour_target(resample_instances(instances, image.shape[:2]))
 
     def _sliding_windows(self) -> list[tuple[int, int, int]]:
         windows = []
@@ -439,6 +487,14 @@ class SegmentationDataset(Dataset):
             mean, std = self.normalization
             pixels = (pixels - mean) / std
         return pixels.contiguous(), torch.from_numpy(np.array(mask, dtype=np.int64))
+
+
+def _check_sizes(image: np.ndarray, mask: np.ndarray, image_path: Path, mask_path: Path) -> None:
+    if image.shape[:2] != mask.shape:
+        raise DatasetError(
+            f"image and mask sizes differ: {image_path} is {image.shape[0]}x{image.shape[1]}, "
+            f"{mask_path} is {mask.shape[0]}x{mask.shape[1]}; expected the same size"
+        )
 
 
 def crop_with_padding(

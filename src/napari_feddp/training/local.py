@@ -318,6 +318,12 @@ def train_local(
     model.to(device).train()
     loss_fn = loss_fn or DiceCELoss()
     n_classes = _n_classes(model, dataset, device)
+    targets = getattr(dataset, "n_classes", None)
+    if isinstance(targets, int) and targets != n_classes:
+        raise ValueError(
+            f"the model predicts {n_classes} classes but the dataset's targets have {targets}; "
+            f"build the dataset with n_classes={n_classes} (e.g. SegmentationDataset.for_model)"
+        )
     if config.dp_mode == "sample":
         on_interrupt = None if ledger is None else _partial_round_recorder(ledger, config, plan, round_id)
         stats, history = _train_private(model, dataset, config, plan, loss_fn, n_classes, device, on_interrupt)

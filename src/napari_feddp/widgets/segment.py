@@ -1,10 +1,13 @@
-"""Segment dock widget: run the model over a slide in a worker thread.
+"""Segment dock widget: run the model over a slide in a worker thread, show one label per nucleus.
 
-All the work happens in :mod:`napari_feddp.segmentation` and
-:mod:`napari_feddp.inference`; this widget collects the choices, runs the
-engine's progress generator in napari's ``thread_worker`` (so the viewer stays
-responsive and Cancel works between batches) and shows the result as a Labels
-layer aligned with the slide.
+All the work happens in :mod:`napari_feddp.nuclei`, :mod:`napari_feddp.segmentation`
+and :mod:`napari_feddp.inference`; this widget collects the choices, runs the
+core's progress generator (the model's run, then labelling and measuring the
+nuclei) in napari's ``thread_worker`` (so the viewer stays responsive and
+Cancel works between batches and windows) and shows the nuclei as a Labels
+layer aligned with the slide: one colour per nucleus, the measurements as the
+layer's ``features`` (napari's status bar shows them under the cursor) and the
+slide's summary in the status line.
 
 Region
     ``tissue``, ``current view``, ``whole slide``, or any Shapes layer: its
@@ -16,10 +19,12 @@ Correcting the result
     napari paints only single-scale layers, so the result is shown as one
     in-memory numpy layer whenever it fits in
     :data:`~napari_feddp.segmentation.EDITABLE_MAX_PIXELS` label pixels (about
-    270 megapixels): the whole map, or for a region only the region's part
-    (its ``metadata["origin"]`` says where it lies, and the writer saves it in
-    place over the slide). This covers the bundled sample, ordinary slides
-    processed at half resolution, and every region. A larger result stays on
+    67 megapixels of uint32 nucleus ids, 256 MiB): the whole map, or for a
+    region only the region's part (its ``metadata["origin"]`` says where it
+    lies, and the writer saves it in place over the slide). This covers the
+    bundled sample and regions up to 8192 label pixels a side. The brush paints
+    a new nucleus id (the largest plus one) unless another is picked; saved to
+    the training set, every non-zero id counts as nucleus. A larger result stays on
     disk as a multiscale layer, which napari cannot paint; **Correct current
     view** then copies the visible part (at most
     :data:`~napari_feddp.segmentation.WINDOW_MAX_SIDE` pixels a side) into an
@@ -108,7 +113,9 @@ class SegmentWidget(Container):
         self.editable_max_pixels = EDITABLE_MAX_PIXELS
         self._large_result = None
         self.worker = None
+        #: The last run's SegmentationResult (the class map) and its Nuclei (None unless complete).
         self.last_result = None
+        self.last_nuclei = None
         self._cancel = threading.Event()
         self._activity = None
 
@@ -208,7 +215,8 @@ class SegmentWidget(Container):
         """Start a segmentation in a worker thread; returns the worker (or None on bad input)."""
         from napari.qt.threading import create_worker
 
-        from ..segmentation import WIDGET_CONTROLS, check_pixel_size, load_model, run_segmentation, user_message
+        from ..nuclei import segment_nuclei
+        from ..segmentation import WIDGET_CONTROLS, check_pixel_size, is_field_of_view, load_model, user_message
 
         self.progress.value = 0
         layer = self.image.value
@@ -227,8 +235,9 @@ class SegmentWidget(Container):
             else:
                 region = shapes_region(choice, layer)
             self._cancel.clear()
-            generator = run_segmentation(
-                source, loaded, mpp=mpp, region=region, tissue=choice != "whole slide",
+            generator = segment_nuclei(
+                source, loaded, mpp=mpp, region=region,
+                tissue=choice != "whole slide" and not is_field_of_view(source),
                 batch_size=int(self.batch_size.value), overlap=float(self.overlap.value),
                 device=self.device.value, cancel=self._cancel,
             )
@@ -259,52 +268,53 @@ class SegmentWidget(Container):
     def _on_progress(self, progress) -> None:
         self.progress.value = int(1000 * progress.fraction)
         eta = f", about {progress.eta_seconds:.0f} s left" if progress.eta_seconds is not None else ""
-        self._set_status(f"{progress.stage}: {progress.done}/{progress.total} tiles{eta}")
+        self._set_status(f"{progress.stage}: {progress.done}/{progress.total} {progress.unit}{eta}")
         if self._activity is not None and progress.total:
             self._activity.total = progress.total
             self._activity.n = progress.done
             self._activity.refresh()
 
-    def _on_result(self, result) -> None:
-        self.last_result = result
+    def _on_result(self, nuclei) -> None:
+        result = nuclei.segmentation
+        self.last_result, self.last_nuclei = result, (nuclei if nuclei.complete else None)
         if not result.complete:
             self._set_status(f"Cancelled after {result.tiles_done}/{result.tiles_total} tiles: no result added.")
             return
-        from napari.utils.colormaps import DirectLabelColormap
-
+        if not nuclei.complete:
+            self._set_status("Cancelled while finding the nuclei: no result added.")
+            return
+        from ..nuclei import describe_summary
         from ..segmentation import editable_box
 
         layer = self._layer
         # Placed in the image layer's own coordinates (its level-0 scale), not by the
         # result's pixel size: the two differ when the pixel size field overrides the file's.
-        kwargs = result.layer_kwargs("pixel")
+        kwargs = nuclei.layer_kwargs("pixel")
         level0_scale = np.asarray(layer.scale[-2:], dtype=float)
         kwargs["scale"] = tuple(np.multiply(kwargs["scale"], level0_scale))
         kwargs["translate"] = tuple(np.multiply(kwargs["translate"], level0_scale))
         if _layer_in_microns(layer):
             kwargs["units"] = ("micrometer", "micrometer")
-        colors = {None: "transparent", 0: "transparent"}
-        colors.update({i: c for i, c in enumerate(self._loaded.class_colors) if i > 0})
         kwargs["translate"] = tuple(np.add(kwargs["translate"], layer.translate[-2:]))
         kwargs["metadata"].update(model=str(self._loaded.path), model_card=self._loaded.card.to_dict())
         box = editable_box(result, self.editable_max_pixels)
         if box is not None:  # one numpy array: napari's brush, fill and eraser work on it
             y0, x0, y1, x1 = box
-            data, multiscale = np.asarray(result.labels[y0:y1, x0:x1]), False
+            data, multiscale = np.asarray(nuclei.labels[y0:y1, x0:x1]), False
             kwargs["translate"] = tuple(np.add(kwargs["translate"], np.multiply((y0, x0), kwargs["scale"])))
             kwargs["metadata"]["origin"] = [y0, x0]
         else:
-            data, multiscale = result.pyramid, True
+            data, multiscale = nuclei.pyramid, True
+        # napari's default colormap: a colour per nucleus id.
         added = self.viewer.add_labels(
-            data,
-            colormap=DirectLabelColormap(color_dict=colors),
-            multiscale=multiscale,
-            **{**kwargs, "name": f"{layer.name} {self._loaded.card.name}"},
+            data, multiscale=multiscale, **{**kwargs, "name": f"{layer.name} nuclei ({self._loaded.card.name})"},
         )
-        self._large_result = (added, result) if multiscale else None
+        added.selected_label = int(nuclei.table["label"].max(initial=0)) + 1  # the brush paints a new nucleus
+        self._large_result = (added, nuclei) if multiscale else None
         self.correct_button.visible = multiscale
-        self._set_status(f"Done with {self._model_title}: {result.tiles_done} tiles in "
-                         f"{result.elapsed_seconds:.1f} s ({result.tiles_skipped} background tiles skipped).")
+        self._set_status(f"Done with {self._model_title}: {describe_summary(nuclei.summary)}. "
+                         f"{result.tiles_done} tiles in {result.elapsed_seconds + nuclei.elapsed_seconds:.1f} s "
+                         f"({result.tiles_skipped} background tiles skipped).")
 
     def correct_view(self, *_):
         """Copy the visible part of the last large result into an editable Labels layer.
@@ -319,18 +329,21 @@ class SegmentWidget(Container):
         if self._large_result is None or self._large_result[0] not in self.viewer.layers:
             self._set_status("Segment a slide first: only a large (multiscale) result needs this.", error=True)
             return None
-        layer, result = self._large_result
+        layer, nuclei = self._large_result
         try:
-            window = CorrectionWindow(result.labels, _view_region(self.viewer, layer))
+            window = CorrectionWindow(nuclei.labels, _view_region(self.viewer, layer))
         except ValueError as exc:
             self._set_status(str(exc), error=True)
             return None
         translate = np.add(layer.translate, np.multiply(window.origin, layer.scale))
         edit = self.viewer.add_labels(
             window.data, scale=layer.scale, translate=translate, units=layer.units,
-            colormap=layer.colormap, metadata={**layer.metadata, "origin": list(window.origin)},
+            colormap=layer.colormap, features=layer.features,
+            metadata={**layer.metadata, "origin": list(window.origin)},
             name=f"{layer.name} correction",
         )
+
+        edit.selected_label = layer.selected_label  # a new nucleus, as in the result layer
 
         def write_back(*_):
             if window.write_back(edit.data):
