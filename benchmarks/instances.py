@@ -10,8 +10,11 @@ Writes ``benchmarks/results/instances.json`` (``--out`` to change)::
      "fedavg": {...}, "feddp_eps1": {...}, "feddp_eps3": {...}, "feddp_eps8": {...}, "shipped": {...}}
 
 each ``{"aji", "pq", "dq", "sq", "f1", "dice", "jaccard", "accuracy", "seeds"}``: means over the
-grid's seeds on the MoNuSeg test split (14 tiles at 0.25 µm/px), scored by
-:func:`napari_feddp.evaluation.score_folder` exactly as ``napari-feddp evaluate`` does.
+grid's seeds on the MoNuSeg test split (14 tiles at 0.25 µm/px). Every checkpoint of the grid
+is scored again in this run with :func:`napari_feddp.evaluation.evaluate_folder`, exactly as
+``napari-feddp evaluate`` does, so all rows use the same code (``local_mean``: the mean over the
+hospitals' own models). ``--foreground-grid`` adds the same rows of a grid of foreground-only
+models under ``"foreground_only"``.
 ``classical`` is the haematoxylin rule (colour deconvolution, Otsu per image, no learning) with
 4-connected components as nuclei; ``classical_watershed`` the same rule split by the
 distance-transform watershed. ``shipped`` is the model bundled with the package, scored in the
@@ -39,18 +42,35 @@ def _row(report) -> dict:
     return {**scores, "seeds": None}
 
 
-def _grid_rows(grid: Path) -> dict:
+def _checkpoints(grid: Path, record: dict) -> list[Path]:
+    if record["setting"] == "local":
+        work = grid / "runs" / f"local-s{record['seed']}"
+        return [work / f"local-{h}.safetensors" for h in record["per_hospital"]]
+    return [Path(record["checkpoint"])]
+
+
+def _grid_rows(grid: Path, data: Path) -> dict:
+    from napari_feddp.evaluation import evaluate_folder
     from napari_feddp.experiments.report import load_records
+    from napari_feddp.segmentation import load_model
 
     rows = {}
     for setting, records in load_records(grid).items():
-        if setting not in GRID_ROWS or not all("aji" in r for r in records):
+        if setting not in GRID_ROWS:
             continue
-        row = {k: statistics.fmean(r[k] for r in records) for k in KEYS if all(k in r for r in records)}
-        if len(records) > 1:
-            row.update({f"{k}_std": statistics.stdev(r[k] for r in records) for k in ("aji", "pq", "dice")})
-        row["seeds"] = len(records)
+        per_seed = []
+        for record in records:
+            scored = [_row(evaluate_folder(data, load_model(str(c)), mpp=0.25)) for c in _checkpoints(grid, record)]
+            per_seed.append({k: statistics.fmean(r[k] for r in scored) for k in KEYS})
+            print(f"  {setting} seed {record['seed']}: AJI {per_seed[-1]['aji']:.4f} PQ {per_seed[-1]['pq']:.4f}",
+                  flush=True)
+        row = {k: statistics.fmean(r[k] for r in per_seed) for k in KEYS}
+        if len(per_seed) > 1:
+            row.update({f"{k}_std": statistics.stdev(r[k] for r in per_seed) for k in ("aji", "pq", "dice")})
+        row["seeds"] = len(per_seed)
         row["minutes_per_run"] = round(statistics.fmean(r.get("seconds", 0) for r in records) / 60, 1)
+        if records[0].get("epsilon") is not None:
+            row["epsilon"] = max(r["epsilon"] for r in records)
         rows[GRID_ROWS[setting]] = row
     return rows
 
@@ -58,6 +78,8 @@ def _grid_rows(grid: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", required=True, help="output folder of `napari-feddp experiment run`")
+    parser.add_argument("--foreground-grid", default=None,
+                        help="a grid of foreground-only models (`--foreground-only`), reported alongside")
     parser.add_argument("--data", default=None, help="MoNuSeg test split (default: the shared data)")
     parser.add_argument("--out", default="benchmarks/results/instances.json")
     args = parser.parse_args()
@@ -78,14 +100,17 @@ def main() -> int:
         "classical": _row(score_folder(data, rule, source_mpp=0.25, objects="components")),
         "classical_watershed": _row(score_folder(data, rule, source_mpp=0.25, objects="watershed")),
     }
-    results.update(_grid_rows(Path(args.grid)))
+    results.update(_grid_rows(Path(args.grid), data))
     shipped = load_model(None)
     results["shipped"] = {**_row(evaluate_folder(data, shipped, mpp=0.25)), "model": shipped.card.name,
                           "classes": shipped.card.class_names}
+    if args.foreground_grid:
+        results["foreground_only"] = _grid_rows(Path(args.foreground_grid), data)
     out = {
         **results,
         "meta": {
-            "data": str(data), "grid": str(args.grid), "mpp": 0.25, "n_images": 14,
+            "data": str(data), "grid": str(args.grid), "foreground_grid": args.foreground_grid,
+            "mpp": 0.25, "n_images": 14,
             "convention": "AJI (Kumar 2017), PQ = DQ x SQ (Kirillov 2019, IoU > 0.5), F1 at IoU 0.5: per tile, "
                           "mean over tiles; Dice/Jaccard: nucleus vs background pooled over all pixels",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -95,6 +120,8 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     for name, row in results.items():
+        if name == "foreground_only":
+            continue
         print(f"{name:20s} AJI {row.get('aji', float('nan')):.4f}  PQ {row.get('pq', float('nan')):.4f}  "
               f"Dice {row['dice']:.4f}  seeds {row['seeds']}")
     print(f"-> {args.out}")

@@ -122,6 +122,7 @@ def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
         record = json.loads((out / f"{setting}-s0.json").read_text())
         assert record["n_images"] == 2
         assert 0.0 <= record["dice"] <= 1.0 and 0.0 <= record["accuracy"] <= 1.0
+        assert 0.0 <= record["aji"] <= 1.0 and 0.0 <= record["pq"] <= 1.0  # object scores of every run
         assert record["total_steps"] == 1 * 2 * 2  # rounds x hospitals x local steps
     dp = json.loads((out / "feddp-eps8-s0.json").read_text())
     assert dp["dp_mode"] == "sample" and 0 < dp["epsilon"] <= 8.0
@@ -152,7 +153,9 @@ def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
     assert "1 rounds x 2 local DP-SGD steps" in card.provenance.training_data
     assert "2 steps of public pretraining" in card.provenance.training_data
     assert "CC BY-NC-SA 4.0" in card.provenance.license_note
-    assert set(card.metrics) == {f"{s}_{k}" for s in ("test", "subset3") for k in ("dice", "jaccard", "accuracy")}
+    assert card.class_names == ["background", "nucleus", "contour"]  # the grid trains contour models
+    keys = ("dice", "jaccard", "accuracy", "aji", "pq", "dq", "sq", "f1")  # object scores: test/ has instances/
+    assert set(card.metrics) == {f"{s}_{k}" for s in ("test", "subset3") for k in keys}
     # ... and a run without sample-level DP is refused.
     refused = parser.parse_args(["experiment", "bundle", "--record", str(out / "centralized-s0.json"),
                                  "--dest", str(tmp_path / "model" / "other"), "--data", str(data)])

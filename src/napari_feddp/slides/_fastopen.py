@@ -298,7 +298,7 @@ class TiffTileStore(MemoryStore):
             return None
         with self._pool_lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._maxworkers, thread_name_prefix="feddp-tiles")
+                self._pool = ThreadPoolExecutor(self._maxworkers, thread_name_prefix="feddp-decode")
             return self._pool
 
     async def get(self, key, prototype=None, byte_range=None):
