@@ -38,6 +38,7 @@ import numpy as np
 import zarr
 
 from .inference import Progress, SegmentationResult
+from .inference.engine import _cancel_check
 from .inference._output import create_output
 from .inference._reader import PAD_VALUE, resize_rgb
 from .inference._source import as_source, read_region
@@ -421,18 +422,6 @@ def _step(function: Callable[[], Any], reads: _CountedReads, total: int, stage: 
     finally:
         reads.stopped = True
         pool.shutdown(wait=True)
-
-
-def _cancel_check(cancel: Any) -> Callable[[], bool]:
-    if cancel is None:
-        return lambda: False
-    if hasattr(cancel, "is_set"):
-        return lambda: bool(cancel.is_set())
-    if callable(cancel):
-        return lambda: bool(cancel())
-    raise ValueError(
-        f"cancel: expected a threading.Event, a callable returning bool or None, received {type(cancel).__name__}"
-    )
 
 
 def _square_mpp(mpp: tuple[float, float]) -> float:
