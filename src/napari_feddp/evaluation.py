@@ -33,7 +33,7 @@ from skimage.measure import label
 from .inference import run_to_completion
 from .segmentation import LoadedModel, run_segmentation
 from .training._io import find_instance_map, read_image, read_instances, read_mask
-from .training.dataset import find_pairs
+from .training.dataset import find_pairs, resample_instances
 from .inference.instances import contour_class_of, nuclei_from_classes
 from .training.instance_metrics import instance_scores, mean_instance_scores
 from .training.metrics import SegmentationMetrics, confusion_matrix, scores_from_confusion
@@ -195,11 +195,5 @@ def predict_image(image: np.ndarray, loaded: LoadedModel, *, mpp: float | None, 
     result = run_to_completion(generator)
     labels = np.asarray(result.labels[:])
     if labels.shape != image.shape[:2]:
-        labels = _nearest_resize(labels, image.shape[:2])
+        labels = resample_instances(labels, image.shape[:2])
     return labels
-
-
-def _nearest_resize(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    rows = np.minimum((np.arange(shape[0]) + 0.5) * labels.shape[0] / shape[0], labels.shape[0] - 1).astype(int)
-    cols = np.minimum((np.arange(shape[1]) + 0.5) * labels.shape[1] / shape[1], labels.shape[1] - 1).astype(int)
-    return labels[rows][:, cols]

@@ -246,7 +246,7 @@ def resample_pair(image: np.ndarray, mask: np.ndarray, scale: float) -> tuple[np
 
 
 def resample_instances(instances: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resampling of an instance map (ids are not quantities to interpolate)."""
+    """Nearest-neighbour resampling of a label map (instance ids or class indices: never interpolated)."""
     if tuple(instances.shape) == tuple(out_size):
         return instances
     rows = np.minimum(((np.arange(out_size[0]) + 0.5) * instances.shape[0] / out_size[0]).astype(int),
