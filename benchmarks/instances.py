@@ -1,6 +1,6 @@
 """Object-level results of the experiment grid side by side: one JSON per grid.
 
-Run from the repository root after ``napari-feddp experiment run --out GRID``::
+Run from the repository root after ``python -m experiments run --out GRID``::
 
     .venv/bin/python benchmarks/instances.py --grid runs/monuseg-contour
 
@@ -31,6 +31,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's experiments/ package
+
 KEYS = ("aji", "pq", "dq", "sq", "f1", "dice", "jaccard", "accuracy")
 GRID_ROWS = {"centralized": "centralized", "local": "local_mean", "fedavg": "fedavg",
              "feddp-eps1": "feddp_eps1", "feddp-eps3": "feddp_eps3", "feddp-eps8": "feddp_eps8"}
@@ -50,8 +52,8 @@ def _checkpoints(grid: Path, record: dict) -> list[Path]:
 
 
 def _grid_rows(grid: Path, data: Path) -> dict:
+    from experiments.report import load_records
     from napari_feddp.evaluation import evaluate_folder
-    from napari_feddp.experiments.report import load_records
     from napari_feddp.segmentation import load_model
 
     rows = {}
@@ -77,19 +79,19 @@ def _grid_rows(grid: Path, data: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", required=True, help="output folder of `napari-feddp experiment run`")
+    parser.add_argument("--grid", required=True, help="output folder of `python -m experiments run`")
     parser.add_argument("--foreground-grid", default=None,
                         help="a grid of foreground-only models (`--foreground-only`), reported alongside")
     parser.add_argument("--data", default=None, help="MoNuSeg test split (default: the shared data)")
     parser.add_argument("--out", default="benchmarks/results/instances.json")
     args = parser.parse_args()
 
+    from experiments.runner import find_monuseg
     from napari_feddp.evaluation import evaluate_folder, score_folder
-    from napari_feddp.experiments.runner import _find_data
     from napari_feddp.segmentation import load_model
     from napari_feddp.training.pseudo_labels import nuclei_pseudo_mask
 
-    data = Path(args.data) if args.data else _find_data() / "test"
+    data = Path(args.data) if args.data else find_monuseg() / "test"
     if not (data / "instances").is_dir():
         raise SystemExit(f"{data}: no instances/ folder; object scores need per-nucleus annotations")
 

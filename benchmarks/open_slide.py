@@ -14,7 +14,7 @@ with the 100k slide); see ``benchmarks/_synthetic.py``.
 What is measured (see ``docs/benchmarks.md`` for the method in full):
 
 * ``open_seconds_20k`` / ``open_seconds_100k``: from calling
-  ``open_slide(path)`` until its ``layer_levels`` (the napari layer data) are ready
+  ``open_slide(path)`` until its ``levels`` (the napari layer data) are ready
   **and** one 1024 x 1024 view of the coarsest level has been read. Median of
   ``--repeats`` fresh subprocesses, the slide's pages evicted from the OS page
   cache first (``posix_fadvise(DONTNEED)`` on that file only), so the TIFF
@@ -136,7 +136,7 @@ def load_into_page_cache(path: Path) -> None:
 def worker_open(path: str, cold: bool, via: str = "open_slide") -> dict:
     """Open, get the layer data, read one 1024x1024 view of the coarsest level.
 
-    ``via="open_slide"``: ``open_slide(path).layer_levels`` (the napari layer data).
+    ``via="open_slide"``: ``open_slide(path).levels`` (the napari layer data).
     ``via="napari"``: the plugin's ``napari_get_reader(path)`` then the reader it
     returns, i.e. everything napari runs on File > Open.
     """
@@ -156,7 +156,7 @@ def worker_open(path: str, cold: bool, via: str = "open_slide") -> dict:
         data = layers[0][0]
         levels = data if isinstance(data, list) else [data]
     else:
-        levels = open_slide(path).layer_levels
+        levels = open_slide(path).levels
     t1 = time.perf_counter()
     coarsest = levels[-1]
     h, w = coarsest.shape[:2]

@@ -18,10 +18,10 @@ of :class:`napari_feddp.federation.settings.RunSettings` (Opacus, per-sample
 clipping at ``max_grad_norm``, Gaussian noise ``noise_multiplier * max_grad_norm``,
 divided by the expected batch size). The attacker knows the architecture, the
 weights before the step and the masks, and runs
-:func:`napari_feddp.audit.invert_gradients` (cosine gradient matching + TV prior).
+:func:`experiments.gradient_inversion.invert_gradients` (cosine gradient matching + TV prior).
 
 Reconstructions are scored with PSNR and SSIM against the true crops in [0, 1]
-RGB after optimal matching (:func:`napari_feddp.audit.score_reconstructions`).
+RGB after optimal matching (:func:`experiments.gradient_inversion.score_reconstructions`).
 References scored the same way, with the same crops:
 
 * ``noise_baseline`` - the attack's starting images, scored the same way (asked for by
@@ -55,9 +55,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+sys.path[:0] = [str(REPO / "src"), str(REPO)]  # the package and the experiments harness
 
-from napari_feddp.audit import (  # noqa: E402
+from experiments.gradient_inversion import (  # noqa: E402
     AttackConfig,
     client_update,
     invert_gradients,

@@ -315,15 +315,13 @@ def forward_only_seconds(slide, model, result, cpu_times: list | None = None) ->
     import torch
 
     from napari_feddp.inference._reader import TileReader
-    from napari_feddp.inference._source import as_source
     from napari_feddp.inference.tiling import choose_geometry, plan_tiles
 
     spec = _spec()
-    source = as_source(slide)
-    geometry = choose_geometry(source, spec.mpp)
+    geometry = choose_geometry(slide, spec.mpp)
     plan = plan_tiles(geometry, spec.tile_size, OVERLAP, tissue=result.tissue)
     assert plan.n_tiles == result.tiles_done, (plan.n_tiles, result.tiles_done)
-    reader = TileReader(source, geometry, spec.tile_size)
+    reader = TileReader(slide, geometry, spec.tile_size)
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
     tiles = plan.tiles()
@@ -347,7 +345,7 @@ def monai_seconds(slide, model):
 
     spec = _spec()
     start = time.perf_counter()
-    image = slide.levels[0].compute()
+    image = np.asarray(slide.levels[0])
     load = time.perf_counter() - start
     start = time.perf_counter()
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)

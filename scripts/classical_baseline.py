@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from napari_feddp.evaluation import score_folder
 from napari_feddp.training.pseudo_labels import nuclei_pseudo_mask
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's experiments/ package
 
 
 def main() -> int:
@@ -27,9 +30,9 @@ def main() -> int:
     parser.add_argument("--json", default="benchmarks/results/classical_baseline_monuseg.json")
     args = parser.parse_args()
     if args.data is None:
-        from napari_feddp.experiments.runner import _find_data
+        from experiments.runner import find_monuseg
 
-        args.data = str(_find_data() / "test")
+        args.data = str(find_monuseg() / "test")
     def rule(image):
         return nuclei_pseudo_mask(image, mpp=args.mpp).astype("uint8")
 

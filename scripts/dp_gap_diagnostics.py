@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's experiments/ package
 
 OFFSETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -54,9 +57,9 @@ def main() -> int:
     parser.add_argument("--data", default=None, help="MoNuSeg folder with test/ (default: the shared data)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
-    from napari_feddp.experiments.runner import _find_data
+    from experiments.runner import find_monuseg
 
-    test_dir = (Path(args.data) if args.data else _find_data()) / "test"
+    test_dir = (Path(args.data) if args.data else find_monuseg()) / "test"
     rows = []
     for path in args.records:
         record = json.loads(Path(path).read_text())

@@ -4,8 +4,8 @@ Proxy task: train on the pooled patches of four hospitals (h1-h4) for 400 steps 
 score on the fifth hospital's patches (h5-mixed, at 0.5 µm/px, pooled Dice): once without DP,
 once with DP-SGD at the ε=8 noise multiplier of the grid (σ = 0.913, C = 1, Poisson sampling).
 The MoNuSeg test split is never touched. Run from the repository root after the grid has
-prepared its hospital patches (``napari-feddp experiment run --out runs/monuseg ...``). It is
-pinned to the recipe it was made for, the earlier grid's (base width 16, batch 8)::
+prepared its hospital patches (``python -m experiments run --out runs/monuseg ...``). It is
+pinned to the shipped model's recipe (base width 16, batch 8)::
 
     .venv/bin/python scripts/select_dp_lr.py --hospitals runs/monuseg/hospitals
 
@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's experiments/ package
 
 TRAIN = ("h1-breast", "h2-kidney", "h3-liver", "h4-prostate")
 VALIDATE = "h5-mixed"
@@ -26,17 +29,15 @@ CANDIDATES = [(0.913, 2e-3), (0.913, 1e-3), (0.913, 5e-4), (0.0, 2e-3), (0.0, 1e
 
 
 def one(hospitals: Path, pooled: Path, sigma: float, lr: float, steps: int, work: Path) -> dict:
-    from dataclasses import replace
-
+    from experiments.runner import Budget, train_direct
     from napari_feddp.evaluation import evaluate_folder
-    from napari_feddp.experiments.runner import Budget, train_direct
     from napari_feddp.segmentation import load_model
 
-    # The recipe this proxy was made for (the earlier grid: base width 16, batch 8).
-    budget = replace(Budget(), learning_rate=lr, base_width=16, batch_size=8)
+    # The shipped model's recipe: base width 16, batch 8.
+    settings = Budget().settings.replace(learning_rate=lr, model_base_width=16, batch_size=8)
     started = time.monotonic()
-    checkpoint = train_direct(pooled, steps, budget, 0, work, f"proxy-{sigma}-{lr}", noise=sigma or None)
-    report = evaluate_folder(hospitals / VALIDATE, load_model(str(checkpoint)), mpp=budget.mpp)
+    checkpoint = train_direct(pooled, steps, settings, 0, work, f"proxy-{sigma}-{lr}", noise=sigma or None)
+    report = evaluate_folder(hospitals / VALIDATE, load_model(str(checkpoint)), mpp=settings.mpp)
     return {"sigma": sigma, "lr": lr, "steps": steps, "val_dice": report.dice, "val_jaccard": report.jaccard,
             "seconds": round(time.monotonic() - started, 1)}
 

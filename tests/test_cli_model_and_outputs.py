@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -158,3 +160,56 @@ def test_label_map_round_trip_unchanged_by_the_checks(tmp_path, cmu1_path, tiny_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv", "m.ome.tif", "o.geojson"]
     assert tifffile.imread(out).shape == open_slide(cmu1_path).shape
     assert json.loads(geo.read_text())["type"] == "FeatureCollection"
+
+
+def _segment_args(slide, out, model) -> list[str]:
+    return ["segment", str(slide), "--out", str(out), "--model", str(model), "--quiet",
+            "--region", "1000,1200,256,256", "--all-tiles"]
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path, cmu1_path, tiny_checkpoint, capsys):
+    out = tmp_path / "m.ome.tif"
+    out.write_bytes(b"a previous result")
+    rc = main(_segment_args(cmu1_path, out, tiny_checkpoint))
+    line = _error_line(capsys)
+    assert rc == 2 and "already exists" in line and "--overwrite" in line
+    assert out.read_bytes() == b"a previous result"
+    assert main([*_segment_args(cmu1_path, out, tiny_checkpoint), "--overwrite"]) == 0
+    assert open_slide(out).kind == "labels"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv", "m.ome.tif"]  # no lock or temporary left
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_writes(tmp_path, cmu1_path, tiny_checkpoint,
+                                                                             capsys):
+    out = tmp_path / "m.ome.tif"
+    # Another process holds the output, as a running `segment` does from its first tile to its last file.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom napari_feddp._atomic import exclusive\n"
+         "with exclusive([sys.argv[1]]):\n    print('held', flush=True)\n    time.sleep(120)\n", str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc = main(_segment_args(cmu1_path, out, tiny_checkpoint))
+        line = _error_line(capsys)
+        assert rc == 2 and "another run is writing this file now" in line and not out.exists()
+    finally:
+        holder.kill()  # killed, not finished: the kernel releases its lock
+        holder.wait()
+    assert main(_segment_args(cmu1_path, out, tiny_checkpoint)) == 0
+    assert open_slide(out).kind == "labels"
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path, cmu1_path, tiny_checkpoint):
+    out = tmp_path / "m.ome.tif"
+    # The file-size limit makes every write past 4 KiB fail with EFBIG, as a full disk fails with ENOSPC.
+    limit = ("import resource, signal, sys\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+             "from napari_feddp.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", limit, *_segment_args(cmu1_path, out, tiny_checkpoint)],
+                          capture_output=True, text=True, timeout=300)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("napari-feddp segment: error: cannot write the outputs, none was kept")
+    assert "File too large" in err
+    assert list(tmp_path.iterdir()) == []

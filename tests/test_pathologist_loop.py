@@ -81,7 +81,7 @@ def test_small_result_is_editable_saved_reopened_and_resaved(qtbot, sample_and_w
 
 def test_large_result_is_corrected_through_a_window(qtbot, sample_and_widget, tmp_path):
     viewer, widget = sample_and_widget
-    widget.editable_max_pixels = 1_000_000  # the sample's 6.6 MP result now counts as large
+    widget.editable_max_pixels = 1_000_000  # with this limit the sample's 6.6 MP result counts as large
     result_layer = _segment(qtbot, widget)
     assert result_layer.multiscale and not result_layer.editable
     assert widget.correct_button.visible

@@ -181,3 +181,33 @@ def test_slide_info_follows_the_slide_under_other_layers(make_napari_viewer, cmu
     viewer.layers.remove(slide)
     assert widget.slide_layer() is None
     assert widget.info.text() == "Select a slide layer opened by FedDP."
+
+
+def test_a_run_that_fails_midway_is_a_notification(qtbot, make_napari_viewer, tmp_path, tiny_checkpoint):
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    # The slide file is damaged while the model runs, as a network share that drops out would do.
+    copy = tmp_path / "CMU-1-Small-Region.svs"
+    copy.write_bytes(require_data("slides/CMU-1-Small-Region.svs").read_bytes())
+    viewer = make_napari_viewer()
+    viewer.open(str(copy), plugin=PLUGIN)
+    widget = SegmentWidget(viewer)
+    widget.model_source.value = MODEL_FILE
+    widget.checkpoint.value = str(tiny_checkpoint)
+    widget.region.value = "whole slide"
+    widget.batch_size.value = 1
+    posted_before = len(notification_manager.records)
+
+    def damage(*_):
+        with open(copy, "r+b") as handle:
+            handle.truncate(64 * 1024)
+
+    worker = widget.run()
+    assert worker is not None
+    worker.yielded.connect(damage)  # the first progress report: the first tile is done, most are not read yet
+    _wait(qtbot, worker)
+    assert widget.status.value.startswith("Error: ")
+    assert ERROR_COLOR in widget.status.native.styleSheet()
+    errors = [r for r in notification_manager.records[posted_before:] if r.severity == NotificationSeverity.ERROR]
+    assert [r.message for r in errors] == [widget.status.value]  # once, short as it may be
+    assert widget.run_button.enabled  # the widget is ready for the next run

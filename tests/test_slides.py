@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import shutil
 
+import dask.array as da
 import numpy as np
 import pytest
 import tifffile
+import zarr
 
-from napari_feddp.slides import NotASlideError, SlideError, open_slide
+from napari_feddp.slides import NotASlideError, Slide, SlideError, open_slide
 from napari_feddp.slides._metadata import aperio_description_fields, ome_physical_size
 
 from ._slide_factory import tissue_like_rgb, write_pyramid
@@ -29,15 +33,10 @@ def test_shared_slides_match_tifffile(name):
         # A region read through the lazy arrays equals tifffile's full decode.
         h, w = level0.shape[:2]
         y0, x0 = h // 3, w // 4
-        region = slide.levels[0][y0 : y0 + 300, x0 : x0 + 200].compute()
+        region = np.asarray(slide.levels[0][y0 : y0 + 300, x0 : x0 + 200])
         np.testing.assert_array_equal(region, level0[y0 : y0 + 300, x0 : x0 + 200])
-        # The zarr arrays the segmentation engine reads tiles from hold the same pixels.
-        if slide.region_arrays is not None:
-            assert len(slide.region_arrays) == len(series.levels)
-            direct = np.asarray(slide.region_arrays[0][y0 : y0 + 300, x0 : x0 + 200])
-            np.testing.assert_array_equal(direct, region)
         if len(series.levels) > 1:
-            np.testing.assert_array_equal(slide.levels[-1].compute(), series.levels[-1].asarray())
+            np.testing.assert_array_equal(np.asarray(slide.levels[-1]), series.levels[-1].asarray())
         if "svs" in tif.flags:
             mpp = float(aperio_description_fields(tif.pages[0].description)["MPP"])
             assert slide.mpp == (mpp, mpp)
@@ -68,21 +67,17 @@ def test_single_level_large_tiff_gets_lazy_pyramid(cmu1_path):
     slide = open_slide(cmu1_path)  # CMU-1 small region is stored at one level
     assert not slide.pyramid_in_file
     assert [lv.shape[:2] for lv in slide.levels] == [(2967, 2220), (1483, 1110), (741, 555)]
-    full = slide.levels[0][:1482, :1110].compute().astype(np.float64)
+    full = np.asarray(slide.levels[0][:1482, :1110]).astype(np.float64)
     expected = full.reshape(741, 2, 555, 2, 3).mean(axis=(1, 3))
     coarse = slide.levels[1][:741, :555].compute()
     assert np.abs(coarse - expected).max() <= 0.5 + 1e-9
-    # Only the stored level can be read directly; the engine reads level 0 and resizes.
-    assert [a.shape for a in slide.region_arrays] == [(2967, 2220, 3)]
-    from napari_feddp.inference._source import as_source
-
-    source = as_source(slide)
-    assert source.tile_array(0) is slide.region_arrays[0]
-    # napari gets the stored level as zarr (cheap slicing) and the computed levels as dask.
+    # The stored level is sliced directly (zarr: no task graph per view); only the
+    # computed levels are dask. napari gets exactly these arrays.
+    assert isinstance(slide.levels[0], zarr.Array)
+    assert all(isinstance(level, da.Array) for level in slide.levels[1:])
     from napari_feddp._reader import slide_layer_data
 
-    data = slide_layer_data(slide)[0]
-    assert data[0] is slide.region_arrays[0] and data[1] is slide.levels[1] and data[2] is slide.levels[2]
+    assert slide_layer_data(slide)[0] is slide.levels
 
 
 def test_ome_tiff_physical_size_and_objective(tmp_path):
@@ -93,7 +88,7 @@ def test_ome_tiff_physical_size_and_objective(tmp_path):
     slide = open_slide(path)
     assert slide.vendor == "ome-tiff"
     assert slide.mpp == pytest.approx((0.26, 0.25))
-    np.testing.assert_array_equal(slide.levels[0].compute(), image)
+    np.testing.assert_array_equal(np.asarray(slide.levels[0]), image)
     assert len(slide.levels) == 3
 
 
@@ -128,7 +123,7 @@ def test_aperio_jpeg2000_slide(tmp_path):
         tif.pages[0].tags["Compression"].overwrite(33005)
     slide = open_slide(path)
     assert slide.vendor == "aperio" and slide.mpp == (0.2525, 0.2525) and slide.objective_power == 40
-    pixels = slide.levels[0].compute()
+    pixels = np.asarray(slide.levels[0])
     np.testing.assert_array_equal(pixels, tifffile.imread(path))
     assert np.abs(pixels.astype(int) - image).max() <= 2  # reversible coding: (near) lossless
 
@@ -145,10 +140,10 @@ def test_open_is_lazy_level0_never_decoded(tmp_path):
             handle.seek(offset)
             handle.write(b"\x00" * count)
     slide = open_slide(path)
-    coarse = slide.levels[-1].compute()
+    coarse = np.asarray(slide.levels[-1])
     np.testing.assert_array_equal(coarse, image[::8, ::8])
     with pytest.raises(Exception):  # noqa: B017 - proves level 0 is only decoded on demand
-        slide.levels[0][:256, :256].compute()
+        np.asarray(slide.levels[0][:256, :256])
 
 
 def test_truncated_slide_clear_error(tmp_path, cmu1_path):
@@ -193,7 +188,7 @@ def test_copy_keeps_working_after_original_moves(tmp_path, cmu1_path):
     copy = tmp_path / "copy.svs"
     shutil.copy(cmu1_path, copy)
     slide = open_slide(copy)
-    first = slide.levels[0][:64, :64].compute()
+    first = np.asarray(slide.levels[0][:64, :64])
     slide.close()
     assert first.shape == (64, 64, 3)
 
@@ -214,17 +209,96 @@ def test_tile_cache_never_changes_pixels(monkeypatch, cmu1_path, cache_bytes):
 
     def read(box):
         y, x, h, w = box
-        return box, slide.levels[0][y : y + h, x : x + w].compute()
+        return box, np.asarray(slide.levels[0][y : y + h, x : x + w])
 
     with ThreadPoolExecutor(4) as pool:  # concurrent readers share the cache
         for (y, x, h, w), region in pool.map(read, boxes + boxes):
             np.testing.assert_array_equal(region, full[y : y + h, x : x + w])
 
 
-def test_dask_chunks_are_whole_tiles(cmu1_path):
-    from napari_feddp.slides._open import DASK_CHUNK_SIDE
+def test_tile_past_end_of_file_clear_error(tmp_path):
+    """A tile table pointing past the end (not the last tile, so the file size looks right)."""
+    path = write_pyramid(tmp_path / "broken.tif", tissue_like_rgb(1024, 1024), levels=2)
+    with tifffile.TiffFile(path) as tif:
+        offsets = list(tif.pages[0].dataoffsets)
+        offsets[3] = tif.filehandle.size + 10_000
+    with tifffile.TiffFile(path, mode="r+") as tif:
+        tif.pages[0].tags["TileOffsets"].overwrite(offsets)
+    with pytest.raises(SlideError, match=r"broken\.tif.*truncated or corrupt"):
+        open_slide(path)
 
-    slide = open_slide(cmu1_path)
-    rows, cols = slide.levels[0].chunks[:2]
-    assert all(c % 240 == 0 for c in rows[:-1]) and all(c % 240 == 0 for c in cols[:-1])
-    assert max(rows) <= DASK_CHUNK_SIDE and max(cols) <= DASK_CHUNK_SIDE
+
+VARIANTS = {
+    "zlib": {"compression": "zlib"},
+    "lzw": {"compression": "lzw"},
+    "none": {"compression": None},
+    "jpeg-ycbcr": {"compression": "jpeg"},
+    "jpeg2000": {"compression": "jpeg2000"},
+    "bigtiff-big-endian": {"compression": "zlib", "bigtiff": True, "byteorder": ">"},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_subifd_pyramids_match_tifffile(tmp_path, variant):
+    options = dict(VARIANTS[variant])
+    bigtiff, byteorder = options.pop("bigtiff", False), options.pop("byteorder", None)
+    image = tissue_like_rgb(1100, 900, seed=5)  # edge tiles are partial
+    pyramid = [image, image[::2, ::2], image[::4, ::4]]
+    path = tmp_path / f"{variant}.tif"
+    with tifffile.TiffWriter(path, bigtiff=bigtiff, byteorder=byteorder) as writer:
+        common = {"tile": (256, 256), "photometric": "rgb", "metadata": None, **options}
+        writer.write(pyramid[0], subifds=2, resolution=(2e4, 2e4), resolutionunit="CENTIMETER", **common)
+        for level in pyramid[1:]:
+            writer.write(level, subfiletype=1, **common)
+    slide = open_slide(path)
+    assert slide.mpp == pytest.approx((0.5, 0.5)) and slide.pyramid_in_file
+    with tifffile.TiffFile(path) as tif:
+        for mine, theirs in zip(slide.levels, tif.series[0].levels, strict=True):
+            np.testing.assert_array_equal(np.asarray(mine), theirs.asarray())
+
+
+def _open_descriptors(path) -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        except OSError:
+            pass
+    return count
+
+
+def test_close_releases_file(tmp_path):
+    path = write_pyramid(tmp_path / "c.tif", tissue_like_rgb(300, 300))
+    slide = open_slide(path)
+    np.asarray(slide.levels[0][:10, :10])
+    assert _open_descriptors(path) == 1
+    slide.close()
+    assert _open_descriptors(path) == 0
+
+
+def test_file_released_when_slide_is_garbage_collected(tmp_path):
+    path = write_pyramid(tmp_path / "g.tif", tissue_like_rgb(300, 300))
+    slide = open_slide(path)
+    np.asarray(slide.levels[0][:10, :10])
+    assert _open_descriptors(path) == 1
+    del slide
+    gc.collect()
+    assert _open_descriptors(path) == 0
+
+
+def test_slide_from_array():
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    for image in (rgba, zarr.array(rgba)):
+        slide = Slide.from_array(image, mpp=0.5)
+        assert slide.shape == (20, 30) and slide.kind == "rgb" and slide.mpp == (0.5, 0.5)
+        np.testing.assert_array_equal(np.asarray(slide.levels[0]), rgba[..., :3])  # alpha dropped
+    assert slide.with_mpp((0.25, 0.3)).level_mpp(0) == (0.25, 0.3) and slide.mpp == (0.5, 0.5)
+    assert Slide.from_array(rgba).metadata()["units"] == "pixel"
+    bad = [(np.zeros((5, 5), np.uint8), r"expected shape \(Y, X, 3\)"),
+           (np.zeros((5, 5, 3), np.float32), "expected dtype uint8"), ([[1, 2, 3]], "expected a Slide or an RGB array")]
+    for image, message in bad:
+        with pytest.raises(SlideError, match=message):
+            Slide.from_array(image)
+    with pytest.raises(SlideError, match="mpp: expected a positive number"):
+        Slide.from_array(rgba, mpp=0)

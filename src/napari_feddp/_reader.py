@@ -55,7 +55,7 @@ def read_slide(
 ) -> list[LayerData]:
     """Read a slide into napari layer data.
 
-    Returns one multiscale RGB image layer (a list of lazy dask arrays, highest
+    Returns one multiscale RGB image layer (the slide's lazy levels, highest
     resolution first) with ``scale`` in micrometres, or a labels layer for our
     OME-TIFF label exports. Associated label/macro images are added only when
     ``show_associated`` is true (or the environment variable
@@ -86,9 +86,8 @@ def slide_layer_data(slide: Slide) -> LayerData:
             SlideUnitsWarning,
             stacklevel=2,
         )
-    levels = slide.layer_levels
-    data = levels if len(levels) > 1 else levels[0]
-    kwargs["multiscale"] = len(levels) > 1
+    data = slide.levels if len(slide.levels) > 1 else slide.levels[0]
+    kwargs["multiscale"] = len(slide.levels) > 1
     if slide.kind == "labels":
         return (data, kwargs, "labels")
     kwargs["rgb"] = True

@@ -15,7 +15,7 @@ from . import __version__
 from .commands import CommandError
 
 #: Modules under napari_feddp.commands, in the order shown by --help.
-COMMAND_MODULES = ("info", "segment", "evaluate", "federation", "ledger", "experiment")
+COMMAND_MODULES = ("info", "segment", "evaluate", "federation", "ledger")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, FileNotFoundError, ValueError) as exc:
         print(f"napari-feddp {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError as exc:
+        from .segmentation import CLI_CONTROLS, user_message
+
+        print(f"napari-feddp {args.command}: error: {user_message(exc, CLI_CONTROLS)}", file=sys.stderr)
+        return 3
+    except OSError as exc:  # disk full, permission, a file removed under the run
+        print(f"napari-feddp {args.command}: error: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,8 +40,7 @@ import zarr
 from .inference import Progress, SegmentationResult
 from .inference.engine import _cancel_check
 from .inference._output import create_output
-from .inference._reader import PAD_VALUE, resize_rgb
-from .inference._source import as_source, read_region
+from .inference._reader import as_slide, read_scaled
 from .inference.instances import HALO_UM, MIN_NUCLEUS_AREA_UM2, contour_class_of, label_nuclei_tiled
 from .measure import measure_nuclei_tiled, summarise
 from .regions import PolygonRegion
@@ -318,7 +317,7 @@ def tissue_area_um2(result: SegmentationResult, region: PolygonRegion | None = N
     cell = ((y1 - y0) / rows, (x1 - x0) / cols)
     inside = np.ones((rows, cols), bool)
     if result.tissue is not None:
-        inside &= _sample_at_centres(result.tissue.mask, result.tissue.downsample, (y0, x0), cell, (rows, cols))
+        inside &= result.tissue.sample((rows, cols), cell, (y0, x0))
     if region is not None:
         inside &= region.mask((rows, cols), downsample=cell, origin=(y0 / cell[0], x0 / cell[1]))
     level0_mpp = (result.mpp[0] / dy, result.mpp[1] / dx)
@@ -454,26 +453,12 @@ def _rgb_reader(image: Any, result: SegmentationResult,
                 origin: tuple[int, int] = (0, 0)) -> Callable[[int, int, int, int], np.ndarray]:
     """``read(top, left, bottom, right)``: the slide's RGB on the label grid (rows and columns
     counted from label pixel ``origin``), resampled as the engine read it."""
-    array = as_source(image).tile_array(result.level)
+    array = as_slide(image).levels[result.level]
     height, width = result.labels.shape
     scale = (int(array.shape[0]) / height, int(array.shape[1]) / width)
 
     def read(top: int, left: int, bottom: int, right: int) -> np.ndarray:
-        top, bottom, left, right = top + origin[0], bottom + origin[0], left + origin[1], right + origin[1]
-        if scale == (1.0, 1.0):
-            return read_region(array, top, bottom, left, right, PAD_VALUE)
-        y0, x0 = round(top * scale[0]), round(left * scale[1])
-        y1, x1 = max(round(bottom * scale[0]), y0 + 1), max(round(right * scale[1]), x0 + 1)
-        return resize_rgb(read_region(array, y0, y1, x0, x1, PAD_VALUE), (bottom - top, right - left))
+        y, x = origin
+        return read_scaled(array, scale, top + y, left + x, bottom + y, right + x)
 
     return read
-
-
-def _sample_at_centres(mask: np.ndarray, downsample: tuple[float, float], origin: tuple[float, float],
-                       cell: tuple[float, float], shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour sample of a level-0-aligned mask at the centres of a grid of cells."""
-    rows = ((origin[0] + (np.arange(shape[0]) + 0.5) * cell[0]) / downsample[0]).astype(np.int64)
-    cols = ((origin[1] + (np.arange(shape[1]) + 0.5) * cell[1]) / downsample[1]).astype(np.int64)
-    rows = np.clip(rows, 0, mask.shape[0] - 1)
-    cols = np.clip(cols, 0, mask.shape[1] - 1)
-    return mask[np.ix_(rows, cols)]

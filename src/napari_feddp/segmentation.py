@@ -71,11 +71,14 @@ class Controls:
         How to predict background tiles too.
     model : str
         How to choose a checkpoint file.
+    smaller_run : str
+        How to make a run need less memory.
     """
 
     pixel_size: str
     whole_slide: str
     model: str
+    smaller_run: str
 
 
 #: ``napari-feddp segment``.
@@ -83,12 +86,14 @@ CLI_CONTROLS = Controls(
     pixel_size="pass --mpp MICRONS_PER_PIXEL",
     whole_slide="pass --all-tiles to predict every tile",
     model="pass a checkpoint with --model CKPT.safetensors",
+    smaller_run="segment a --region or with a smaller --batch-size",
 )
 #: The Segment dock widget.
 WIDGET_CONTROLS = Controls(
     pixel_size="set the pixel size field (µm/px)",
     whole_slide='choose region "whole slide" to predict every tile',
     model='choose model "checkpoint file…"',
+    smaller_run='choose region "current view" or a smaller batch size',
 )
 # Hints of the engine and the model store, and the control each one stands for.
 _HINTS = (
@@ -104,6 +109,8 @@ class SegmentationInputError(ValueError):
 
 def user_message(error: BaseException | str, controls: Controls) -> str:
     """The text of ``error`` with every Python-parameter hint replaced by ``controls``' words."""
+    if isinstance(error, MemoryError):
+        return f"out of memory; close other programs, or {controls.smaller_run}"
     text = str(error)
     for pattern, control in _HINTS:
         text = pattern.sub(getattr(controls, control), text)
@@ -185,9 +192,9 @@ def is_field_of_view(image) -> bool:
     Parameters
     ----------
     image : Slide or array-like
-        A slide (its ``layer_levels``) or an RGB array.
+        A slide (its ``levels``) or an RGB array.
     """
-    levels = getattr(image, "layer_levels", None)
+    levels = getattr(image, "levels", None)
     levels = list(levels) if levels is not None else [image]
     return len(levels) == 1 and max(int(n) for n in levels[0].shape[:2]) <= FIELD_OF_VIEW_MAX_SIDE
 

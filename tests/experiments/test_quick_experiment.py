@@ -1,4 +1,4 @@
-"""``napari-feddp experiment run --quick`` end to end (real Flower federation on loopback)."""
+"""The reproduction harness, ``python -m experiments run --quick`` end to end (real Flower federation on loopback)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from napari_feddp.experiments.hospitals import HOSPITALS, hospital_of, split_names
-from napari_feddp.experiments.report import markdown_table, summarize
+from experiments.cli import main
+from experiments.hospitals import HOSPITALS
+from experiments.report import markdown_table, summarize
+from napari_feddp.federation.sites import split_by_site
 
 from ..conftest import require_data
 
@@ -15,11 +17,13 @@ from ..conftest import require_data
 def test_every_monuseg_train_tile_has_a_hospital():
     train = require_data("monuseg/train")
     names = [p.stem for p in (train / "images").iterdir()]
-    groups = split_names(names)
+    groups = split_by_site(names, HOSPITALS)
     assert sum(len(v) for v in groups.values()) == len(names) == 30
     assert len(groups) >= 4 and all(groups.values())
-    assert hospital_of("TCGA-A7-A13E-01Z-00-DX1") == "h1-breast"
+    assert "TCGA-A7-A13E-01Z-00-DX1" in groups["h1-breast"]
     assert set(groups) == set(HOSPITALS)
+    with pytest.raises(KeyError, match="TCGA site ZZ is not mapped"):
+        split_by_site(["TCGA-ZZ-0000-01Z-00-DX1"], HOSPITALS)
 
 
 def test_table_marks_missing_settings():
@@ -33,7 +37,7 @@ def test_table_marks_missing_settings():
 
 
 def test_privacy_cost_sweep_is_run_and_tabled_only_on_request():
-    from napari_feddp.experiments.runner import DP_EPSILONS, GRID, SWEEP_ONLY
+    from experiments.runner import DP_EPSILONS, GRID, SWEEP_ONLY
 
     assert set(SWEEP_ONLY).isdisjoint(GRID)
     assert {DP_EPSILONS[s] for s in SWEEP_ONLY if s in DP_EPSILONS} == {16.0, 32.0}
@@ -47,13 +51,11 @@ def test_privacy_cost_sweep_is_run_and_tabled_only_on_request():
 
 
 def test_clipping_only_diagnostic_is_a_sample_dp_setting_without_privacy():
-    from dataclasses import asdict
-
-    from napari_feddp.experiments.runner import CLIP_ONLY_NOISE, SAMPLE_DP, SWEEP_ONLY, Budget, _relevant
+    from experiments.runner import CLIP_ONLY_NOISE, SAMPLE_DP, SWEEP_ONLY, Budget, _relevant
 
     assert "feddp-clip" in SAMPLE_DP and "feddp-clip" in SWEEP_ONLY and CLIP_ONLY_NOISE < 1e-3
     # Its records depend on the DP-only budget fields, like every sample-level DP run.
-    assert "dp_learning_rate" in _relevant(asdict(Budget()), "feddp-clip")
+    assert "dp_learning_rate" in _relevant(Budget().as_record(), "feddp-clip")
     rows = summarize({"fedavg": [{"dice": 0.5, "jaccard": 0.4, "accuracy": 0.8, "epsilon": None}],
                       "feddp-clip": [{"dice": 0.495, "jaccard": 0.4, "accuracy": 0.8, "epsilon": None}]})
     table = markdown_table(rows)
@@ -61,7 +63,7 @@ def test_clipping_only_diagnostic_is_a_sample_dp_setting_without_privacy():
 
 
 def test_round_curves_follow_table_order_and_only_settings_with_epsilon_have_an_epsilon_curve():
-    from napari_feddp.experiments.report import round_series
+    from experiments.report import round_series
 
     def record(setting, seed, epsilon):
         return {"setting": setting, "seed": seed, "rounds": [
@@ -79,7 +81,7 @@ def test_round_curves_follow_table_order_and_only_settings_with_epsilon_have_an_
 
 
 def test_dice_vs_epsilon_plot_needs_two_epsilons(tmp_path):
-    from napari_feddp.experiments.report import plot_privacy_cost
+    from experiments.report import plot_privacy_cost
 
     def run(setting, dice, seeds):
         return [{"setting": setting, "seed": k, "dice": dice + k * 1e-3, "jaccard": 0.5, "accuracy": 0.9,
@@ -95,19 +97,13 @@ def test_dice_vs_epsilon_plot_needs_two_epsilons(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
+def test_quick_experiment_end_to_end(tmp_path, capsys):
     data = require_data("monuseg")
-    import argparse
-
-    from napari_feddp.commands import experiment
-
-    parser = argparse.ArgumentParser()  # the command module alone (works before cli registers it)
-    experiment.add_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "quick"
     # FedAvg is left out to stay well under 4 minutes on a loaded 2-core CPU (it runs like feddp-eps8).
-    args = parser.parse_args(["experiment", "run", "--quick", "--out", str(out), "--data", str(data),
-                              "--settings", "pretrained", "centralized", "feddp-eps8", "--pretrain-steps", "2"])
-    assert args.func(args) == 0
+    quick = ["run", "--quick", "--out", str(out), "--data", str(data),
+             "--settings", "pretrained", "centralized", "feddp-eps8", "--pretrain-steps", "2"]
+    assert main(quick) == 0
     # Every setting starts from the public-pretrained model, which is scored on its own too.
     init = json.loads((out / "pretrained-s0.json").read_text())
     assert init["pretrain_steps"] == 2 and init["total_steps"] == 0 and init["epsilon"] is None
@@ -133,20 +129,17 @@ def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
     assert (out / "results_dice_vs_round.png").is_file()
     # The same grid again keeps every finished run instead of training it again ...
     mtime = (out / "centralized-s0.json").stat().st_mtime_ns
-    assert args.func(args) == 0
+    assert main(quick) == 0
     assert (out / "centralized-s0.json").stat().st_mtime_ns == mtime
     # ... and refuses to mix runs made with another budget into the same table.
-    from napari_feddp.commands import CommandError
-
-    other = parser.parse_args(["experiment", "run", "--quick", "--out", str(out), "--data", str(data),
-                               "--settings", "centralized", "--rounds", "2"])
-    with pytest.raises(CommandError, match="another budget"):
-        other.func(other)
+    capsys.readouterr()
+    assert main(["run", "--quick", "--out", str(out), "--data", str(data),
+                 "--settings", "centralized", "--rounds", "2"]) == 2
+    assert "another budget" in capsys.readouterr().err
     assert (out / "centralized-s0.json").stat().st_mtime_ns == mtime
     # The FedDP run ships as a default model with a card made from its record ...
-    bundle = parser.parse_args(["experiment", "bundle", "--record", str(out / "feddp-eps8-s0.json"),
-                                "--dest", str(tmp_path / "model" / "feddp-nuclei"), "--data", str(data)])
-    assert bundle.func(bundle) == 0
+    assert main(["bundle", "--record", str(out / "feddp-eps8-s0.json"),
+                 "--dest", str(tmp_path / "model" / "feddp-nuclei"), "--data", str(data)]) == 0
     _, card = load_checkpoint(tmp_path / "model" / "feddp-nuclei.safetensors")
     assert card.provenance.privacy.epsilon == pytest.approx(dp["epsilon"])
     assert card.provenance.privacy.dp_mode == "sample" and card.provenance.federated_rounds == 1
@@ -157,15 +150,16 @@ def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
     keys = ("dice", "jaccard", "accuracy", "aji", "pq", "dq", "sq", "f1")  # object scores: test/ has instances/
     assert set(card.metrics) == {f"{s}_{k}" for s in ("test", "subset3") for k in keys}
     # ... and a run without sample-level DP is refused.
-    refused = parser.parse_args(["experiment", "bundle", "--record", str(out / "centralized-s0.json"),
-                                 "--dest", str(tmp_path / "model" / "other"), "--data", str(data)])
-    with pytest.raises(CommandError, match="sample-level FedDP"):
-        refused.func(refused)
+    capsys.readouterr()
+    assert main(["bundle", "--record", str(out / "centralized-s0.json"),
+                 "--dest", str(tmp_path / "model" / "other"), "--data", str(data)]) == 2
+    assert "sample-level FedDP" in capsys.readouterr().err
+    assert not (tmp_path / "model" / "other.safetensors").exists()
 
 
 def test_default_model_must_keep_the_epsilon_8_promise(tmp_path):
     """A sweep run (eps 32) or the clipping-only diagnostic (no epsilon) is refused before anything is scored."""
-    from napari_feddp.experiments.bundle import bundle_from_record
+    from experiments.bundle import bundle_from_record
 
     for setting, epsilon, refusal in (("feddp-eps32", 31.68, "promises at most 8"),
                                       ("feddp-clip", None, "must come from a sample-level FedDP run")):
@@ -178,70 +172,101 @@ def test_default_model_must_keep_the_epsilon_8_promise(tmp_path):
 
 
 def test_dp_runs_may_use_their_own_batch_at_the_same_crop_budget():
-    from napari_feddp.experiments.runner import Budget
+    from experiments.runner import Budget
 
     shared = Budget()
     dp = Budget(dp_batch_size=64, dp_local_steps=5).for_sample_dp()
-    assert (dp.batch_size, dp.local_steps) == (64, 5)
-    assert dp.total_steps * dp.batch_size == shared.total_steps * shared.batch_size
+    assert (dp.settings.batch_size, dp.settings.max_steps) == (64, 5)
+    assert dp.total_steps * dp.settings.batch_size == shared.total_steps * shared.settings.batch_size
     assert Budget().for_sample_dp() == Budget()
-    assert Budget(dp_learning_rate=1e-3).for_sample_dp().learning_rate == 1e-3
+    assert Budget(dp_learning_rate=1e-3).for_sample_dp().settings.learning_rate == 1e-3
 
 
 def test_dp_only_budget_fields_do_not_invalidate_non_dp_runs(tmp_path):
     """A DP learning rate added to a grid keeps its FedAvg runs but not its FedDP runs."""
-    from dataclasses import asdict
+    from experiments.runner import Budget, _relevant
 
-    from napari_feddp.experiments.runner import Budget, _relevant
-
-    old = json.loads(json.dumps({**asdict(Budget()), "hospitals": list(Budget().hospitals)}))
+    old = Budget().as_record()
     new = {**old, "dp_learning_rate": 1e-3}
     assert _relevant(old, "fedavg") == _relevant(new, "fedavg")
     assert _relevant(old, "feddp-eps8") != _relevant(new, "feddp-eps8")
 
 
+#: The budget of a run recorded by the grid (runs/monuseg-contour/fedavg-s0.json).
+GRID_RECORD = {"rounds": 10, "local_steps": 10, "batch_size": 32, "crop_size": 128, "learning_rate": 0.002,
+               "base_width": 8, "depth": 4, "groups": 8, "mpp": 0.5, "grid": 4, "delta": 1e-05,
+               "max_grad_norm": 1.0, "update_clipping_norm": 1.0,
+               "hospitals": ["h1-breast", "h2-kidney", "h3-liver", "h4-prostate", "h5-mixed"], "max_tiles": None,
+               "test_names": None, "round_eval_names": None, "timeout": 5400.0, "dp_batch_size": None,
+               "dp_local_steps": None, "dp_learning_rate": None, "pretrain_steps": 0, "contours": True,
+               "holdout": None}
+
+
+def _budget(*flags):
+    from experiments.cli import budget_of, build_parser
+
+    return budget_of(build_parser().parse_args(["run", "--out", "unused", *flags]))
+
+
+def test_recorded_runs_are_kept_by_the_options_that_made_them():
+    from experiments.runner import same_budget
+
+    assert _budget().as_record() == GRID_RECORD
+    for setting in ("fedavg", "feddp-eps8"):
+        assert same_budget(GRID_RECORD, _budget().as_record(), setting)
+        assert not same_budget(GRID_RECORD, _budget("--rounds", "11").as_record(), setting)
+    # The shipped model's recipe: two classes, base width 16, batch 8.
+    shipped = {**GRID_RECORD, "base_width": 16, "batch_size": 8, "contours": False}
+    recipe = _budget("--base-width", "16", "--batch-size", "8", "--foreground-only")
+    assert same_budget(shipped, recipe.as_record(), "feddp-eps8")
+    assert recipe.settings.unet_params == {"in_channels": 3, "n_classes": 2, "depth": 4, "base_width": 16, "groups": 8}
+    assert not same_budget(shipped, _budget("--base-width", "16", "--batch-size", "8").as_record(), "feddp-eps8")
+
+
+def test_the_budget_records_every_shared_setting_it_changes():
+    """Settings without a record key of their own are recorded where they differ from the default."""
+    from dataclasses import replace
+
+    from experiments.runner import Budget, same_budget
+
+    budget = Budget()
+    assert budget.settings.n_classes == 3 and replace(budget, contours=False).settings.n_classes == 2
+    robust = replace(budget, settings=budget.settings.replace(aggregation="median"))
+    assert robust.as_record() == {**GRID_RECORD, "aggregation": "median"}
+    assert not same_budget(GRID_RECORD, robust.as_record(), "fedavg")
+
+
 def test_runs_from_before_public_pretraining_count_as_random_init():
     """A kept record without ``pretrain_steps`` started from a random init: it matches
     ``--pretrain-steps 0`` and is refused by a grid that pretrains."""
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
-    from napari_feddp.experiments.runner import Budget, same_budget
+    from experiments.runner import Budget, same_budget
 
-    def as_recorded(budget):
-        return json.loads(json.dumps({**asdict(budget), "hospitals": list(budget.hospitals)}))
-
-    old = as_recorded(Budget())
+    old = Budget().as_record()
     del old["pretrain_steps"]
-    assert Budget().pretrain_steps == 0  # the headline recipe
-    assert same_budget(old, as_recorded(Budget()), "fedavg")
-    assert not same_budget(old, as_recorded(replace(Budget(), pretrain_steps=500)), "fedavg")
-    assert same_budget(as_recorded(Budget()), as_recorded(Budget()), "feddp-eps8")
-    assert not same_budget(as_recorded(Budget()), as_recorded(replace(Budget(), pretrain_steps=100)), "feddp-eps8")
+    assert Budget().pretrain_steps == 0  # the default budget
+    assert same_budget(old, Budget().as_record(), "fedavg")
+    assert not same_budget(old, replace(Budget(), pretrain_steps=500).as_record(), "fedavg")
+    assert same_budget(Budget().as_record(), Budget().as_record(), "feddp-eps8")
+    assert not same_budget(Budget().as_record(), replace(Budget(), pretrain_steps=100).as_record(), "feddp-eps8")
 
 
-def test_negative_pretraining_steps_are_refused(tmp_path):
-    import argparse
-
-    from napari_feddp.commands import CommandError, experiment
-
-    parser = argparse.ArgumentParser()
-    experiment.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["experiment", "run", "--quick", "--out", str(tmp_path / "x"), "--pretrain-steps", "-1"])
-    with pytest.raises(CommandError, match="--pretrain-steps"):
-        args.func(args)
+def test_negative_pretraining_steps_are_refused(tmp_path, capsys):
+    assert main(["run", "--quick", "--out", str(tmp_path / "x"), "--pretrain-steps", "-1"]) == 2
+    assert "--pretrain-steps: expected 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     # Scoring the pretrained model of a grid that has none is refused too.
-    args = parser.parse_args(["experiment", "run", "--quick", "--out", str(tmp_path / "y"), "--settings", "pretrained",
-                              "--data", str(require_data("monuseg"))])
-    with pytest.raises(CommandError, match="--pretrain-steps N"):
-        args.func(args)
+    assert main(["run", "--quick", "--out", str(tmp_path / "y"), "--settings", "pretrained",
+                 "--data", str(require_data("monuseg"))]) == 2
+    assert "--pretrain-steps N" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
 
 
 def test_holdout_validation_leaves_a_hospital_out_and_scores_on_its_training_tiles(tmp_path):
     from dataclasses import replace
 
-    from napari_feddp.experiments.runner import Budget, _holdout
+    from experiments.runner import Budget, _holdout
 
     train = require_data("monuseg/train")
     budget = replace(Budget(), holdout="h5-mixed", round_eval_names=("a", "b"))
@@ -249,8 +274,8 @@ def test_holdout_validation_leaves_a_hospital_out_and_scores_on_its_training_til
     assert kept.hospitals == ("h1-breast", "h2-kidney", "h3-liver", "h4-prostate")
     stems = sorted(p.stem for p in (folder / "images").iterdir())
     assert stems == sorted(p.stem for p in (folder / "masks").iterdir())
-    assert stems == split_names([p.stem for p in (train / "images").iterdir()])["h5-mixed"]
-    assert len(stems) == 6 and all(hospital_of(s) == "h5-mixed" for s in stems)
+    assert stems == split_by_site([p.stem for p in (train / "images").iterdir()], HOSPITALS)["h5-mixed"]
+    assert len(stems) == 6
     # Per-round scoring follows the validation folder, never the test split.
     assert kept.round_eval_names == tuple(stems[:2])
     # Preparing the same folder twice is fine (a grid extended with more seeds).
@@ -259,24 +284,22 @@ def test_holdout_validation_leaves_a_hospital_out_and_scores_on_its_training_til
         _holdout(replace(Budget(), holdout="h9-moon"), train, tmp_path / "bad")
 
 
-def test_bad_overrides_are_refused_before_anything_is_written(tmp_path):
-    import argparse
-
-    from napari_feddp.commands import CommandError, experiment
-
-    parser = argparse.ArgumentParser()
-    experiment.add_parser(parser.add_subparsers(dest="command"))
+def test_bad_overrides_are_refused_before_anything_is_written(tmp_path, capsys):
     for flags, message in ((["--holdout", "h9-moon"], "--holdout: expected one of"),
-                           (["--batch-size", "0"], "--batch-size"), (["--base-width", "-8"], "--base-width")):
-        args = parser.parse_args(["experiment", "run", "--out", str(tmp_path / "x"), *flags])
-        with pytest.raises(CommandError, match=message):
-            args.func(args)
+                           (["--batch-size", "0"], "--batch-size: Input should be greater than or equal to 1"),
+                           (["--base-width", "-8"], "--base-width: Input should be greater than or equal to 1"),
+                           (["--rounds", "0"], "--rounds: Input should be greater than or equal to 1"),
+                           (["--local-steps", "0"], "--local-steps: the budget counts local steps"),
+                           (["--mpp", "0"], "--mpp: Input should be greater than 0"),
+                           (["--settings", "feddp-eps99"], "unknown setting(s) ['feddp-eps99']")):
+        assert main(["run", "--out", str(tmp_path / "x"), *flags]) == 2
+        assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize(("dp_mode", "noise"), [("none", 1.0), ("update", 1.0), ("sample", 1e-4), ("sample", 2.3)])
 def test_the_simulated_hospitals_accept_every_settings_mode_and_noise(tmp_path, dp_mode, noise):
-    from napari_feddp.experiments.runner import hospital_labs
+    from experiments.runner import hospital_labs
     from napari_feddp.federation.policy import policy_refusal
     from napari_feddp.federation.settings import NodeSettings, RunSettings
 

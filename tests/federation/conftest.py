@@ -7,6 +7,7 @@ per process; a run uses a 2-level, 8-channel UNet on 32-pixel crops.
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -142,18 +143,25 @@ def wait_no_processes(text: str, timeout: float = 15.0) -> list[tuple[int, str]]
     return left
 
 
+def wait_for_line(process, pattern: str, timeout: float = 30.0) -> re.Match:
+    """Wait until ``pattern`` appears in a ManagedProcess's log; return the match."""
+    deadline = time.monotonic() + timeout
+    while not (match := re.search(pattern, process.read_log())):
+        assert time.monotonic() < deadline and process.is_running(), f"{pattern!r} not logged:\n{process.read_log()}"
+        time.sleep(0.05)
+    return match
+
+
 @pytest.fixture
 def joined_lab(tmp_path):
     """A LabNode whose SuperNode has joined (a stand-in process logs the node id); its history is ours to write."""
     from napari_feddp.federation.lab import LabNode
-    from napari_feddp.federation.processes import ManagedProcess, SuperNodeProcess
+    from napari_feddp.federation.processes import ManagedProcess
 
     node = LabNode(superlink="127.0.0.1:1", ca=None, key=None, dataset=tmp_path, workdir=tmp_path / "w",
                    insecure=True)
-    node.node = SuperNodeProcess(name="lab", workdir=tmp_path / "w", superlink_address="127.0.0.1:1",
-                                 root_cert=None, private_key=None, insecure=True)
-    node.node.process = ManagedProcess("supernode lab", ["/bin/sh", "-c", "echo 'SuperNode ID: 7'; sleep 60"],
-                                       tmp_path / "w" / "lab.log").start()
-    node.node.process.wait_for_log("SuperNode ID", 10)
+    node.process = ManagedProcess("supernode lab", ["/bin/sh", "-c", "echo 'SuperNode ID: 7'; sleep 60"],
+                                  tmp_path / "w" / "lab.log").start()
+    wait_for_line(node.process, "(?m)^SuperNode ID", 10)
     yield node
-    node.node.process.kill()
+    node.process.kill()

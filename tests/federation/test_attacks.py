@@ -131,12 +131,12 @@ def attacked(tmp_path_factory):
     with LocalFederation(workdir=root / "federation", labs=labs, keep_workdir=True) as fed:
         ca = fed.pki.ca.cert
         result["ids"] = {name: node.node_id for name, node in fed.supernodes.items()}
-        result["fleet"], result["control"] = fed.superlink.fleet_address, fed.superlink.address
+        result["fleet"], result["control"] = fed.coordinator.fleet_address, fed.coordinator.address
         result["ca"] = ca
 
         # Outsider with the public CA certificate, at the address labs dial.
         outsider = FlowerCli(root / "outsider", timeout=60)
-        write_flower_config(outsider.flwr_home, fed.superlink.fleet_address, root_cert=ca)
+        write_flower_config(outsider.flwr_home, fed.coordinator.fleet_address, root_cert=ca)
         result["outsider"] = outsider
         result["outsider_app"] = _hostile_app(root / "outsider-app", tiny_settings(), root / "outsider-marker",
                                               shadow=False)
@@ -159,16 +159,16 @@ def attacked(tmp_path_factory):
         result["registered_nodes"] = {n.get("node-id") for n in fed.cli.list_nodes()}
         result["raw_control"] = {  # the same Control request, at the public address and at the SuperLink
             where: httpx.post(f"https://{address}/v1/control/list-nodes", verify=str(ca), timeout=30).status_code
-            for where, address in (("gateway", fed.superlink.fleet_address), ("superlink", fed.superlink.address))
+            for where, address in (("gateway", fed.coordinator.fleet_address), ("superlink", fed.coordinator.address))
         }
-        superlink = psutil.Process(fed.superlink.process.pid)
+        superlink = psutil.Process(fed.coordinator.superlink.pid)
         result["listening"] = [c.laddr for p in (superlink, *superlink.children(recursive=True))
                                for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]  # fmt: skip
-        result["acquire_without_secret"] = attempt(lambda: _acquire_task(fed.superlink.address, ca))
+        result["acquire_without_secret"] = attempt(lambda: _acquire_task(fed.coordinator.address, ca))
 
         rogues = {
-            "gateway": _rogue_superexec("gateway", fed.superlink.fleet_address, root, ca=ca),
-            "superlink": _rogue_superexec("superlink", fed.superlink.address, root, ca=ca),
+            "gateway": _rogue_superexec("gateway", fed.coordinator.fleet_address, root, ca=ca),
+            "superlink": _rogue_superexec("superlink", fed.coordinator.address, root, ca=ca),
             "lab": _rogue_superexec("lab", f"127.0.0.1:{fed.supernodes['lab-a'].runtime_port}", root, ca=None),
         }
         result["rogue_homes"] = {name: home for name, (_, home) in rogues.items()}

@@ -21,7 +21,7 @@ from napari_feddp.federation.demo import make_synthetic_lab
 from napari_feddp.federation.lab import LabNode, LabStatus
 from napari_feddp.federation.processes import ManagedProcess, find_free_port
 
-from .conftest import wait_no_processes
+from .conftest import wait_for_line, wait_no_processes
 
 # Until napari_feddp.cli registers the module itself, add it here (idempotent).
 CLI = (
@@ -117,21 +117,17 @@ def test_demo_interrupted_by_ctrl_c_leaves_nothing_running(tmp_path):
     assert wait_no_processes(str(tmp_path / "work")) == []
 
 
-def test_lab_status_follows_the_supernode_log_and_the_labs_history(tmp_path):
+def test_lab_status_follows_the_supernode_and_the_labs_history(tmp_path):
     lab = LabNode("127.0.0.1:1", None, None, tmp_path, lab="lab-a", workdir=tmp_path, insecure=True)
     assert lab.status() == LabStatus("stopped")
     # One line, as a real command line is: the log's first line echoes it.
     script = "import sys, time; [print(line, flush=True) or time.sleep(0.05) for line in sys.argv[1:]]; time.sleep(30)"
 
     def fake(*lines):
-        from napari_feddp.federation.processes import SuperNodeProcess
-
-        node = SuperNodeProcess("lab-a", tmp_path, "127.0.0.1:1", None, None, insecure=True)
-        node.process = ManagedProcess("fake", [sys.executable, "-c", script, *lines],
-                                      tmp_path / f"fake{time.monotonic_ns()}.log").start()
-        node.process.wait_for_log("(?m)^" + re.escape(lines[-1]), 30)  # printed, not the echoed command
-        lab.node = node
-        return node
+        lab.process = ManagedProcess("fake", [sys.executable, "-c", script, *lines],
+                                     tmp_path / f"fake{time.monotonic_ns()}.log").start()
+        wait_for_line(lab.process, "(?m)^" + re.escape(lines[-1]))  # printed, not the echoed command
+        return lab.process
 
     # Flower colours its log even with NO_COLOR=1.
     retry = "\x1b[93mWARNING \x1b[0m:   Connection attempt failed, retrying in 0.67 seconds"
@@ -146,6 +142,7 @@ def test_lab_status_follows_the_supernode_log_and_the_labs_history(tmp_path):
     node.stop()
     node = fake("SuperNode ID: 42")
     assert lab.status().state == "waiting"
+    assert lab.node_id == 42 and lab.history()[-1]["event"] == "joined" and lab.history()[-1]["node"] == 42
     lab.history_file.write_text('{"round": 3, "event": "training"}\n')
     assert lab.status() == LabStatus("training", 3)
     with lab.history_file.open("a") as history:
@@ -157,7 +154,7 @@ def test_lab_status_follows_the_supernode_log_and_the_labs_history(tmp_path):
     node.stop()
     assert lab.status().state == "stopped"
     fake("\x1b[91mERROR \x1b[0m:     Exit Code: 305", "Failed to initialize the connection to the SuperLink.")
-    lab.node.process.kill()
+    lab.process.kill()
     status = lab.status()
     assert status.state == "error" and "Failed to initialize" in status.message
     assert "\x1b" not in status.message and "ERROR" not in status.message and "Exit Code: 305" in status.message

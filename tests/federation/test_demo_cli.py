@@ -8,9 +8,13 @@ import json
 import numpy as np
 import pytest
 
+from napari_feddp.cli import main
 from napari_feddp.commands import CommandError, federation
+from napari_feddp.federation.demo import make_synthetic_lab, prepare_demo_labs
+from napari_feddp.federation.sites import split_by_site, tcga_site
 from napari_feddp.models import load_checkpoint
 
+from ..conftest import require_data
 from .conftest import wait_no_processes
 
 
@@ -62,6 +66,43 @@ def test_secure_by_default(tmp_path):
     with pytest.raises(CommandError, match="--ca CA.pem is required"):
         args = parse("run", "--superlink", "127.0.0.1:1", "--checkpoint-dir", str(tmp_path))
         args.func(args)
+
+
+def test_demo_splits_monuseg_across_labs_by_tissue_source_site(tmp_path):
+    labs, source = prepare_demo_labs(tmp_path, 3, data=require_data("monuseg"), epsilon_budget=8.0)
+    assert source.endswith("monuseg") and [lab.name for lab in labs] == ["lab-1", "lab-2", "lab-3"]
+    sites = []
+    for lab in labs:
+        stems = sorted(p.stem for p in (lab.data_dir / "images").iterdir())
+        assert stems and stems == sorted(p.stem for p in (lab.data_dir / "masks").iterdir())
+        sites.append({tcga_site(stem) for stem in stems})
+        assert lab.max_epsilon == 8.0 and lab.eval_dir is not None  # held-out tiles from test/
+        assert (lab.eval_dir / "images").is_dir()
+    assert sum(len(s) for s in sites) == len(set().union(*sites))  # a site belongs to one lab
+    assert sum(len(list((lab.data_dir / "images").iterdir())) for lab in labs) == 30
+
+
+def test_demo_splits_any_dataset_folder_and_deals_tiles_when_sites_are_few(tmp_path):
+    folder = make_synthetic_lab(tmp_path / "plain", n_tiles=5, size=32)
+    labs, source = prepare_demo_labs(tmp_path / "work", 2, data=folder)
+    assert source == str(folder)
+    assert [len(list((lab.data_dir / "images").iterdir())) for lab in labs] == [3, 2]
+    assert all(lab.eval_dir is None for lab in labs)
+    names = ["TCGA-A7-1-x", "TCGA-A7-2-x", "TCGA-B0-1-x", "other"]
+    assert split_by_site(names, 2) == {"lab-1": ["TCGA-A7-1-x", "TCGA-A7-2-x", "other"], "lab-2": ["TCGA-B0-1-x"]}
+    assert split_by_site(names[:2], 2) == {"lab-1": ["TCGA-A7-1-x"], "lab-2": ["TCGA-A7-2-x"]}
+
+
+def test_demo_data_folder_must_hold_a_dataset(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "missing", tmp_path / "empty"):
+        rc = main(["federation", "demo", "--data", str(folder), "--workdir", str(tmp_path / "work")])
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert f"data folder {folder}: expected images/ and masks/" in err
+    assert not (tmp_path / "work" / "federation").exists()  # nothing was started
+    with pytest.raises(SystemExit):
+        parse("demo", "--data", str(tmp_path), "--synthetic")
 
 
 @pytest.mark.slow

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 
 from napari_feddp.federation.demo import make_synthetic_lab
+from napari_feddp.federation.lab import LabNode
 from napari_feddp.federation.pilot import LabSpec, LocalFederation
-from napari_feddp.federation.processes import FederationProcessError, SuperNodeProcess
+from napari_feddp.federation.processes import FederationProcessError
 from napari_feddp.models import load_checkpoint
 
 from .conftest import HERE, tiny_settings, wait_no_processes
@@ -76,10 +77,8 @@ def _intruders(fed: LocalFederation, root: Path) -> dict[str, str]:
         fed.add_node(LabSpec("rogue", root / "data" / "good", register=False))
     except FederationProcessError as exc:
         logs["rogue"] = str(exc)
-    anonymous = SuperNodeProcess(
-        name="anonymous", workdir=root / "anonymous", superlink_address=fed.superlink.fleet_address,
-        root_cert=fed.pki.ca.cert, private_key=None, ready_timeout=60,
-    )
+    anonymous = LabNode(fed.coordinator.fleet_address, fed.pki.ca.cert, None, root / "data" / "good",
+                        lab="anonymous", workdir=root / "anonymous", connect_timeout=60)
     try:
         anonymous.start()
     except FederationProcessError as exc:

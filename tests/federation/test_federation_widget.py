@@ -27,7 +27,7 @@ def test_widget_joins_trains_and_leaves(make_napari_viewer, qtbot, tmp_path):
     with LocalFederation(workdir=tmp_path / "fed", labs=[]) as federation:
         federation.register("widgetlab")
         keys = federation.lab_keys["widgetlab"]
-        widget.superlink.value = federation.superlink.fleet_address
+        widget.superlink.value = federation.coordinator.fleet_address
         widget.ca.value = str(federation.pki.ca.cert)
         widget.key.value = str(keys.private_key)
         widget.dataset.value = str(data)

@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord
 
 from napari_feddp.federation import client_app
 from napari_feddp.federation.app_bundle import render_pyproject, write_app_dir
-from napari_feddp.federation.app_pin import UntrustedAppError, check_fab, install_pin, installed_version
+from napari_feddp.federation.app_pin import UntrustedAppError, check_fab, install_pin, installed_version, write_launcher
 from napari_feddp.federation.local import build_model
 from napari_feddp.federation.policy import describe_policy, policy_refusal
 from napari_feddp.federation.settings import NodeSettings
@@ -81,6 +81,17 @@ def test_the_pin_refuses_before_flower_installs_and_records_why(tmp_path, monkey
     row = json.loads(history.read_text())
     assert row["event"] == "refused-app" and "evil.py" in row["reason"]
     assert not (tmp_path / "apps").exists()
+
+
+def test_the_launcher_the_lab_superexec_finds_is_flowers_clientapp_with_the_pin(tmp_path):
+    import stat
+    import subprocess
+
+    launcher = write_launcher(tmp_path / "bin")
+    assert launcher.name == "flwr-clientapp" and stat.S_IMODE(launcher.stat().st_mode) == 0o700
+    assert "run_pinned_clientapp" in launcher.read_text()
+    done = subprocess.run([str(launcher), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0 and "usage: flwr-clientapp" in done.stdout, done.stderr
 
 
 # ----------------------------------------------------------------------------------- policy

@@ -13,21 +13,20 @@ from pathlib import Path
 
 import pytest
 
+from napari_feddp.federation.certs import create_pilot_pki
+from napari_feddp.federation.coordinator import superlink_argv
+from napari_feddp.federation.lab import supernode_argv
 from napari_feddp.federation.processes import (
     FederationProcessError,
     ManagedProcess,
     find_free_port,
     flower_env,
-    format_node_config,
     signals_raise_keyboard_interrupt,
     superexec_argv,
-    superlink_argv,
-    supernode_argv,
     write_secret,
-    TlsFiles,
 )
 
-from .conftest import wait_no_processes
+from .conftest import wait_for_line, wait_no_processes
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 
@@ -57,7 +56,7 @@ def _alive(pid: int) -> bool:
 def test_stop_and_kill_end_the_whole_tree(tmp_path, how):
     tag = f"feddp-tree-{how}-{os.getpid()}"
     proc = ManagedProcess("tree", [sys.executable, "-c", TREE, tag], tmp_path / "tree.log").start()
-    match = proc.wait_for_log(r"ready (\d+)", timeout=30)
+    match = wait_for_line(proc, r"ready (\d+)")
     grandchild = int(match.group(1))
     assert _alive(grandchild)
     getattr(proc, how)()
@@ -78,7 +77,9 @@ def test_children_die_with_a_crashed_parent(tmp_path):
         import sys, time
         from napari_feddp.federation.processes import ManagedProcess
         child = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(300)", {tag!r}]
-        ManagedProcess("child", child, {str(tmp_path / 'c.log')!r}).start().wait_for_log("up", 30)
+        process = ManagedProcess("child", child, {str(tmp_path / 'c.log')!r}).start()
+        while "\\nup" not in process.read_log():
+            time.sleep(0.05)
         print("started", flush=True)
         time.sleep(300)
         """
@@ -96,22 +97,20 @@ def test_children_die_with_a_crashed_parent(tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
-def test_wait_for_log_reports_early_exit_with_the_log(tmp_path):
+def test_stop_ends_a_process_that_ignores_sigterm(tmp_path):
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    proc = ManagedProcess("stubborn", [sys.executable, "-c", stubborn], tmp_path / "stubborn.log").start()
+    wait_for_line(proc, "(?m)^up")
+    started = time.monotonic()
+    assert proc.stop(timeout=1) == -signal.SIGKILL
+    assert time.monotonic() - started < 10 and not proc.is_running()
+
+
+def test_wait_port_reports_early_exit_with_the_log(tmp_path):
     proc = ManagedProcess("bad", [sys.executable, "-c", "print('boom'); raise SystemExit(3)"],
                           tmp_path / "bad.log").start()
     with pytest.raises(FederationProcessError, match="(?s)exited with code 3.*boom"):
-        proc.wait_for_log("never", timeout=30)
-
-
-def test_wait_for_log_times_out(tmp_path):
-    proc = ManagedProcess("slow", [sys.executable, "-c", "import time; time.sleep(30)"],
-                          tmp_path / "slow.log").start()
-    try:
-        with pytest.raises(FederationProcessError, match="not ready"):
-            proc.wait_for_log("never", timeout=0.5)
-    finally:
-        proc.stop(timeout=5)
-    assert not proc.is_running()
+        proc.wait_port("127.0.0.1", find_free_port(), timeout=30)
 
 
 def test_sigterm_becomes_keyboard_interrupt():
@@ -137,17 +136,17 @@ def test_flower_env_is_private_and_quiet(tmp_path):
 
 
 def test_command_lines_are_secure_unless_told_otherwise(tmp_path):
-    tls = TlsFiles(tmp_path / "ca.pem", tmp_path / "s.pem", tmp_path / "s.key")
+    pki = create_pilot_pki(tmp_path / "pki")
     secret = tmp_path / "secret"
-    link = superlink_argv(9999, tls, superexec_secret=secret)
+    link = superlink_argv(9999, pki, superexec_secret=secret)
     assert "--insecure" not in link and "--enable-supernode-auth" in link
     assert link[link.index("--host") + 1] == "127.0.0.1"  # Control and Runtime APIs never leave loopback
     assert link[link.index("--isolation") + 1] == "process"  # only our SuperExec runs the ServerApp ...
     assert link[link.index("--superexec-auth-secret-file") + 1] == str(secret)  # ... holding the secret
     assert "--disable-runtime-dependency-installation" in link
     assert "--insecure" in superlink_argv(9999, None, superexec_secret=secret)
-    node = supernode_argv("127.0.0.1:9999", 9000, root_cert=tmp_path / "ca.pem", private_key=tmp_path / "k",
-                          superexec_secret=secret)
+    node = supernode_argv("127.0.0.1:9999", 9000, root_cert=pki.ca.cert, private_key=tmp_path / "k",
+                          superexec_secret=secret, node_config=tmp_path / "node-config.toml")
     assert "--insecure" not in node and "--auth-supernode-private-key" in node
     assert node[node.index("--isolation") + 1] == "process"
     assert node[node.index("--superexec-auth-secret-file") + 1] == str(secret)
@@ -163,16 +162,3 @@ def test_secrets_are_private_and_fresh(tmp_path):
     assert stat.S_IMODE((tmp_path / "secrets" / "s").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "secrets").stat().st_mode) == 0o700
     assert write_secret(tmp_path / "secrets" / "s").read_bytes() != first
-
-
-def test_node_config_string():
-    text = format_node_config({"lab": "a b", "max-epsilon": 8.0, "threads": 1, "flag": True,
-                               "data-dir": '/x/"y" z', "name": "it's"})
-    from flwr.common.config import parse_config_args
-
-    assert parse_config_args([text]) == {"lab": "a b", "max-epsilon": 8.0, "threads": 1, "flag": True,
-                                         "data-dir": '/x/"y" z', "name": "it's"}
-    with pytest.raises(ValueError):
-        format_node_config({"bad key": 1})
-    with pytest.raises(ValueError):
-        format_node_config({"path": "both ' and \""})

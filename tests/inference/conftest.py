@@ -40,6 +40,6 @@ def cmu_crop(cmu_path) -> np.ndarray:
 
     slide = open_slide(cmu_path)
     try:
-        return slide.levels[0][1000:1600, 500:1300].compute()
+        return np.asarray(slide.levels[0][1000:1600, 500:1300])
     finally:
         slide.close()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from napari_feddp.inference import InferenceError, TissueMask, choose_geometry, grid_starts, plan_tiles
-from napari_feddp.inference._source import ImageSource, as_source
+from napari_feddp.slides import Slide
 
 
 @pytest.mark.parametrize(
@@ -41,9 +41,8 @@ def test_grid_on_axis_shorter_than_tile_is_one_padded_tile():
     assert grid_starts(50, 128, 96).tolist() == [0]
 
 
-def _pyramid(mpp=(0.25, 0.25)) -> ImageSource:
-    levels = [np.zeros((4096 // f, 3072 // f, 3), np.uint8) for f in (1, 4, 16)]
-    return ImageSource(levels, [(1.0, 1.0), (4.0, 4.0), (16.0, 16.0)], mpp)
+def _pyramid(mpp=(0.25, 0.25)) -> Slide:
+    return Slide([np.zeros((4096 // f, 3072 // f, 3), np.uint8) for f in (1, 4, 16)], mpp=mpp)
 
 
 @pytest.mark.parametrize(
@@ -73,11 +72,10 @@ def test_level_choice_prefers_downsampling(target, level, scale):
 def test_real_slide_geometry(cmu_slide):
     # The file stores level 0 only; its coarser levels are computed, so tiles are
     # read from level 0 and resized once instead.
-    assert not cmu_slide.pyramid_in_file
-    source = as_source(cmu_slide)
-    assert len(source.levels) == 1
-    assert choose_geometry(source, 0.5) == choose_geometry(source, None)  # 0.499: no resampling
-    geometry = choose_geometry(source, 1.5)
+    assert not cmu_slide.pyramid_in_file and len(cmu_slide.levels) == 3
+    assert choose_geometry(cmu_slide, 0.5) == choose_geometry(cmu_slide, None)  # 0.499: no resampling
+    assert choose_geometry(cmu_slide, 2.0).level == 0  # level 2 (2 um/px) is computed: not read
+    geometry = choose_geometry(cmu_slide, 1.5)
     assert geometry.level == 0 and geometry.resampled
     assert geometry.downsample == pytest.approx((3.006, 3.006), rel=0.01)
     assert geometry.shape == (987, 739)
@@ -89,7 +87,7 @@ def test_model_mpp_needs_slide_mpp():
 
 
 def test_plan_keeps_tiles_touching_region_and_tissue():
-    geometry = choose_geometry(as_source(np.zeros((1000, 1200, 3), np.uint8)), None)
+    geometry = choose_geometry(Slide.from_array(np.zeros((1000, 1200, 3), np.uint8)), None)
     full = plan_tiles(geometry, 128, 0.25)
     assert full.n_tiles == full.n_grid == len(full.ys) * len(full.xs)
 

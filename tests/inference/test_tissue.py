@@ -7,7 +7,7 @@ import pytest
 
 from napari_feddp.inference import InferenceError, TissueMask, detect_tissue, tissue_mask
 from napari_feddp.inference import tissue as tissue_module
-from napari_feddp.inference._source import as_source
+from napari_feddp.slides import Slide
 
 from inference_helpers import paste_tissue, white_image
 
@@ -77,8 +77,8 @@ def test_tissue_mask_rejects_wrong_input():
 
 def test_thumbnail_is_capped_and_streamed(monkeypatch):
     monkeypatch.setattr(tissue_module, "MAX_THUMBNAIL_SIDE", 100)
-    source = as_source(white_image(1000, 800), mpp=0.25)
-    thumbnail, downsample = tissue_module.read_thumbnail(source, 2.0)
+    slide = Slide.from_array(white_image(1000, 800), mpp=0.25)
+    thumbnail, downsample = tissue_module.read_thumbnail(slide, 2.0)
     assert max(thumbnail.shape[:2]) <= 100
     assert downsample == pytest.approx((10.0, 10.0))
     assert thumbnail.dtype == np.uint8 and (thumbnail == 242).all()

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
@@ -64,7 +65,7 @@ def _broken(edit):
             ["architecture.params.n_classes", "expected 3", "received 2"],
         ),
         (lambda d: d["input"].pop("mpp"), ["input.mpp", "missing"]),
-        (lambda d: d["input"].update(mpp=-1), ["input.mpp", "positive", "-1"]),
+        (lambda d: d["input"].update(mpp=-1), ["input.mpp", "greater than 0", "-1"]),
         (
             lambda d: d["classes"][1].update(color="red"),
             ["classes[1].color", "#rrggbb", "'red'"],
@@ -74,7 +75,7 @@ def _broken(edit):
         (lambda d: d["input"].update(tile_size="256"), ["input.tile_size", "integer", "'256'"]),
         (
             lambda d: d["input"]["normalization"]["std"].__setitem__(1, 0),
-            ["input.normalization.std[1]", "positive"],
+            ["input.normalization.std[1]", "greater than 0"],
         ),
         (lambda d: d["input"]["normalization"].update(mean=[0.5, 0.5]), ["normalization.mean", "3"]),
         (lambda d: d["provenance"]["privacy"].update(dp_mode="maybe"), ["dp_mode", "'maybe'"]),
@@ -173,5 +174,41 @@ def test_privacy_budget_round_trips_and_delta_must_be_below_one():
     }
     assert ModelCard.from_dict(data).provenance.privacy.epsilon == 4.0
     data["provenance"]["privacy"]["delta"] = 1.0
-    with pytest.raises(ModelCardError, match=r"provenance.privacy.delta.*\[0, 1\)"):
+    with pytest.raises(ModelCardError, match=r"provenance.privacy.delta.*less than 1"):
         ModelCard.from_dict(data)
+
+
+def test_shipped_cards_load_and_round_trip_unchanged():
+    from importlib.resources import files
+
+    shipped = sorted(Path(str(files("napari_feddp") / "data" / "models")).glob("*.json"))
+    assert shipped
+    for path in shipped:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        card = ModelCard.from_json(path.read_bytes())
+        assert card.to_dict() == data and list(card.to_dict()) == list(data)
+        assert card.to_json() == json.dumps(data, indent=2) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda d: d["input"].update(tile_size=True), "input.tile_size"),
+        (lambda d: d["input"].update(mpp="0.5"), "input.mpp"),
+        (lambda d: d.update(metrics={"dice": True}), "metrics.dice"),
+        (lambda d: d["provenance"].update(round="0"), "provenance.round"),
+        (lambda d: d.update(name="   "), "name"),
+        (lambda d: d.pop("format_version"), "format_version"),
+    ],
+)
+def test_values_are_never_coerced(edit, field):
+    with pytest.raises(ModelCardError, match=f"'{field}'"):
+        ModelCard.from_dict(_broken(edit))
+
+
+def test_default_card_records_federated_provenance():
+    card = default_card(federated_rounds=4, round=2, privacy={"dp_mode": "sample", "epsilon": 3.5, "delta": 1e-5},
+                        metrics={"dice": 0.7})
+    assert card.provenance.round == 2 and card.provenance.privacy.epsilon == 3.5 and card.metrics == {"dice": 0.7}
+    with pytest.raises(ModelCardError, match="provenance.round"):
+        default_card(federated_rounds=1, round=2)

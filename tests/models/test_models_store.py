@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -65,3 +66,15 @@ def test_resolve_names_the_real_cause(tmp_path):
     (tmp_path / "lonely.safetensors").write_bytes(b"weights")
     with pytest.raises(CheckpointError, match="model card file is missing"):
         resolve_checkpoint(tmp_path / "lonely.safetensors")
+
+
+def test_feddp_home_is_the_per_user_data_folder_unless_overridden(monkeypatch, tmp_path):
+    from napari_feddp.models.store import feddp_home, model_store
+
+    monkeypatch.setenv("FEDDP_HOME", str(tmp_path / "home"))
+    assert feddp_home() == tmp_path / "home" and model_store() == tmp_path / "home" / "models"
+    monkeypatch.delenv("FEDDP_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    if sys.platform.startswith("linux"):
+        assert feddp_home() == tmp_path / "data" / "napari-feddp"
+    assert feddp_home().name == "napari-feddp"

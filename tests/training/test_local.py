@@ -19,6 +19,7 @@ from napari_feddp.training import (
     dataset_fingerprint,
     evaluate,
     plan_round,
+    privacy_report,
     train_local,
 )
 
@@ -69,7 +70,6 @@ def test_dp_round_changes_weights_and_reports_real_epsilon(crops):
     assert result.accountant_state == {"mechanism": "rdp", "history": [(1.0, 0.5, 3)]}
     assert math.isfinite(result.loss) and 0 <= result.dice <= 1
     assert not _has_opacus_traces(model)
-    assert len(result.weights()) == len(before)
 
 
 def test_physical_batches_are_bounded_and_empty_batches_still_count(tiny_dir, monkeypatch):
@@ -159,7 +159,7 @@ def test_interrupted_round_still_records_spent_steps(tiny_dir, tmp_path):
     config = TrainConfig(steps=50, batch_size=1, max_physical_batch_size=1, noise_multiplier=1.0)
     with pytest.raises(KeyboardInterrupt):
         train_local(tiny_model(), data, config, ledger=ledger, loss_fn=FailingLoss())
-    (record,) = ledger.rounds
+    (record,) = privacy_report(tmp_path / "ledgers", tiny_dir).rounds
     assert record.meta["interrupted"] and 3 <= record.steps < 50
 
 

@@ -64,7 +64,7 @@ def test_bad_input_is_refused_with_a_clear_message():
 
 
 def test_public_patches_from_the_bundled_sample_slide(tmp_path):
-    from napari_feddp.experiments.pretraining import PATCH, prepare_public_patches
+    from experiments.pretraining import PATCH, prepare_public_patches
     from napari_feddp.training import SegmentationDataset
     from napari_feddp.training._io import read_mask
 
@@ -88,7 +88,7 @@ def test_public_patches_from_the_bundled_sample_slide(tmp_path):
 
 
 def test_public_slide_at_the_wrong_pixel_size_is_refused(tmp_path):
-    from napari_feddp.experiments.pretraining import prepare_public_patches
+    from experiments.pretraining import prepare_public_patches
 
     with pytest.raises(ValueError, match="µm/px"):
         prepare_public_patches(tmp_path / "public", mpp=0.25)

@@ -14,6 +14,7 @@ parses arguments and prints.
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 import time
@@ -48,79 +49,25 @@ def _help(parser) -> int:
 # --------------------------------------------------------------------------- shared options
 
 
-def _add_training_options(parser, *, rounds_default: int, min_clients_default: int) -> None:
-    group = parser.add_argument_group("FedDP run")
-    group.add_argument("--rounds", type=int, default=rounds_default, help="federated rounds")
-    group.add_argument("--min-clients", type=int, default=min_clients_default,
-                       help="labs that must be connected before a round starts")
-    group.add_argument("--min-updates", type=int, default=1,
-                       help="valid updates needed to aggregate a round (else the model is kept)")
-    group.add_argument("--dp-mode", choices=("sample", "update", "none"), default="sample",
-                       help="sample: DP-SGD in each lab (default); update: client-level DP on "
-                            "updates; none: no DP (testing only)")
-    group.add_argument("--noise-multiplier", type=float, default=1.0,
-                       help="DP-SGD noise multiplier (sample mode)")
-    group.add_argument("--max-grad-norm", type=float, default=1.0,
-                       help="DP-SGD per-sample clipping norm (sample mode)")
-    group.add_argument("--update-noise-multiplier", type=float, default=1.0,
-                       help="noise multiplier on the aggregate (update mode)")
-    group.add_argument("--update-clipping-norm", type=float, default=1.0,
-                       help="clipping norm of each lab's update (update mode)")
-    group.add_argument("--delta", type=float, default=1e-5, help="delta of the reported epsilon")
-    group.add_argument("--local-epochs", type=int, default=1)
-    group.add_argument("--max-steps", type=int, default=0,
-                       help="cap on local optimizer steps per round (0: epochs decide)")
-    group.add_argument("--batch-size", type=int, default=4)
-    group.add_argument("--lr", type=float, default=0.001, help="local learning rate")
-    group.add_argument("--crop-size", type=int, default=64, help="training crop edge in pixels")
-    group.add_argument("--depth", type=int, default=4, help="UNet depth")
-    group.add_argument("--base-width", type=int, default=16, help="UNet channels at level 0")
-    group.add_argument("--mpp", type=float, default=0.5, help="model pixel size (µm/px)")
-    group.add_argument("--source-mpp", type=float, default=0.25,
-                       help="pixel size of lab tiles without provenance (MoNuSeg: 0.25)")
-    group.add_argument("--round-timeout", type=float, default=1800.0,
-                       help="seconds to wait for a round's replies")
-    group.add_argument("--node-wait-timeout", type=float, default=600.0,
-                       help="seconds to wait for --min-clients labs before giving up")
-    group.add_argument("--resume-from", default="", help="start from this checkpoint (.safetensors)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the initial model")
-    group.add_argument("--no-final-evaluation", action="store_true",
-                       help="skip the federated evaluation of the final model")
+def _add_training_options(parser, **defaults) -> None:
+    """An option for every run setting that has a flag; ``defaults`` (by dest) replace the settings' own."""
+    from ..federation.settings import RunSettings, add_options
+
+    add_options(parser.add_argument_group("FedDP run"), RunSettings)
+    parser.set_defaults(**defaults)
 
 
 def _settings(args, checkpoint_dir: Path):
-    from ..federation.settings import RunSettings
+    from ..federation.settings import RunSettings, SettingsError, option_errors, options_of
 
-    import math
-
-    groups = math.gcd(args.base_width, 8)  # GroupNorm groups must divide every width
-    return RunSettings(
-        num_rounds=args.rounds,
-        min_clients=args.min_clients,
-        min_updates=args.min_updates,
-        dp_mode=args.dp_mode,
-        noise_multiplier=args.noise_multiplier,
-        max_grad_norm=args.max_grad_norm,
-        update_noise_multiplier=args.update_noise_multiplier,
-        update_clipping_norm=args.update_clipping_norm,
-        target_delta=args.delta,
-        local_epochs=args.local_epochs,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        crop_size=args.crop_size,
-        model_depth=args.depth,
-        model_base_width=args.base_width,
-        model_groups=groups,
-        mpp=args.mpp,
-        source_mpp=args.source_mpp,
-        round_timeout=args.round_timeout,
-        node_wait_timeout=args.node_wait_timeout,
-        resume_from=str(Path(args.resume_from).resolve()) if args.resume_from else "",
-        seed=args.seed,
-        final_evaluation=not args.no_final_evaluation,
-        checkpoint_dir=str(checkpoint_dir.resolve()),
-    )
+    values = options_of(RunSettings, args)
+    if values["resume_from"]:
+        values["resume_from"] = str(Path(values["resume_from"]).resolve())
+    values["model_groups"] = math.gcd(values["model_base_width"], 8)  # GroupNorm groups must divide every width
+    try:
+        return RunSettings(**values, checkpoint_dir=str(checkpoint_dir.resolve()))
+    except SettingsError as exc:
+        raise CommandError(option_errors(RunSettings, exc)) from None
 
 
 def _insecure_warning(args) -> None:
@@ -222,7 +169,7 @@ def _add_serve(sub) -> None:
 def run_serve(args) -> int:
     from ..federation.certs import load_pilot_pki
     from ..federation.coordinator import Coordinator
-    from ..federation.processes import signals_raise_keyboard_interrupt
+    from ..federation.processes import InsecureModeWarning, signals_raise_keyboard_interrupt
 
     _insecure_warning(args)
     if not args.pki and not args.insecure:
@@ -234,21 +181,21 @@ def run_serve(args) -> int:
         public_keys={lab: Path(key) for lab, key in args.register},
     )
     with signals_raise_keyboard_interrupt(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", InsecureModeWarning)  # _insecure_warning said it
         try:
             coordinator.start()
-            link = coordinator.superlink
-            print(f"labs dial {link.fleet_address} (Fleet API only, "
-                  f"{'PLAIN TEXT' if args.insecure else 'TLS'}); Control API on {link.address} (this machine only)")
+            print(f"labs dial {coordinator.fleet_address} (Fleet API only, "
+                  f"{'PLAIN TEXT' if args.insecure else 'TLS'}); Control API on {coordinator.address} "
+                  "(this machine only)")
             for lab, node_id in coordinator.registered.items():
                 print(f"  registered lab {lab} as SuperNode {node_id}")
-            print(f"log: {link.process.log_path}")
+            print(f"log: {coordinator.superlink.log_path}")
             print(f"start a run:  napari-feddp federation run --connection {workdir} "
                   "--rounds N --min-clients K --checkpoint-dir DIR")
             print("Ctrl-C stops the SuperLink.", flush=True)
-            while link.is_running():
+            while coordinator.is_running():
                 time.sleep(1.0)
-            dead = link.process if not link.process.is_running() else link.gateway
+            dead = coordinator.gateway if coordinator.superlink.is_running() else coordinator.superlink
             print(f"{dead.name} exited with code {dead.returncode}:\n{dead.log_tail()}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
@@ -273,15 +220,14 @@ def _add_run(sub) -> None:
                    help="where the server writes round checkpoints (on the SuperLink machine)")
     p.add_argument("--no-follow", action="store_true", help="print the run id and return")
     p.add_argument("--timeout", type=float, default=24 * 3600, help="seconds to follow the run")
-    _add_training_options(p, rounds_default=10, min_clients_default=2)
+    _add_training_options(p)
     p.set_defaults(func=run_run)
 
 
 def run_run(args) -> int:
-    from ..federation.coordinator import read_connection, submit_run
+    from ..federation.coordinator import FederationRunError, read_connection, submit_run
     from ..federation.demo import table_header
     from ..federation.flwr_cli import FlowerCli, FlowerCliError, write_flower_config
-    from ..federation.pilot import FederationRunError
     from ..federation.processes import signals_raise_keyboard_interrupt
 
     _insecure_warning(args)
@@ -328,7 +274,7 @@ def _add_join(sub) -> None:
                    "a received model must pass before it becomes this lab's default")
     p.add_argument("--lab", default=None, help="lab name (default: key file name)")
     p.add_argument("--ledger-dir", default="", help="privacy ledger folder (default: $FEDDP_HOME/ledger, "
-                   "i.e. ~/.local/share/napari-feddp/ledger)")
+                   "$FEDDP_HOME being the per-user data folder unless set)")
     p.add_argument("--model-store", default="", help="where to keep the federation's final model")
     p.add_argument("--workdir", default=None, help="logs and local history")
     p.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT,
@@ -340,46 +286,28 @@ def _add_join(sub) -> None:
 
 
 def _add_policy_options(parser) -> None:
-    from ..federation.settings import NodeSettings
+    from ..federation.settings import NodeSettings, add_options
 
-    d = NodeSettings()
-    group = parser.add_argument_group(
-        "lab privacy policy", "what any run may ask of this lab; a run outside it is declined before training")
-    group.add_argument("--epsilon-budget", type=float, default=d.max_epsilon,
-                       help=f"privacy budget; rounds beyond it are declined (default {d.max_epsilon:g}; "
-                            "0: unlimited, with a warning)")
-    group.add_argument("--accept-dp-modes", default=d.accept_dp_modes,
-                       help=f"comma-separated DP modes this lab trains under (default {d.accept_dp_modes})")
-    group.add_argument("--max-delta", type=float, default=d.max_delta,
-                       help=f"largest delta accepted; the ledger reports epsilon at it (default {d.max_delta:g})")
-    group.add_argument("--min-noise-multiplier", type=float, default=d.min_noise_multiplier,
-                       help=f"smallest DP-SGD noise multiplier accepted (default {d.min_noise_multiplier:g})")
-    group.add_argument("--max-model-parameters", type=int, default=d.max_model_parameters,
-                       help=f"largest model accepted (default {d.max_model_parameters:,})")
-    group.add_argument("--max-steps-per-round", type=int, default=d.max_steps_per_round,
-                       help=f"most local steps a round may ask for (default {d.max_steps_per_round})")
+    add_options(parser.add_argument_group(
+        "lab privacy policy", "what any run may ask of this lab; a run outside it is declined before training"),
+        NodeSettings)
 
 
 def policy_from_args(args) -> dict:
-    """NodeSettings policy fields from the join/demo options."""
+    """NodeSettings policy fields from the join options."""
+    from ..federation.settings import NodeSettings, options_of
+
     if args.epsilon_budget == 0:
         print("WARNING: --epsilon-budget 0: this lab's privacy budget is UNLIMITED; epsilon keeps "
               "growing with every round it trains.", file=sys.stderr)
     elif args.epsilon_budget < 0:
         raise CommandError("--epsilon-budget must be >= 0 (0: unlimited)")
-    return {
-        "max_epsilon": float(args.epsilon_budget),
-        "accept_dp_modes": args.accept_dp_modes,
-        "max_delta": float(args.max_delta),
-        "min_noise_multiplier": float(args.min_noise_multiplier),
-        "max_model_parameters": int(args.max_model_parameters),
-        "max_steps_per_round": int(args.max_steps_per_round),
-    }
+    return options_of(NodeSettings, args)
 
 
 def run_join(args) -> int:
     from ..federation.lab import CoordinatorUnreachable, LabNode
-    from ..federation.processes import FederationProcessError, signals_raise_keyboard_interrupt
+    from ..federation.processes import FederationProcessError, InsecureModeWarning, signals_raise_keyboard_interrupt
 
     _insecure_warning(args)
     if not args.insecure and not (args.ca and args.key):
@@ -403,16 +331,16 @@ def run_join(args) -> int:
         connect_timeout=args.connect_timeout,
     )
     with signals_raise_keyboard_interrupt(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", InsecureModeWarning)  # _insecure_warning said it
         try:
             try:
                 node.settings()
             except ValueError as exc:
                 raise CommandError(str(exc)) from None
             node.start()
-            print(f"lab {node.lab} connected to {args.superlink} as SuperNode {node.node.node_id}")
+            print(f"lab {node.lab} connected to {args.superlink} as SuperNode {node.node_id}")
             print(f"policy: {node.policy_summary()}")
-            print(f"log: {node.node.process.log_path}; Ctrl-C leaves the federation.", flush=True)
+            print(f"log: {node.process.log_path}; Ctrl-C leaves the federation.", flush=True)
             last = None
             while True:
                 status = node.status()
@@ -446,23 +374,26 @@ def _add_demo(sub) -> None:
                    help="where round checkpoints and model cards go (default: checkpoints/ in the "
                         "work folder; without --workdir a new feddp-demo-* folder in the system's "
                         "temporary folder, of which only checkpoints/ is kept)")
-    p.add_argument("--data", default=None,
-                   help="dataset folder (images/, masks/) split across the labs (default: synthetic tiles)")
-    p.add_argument("--synthetic", action="store_true", help="use synthetic tiles")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data", default=None,
+                        help="dataset folder (images/, masks/) split across the labs by TCGA site, or a "
+                             "folder with train/ and test/ such folders, e.g. MoNuSeg (default: synthetic tiles)")
+    source.add_argument("--synthetic", action="store_true", help="synthetic tiles (the default without --data)")
     p.add_argument("--tiles", type=int, default=4, help="synthetic tiles per lab")
     p.add_argument("--workdir", default=None, help="keep logs, PKI, Flower homes and checkpoints here")
     p.add_argument("--epsilon-budget", type=float, default=8.0,
                    help="every lab's privacy budget (default 8; 0: unlimited, with a warning)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before giving up")
     p.add_argument("--insecure", action="store_true", help="plain text, no authentication (debug only)")
-    _add_training_options(p, rounds_default=2, min_clients_default=0)
+    _add_training_options(p, rounds=2, min_clients=0)
     p.set_defaults(func=run_demo, max_steps=3, crop_size=64, depth=3, base_width=8)
 
 
 def run_demo(args) -> int:
+    from ..federation.coordinator import FederationRunError
     from ..federation.demo import prepare_demo_labs, table_header
-    from ..federation.pilot import FederationRunError, LocalFederation
-    from ..federation.processes import FederationProcessError, signals_raise_keyboard_interrupt
+    from ..federation.pilot import LocalFederation
+    from ..federation.processes import FederationProcessError, InsecureModeWarning, signals_raise_keyboard_interrupt
 
     _insecure_warning(args)
     if args.clients < 1:
@@ -479,10 +410,10 @@ def run_demo(args) -> int:
     settings = _settings(args, checkpoint_dir)
     print(f"checkpoints and model cards go to {checkpoint_dir.resolve()}", flush=True)
     with signals_raise_keyboard_interrupt(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", InsecureModeWarning)  # _insecure_warning said it
         try:
             labs, source = prepare_demo_labs(
-                workdir / "data", args.clients, data=args.data, synthetic=args.synthetic,
+                workdir / "data", args.clients, data=args.data,
                 tiles=args.tiles, epsilon_budget=args.epsilon_budget,
             )
             for lab in labs:  # the demo's labs accept the mode the demo asks for
@@ -496,7 +427,7 @@ def run_demo(args) -> int:
             started = time.monotonic()
             with LocalFederation(workdir=workdir / "federation", labs=labs, insecure=args.insecure,
                                  keep_workdir=True) as fed:
-                print(f"SuperLink {fed.superlink.address} + {len(fed.supernodes)} SuperNodes up in "
+                print(f"SuperLink {fed.coordinator.address} + {len(fed.supernodes)} SuperNodes up in "
                       f"{time.monotonic() - started:.0f} s", flush=True)
                 print(table_header(), flush=True)
                 outcome = fed.run(settings, timeout=args.timeout, on_round=_print_round)

@@ -44,7 +44,7 @@ def add_parser(subparsers) -> None:
 
 def _add_common(parser) -> None:
     parser.add_argument("--ledger-dir", default="", help="privacy ledger folder (default: $FEDDP_HOME/ledger, "
-                        "i.e. ~/.local/share/napari-feddp/ledger)")
+                        "$FEDDP_HOME being the per-user data folder unless set)")
     parser.add_argument("--dataset", required=True, help="dataset folder with images/ and masks/")
 
 

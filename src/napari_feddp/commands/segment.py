@@ -42,6 +42,7 @@ def add_parser(subparsers) -> None:
                         "level-0 pixels (e.g. QuPath annotations): labels only inside them (default: all tissue)")
     parser.add_argument("--all-tiles", action="store_true", help="predict background tiles too "
                         "(always so for pictures of at most 2048 px a side: they are all tissue)")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -56,6 +57,7 @@ def default_csv_path(out: Path) -> Path:
 
 
 def run(args) -> int:
+    from .._atomic import OutputBusyError, exclusive
     from ..segmentation import (
         OutputPathError,
         check_output_paths,
@@ -82,6 +84,9 @@ def run(args) -> int:
                                       "--classes-out": args.classes_out}, inputs=[args.slide])
     except OutputPathError as exc:
         raise CommandError(str(exc)) from None
+    existing = [f"{what} {path}" for what, path in outputs.items() if path.exists()]
+    if existing and not args.overwrite:
+        raise CommandError(f"{', '.join(existing)}: already exists; give --overwrite to replace it")
     try:
         region = region_from_argument(args.region) if args.region else None
     except ValueError as exc:
@@ -93,7 +98,11 @@ def run(args) -> int:
     except (SlideError, FileNotFoundError) as exc:
         raise CommandError(str(exc)) from None
     try:
-        return _segment(args, slide, outputs, region)
+        # Held from the first tile to the last file: a second run on the same outputs is refused at once.
+        with exclusive(outputs.values()):
+            return _segment(args, slide, outputs, region)
+    except OutputBusyError as exc:
+        raise CommandError(str(exc)) from None
     finally:
         slide.close()  # its tile-decoding threads end now, not whenever the garbage collector runs
 

@@ -21,6 +21,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import find_contours
 
+from .._atomic import atomic_path
+
 #: Rows of the label map processed at once.
 STRIP_ROWS = 2048
 #: Extra rows read below each strip so objects crossing its lower edge stay whole
@@ -209,18 +211,12 @@ def write_nuclei_geojson(path: str | os.PathLike, labels, **kwargs) -> tuple[Pat
 def _write_features(path: str | os.PathLike, features: Iterator[dict]) -> tuple[Path, int]:
     path = Path(path)
     count = 0
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write('{"type": "FeatureCollection", "features": [\n')
-            for feature in features:
-                handle.write((",\n" if count else "") + json.dumps(feature))
-                count += 1
-            handle.write("\n]}\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write('{"type": "FeatureCollection", "features": [\n')
+        for feature in features:
+            handle.write((",\n" if count else "") + json.dumps(feature))
+            count += 1
+        handle.write("\n]}\n")
     return path, count
 
 

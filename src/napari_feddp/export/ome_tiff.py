@@ -10,6 +10,8 @@ import dask.array as da
 import numpy as np
 import tifffile
 
+from .._atomic import atomic_path
+
 #: Tile side in pixels for every level; 256 is what QuPath and OpenSlide expect.
 TILE = 256
 #: Levels are added until the longest side is at most this.
@@ -86,19 +88,13 @@ def write_ome_labels(
         )
         options.update(resolution=(1e4 / mpp[1], 1e4 / mpp[0]), resolutionunit="CENTIMETER")
 
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as writer:
-            writer.write(
-                _tiles(levels[0], dtype), shape=levels[0].shape,
-                subifds=len(levels) - 1, metadata=metadata, **options,
-            )
-            for level in levels[1:]:
-                writer.write(_tiles(level, dtype), shape=level.shape, subfiletype=1, metadata=None, **options)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as writer:
+        writer.write(
+            _tiles(levels[0], dtype), shape=levels[0].shape,
+            subifds=len(levels) - 1, metadata=metadata, **options,
+        )
+        for level in levels[1:]:
+            writer.write(_tiles(level, dtype), shape=level.shape, subfiletype=1, metadata=None, **options)
     return path
 
 

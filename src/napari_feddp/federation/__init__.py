@@ -10,7 +10,7 @@ Modules
 certs
     Pilot CA, SuperLink certificate, SuperNode key pairs.
 processes
-    SuperLink / SuperNode child processes with guaranteed cleanup.
+    Flower child processes with guaranteed cleanup of their process trees.
 flwr_cli
     The ``flwr`` command line with a private Flower home.
 settings
@@ -25,10 +25,14 @@ checkpoints
     Per-round checkpoints, ``rounds.jsonl``, ``evaluation.json``, ``summary.json``.
 app_bundle
     The pyproject.toml-only app directory ``flwr run`` needs.
+coordinator
+    ``federation serve`` and ``run``: SuperLink, its SuperExec, the Fleet gateway, runs.
+lab
+    ``federation join`` and the Federation widget: a lab's SuperNode and its status.
+app_pin, policy
+    A lab runs only its installed ClientApp, and only runs within its privacy policy.
 pilot
-    :class:`LocalFederation`: a whole federation on loopback (demo, tests).
-coordinator, lab
-    ``federation serve`` / ``run`` and ``federation join`` building blocks.
+    :class:`LocalFederation`: a coordinator and lab nodes on loopback (demo, tests).
 demo
     Synthetic or MoNuSeg-split lab datasets and the per-round table.
 
@@ -43,8 +47,8 @@ import importlib
 _EXPORTS = {
     "LocalFederation": "pilot",
     "LabSpec": "pilot",
-    "RunOutcome": "pilot",
-    "FederationRunError": "pilot",
+    "RunOutcome": "coordinator",
+    "FederationRunError": "coordinator",
     "Coordinator": "coordinator",
     "LabNode": "lab",
     "RunSettings": "settings",

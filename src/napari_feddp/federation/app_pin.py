@@ -18,9 +18,10 @@ refused before any of its code is imported: the task fails with
 ``UntrustedAppError``, the lab's ClientApp log has one line saying why, and
 the lab's local history (Federation widget) records a ``refused-app`` event.
 
-Every ClientApp of a lab starts here: cold as
-``python -m napari_feddp.federation.app_pin ARGS`` or forked from the warm
-parent (:mod:`.warm_clientapp`), which calls :func:`run_pinned_clientapp`.
+Flower's SuperExec starts every ClientApp task as ``flwr-clientapp ARGS``,
+found on its ``PATH``. A lab's SuperExec finds :func:`write_launcher`'s
+``flwr-clientapp`` first: the same entry point, with the pin installed. Each
+task still runs in a new process, as with Flower's own process isolation.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import os
 import sys
 import time
 import tomllib
-import traceback
 import zipfile
 from pathlib import Path
 
@@ -144,31 +144,23 @@ def install_pin() -> None:
     runner.install_from_fab = pinned_install_from_fab
 
 
-def run_pinned_clientapp() -> int:
-    """Run Flower's ``flwr-clientapp`` (arguments in ``sys.argv``) with the pin; return its exit code."""
+def run_pinned_clientapp() -> None:
+    """Run Flower's ``flwr-clientapp`` (arguments in ``sys.argv``) with the pin."""
     install_pin()
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
-    try:
-        flwr_clientapp()
-    except SystemExit as exc:
-        if exc.code is None:
-            return 0
-        if isinstance(exc.code, int):
-            return exc.code
-        print(exc.code, file=sys.stderr)
-        return 1
-    except BaseException:  # noqa: BLE001 - report like an uncaught exception would
-        traceback.print_exc()
-        return 1
-    return 0
+    flwr_clientapp()
 
 
-def cold_start_argv() -> list[str]:
-    """Command that starts one pinned ClientApp process (Flower's arguments follow)."""
-    return [sys.executable, "-m", __name__]
+def write_launcher(directory: str | os.PathLike) -> Path:
+    """Write ``directory/flwr-clientapp``: Flower's ClientApp entry point with the pin; return the file.
 
-
-if __name__ == "__main__":
-    sys.argv[0] = "flwr-clientapp"
-    sys.exit(run_pinned_clientapp())
+    Put ``directory`` first on the lab SuperExec's ``PATH``. The script runs
+    with this interpreter and its first ``sys.path`` entry is ``directory``,
+    never the working directory.
+    """
+    launcher = Path(directory) / "flwr-clientapp"
+    launcher.parent.mkdir(parents=True, exist_ok=True)
+    launcher.write_text(f"#!{sys.executable}\nfrom {__name__} import run_pinned_clientapp\nrun_pinned_clientapp()\n")
+    launcher.chmod(0o700)
+    return launcher

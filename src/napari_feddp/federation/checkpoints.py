@@ -19,21 +19,16 @@ out and the problem recorded in :attr:`CheckpointWriter.problems`.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from flwr.app import ArrayRecord
 
+from .._atomic import write_atomic
+
 ROUNDS_FILE = "rounds.jsonl"
 SUMMARY_FILE = "summary.json"
 EVALUATION_FILE = "evaluation.json"
-
-
-def _atomic_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 class CheckpointWriter:
@@ -135,15 +130,13 @@ class CheckpointWriter:
     def write_evaluation(self, evaluation: dict | None) -> None:
         """Write ``evaluation.json``."""
         if self.directory is not None and evaluation is not None:
-            _atomic_json(self.directory / EVALUATION_FILE, evaluation)
+            write_atomic(self.directory / EVALUATION_FILE, json.dumps(evaluation, indent=2, default=str) + "\n")
 
     def write_summary(self, status: str, **fields) -> None:
         """Write ``summary.json`` (status plus any fields)."""
         if self.directory is not None:
-            _atomic_json(
-                self.directory / SUMMARY_FILE,
-                {"status": status, "updated": time.time(), **fields},
-            )
+            summary = {"status": status, "updated": time.time(), **fields}
+            write_atomic(self.directory / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
 
 
 def read_rounds(directory) -> list[dict]:

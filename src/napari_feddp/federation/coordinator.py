@@ -9,39 +9,88 @@ home) into its work directory so that ``run`` can find it with
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._atomic import write_atomic
 from .app_bundle import write_app_dir
 from .certs import PilotPKI
-from .flwr_cli import FlowerCli, write_flower_config
-from .pilot import RunOutcome, wait_for_run
-from .processes import LOOPBACK, SuperLinkProcess, TlsFiles
+from .checkpoints import EVALUATION_FILE, ROUNDS_FILE, SUMMARY_FILE, read_json, read_rounds
+from .flwr_cli import FlowerCli, FlowerCliError, write_flower_config
+from .processes import (ADDRESS_IN_USE, LOOPBACK, FederationProcessError, ManagedProcess, absolute, find_free_port,
+                        flower_env, flower_executable, superexec_argv, warn_insecure, write_secret)
 from .settings import RunSettings
 
 CONNECTION_FILE = "connection.json"
+
+
+class FederationRunError(RuntimeError):
+    """A federated run failed, timed out, or ended without completing."""
+
+
+@dataclass
+class RunOutcome:
+    """A finished run: its id, Flower status, round records, evaluation and summary."""
+
+    run_id: int
+    status: str
+    rounds: list[dict]
+    evaluation: dict | None
+    summary: dict | None
+    checkpoint_dir: Path
+    seconds: float
+
+
+def superlink_argv(port: int, pki: PilotPKI | None, *, superexec_secret: str | Path) -> list[str]:
+    """Command line of ``flower-superlink`` (Flower 1.42), bound to loopback.
+
+    One HTTP(S) port serves the Fleet, Control and Runtime APIs, so it never
+    leaves loopback: labs reach the Fleet API through the gateway
+    (:mod:`.gateway`). ``--isolation process`` with a SuperExec secret means
+    only the coordinator's own SuperExec, holding that secret, can pick up a
+    ServerApp. ``pki=None`` means ``--insecure`` (and no SuperNode
+    authentication, which needs TLS). Runtime dependency installation is
+    disabled: apps use this environment.
+    """
+    argv = [flower_executable("flower-superlink"), "--host", LOOPBACK, "--port", str(port)]
+    if pki is None:
+        argv.append("--insecure")
+    else:
+        argv += ["--ssl-ca-certfile", absolute(pki.ca.cert), "--ssl-certfile", absolute(pki.server.cert),
+                 "--ssl-keyfile", absolute(pki.server.key), "--enable-supernode-auth"]  # fmt: skip
+    return argv + ["--isolation", "process", "--superexec-auth-secret-file", absolute(superexec_secret),
+                   "--disable-runtime-dependency-installation"]  # fmt: skip
 
 
 @dataclass(eq=False)
 class Coordinator:
     """SuperLink (loopback), its SuperExec and the Fleet gateway, plus a ``flwr`` home.
 
-    Labs reach only the gateway (:attr:`fleet_address`, Fleet API); the
-    Control and Runtime APIs stay on this machine's loopback, where only the
-    coordinator's ``flwr`` commands (:attr:`cli`) and its own SuperExec (with
-    the shared secret) use them.
+    * ``flower-superlink`` listens on ``127.0.0.1`` only (Fleet, Control and
+      Runtime API share its port); :attr:`address` is for the coordinator's
+      own ``flwr`` commands (:attr:`cli`).
+    * ``flower-superexec`` runs the ServerApp; it authenticates to the
+      SuperLink's Runtime API with a shared secret (mode 0600, new at every
+      start), so no other process can take the task.
+    * the gateway (:mod:`.gateway`) listens on ``host:port`` and forwards the
+      Fleet API only; :attr:`fleet_address` is what labs dial.
 
     Parameters
     ----------
     workdir : path
-        Logs, the SuperLink's Flower home, the CLI's Flower home, ``connection.json``.
+        ``superlink/`` (logs, the secret, the SuperLink's Flower home), ``cli-home/``, ``connection.json``.
     pki : PilotPKI or None
         CA and SuperLink certificate (no lab keys).
     insecure : bool
         Plain text, no node authentication (explicit opt-in, warns).
     host, port : str, int
-        Public address of the gateway (port None: a free one).
+        Public address of the gateway (port None: a free one); the certificate
+        must name the address labs dial.
     public_keys : dict
         ``{lab name: public key path}`` registered at start (keys the labs
         made themselves with ``federation keys``).
@@ -56,82 +105,117 @@ class Coordinator:
     port: int | None = None
     public_keys: dict[str, Path] = field(default_factory=dict)
     ready_timeout: float = 60.0
-    superlink: SuperLinkProcess | None = field(default=None, init=False)
+    superlink: ManagedProcess | None = field(default=None, init=False)
+    superexec: ManagedProcess | None = field(default=None, init=False)
+    gateway: ManagedProcess | None = field(default=None, init=False)
+    internal_port: int | None = field(default=None, init=False)
     cli: FlowerCli | None = field(default=None, init=False)
     registered: dict[str, int] = field(default_factory=dict, init=False)
 
     @property
+    def address(self) -> str:
+        """``127.0.0.1:PORT`` of the SuperLink itself (Control API; this machine only)."""
+        return f"{LOOPBACK}:{self.internal_port}"
+
+    @property
     def fleet_address(self) -> str:
-        """``HOST:PORT`` labs dial."""
-        assert self.superlink is not None, "start() first"
-        return self.superlink.fleet_address
+        """``HOST:PORT`` labs dial (the gateway; Fleet API only)."""
+        return f"{LOOPBACK if self.host in ('0.0.0.0', '') else self.host}:{self.port}"
+
+    @property
+    def secret_path(self) -> Path:
+        """The SuperExec shared secret."""
+        return self.workdir / "superlink" / "secrets" / "superexec.secret"
 
     def start(self) -> Coordinator:
-        """Start the SuperLink, write the CLI config, register every known lab."""
+        """Start SuperLink, SuperExec and gateway, write the CLI config, register every known lab."""
         self.workdir = Path(self.workdir).resolve()
         if self.pki is None and not self.insecure:
             raise ValueError("a PKI (federation certs) is required unless insecure=True")
-        tls = None
-        if self.pki is not None and not self.insecure:
-            tls = TlsFiles(self.pki.ca.cert, self.pki.server.cert, self.pki.server.key)
-        self.superlink = SuperLinkProcess(
-            self.workdir / "superlink", tls, insecure=self.insecure, port=self.port, host=self.host,
-            ready_timeout=self.ready_timeout,
-        ).start()
-        self.cli = FlowerCli(self.workdir / "cli-home")
-        ca = None if self.insecure else self.pki.ca.cert
-        write_flower_config(self.cli.flwr_home, self.superlink.address, root_cert=ca, insecure=self.insecure)
-        if not self.insecure and self.public_keys:
-            # Each registration is a `flwr` process: run them side by side.
-            from concurrent.futures import ThreadPoolExecutor
+        if self.insecure:
+            warn_insecure("SuperLink")
+        pki = None if self.insecure else self.pki
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        write_secret(self.secret_path)
+        env = flower_env(self.workdir / "superlink" / "flwr-home")
+        self.superlink, self.internal_port = self._start_listening(
+            "superlink", "superlink.log", lambda port: superlink_argv(port, pki, superexec_secret=self.secret_path),
+            env, LOOPBACK)  # fmt: skip
+        self.superexec = ManagedProcess(
+            "superexec (serverapp)",
+            superexec_argv(self.address, root_cert=None if pki is None else pki.ca.cert, secret=self.secret_path),
+            self.workdir / "superlink" / "superexec.log", env, self.workdir,
+        ).start()  # fmt: skip
+        from .gateway import gateway_argv
 
-            items = list(self.public_keys.items())
-            with ThreadPoolExecutor(max_workers=max(1, min(4, len(items)))) as pool:
-                list(pool.map(lambda item: self.register(item[1], item[0]), items))
+        tls = {} if pki is None else {"certfile": pki.server.cert, "keyfile": pki.server.key, "ca_cert": pki.ca.cert}
+        self.gateway, self.port = self._start_listening(
+            "fleet gateway", "gateway.log", lambda port: gateway_argv(self.host, port, self.address, **tls),
+            flower_env(), self.host or LOOPBACK, fixed_port=self.port)  # fmt: skip
+        self.cli = FlowerCli(self.workdir / "cli-home")
+        write_flower_config(self.cli.flwr_home, self.address, root_cert=None if pki is None else pki.ca.cert,
+                            insecure=self.insecure)  # fmt: skip
+        if pki is not None and self.public_keys:
+            # Each registration is a `flwr` process: run them side by side.
+            with ThreadPoolExecutor(max_workers=min(4, len(self.public_keys))) as pool:
+                list(pool.map(lambda item: self.register(item[1], item[0]), self.public_keys.items()))
         self.write_connection()
         return self
 
+    def _start_listening(self, name: str, log: str, argv: Callable[[int], list[str]], env: dict, host: str,
+                         fixed_port: int | None = None) -> tuple[ManagedProcess, int]:
+        """Start a process that listens on ``host:PORT``; on "address already in use" try another free port."""
+        for attempt in range(4):
+            port = fixed_port or find_free_port(host)
+            process = ManagedProcess(name, argv(port), self.workdir / "superlink" / log, env, self.workdir).start()
+            try:
+                process.wait_port(LOOPBACK if host == "0.0.0.0" else host, port, self.ready_timeout)
+                return process, port
+            except FederationProcessError:
+                clash = ADDRESS_IN_USE.search(process.log_tail(40))
+                process.stop(5)
+                if fixed_port or not clash or attempt == 3:
+                    raise
+        raise FederationProcessError(f"{name}: no free port")
+
     def write_connection(self) -> Path:
         """Write ``connection.json`` (addresses, CA, Flower home, registered labs)."""
-        assert self.superlink is not None and self.cli is not None, "start() first"
-        path = self.workdir / CONNECTION_FILE
-        path.write_text(
-            json.dumps(
-                {
-                    "fleet_address": self.superlink.fleet_address,
-                    "control_address": self.superlink.address,
-                    "ca": None if self.insecure else str(self.pki.ca.cert),
-                    "insecure": self.insecure,
-                    "flwr_home": str(self.cli.flwr_home),
-                    "labs": self.registered,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        return path
+        connection = {
+            "fleet_address": self.fleet_address,
+            "control_address": self.address,
+            "ca": None if self.insecure else str(self.pki.ca.cert),
+            "insecure": self.insecure,
+            "flwr_home": str(self.cli.flwr_home),
+            "labs": self.registered,
+        }
+        return write_atomic(self.workdir / CONNECTION_FILE, json.dumps(connection, indent=2) + "\n")
 
     def register(self, public_key: str | Path, name: str) -> int:
         """Register a lab's public key; return its SuperNode id."""
         assert self.cli is not None, "start() first"
-        node_id = self.cli.register_node(public_key, name=name)
-        self.registered[name] = node_id
-        return node_id
+        self.registered[name] = self.cli.register_node(public_key, name=name)
+        return self.registered[name]
 
-    def stop(self) -> None:
-        """Stop the gateway, SuperExec (and any ServerApp) and SuperLink."""
-        if self.superlink is not None:
-            self.superlink.stop()
+    def is_running(self) -> bool:
+        """True while SuperLink and gateway both run."""
+        return all(p is not None and p.is_running() for p in (self.superlink, self.gateway))
 
-    def __enter__(self) -> Coordinator:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the gateway, the SuperExec (and any ServerApp), then the SuperLink."""
+        for process in (self.gateway, self.superexec, self.superlink):
+            if process is not None:
+                process.stop(timeout)
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+
+def read_connection(directory: str | Path) -> dict:
+    """``connection.json`` written by :meth:`Coordinator.start`."""
+    path = Path(directory) / CONNECTION_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONNECTION_FILE} in {directory}: is 'federation serve' running there?")
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------- runs
 
 
 def submit_run(
@@ -141,7 +225,10 @@ def submit_run(
     *,
     follow: bool = True,
     timeout: float = 24 * 3600,
-    on_round=None,
+    on_round: Callable[[dict], None] | None = None,
+    on_poll: Callable[[], None] | None = None,
+    alive: Callable[[], bool] | None = None,
+    poll: float = 0.5,
 ) -> RunOutcome | int:
     """Start the FedDP run with ``flwr run``; optionally follow it to the end.
 
@@ -150,34 +237,115 @@ def submit_run(
     cli : FlowerCli
         Connection to the SuperLink.
     settings : RunSettings
-        Must have ``checkpoint_dir`` (absolute, on the SuperLink's machine).
+        Must have ``checkpoint_dir`` (on the SuperLink's machine).
     app_dir : path
         Where the generated Flower App (pyproject.toml) is written.
     follow : bool
         Wait and report rounds (needs ``checkpoint_dir`` readable from here).
-    timeout : float
-        Seconds when following.
-    on_round : callable, optional
-        Called with each round record.
+    timeout, on_round, on_poll, alive, poll
+        See :func:`wait_for_run`.
 
     Returns
     -------
     RunOutcome, or the run id when not following.
     """
-    app = write_app_dir(app_dir, settings)
-    checkpoint_dir = Path(settings.checkpoint_dir)
+    checkpoint_dir = Path(settings.checkpoint_dir).resolve()
+    settings = settings.replace(checkpoint_dir=str(checkpoint_dir))
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("summary.json", "evaluation.json", "rounds.jsonl"):
+    for stale in (SUMMARY_FILE, EVALUATION_FILE, ROUNDS_FILE):
         (checkpoint_dir / stale).unlink(missing_ok=True)
-    run_id = cli.start_run(app)
+    started = time.monotonic()
+    run_id = cli.start_run(write_app_dir(app_dir, settings))
     if not follow:
         return run_id
-    return wait_for_run(cli, run_id, checkpoint_dir, timeout=timeout, on_round=on_round)
+    return wait_for_run(cli, run_id, checkpoint_dir, timeout=timeout, on_round=on_round, on_poll=on_poll,
+                        alive=alive, poll=poll, started=started)  # fmt: skip
 
 
-def read_connection(directory: str | Path) -> dict:
-    """``connection.json`` written by :meth:`Coordinator.start`."""
-    path = Path(directory) / CONNECTION_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CONNECTION_FILE} in {directory}: is 'federation serve' running there?")
-    return json.loads(path.read_text())
+def wait_for_run(
+    cli: FlowerCli,
+    run_id: int,
+    checkpoint_dir: Path,
+    *,
+    timeout: float,
+    on_round: Callable[[dict], None] | None = None,
+    on_poll: Callable[[], None] | None = None,
+    alive: Callable[[], bool] | None = None,
+    poll: float = 0.5,
+    started: float | None = None,
+    status_every: float = 10.0,
+) -> RunOutcome:
+    """Follow a run through its checkpoint directory and ``flwr list`` until it ends.
+
+    The ServerApp's ``summary.json`` is read every ``poll`` seconds (cheap);
+    ``flwr list`` is asked every ``status_every`` seconds, which catches a
+    ServerApp that died before writing a summary.
+
+    Parameters
+    ----------
+    timeout : float
+        Seconds before the run is stopped and FederationRunError raised.
+    on_round : callable, optional
+        Called with each new ``rounds.jsonl`` record as it appears.
+    on_poll : callable, optional
+        Called on every poll (tests use it to kill a node mid-round).
+    alive : callable, optional
+        False when the SuperLink is gone (the run then fails at once).
+    started : float, optional
+        ``time.monotonic()`` when the run was submitted.
+
+    Raises
+    ------
+    FederationRunError
+        If the run fails, does not complete in time, or the SuperLink dies.
+        Ctrl-C stops the run before it propagates.
+    """
+    started = time.monotonic() if started is None else started
+    seen, last_status, status = 0, 0.0, "running"
+
+    def emit_rounds() -> list[dict]:
+        nonlocal seen
+        rows = read_rounds(checkpoint_dir)
+        for row in rows[seen:]:
+            if on_round is not None:
+                on_round(row)
+        seen = len(rows)
+        return rows
+
+    try:
+        while True:
+            emit_rounds()
+            if on_poll is not None:
+                on_poll()
+            summary = read_json(checkpoint_dir, SUMMARY_FILE)
+            if summary and summary.get("status") in ("completed", "failed"):
+                status = f"finished:{summary['status']}"
+                break
+            now = time.monotonic()
+            if now - last_status > status_every:
+                last_status = now
+                status = str(cli.run_info(run_id).get("status", ""))
+                if status.startswith("finished"):
+                    time.sleep(poll)  # a summary written just before the end
+                    break
+            if alive is not None and not alive():
+                raise FederationRunError(f"the SuperLink exited during run {run_id}")
+            if now > started + timeout:
+                cli.stop_run(run_id)
+                raise FederationRunError(f"run {run_id} did not finish within {timeout:.0f} s; stopped it")
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            cli.stop_run(run_id)
+        raise
+    summary = read_json(checkpoint_dir, SUMMARY_FILE)
+    outcome = RunOutcome(run_id=run_id, status=status, rounds=emit_rounds(),
+                         evaluation=read_json(checkpoint_dir, EVALUATION_FILE), summary=summary,
+                         checkpoint_dir=checkpoint_dir, seconds=time.monotonic() - started)  # fmt: skip
+    if not (summary and summary.get("status") == "completed"):
+        detail = (summary or {}).get("error") or f"flwr status {status}"
+        logs = ""
+        with contextlib.suppress(FlowerCliError):
+            logs = cli.logs(run_id)[-3000:]
+        raise FederationRunError(f"run {run_id} did not complete: {detail}\n{logs}".rstrip())
+    return outcome

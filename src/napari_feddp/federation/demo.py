@@ -127,67 +127,11 @@ def evaluation_line(evaluation: dict | None) -> str:
     )
 
 
-def _site(name: str) -> str:
-    """Tissue source site of a TCGA barcode (``TCGA-A7-...`` -> ``A7``), else the name."""
-    parts = name.split("-")
-    return parts[1] if len(parts) > 2 and parts[0].upper() == "TCGA" else name
-
-
-def split_dataset(source: str | Path, target: str | Path, n_labs: int) -> list[Path]:
-    """Split a dataset folder into ``n_labs`` folders by TCGA site (non-IID "hospitals").
-
-    Sites are dealt to labs round-robin in sorted order; files are symlinked
-    (copied where links are not possible). Returns the lab folders.
-    """
-    import shutil
-
-    source, target = Path(source), Path(target)
-    images = sorted(p for p in (source / "images").iterdir() if p.is_file() and not p.name.startswith("."))
-    masks = {p.stem: p for p in (source / "masks").iterdir() if p.is_file()}
-    sites = sorted({_site(p.stem) for p in images})
-    if len(sites) < n_labs:
-        sites = sorted(p.stem for p in images)  # fewer sites than labs: split by tile
-    owner = {site: index % n_labs for index, site in enumerate(sites)}
-    folders = [target / f"lab-{i + 1}" for i in range(n_labs)]
-    for folder in folders:
-        (folder / "images").mkdir(parents=True, exist_ok=True)
-        (folder / "masks").mkdir(parents=True, exist_ok=True)
-    for image in images:
-        if image.stem not in masks:
-            continue
-        key = _site(image.stem) if _site(image.stem) in owner else image.stem
-        lab = folders[owner[key]]
-        for src, sub in ((image, "images"), (masks[image.stem], "masks")):
-            dst = lab / sub / src.name
-            if dst.exists():
-                continue
-            try:
-                dst.symlink_to(src.resolve())
-            except OSError:
-                shutil.copy2(src, dst)
-    return folders
-
-
-def find_monuseg() -> Path | None:
-    """MoNuSeg folder (with ``train/``) from ``$FEDDP_SHARED_DATA`` or ``../shared/data``."""
-    import os
-
-    candidates = []
-    if os.environ.get("FEDDP_SHARED_DATA"):
-        candidates.append(Path(os.environ["FEDDP_SHARED_DATA"]) / "monuseg")
-    candidates.append(Path.cwd().parent / "shared" / "data" / "monuseg")
-    for candidate in candidates:
-        if (candidate / "train" / "images").is_dir():
-            return candidate
-    return None
-
-
 def prepare_demo_labs(
     directory: str | Path,
     n_labs: int,
     *,
     data: str | Path | None = None,
-    synthetic: bool = False,
     tiles: int = 4,
     tile_size: int = 96,
     epsilon_budget: float = 0.0,
@@ -200,9 +144,9 @@ def prepare_demo_labs(
         Where the lab folders are created.
     n_labs : int
     data : path, optional
-        A dataset folder to split across labs.
-    synthetic : bool
-        Force synthetic tiles.
+        A dataset folder (``images/``, ``masks/``) split across the labs by TCGA site, or
+        a folder with ``train/`` and ``test/`` such folders (as MoNuSeg): ``train/`` is split
+        for training and ``test/`` gives each lab its held-out tiles. None: synthetic tiles.
     tiles, tile_size : int
         Synthetic tiles per lab and their size.
     epsilon_budget : float
@@ -211,32 +155,25 @@ def prepare_demo_labs(
     Returns
     -------
     (list of LabSpec, str)
-        The labs and ``"synthetic"``, ``"MoNuSeg"`` or the data folder.
+        The labs and ``"synthetic"`` or the data folder.
     """
     from .pilot import LabSpec
+    from .sites import split_folder
 
-    directory = Path(directory)
-    source_dir: Path | None = None
+    directory, root = Path(directory), Path(data) if data is not None else None
     eval_dirs: list[Path | None] = [None] * n_labs
-    label = "synthetic"
-    if not synthetic:
-        if data is not None:
-            source_dir, label = Path(data), str(data)
-        elif (monuseg := find_monuseg()) is not None:
-            source_dir, label = monuseg / "train", "MoNuSeg"
-            if (monuseg / "test" / "images").is_dir():
-                eval_dirs = list(split_dataset(monuseg / "test", directory / "eval", n_labs))
-    if source_dir is not None:
-        folders = split_dataset(source_dir, directory / "train", n_labs)
+    if root is None:
+        folders = [make_synthetic_lab(directory / f"lab-{i + 1}", n_tiles=tiles, size=tile_size, seed=i)
+                   for i in range(n_labs)]
+    elif (root / "train" / "images").is_dir():
+        folders = split_folder(root / "train", directory / "train", n_labs)
+        if (root / "test" / "images").is_dir():
+            eval_dirs = list(split_folder(root / "test", directory / "eval", n_labs))
+    elif (root / "images").is_dir():
+        folders = split_folder(root, directory / "train", n_labs)
     else:
-        folders = [
-            make_synthetic_lab(directory / f"lab-{i + 1}", n_tiles=tiles, size=tile_size, seed=i)
-            for i in range(n_labs)
-        ]
-    labs = []
-    for index, folder in enumerate(folders):
-        spec = LabSpec(name=f"lab-{index + 1}", data_dir=folder, max_epsilon=epsilon_budget)
-        labs.append(spec)
-    for spec, eval_dir in zip(labs, eval_dirs):
-        spec.eval_dir = eval_dir
-    return labs, label
+        raise FileNotFoundError(f"data folder {root}: expected images/ and masks/, or train/ and test/ "
+                                "folders that have them")
+    labs = [LabSpec(name=f"lab-{i + 1}", data_dir=folder, max_epsilon=epsilon_budget, eval_dir=eval_dir)
+            for i, (folder, eval_dir) in enumerate(zip(folders, eval_dirs))]
+    return labs, "synthetic" if root is None else str(root)

@@ -36,10 +36,6 @@ class FlowerCliError(RuntimeError):
     """A ``flwr`` command failed or printed something unexpected."""
 
 
-def _toml_string(value: str) -> str:
-    return json.dumps(value)
-
-
 def write_flower_config(
     flwr_home: str | os.PathLike,
     address: str,
@@ -68,18 +64,16 @@ def write_flower_config(
     Path
         The written file.
     """
+    import tomli_w
+
+    if not insecure and root_cert is None:
+        raise ValueError("root_cert is required for a TLS connection")
+    connection = {"address": address}
+    connection.update({"insecure": True} if insecure else {"root-certificates": str(Path(root_cert).resolve())})
     home = Path(flwr_home)
     home.mkdir(parents=True, exist_ok=True)
-    lines = ["[superlink]", f"default = {_toml_string(name)}", "", f"[superlink.{name}]"]
-    lines.append(f"address = {_toml_string(address)}")
-    if insecure:
-        lines.append("insecure = true")
-    else:
-        if root_cert is None:
-            raise ValueError("root_cert is required for a TLS connection")
-        lines.append(f"root-certificates = {_toml_string(str(Path(root_cert).resolve()))}")
     path = home / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(tomli_w.dumps({"superlink": {"default": name, name: connection}}))
     return path
 
 
@@ -107,15 +101,8 @@ class FlowerCli:
             argv += ["--format", "json"]
         env = flower_env(self.flwr_home, {"COLUMNS": "200", "TERM": "dumb"})
         try:
-            done = subprocess.run(  # noqa: S603 - fixed executable
-                argv,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=self.timeout,
-                stdin=subprocess.DEVNULL,
-                check=False,
-            )
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=self.timeout,
+                                  stdin=subprocess.DEVNULL, check=False)  # fmt: skip
         except subprocess.TimeoutExpired as exc:
             raise FlowerCliError(f"flwr {' '.join(args)} timed out after {self.timeout} s") from exc
         if not json_output:
@@ -145,13 +132,9 @@ class FlowerCli:
         """``flwr supernode list`` entries."""
         return list(self._run(["supernode", "list", self.connection]).get("nodes", []))
 
-    def start_run(self, app_dir: str | os.PathLike, run_config: list[str] | None = None) -> int:
+    def start_run(self, app_dir: str | os.PathLike) -> int:
         """``flwr run APP_DIR``; return the run id (the run continues remotely)."""
-        args = ["run", str(app_dir), self.connection]
-        for override in run_config or []:
-            args += ["--run-config", override]
-        payload = self._run(args)
-        return int(payload["run-id"])
+        return int(self._run(["run", str(app_dir), self.connection])["run-id"])
 
     def run_info(self, run_id: int) -> dict:
         """Details of one run (``status`` such as ``running``, ``finished:completed``)."""
@@ -176,17 +159,9 @@ class FlowerCli:
 
 
 def _parse_json(text: str) -> dict | None:
-    text = text.strip()
-    if not text:
-        return None
+    """The JSON object in ``flwr``'s output (Flower may print a line before it), or None."""
+    start, end = text.find("{"), text.rfind("}")
     try:
-        return json.loads(text)
+        return json.loads(text[start : end + 1]) if 0 <= start < end else None
     except json.JSONDecodeError:
-        start = text.find("{")
-        end = text.rfind("}")
-        if start >= 0 and end > start:
-            try:
-                return json.loads(text[start : end + 1])
-            except json.JSONDecodeError:
-                return None
-    return None
+        return None

@@ -15,7 +15,7 @@ SuperLink); every other path is answered ``404`` without contacting the
 SuperLink.
 
 Run as ``python -m napari_feddp.federation.gateway`` (see :func:`gateway_argv`);
-:class:`~napari_feddp.federation.processes.SuperLinkProcess` starts it.
+:class:`~napari_feddp.federation.coordinator.Coordinator` starts it.
 """
 
 from __future__ import annotations

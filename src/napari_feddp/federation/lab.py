@@ -1,22 +1,31 @@
-"""The lab side: run this lab's SuperNode as a child process and report its status.
+"""The lab side: this lab's SuperNode and its SuperExec as child processes, and their status.
 
-Used by ``napari-feddp federation join`` and meant for the napari Federation
-widget: :class:`LabNode` never runs Flower in the caller's process (the
-SuperNode installs signal handlers and blocks), it starts ``flower-supernode``
-as a child, and :meth:`LabNode.status` / :meth:`LabNode.history` read its log
-and the ClientApp's local history file. Nothing here needs Qt.
+Used by ``napari-feddp federation join``, the napari Federation widget and
+:class:`~napari_feddp.federation.pilot.LocalFederation`. :class:`LabNode`
+never runs Flower in the caller's process (the SuperNode installs signal
+handlers and blocks): it starts ``flower-supernode`` and the
+``flower-superexec`` that runs its ClientApps, each ClientApp through the app
+pin (:mod:`.app_pin`). :meth:`LabNode.status` reads the lab's local history
+(``history.jsonl``, written by the ClientApps and the app pin). Nothing here
+needs Qt.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .processes import FederationProcessError, SuperNodeProcess
+import tomli_w
+
+from .._atomic import write_atomic
+from .processes import (LOOPBACK, FederationProcessError, ManagedProcess, absolute, find_free_port, flower_env,
+                        flower_executable, superexec_argv, warn_insecure, write_secret)
 from .settings import NodeSettings
 
 #: Seconds a lab waits for the coordinator to accept its SuperNode before giving up.
@@ -32,17 +41,7 @@ _ERROR = re.compile(r"^(?:ERROR|CRITICAL)\s*:")
 
 
 def strip_ansi(text: str) -> str:
-    """``text`` without ANSI escape sequences (colours, cursor moves).
-
-    Parameters
-    ----------
-    text : str
-        Log text, possibly coloured.
-
-    Returns
-    -------
-    str
-    """
+    """``text`` without ANSI escape sequences (colours, cursor moves)."""
     return _ANSI.sub("", text)
 
 
@@ -138,14 +137,72 @@ class LabStatus:
         return self.state + (f": {detail}" if detail else "")
 
 
+_NODE_ID = re.compile(r"SuperNode ID:\s*(\d+)")
+#: History events that end a run for this lab: the verdict on the final model.
+_VERDICTS = ("model-promoted", "model-refused", "store-failed")
+
+
+def supernode_argv(
+    superlink: str,
+    runtime_port: int,
+    *,
+    root_cert: str | os.PathLike | None,
+    private_key: str | os.PathLike | None,
+    superexec_secret: str | os.PathLike,
+    node_config: str | os.PathLike,
+) -> list[str]:
+    """Command line of ``flower-supernode`` (Flower 1.42).
+
+    ``root_cert=None`` means ``--insecure``. ``runtime_port`` is the SuperNode's
+    own Runtime API, on loopback. ``--isolation process`` with a SuperExec
+    secret: only the lab's own SuperExec (which runs ClientApps through the app
+    pin) can pick up its tasks. ``node_config`` is a TOML file (the lab's
+    settings and policy).
+    """
+    argv = [flower_executable("flower-supernode"), "--superlink", superlink, "--host", LOOPBACK,
+            "--port", str(runtime_port), "--isolation", "process",
+            "--superexec-auth-secret-file", absolute(superexec_secret), "--node-config", absolute(node_config)]  # fmt: skip
+    argv += ["--insecure"] if root_cert is None else ["--root-certificates", absolute(root_cert)]
+    return argv + ([] if private_key is None else ["--auth-supernode-private-key", absolute(private_key)])
+
+
+def status_from_history(history: list[dict]) -> LabStatus:
+    """What a joined lab is doing, from its local history (``history.jsonl`` rows, oldest first).
+
+    The ClientApps record ``training``, ``trained``, ``declined``,
+    ``evaluating``, ``evaluated`` and the verdict on a run's final model; the
+    app pin records ``refused-app``.
+    """
+    if not history:
+        return LabStatus("waiting")
+    last = history[-1]
+    event, rnd, reason = last.get("event"), last.get("round") or None, str(last.get("reason", ""))
+    if event == "refused-app":
+        return LabStatus("refused", None, reason or "untrusted app bundle")
+    if event == "declined":
+        return LabStatus("declined", rnd, reason or "declined")
+    if event in ("training", "evaluating"):
+        return LabStatus(event, rnd)
+    if event in _VERDICTS or (event == "evaluated" and last.get("final")):
+        # Only this run's verdict: it is recorded after the final "evaluating" row.
+        since = max((i for i, r in enumerate(history) if r.get("event") == "evaluating"), default=0)
+        verdicts = [r for r in history[since:] if r.get("event") in _VERDICTS]
+        detail = ""
+        if verdicts:
+            kept = "became this lab's default model" if verdicts[-1]["event"] == "model-promoted" else "was not adopted"
+            detail = f"the final model {kept}: {verdicts[-1].get('reason', '')}".rstrip(": ")
+        return LabStatus("finished", rnd, detail)
+    return LabStatus("waiting", rnd)
+
+
 @dataclass(eq=False)
 class LabNode:
-    """This lab's SuperNode (child process) plus its local history.
+    """This lab's SuperNode and SuperExec (child processes) plus its local history.
 
     Parameters
     ----------
     superlink : str
-        ``HOST:PORT`` of the coordinator's SuperLink.
+        ``HOST:PORT`` the coordinator gave (its Fleet gateway).
     ca : path or None
         CA certificate (None only with ``insecure``).
     key : path or None
@@ -160,10 +217,11 @@ class LabNode:
         The lab's other privacy-policy fields of
         :class:`~napari_feddp.federation.settings.NodeSettings`
         (``accept_dp_modes``, ``max_delta``, ``min_noise_multiplier``, ...).
-    ledger_dir, eval_dataset, model_store : str
+    ledger_dir, eval_dataset, model_store, train_fn, eval_fn : str
         See :class:`~napari_feddp.federation.settings.NodeSettings`.
     workdir : path, optional
-        Logs, Flower home and history (default: a new temporary directory).
+        Logs, Flower home, secret, node config and history (default: a new
+        temporary directory).
     insecure : bool
         Plain text (explicit opt-in, warns).
     threads : int
@@ -173,6 +231,9 @@ class LabNode:
         the SuperNode; later :meth:`status` reports ``unreachable``
         (default :data:`CONNECT_TIMEOUT`; 0: :meth:`status` keeps reporting
         ``connecting``).
+    extra_env : mapping, optional
+        Extra environment of the lab's processes (e.g. ``PYTHONPATH`` for a
+        ``train_fn``).
     """
 
     superlink: str
@@ -189,8 +250,15 @@ class LabNode:
     insecure: bool = False
     threads: int = 1
     connect_timeout: float = CONNECT_TIMEOUT
-    node: SuperNodeProcess | None = field(default=None, init=False)
+    train_fn: str = ""
+    eval_fn: str = ""
+    extra_env: Mapping[str, str] | None = None
+    process: ManagedProcess | None = field(default=None, init=False)
+    superexec: ManagedProcess | None = field(default=None, init=False)
+    runtime_port: int | None = field(default=None, init=False)
+    node_id: int | None = field(default=None, init=False)
     started_at: float | None = field(default=None, init=False)
+    _log_offset: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.lab is None:
@@ -201,27 +269,27 @@ class LabNode:
 
     @property
     def history_file(self) -> Path:
-        """Local JSON-lines history written by the ClientApp."""
+        """Local JSON-lines history written by the ClientApps and the app pin."""
         return self.workdir / "history.jsonl"
+
+    @property
+    def secret_path(self) -> Path:
+        """The SuperExec shared secret of this node (mode 0600)."""
+        return self.workdir / "secrets" / "superexec.secret"
 
     def settings(self) -> NodeSettings:
         """The node config passed to the SuperNode."""
-        def absolute(path: str | Path) -> str:
-            return str(Path(path).expanduser().resolve()) if path else ""
-
         from .policy import accepted_dp_modes
 
+        def resolved(path: str | Path) -> str:
+            return absolute(path) if path else ""
+
         settings = NodeSettings(
-            lab=self.lab,
-            data_dir=absolute(self.dataset),
-            ledger_dir=absolute(self.ledger_dir),
-            max_epsilon=float(self.epsilon_budget),
-            eval_dir=absolute(self.eval_dataset),
-            model_store=absolute(self.model_store),
-            history_file=str(self.history_file),
-            threads=self.threads,
-            **self.policy,
-        )
+            lab=self.lab, data_dir=resolved(self.dataset), ledger_dir=resolved(self.ledger_dir),
+            max_epsilon=float(self.epsilon_budget), eval_dir=resolved(self.eval_dataset),
+            model_store=resolved(self.model_store), history_file=str(self.history_file), threads=self.threads,
+            train_fn=self.train_fn, eval_fn=self.eval_fn, **self.policy,
+        )  # fmt: skip
         accepted_dp_modes(settings)  # an unknown mode fails here, not in the first round
         return settings
 
@@ -231,91 +299,133 @@ class LabNode:
 
         return describe_policy(self.settings())
 
+    def write_node_config(self) -> Path:
+        """Write ``node-config.toml`` for ``--node-config``: :meth:`settings`, the lab's policy included."""
+        return write_atomic(self.workdir / "node-config.toml", tomli_w.dumps(self.settings().to_node_config()))
+
     def start(self, wait: bool = True, timeout: float | None = None) -> LabNode:
-        """Start the SuperNode; with ``wait`` until the SuperLink accepted it.
+        """Start the SuperNode and its SuperExec; with ``wait`` until the coordinator accepted the node.
+
+        Every ClientApp the SuperExec starts runs through the app pin: the
+        pinned ``flwr-clientapp`` (:func:`.app_pin.write_launcher`) is first
+        on its ``PATH``.
 
         Parameters
         ----------
         wait : bool
-            Block until the coordinator accepted the node (else return at once
-            and follow :meth:`status`).
+            Block until the coordinator accepted the node (see
+            :meth:`wait_joined`), else return at once and follow :meth:`status`.
         timeout : float, optional
             Seconds to wait (default: ``connect_timeout``).
+        """
+        from .app_pin import HISTORY_ENV, write_launcher
+
+        if not Path(self.dataset).is_dir():
+            raise FileNotFoundError(f"dataset folder not found: {self.dataset}")
+        if self.ca is None and not self.insecure:
+            raise ValueError("a SuperNode needs the CA certificate unless insecure=True is given")
+        node_config = self.write_node_config()
+        if self.insecure:
+            warn_insecure(f"SuperNode {self.lab}")
+        write_secret(self.secret_path)
+        self.runtime_port, self.node_id = find_free_port(), None
+        env = flower_env(self.workdir / "flwr-home", self.extra_env)
+        log = self.workdir / f"{self.lab}.log"
+        self._log_offset = log.stat().st_size if log.exists() else 0
+        self.process = ManagedProcess(f"supernode {self.lab}", supernode_argv(
+            self.superlink, self.runtime_port, root_cert=None if self.insecure else self.ca,
+            private_key=None if self.insecure else self.key, superexec_secret=self.secret_path,
+            node_config=node_config), log, env, self.workdir).start()  # fmt: skip
+        pinned = write_launcher(self.workdir / "bin").parent
+        clientapp_env = {**env, "PATH": f"{pinned}{os.pathsep}{env['PATH']}", HISTORY_ENV: str(self.history_file)}
+        self.superexec = ManagedProcess(
+            f"superexec {self.lab}",
+            superexec_argv(f"{LOOPBACK}:{self.runtime_port}", root_cert=None, secret=self.secret_path),
+            self.workdir / f"{self.lab}-clientapps.log", clientapp_env, self.workdir).start()  # fmt: skip
+        self.started_at = time.monotonic()
+        if wait:
+            self.wait_joined(timeout)
+        return self
+
+    def _log(self) -> str:
+        """The SuperNode's log since the last :meth:`start`."""
+        if self.process is None:
+            return ""
+        try:
+            with open(self.process.log_path, "rb") as handle:
+                handle.seek(self._log_offset)
+                return handle.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def joined(self) -> int | None:
+        """The SuperNode id once the coordinator accepted the node (then recorded as ``joined``), else None."""
+        if self.node_id is None and (match := _NODE_ID.search(self._log())):
+            self.node_id = int(match.group(1))
+            self.history_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.history_file, "a", encoding="utf-8") as history:
+                history.write(json.dumps({"time": time.time(), "event": "joined", "node": self.node_id}) + "\n")
+        return self.node_id
+
+    def wait_joined(self, timeout: float | None = None) -> int:
+        """Block until the coordinator accepted the node; return its SuperNode id.
 
         Raises
         ------
         CoordinatorUnreachable
-            If no connection was made within the timeout (the node is stopped).
+            If no connection was made within ``timeout`` (default
+            ``connect_timeout``); the node is stopped.
         FederationProcessError
             If the SuperNode exits first (e.g. its key is not registered); the
             message carries the end of its log without colour codes.
         """
-        if not Path(self.dataset).is_dir():
-            raise FileNotFoundError(f"dataset folder not found: {self.dataset}")
-        self.node = SuperNodeProcess(
-            name=self.lab,
-            workdir=self.workdir,
-            superlink_address=self.superlink,
-            root_cert=None if self.ca is None else Path(self.ca),
-            private_key=None if self.key is None else Path(self.key),
-            node_config=self.settings().to_node_config(),
-            insecure=self.insecure,
-            ready_timeout=timeout or self.connect_timeout or CONNECT_TIMEOUT,
-        )
-        self.started_at = time.monotonic()
-        self.node.start(wait=False)
-        if wait:
-            try:
-                self.node.wait_ready()
-            except FederationProcessError:
-                process = self.node.process
-                if self.node.is_running():  # still retrying: nobody answered
-                    message = self.unreachable_message(time.monotonic() - self.started_at)
-                    self.node.stop()  # after reading the log: shutting down adds lines of its own
-                    raise CoordinatorUnreachable(message) from None
-                code = process.returncode
-                self.node.stop()
-                raise FederationProcessError(
-                    f"the SuperNode exited with code {code}:\n{log_excerpt(process.read_log())}\n"
-                    f"(log: {process.log_path})") from None
-        return self
+        deadline = time.monotonic() + (timeout or self.connect_timeout or CONNECT_TIMEOUT)
+        while self.joined() is None:
+            if not self.is_running():
+                code = self.process.returncode
+                self.stop()
+                raise FederationProcessError(f"the SuperNode exited with code {code}:\n{log_excerpt(self._log())}\n"
+                                             f"(log: {self.process.log_path})")  # fmt: skip
+            if time.monotonic() > deadline:
+                message = self.unreachable_message()
+                self.stop()  # after reading the log: shutting down adds lines of its own
+                raise CoordinatorUnreachable(message)
+            time.sleep(0.1)
+        return self.node_id
 
     def unreachable_message(self, waited: float | None = None) -> str:
-        """``cannot reach coordinator at HOST:PORT (why)``, from the SuperNode's log.
+        """``cannot reach coordinator at HOST:PORT (why)``, with the SuperNode's last failed attempt.
 
-        Parameters
-        ----------
-        waited : float, optional
-            Seconds waited (default: since :meth:`start`).
-
-        Returns
-        -------
-        str
+        ``waited``: seconds waited (default: since :meth:`start`).
         """
         if waited is None:
             waited = 0.0 if self.started_at is None else time.monotonic() - self.started_at
         why = f"no connection after {waited:.0f} s"
-        log = self.node.process.read_log() if self.node is not None and self.node.process is not None else ""
-        attempts = [_LEVEL.sub("", line).strip() for line in strip_ansi(log).splitlines()
-                    if _FAILURE.search(line) and not line.startswith("$ ")]
+        attempts = [_LEVEL.sub("", line).strip() for line in strip_ansi(self._log()).splitlines()
+                    if _FAILURE.search(line) and not line.startswith("$ ")]  # fmt: skip
         if attempts:
             # "Connection attempt failed, retrying in 1.57 seconds": the retry no longer happens.
             why += f"; {attempts[-1].split(', retrying')[0]}"
         return f"cannot reach coordinator at {self.superlink} ({why})"
 
-    def stop(self) -> None:
-        """Leave: stop the SuperNode and everything it started."""
-        if self.node is not None:
-            self.node.stop()
+    def is_running(self) -> bool:
+        """True while the SuperNode process runs."""
+        return self.process is not None and self.process.is_running()
 
-    def __enter__(self) -> LabNode:
-        return self.start()
+    def stop(self, timeout: float = 10.0) -> None:
+        """Leave: the SuperNode deactivates itself at the SuperLink, then its SuperExec (and ClientApp) stop."""
+        for process in (self.process, self.superexec):
+            if process is not None:
+                process.stop(timeout)
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def kill(self) -> None:
+        """Crash the node: SIGKILL the SuperNode, its SuperExec and a running ClientApp."""
+        for process in (self.process, self.superexec):
+            if process is not None:
+                process.kill()
 
     def history(self) -> list[dict]:
-        """Per-round local records (``training``, ``trained``, ``declined``, ``evaluated``)."""
+        """Local records (``joined``, ``training``, ``trained``, ``declined``, ``evaluated``, ...), oldest first."""
         if not self.history_file.exists():
             return []
         rows = []
@@ -327,48 +437,22 @@ class LabNode:
         return rows
 
     def status(self) -> LabStatus:
-        """Current state from the process and the ClientApp's local history.
+        """Current state: the SuperNode process, whether it joined, then the lab's history.
 
-        The SuperNode's log only tells whether it has joined; everything else
-        (round, declines and their reasons, a refused app bundle, the end of a
-        run) comes from the history the ClientApp records in this lab.
+        Everything after joining (round, declines and their reasons, a refused
+        app bundle, the end of a run) comes from the history the ClientApps
+        and the app pin record in this lab (:func:`status_from_history`).
         """
-        if self.node is None or self.node.process is None:
+        if self.process is None:
             return LabStatus("stopped")
-        log = self.node.process.read_log()
-        if not self.node.is_running():
-            code = self.node.process.returncode
+        if not self.is_running():
+            code = self.process.returncode
             if code in (0, None, -15):
                 return LabStatus("stopped")
-            return LabStatus("error", message=f"SuperNode exited with code {code}: {log_excerpt(log)}")
-        if "SuperNode ID" not in log:
+            return LabStatus("error", message=f"SuperNode exited with code {code}: {log_excerpt(self._log())}")
+        if self.joined() is None:
             waited = None if self.started_at is None else time.monotonic() - self.started_at
             if self.connect_timeout and waited is not None and waited > self.connect_timeout:
                 return LabStatus("unreachable", message=self.unreachable_message(waited))
             return LabStatus("connecting")
-        history = self.history()
-        if not history:
-            return LabStatus("waiting")
-        last = history[-1]
-        event, rnd = last.get("event"), (last.get("round") or None)
-        reason = str(last.get("reason", ""))
-        if event == "refused-app":
-            return LabStatus("refused", None, reason or "untrusted app bundle")
-        if event == "declined":
-            return LabStatus("declined", rnd, reason or "declined")
-        if event in ("training", "evaluating"):
-            return LabStatus(event, rnd)
-        if event in ("model-promoted", "model-refused", "store-failed") or (
-            event == "evaluated" and last.get("final")
-        ):
-            # Only this run's verdict: it is recorded after the final "evaluating" row.
-            since = max((i for i, r in enumerate(history) if r.get("event") == "evaluating"), default=0)
-            verdicts = [r for r in history[since:]
-                        if r.get("event") in ("model-promoted", "model-refused", "store-failed")]
-            detail = ""
-            if verdicts:
-                v = verdicts[-1]
-                kept = "became this lab's default model" if v["event"] == "model-promoted" else "was not adopted"
-                detail = f"the final model {kept}: {v.get('reason', '')}".rstrip(": ")
-            return LabStatus("finished", rnd, detail)
-        return LabStatus("waiting", rnd)
+        return status_from_history([row for row in self.history() if row.get("event") != "joined"])

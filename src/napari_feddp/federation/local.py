@@ -17,7 +17,6 @@ To sit a round out (privacy budget exhausted) a train function raises
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import math
 from collections.abc import Callable
@@ -174,49 +173,27 @@ def model_card(settings: RunSettings, **provenance):
     napari_feddp.models.ModelCard
     """
     from ..models import default_card
-    from ..models.card import Privacy, Provenance
 
-    card = default_card(
+    epsilon = provenance.get("epsilon")
+    accounted = settings.dp_mode != "none" and epsilon is not None
+    return default_card(
         name=settings.model_name,
         mpp=settings.mpp,
         tile_size=settings.crop_size,
         description="Federated U-Net trained with napari-feddp (Flower).",
         training_data="federated: private lab datasets (never shared)",
+        federated_rounds=int(provenance.get("federated_rounds", settings.num_rounds)),
+        round=provenance.get("round"),
+        privacy={"dp_mode": settings.dp_mode, "epsilon": float(epsilon) if accounted else None,
+                 "delta": settings.target_delta if accounted else None},
+        metrics={k: float(v) for k, v in (provenance.get("metrics") or {}).items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)},
         **settings.unet_params,
     )
-    epsilon = provenance.get("epsilon")
-    if settings.dp_mode == "none":
-        privacy = Privacy(dp_mode="none")
-    else:
-        privacy = Privacy(
-            epsilon=float(epsilon) if epsilon is not None else None,
-            delta=settings.target_delta if epsilon is not None else None,
-            dp_mode=settings.dp_mode,
-        )
-    metrics = provenance.get("metrics") or {}
-    return dataclasses.replace(
-        card,
-        provenance=Provenance(
-            training_data=card.provenance.training_data,
-            federated_rounds=int(provenance.get("federated_rounds", settings.num_rounds)),
-            round=provenance.get("round"),
-            privacy=privacy,
-        ),
-        metrics={
-            k: float(v)
-            for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        },
-    )
-
-
-def _normalization(settings: RunSettings):
-    from ..models.build import IMAGENET_MEAN, IMAGENET_STD
-
-    return (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def _dataset(request: LocalRequest, mode: str):
+    from ..models.build import IMAGENET_MEAN, IMAGENET_STD
     from ..training import SegmentationDataset
 
     settings, node = request.settings, request.node
@@ -230,7 +207,7 @@ def _dataset(request: LocalRequest, mode: str):
         source_mpp=settings.source_mpp,
         target_mpp=settings.mpp,
         n_classes=settings.n_classes,
-        normalization=_normalization(settings),
+        normalization=(IMAGENET_MEAN, IMAGENET_STD),
         augment=mode == "train",
         seed=None,
     )
@@ -274,7 +251,7 @@ def default_train(request: LocalRequest) -> LocalUpdate:
     too large for that delta, raises :class:`DeclineRound` before any training. ``update`` and ``none`` modes train without per-sample noise
     (in ``update`` mode the ClientApp clips the update and the server adds noise).
     """
-    from ..training import BudgetExceededError, TrainConfig, train_local
+    from ..training import BudgetExceededError, train_local
 
     settings, node = request.settings, request.node
     overrides = request.train_overrides or {}
@@ -286,21 +263,7 @@ def default_train(request: LocalRequest) -> LocalUpdate:
         refusal = delta_refusal(node.max_delta, len(dataset))
         if refusal:
             raise DeclineRound(refusal)
-    steps = settings.max_steps or None
-    config = TrainConfig(
-        epochs=None if steps else settings.local_epochs,
-        steps=steps,
-        lr=float(overrides.get("learning-rate", settings.learning_rate)),
-        batch_size=settings.batch_size,
-        max_physical_batch_size=max(1, settings.batch_size),
-        crop_size=settings.crop_size,
-        dp_mode="sample" if private else "none",
-        max_grad_norm=settings.max_grad_norm,
-        noise_multiplier=settings.noise_multiplier if private else None,
-        delta=node.max_delta,
-        epsilon_max=node.epsilon_budget if private else None,
-        seed=None,  # fresh noise and sampling every round
-    )
+    config = settings.train_config(node, learning_rate=overrides.get("learning-rate"))
     ledger = _ledger(request) if private else None
     try:
         result = train_local(request.model, dataset, config, ledger=ledger, round_id=request.server_round)

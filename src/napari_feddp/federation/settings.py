@@ -1,4 +1,4 @@
-"""Run settings (shared by ServerApp and ClientApps) and per-lab node settings.
+"""Run settings (shared by ServerApp and ClientApps) and per-lab node settings: the one settings schema.
 
 Flower passes two flat ``key -> bool | int | float | str`` dictionaries:
 
@@ -8,336 +8,284 @@ Flower passes two flat ``key -> bool | int | float | str`` dictionaries:
 * the **node config** of each SuperNode (``flower-supernode --node-config``),
   private to one lab: :class:`NodeSettings`.
 
-Keys use hyphens (Flower style); attributes use underscores.
+Every setting is declared once, as a pydantic field with its default, bounds
+and description. Keys use hyphens (Flower style, the fields' aliases);
+attributes use underscores. From the fields come the run and node configs
+(:meth:`RunSettings.to_run_config`, :meth:`NodeSettings.to_node_config`), the
+training configuration of a lab's round (:meth:`RunSettings.train_config`) and
+the command-line options (:func:`add_options`: a field's ``cli`` names its
+flag, ``True`` for ``--<key>``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import argparse
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-DP_MODES = ("sample", "update", "none")
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+if TYPE_CHECKING:
+    from ..training import TrainConfig
 
-@dataclass(frozen=True)
-class RunSettings:
-    """Settings of one federated run.
-
-    Attributes
-    ----------
-    num_rounds : int
-        Federated training rounds.
-    min_clients : int
-        Connected SuperNodes required before a round is configured.
-    min_updates : int
-        Accepted (valid) updates needed to aggregate a round; with fewer the
-        global model is kept and the round is recorded as skipped.
-    fraction_train : float
-        Fraction of connected nodes sampled per round (at least ``min_clients``).
-    round_timeout : float
-        Seconds to wait for replies; late nodes are left out of the round.
-    node_wait_timeout : float
-        Seconds to wait for ``min_clients`` nodes before failing the run.
-    final_evaluation : bool
-        Send the final global model to every node for a federated evaluation.
-    dp_mode : {"sample", "update", "none"}
-        ``sample``: DP-SGD in every lab (Opacus, per-sample clipping, each lab
-        keeps its privacy ledger). ``update``: client-level DP on the updates
-        (Flower's fixed clipping in the ClientApp + Gaussian noise on the
-        aggregate at the server, uniform weights). ``none``: no DP (testing).
-    noise_multiplier, max_grad_norm : float
-        DP-SGD parameters (``sample``).
-    update_noise_multiplier, update_clipping_norm : float
-        Client-level DP parameters (``update``).
-    target_delta : float
-        Delta at which epsilon is reported.
-    local_epochs, batch_size, max_steps : int
-        Local training length (``max_steps`` 0 means no cap).
-    learning_rate : float
-    crop_size : int
-        Training crop edge in pixels at the model's pixel size.
-    model_depth, model_base_width, model_groups, in_channels, n_classes : int
-        UNet architecture (must be identical everywhere).
-    mpp : float
-        Micrometres per pixel the model works at.
-    source_mpp : float
-        Pixel size of lab tiles without provenance.
-    seed : int
-        Seed of the initial global model and local generators.
-    checkpoint_dir : str
-        Where the ServerApp writes per-round checkpoints and ``rounds.jsonl``
-        ("" disables checkpoints).
-    resume_from : str
-        Checkpoint (``.safetensors`` with its ``.json`` card) whose weights start
-        the run; rounds are numbered on from the card's ``round``.
-    model_name : str
-        Model card name.
-    max_examples : int
-        Cap on the example count a lab reports: its FedAvg weight is
-        ``min(num-examples, max-examples)``, so one lab cannot claim the whole
-        average with a made-up count.
-    outlier_factor : float
-        With at least 3 updates in a round, an update whose distance to the
-        global model exceeds ``outlier-factor`` times the median distance is
-        rejected as an outlier (not used with ``dp-mode = update``).
-    max_update_norm : float
-        Absolute bound on the L2 norm of every update (reply minus global
-        model); larger updates are scaled down to it. 0 bounds each update by the
-        lower median of the round's update norms instead (not used with
-        ``dp-mode = update``, where ``update-clipping-norm`` bounds updates).
-    aggregation : {"mean", "median", "trimmed-mean"}
-        ``mean``: weighted FedAvg. ``median`` / ``trimmed-mean``: Flower's
-        coordinate-wise FedMedian / FedTrimmedAvg (unweighted) when at least 4
-        updates are accepted, weighted FedAvg otherwise. Only ``mean`` with
-        ``dp-mode = update`` (its noise is calibrated to a mean).
-    trim_fraction : float
-        Fraction cut from each tail by ``trimmed-mean``, in (0, 0.5).
-    """
-
-    num_rounds: int = 2
-    min_clients: int = 2
-    min_updates: int = 1
-    fraction_train: float = 1.0
-    round_timeout: float = 600.0
-    node_wait_timeout: float = 300.0
-    final_evaluation: bool = True
-    dp_mode: str = "sample"
-    noise_multiplier: float = 1.0
-    max_grad_norm: float = 1.0
-    update_noise_multiplier: float = 1.0
-    update_clipping_norm: float = 1.0
-    target_delta: float = 1e-5
-    local_epochs: int = 1
-    batch_size: int = 4
-    max_steps: int = 0
-    learning_rate: float = 0.01
-    crop_size: int = 64
-    model_depth: int = 4
-    model_base_width: int = 16
-    model_groups: int = 8
-    in_channels: int = 3
-    n_classes: int = 2
-    mpp: float = 0.5
-    source_mpp: float = 0.5
-    seed: int = 0
-    checkpoint_dir: str = ""
-    resume_from: str = ""
-    model_name: str = "feddp-unet"
-    max_examples: int = 10000
-    outlier_factor: float = 3.0
-    max_update_norm: float = 0.0
-    aggregation: str = "mean"
-    trim_fraction: float = 0.25
-
-    def __post_init__(self) -> None:
-        if self.dp_mode not in DP_MODES:
-            raise ValueError(f"dp-mode: expected one of {DP_MODES}, received {self.dp_mode!r}")
-        for name in ("num_rounds", "min_clients", "min_updates", "local_epochs", "batch_size",
-                     "crop_size", "model_depth", "model_base_width", "model_groups",
-                     "in_channels", "n_classes"):  # fmt: skip
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{_key(name)}: expected a positive integer, received {value!r}")
-        if self.min_updates > self.min_clients:
-            raise ValueError(
-                f"min-updates ({self.min_updates}) cannot exceed min-clients ({self.min_clients})"
-            )
-        if not 0 < self.fraction_train <= 1:
-            raise ValueError(f"fraction-train: expected (0, 1], received {self.fraction_train}")
-        for name in ("round_timeout", "node_wait_timeout", "learning_rate", "max_grad_norm",
-                     "update_clipping_norm", "mpp", "source_mpp"):  # fmt: skip
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{_key(name)}: expected a positive number, received {value!r}")
-        for name in ("noise_multiplier", "update_noise_multiplier"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{_key(name)}: expected a number >= 0, received {value!r}")
-        if self.dp_mode == "sample" and self.noise_multiplier <= 0:
-            raise ValueError("noise-multiplier must be > 0 with dp-mode 'sample'")
-        if not 0 < self.target_delta < 1:
-            raise ValueError(f"target-delta: expected (0, 1), received {self.target_delta}")
-        if self.max_steps < 0:
-            raise ValueError(f"max-steps: expected >= 0, received {self.max_steps}")
-        examples = self.max_examples
-        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
-            raise ValueError(f"max-examples: expected a positive integer, received {self.max_examples!r}")
-        if not (isinstance(self.outlier_factor, (int, float)) and math.isfinite(self.outlier_factor)
-                and self.outlier_factor > 1):  # fmt: skip
-            raise ValueError(f"outlier-factor: expected a number > 1, received {self.outlier_factor!r}")
-        if not (isinstance(self.max_update_norm, (int, float)) and math.isfinite(self.max_update_norm)
-                and self.max_update_norm >= 0):  # fmt: skip
-            raise ValueError(
-                f"max-update-norm: expected a number >= 0 (0 = median rule), received {self.max_update_norm!r}"
-            )
-        aggregations = ("mean", "median", "trimmed-mean")
-        if self.aggregation not in aggregations:
-            raise ValueError(
-                f"aggregation: expected one of {aggregations}, received {self.aggregation!r}"
-            )
-        if not (isinstance(self.trim_fraction, (int, float)) and 0 < self.trim_fraction < 0.5):
-            raise ValueError(f"trim-fraction: expected (0, 0.5), received {self.trim_fraction!r}")
-        if self.dp_mode == "update" and self.aggregation != "mean":
-            # The server's Gaussian noise is calibrated to the sensitivity of a
-            # mean of clipped updates; a median or trimmed mean has another one.
-            raise ValueError(
-                f"aggregation {self.aggregation!r} cannot be used with dp-mode 'update' "
-                "(its noise calibration assumes a mean); use aggregation 'mean'"
-            )
-        multiple = 2 ** (self.model_depth - 1)
-        if self.crop_size % multiple:
-            raise ValueError(
-                f"crop-size {self.crop_size} must be a multiple of {multiple} for model-depth "
-                f"{self.model_depth}"
-            )
-
-    @classmethod
-    def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
-        """Build from a Flower run config; unknown keys are ignored."""
-        return cls(**_coerce(cls, config))
-
-    def to_run_config(self) -> dict[str, bool | int | float | str]:
-        """Flat hyphenated dictionary for ``[tool.flwr.app.config]``."""
-        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
-
-    def replace(self, **changes: Any) -> RunSettings:
-        """Copy with changed attributes (validated)."""
-        return dataclasses.replace(self, **changes)
-
-    @property
-    def unet_params(self) -> dict[str, Any]:
-        """Keyword arguments for ``UNet``."""
-        return {
-            "in_channels": self.in_channels,
-            "n_classes": self.n_classes,
-            "depth": self.model_depth,
-            "base_width": self.model_base_width,
-            "groups": self.model_groups,
-        }
-
-
-@dataclass(frozen=True)
-class NodeSettings:
-    """Settings of one lab's SuperNode (its ``--node-config``).
-
-    Attributes
-    ----------
-    lab : str
-        Lab identifier (used for the privacy ledger, never sent to the server).
-    data_dir : str
-        Local dataset folder with ``images/`` and ``masks/``.
-    ledger_dir : str
-        Privacy ledger directory ("" = ``$FEDDP_HOME/ledger``, see
-        :func:`napari_feddp.federation.local.ledger_dir`). Keep and back it up:
-        it is the lab's memory of the privacy budget spent.
-    max_epsilon : float
-        The lab's privacy budget (default 8); 0 means no limit. A lab whose
-        next round would exceed it declines the round.
-    eval_dir : str
-        Held-out tiles for federated evaluation ("" = ``data_dir``).
-    model_store : str
-        Where the final global model is kept ("" = the package's local model
-        store, :func:`napari_feddp.models.store.model_store`).
-    history_file : str
-        Local JSON-lines file receiving this lab's per-round results (loss,
-        Dice, epsilon, declines) for the Federation widget ("" = none). Never
-        sent anywhere.
-    train_fn : str
-        Optional ``module:function`` replacing the default local trainer.
-    eval_fn : str
-        Optional ``module:function`` replacing the default local evaluation.
-    threads : int
-        Torch CPU threads for the lab's ClientApp process.
-    promotion_margin : float
-        Dice the federation's final model may lose against the lab's current
-        default model on the lab's held-out tiles and still become the new
-        default (see :mod:`napari_feddp.federation.promotion`).
-    accept_dp_modes : str
-        Comma-separated DP modes this lab trains under (default ``sample``:
-        DP-SGD in the lab; ``update`` sends un-noised clipped updates to the
-        coordinator, ``none`` sends plain updates).
-    max_delta : float
-        Largest delta the lab accepts (its ledger reports epsilon at this
-        delta); a run must also ask for delta below 1 / (training samples).
-    min_noise_multiplier : float
-        Smallest DP-SGD noise multiplier the lab accepts.
-    max_model_parameters : int
-        Largest model (parameters) the lab builds.
-    max_steps_per_round, max_local_epochs, max_crop_size, max_batch_size : int
-        Limits on the local work a run may ask for.
-
-    The lab policy (the last six, plus ``max_epsilon``) is pinned when the lab
-    joins (its ``--node-config``); no run config can change it
-    (:mod:`napari_feddp.federation.policy`).
-    """
-
-    lab: str = "lab"
-    data_dir: str = ""
-    ledger_dir: str = ""
-    max_epsilon: float = 8.0
-    eval_dir: str = ""
-    model_store: str = ""
-    history_file: str = ""
-    train_fn: str = ""
-    eval_fn: str = ""
-    threads: int = 1
-    promotion_margin: float = 0.02
-    accept_dp_modes: str = "sample"
-    max_delta: float = 1e-5
-    min_noise_multiplier: float = 0.5
-    max_model_parameters: int = 2_000_000
-    max_steps_per_round: int = 2000
-    max_local_epochs: int = 5
-    max_crop_size: int = 512
-    max_batch_size: int = 64
-
-    @classmethod
-    def from_node_config(cls, config: Mapping[str, Any]) -> NodeSettings:
-        """Build from a Flower node config; unknown keys are ignored."""
-        return cls(**_coerce(cls, config))
-
-    def to_node_config(self) -> dict[str, bool | int | float | str]:
-        """Flat hyphenated dictionary for ``--node-config`` (empty values dropped)."""
-        return {
-            _key(f.name): getattr(self, f.name)
-            for f in fields(self)
-            if getattr(self, f.name) not in ("", None)
-        }
-
-    @property
-    def epsilon_budget(self) -> float | None:
-        """``max_epsilon`` or None when unlimited."""
-        return float(self.max_epsilon) if self.max_epsilon and self.max_epsilon > 0 else None
+DpMode = Literal["sample", "update", "none"]
+DP_MODES = get_args(DpMode)
 
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _coerce(cls: type, config: Mapping[str, Any]) -> dict[str, Any]:
-    """Map hyphenated keys to fields and cast to the field's default type."""
-    out: dict[str, Any] = {}
-    for f in fields(cls):
-        key = _key(f.name)
-        if key not in config and f.name not in config:
-            continue
-        value = config.get(key, config.get(f.name))
-        default = f.default
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                value = value.strip().lower() in ("1", "true", "yes", "on")
-            else:
-                value = bool(value)
-        elif isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(f"{key}: expected an integer, received {value!r}")
-            value = int(value)
-        elif isinstance(default, float):
-            value = float(value)
-        elif isinstance(default, str):
-            value = str(value)
-        out[f.name] = value
-    return out
+def _setting(default: Any, description: str, *, cli: str | bool = False, cli_default: Any = None,
+             **bounds: Any) -> Any:
+    """A field: its default, its bounds, the command-line flag it is given as (``cli``) and that flag's
+    default when it differs (``cli_default``: what a coordinator typing the command wants)."""
+    extra = {"cli": cli, "cli_default": default if cli_default is None else cli_default} if cli else None
+    return Field(default, description=description, json_schema_extra=extra, **bounds)
+
+
+class SettingsError(ValueError):
+    """Invalid settings: one ``key: problem`` line per problem (``problems``: the ``(key, problem)`` pairs)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("\n".join(f"{key}: {problem}" if key else problem for key, problem in problems))
+        self.problems = problems
+
+
+class _FlatConfig(BaseModel):
+    """Flat, frozen settings read from hyphenated ``key -> bool | int | float | str`` configs.
+
+    Attributes or keys name the fields; unknown keys are ignored; numbers of
+    the other kind are converted (Flower may hand ``3.0`` for ``3``), booleans
+    are not numbers. Invalid values raise :class:`SettingsError` naming the key.
+    """
+
+    model_config = ConfigDict(frozen=True, alias_generator=_key, allow_inf_nan=False, coerce_numbers_to_str=True)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**{_key(name): value for name, value in values.items()})
+        except ValidationError as exc:
+            raise SettingsError([(".".join(map(str, e["loc"])), _problem(e)) for e in exc.errors()]) from None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+            raise ValueError("only on/off settings take a boolean")
+        return value
+
+    def replace(self, **changes: Any):
+        """Copy with changed attributes (validated)."""
+        return type(self)(**{**self.model_dump(), **changes})
+
+
+def _problem(error: Mapping[str, Any]) -> str:
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{message}, received {error['input']!r}" if error["loc"] else message
+
+
+class RunSettings(_FlatConfig):
+    """Settings of one federated run (see the fields' descriptions)."""
+
+    num_rounds: int = _setting(2, "federated rounds", cli="--rounds", cli_default=10, ge=1)
+    min_clients: int = _setting(2, "labs that must be connected before a round starts", cli=True, ge=1)
+    min_updates: int = _setting(
+        1, "valid updates needed to aggregate a round (else the model is kept and the round recorded as skipped)",
+        cli=True, ge=1)
+    fraction_train: float = _setting(1.0, "fraction of connected labs sampled per round (at least min-clients)",
+                                     cli=True, gt=0, le=1)
+    round_timeout: float = _setting(600.0, "seconds to wait for a round's replies (late labs are left out)",
+                                    cli=True, cli_default=1800.0, gt=0)
+    node_wait_timeout: float = _setting(300.0, "seconds to wait for min-clients labs before giving up",
+                                        cli=True, cli_default=600.0, gt=0)
+    final_evaluation: bool = _setting(True, "federated evaluation of the final model on every lab", cli=True)
+    dp_mode: DpMode = _setting(
+        "sample", "sample: DP-SGD in each lab (Opacus, per-sample clipping, each lab keeps its privacy ledger); "
+        "update: client-level DP (each lab clips its update, the server adds Gaussian noise to the mean); "
+        "none: no DP (testing only)", cli=True)
+    noise_multiplier: float = _setting(1.0, "DP-SGD noise multiplier (sample mode)", cli=True, ge=0)
+    max_grad_norm: float = _setting(1.0, "DP-SGD per-sample clipping norm (sample mode)", cli=True, gt=0)
+    update_noise_multiplier: float = _setting(1.0, "noise multiplier on the aggregate (update mode)", cli=True, ge=0)
+    update_clipping_norm: float = _setting(1.0, "clipping norm of each lab's update (update mode)", cli=True, gt=0)
+    target_delta: float = _setting(1e-5, "delta of the reported epsilon", cli="--delta", gt=0, lt=1)
+    local_epochs: int = _setting(1, "local epochs per round (when max-steps is 0)", cli=True, ge=1)
+    batch_size: int = _setting(4, "local batch size", cli=True, ge=1)
+    max_steps: int = _setting(0, "cap on local optimizer steps per round (0: epochs decide)", cli=True, ge=0)
+    learning_rate: float = _setting(0.01, "local learning rate", cli="--lr", cli_default=0.001, gt=0)
+    crop_size: int = _setting(64, "training crop edge in pixels at the model's pixel size", cli=True, ge=1)
+    model_depth: int = _setting(4, "UNet depth", cli="--depth", ge=1)
+    model_base_width: int = _setting(16, "UNet channels at level 0", cli="--base-width", ge=1)
+    model_groups: int = _setting(8, "GroupNorm groups of the UNet", ge=1)
+    in_channels: int = _setting(3, "input channels of the UNet", ge=1)
+    n_classes: int = _setting(2, "output classes of the UNet, background included", ge=1)
+    mpp: float = _setting(0.5, "model pixel size (µm/px)", cli=True, gt=0)
+    source_mpp: float = _setting(0.5, "pixel size of lab tiles without provenance (MoNuSeg: 0.25)",
+                                 cli=True, cli_default=0.25, gt=0)
+    seed: int = _setting(0, "seed of the initial global model and of local generators", cli=True)
+    checkpoint_dir: str = _setting(
+        "", "where the ServerApp writes per-round checkpoints and rounds.jsonl ('' disables checkpoints)")
+    resume_from: str = _setting(
+        "", "start from this checkpoint (.safetensors with its .json card); rounds are numbered on from its "
+        "card's round", cli=True)
+    model_name: str = _setting("feddp-unet", "model card name", cli=True)
+    max_examples: int = _setting(
+        10000, "cap on the example count a lab reports: its FedAvg weight is min(num-examples, max-examples)",
+        cli=True, ge=1)
+    outlier_factor: float = _setting(
+        3.0, "with 3 or more updates, an update farther from the global model than this times the median "
+        "distance is rejected (not with dp-mode update)", cli=True, gt=1)
+    max_update_norm: float = _setting(
+        0.0, "bound on the L2 norm of every update, larger ones are scaled down (0: the lower median of the "
+        "round's norms; not with dp-mode update)", cli=True, ge=0)
+    aggregation: Literal["mean", "median", "trimmed-mean"] = _setting(
+        "mean", "mean: weighted FedAvg; median / trimmed-mean: coordinate-wise (unweighted) with 4 or more "
+        "updates, else FedAvg; only mean with dp-mode update", cli=True)
+    trim_fraction: float = _setting(0.25, "fraction cut from each tail by trimmed-mean", cli=True, gt=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunSettings:
+        if self.min_updates > self.min_clients:
+            raise ValueError(f"min-updates ({self.min_updates}) cannot exceed min-clients ({self.min_clients})")
+        if self.dp_mode == "sample" and self.noise_multiplier <= 0:
+            raise ValueError("noise-multiplier must be > 0 with dp-mode 'sample'")
+        if self.dp_mode == "update" and self.aggregation != "mean":
+            # The server's Gaussian noise is calibrated to the sensitivity of a
+            # mean of clipped updates; a median or trimmed mean has another one.
+            raise ValueError(f"aggregation {self.aggregation!r} cannot be used with dp-mode 'update' "
+                             "(its noise calibration assumes a mean); use aggregation 'mean'")
+        multiple = 2 ** (self.model_depth - 1)
+        if self.crop_size % multiple:
+            raise ValueError(f"crop-size {self.crop_size} must be a multiple of {multiple} for model-depth "
+                             f"{self.model_depth}")
+        return self
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
+        """Build from a Flower run config; unknown keys are ignored."""
+        return cls(**config)
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Flat hyphenated dictionary for ``[tool.flwr.app.config]``."""
+        return self.model_dump(by_alias=True)
+
+    @property
+    def unet_params(self) -> dict[str, Any]:
+        """Keyword arguments for ``UNet``."""
+        return {"in_channels": self.in_channels, "n_classes": self.n_classes, "depth": self.model_depth,
+                "base_width": self.model_base_width, "groups": self.model_groups}
+
+    def train_config(self, node: NodeSettings, learning_rate: float | None = None) -> TrainConfig:
+        """The local round this run asks of ``node``'s lab.
+
+        ``sample`` mode: DP-SGD accounted at the lab's own delta (``max-delta``)
+        against its budget (``max-epsilon``). Other modes train without
+        per-sample noise. ``learning_rate`` overrides the run's (the server's
+        per-round config). Fresh noise and sampling every round (no seed).
+        """
+        from ..training import TrainConfig
+
+        private = self.dp_mode == "sample"
+        steps = self.max_steps or None
+        return TrainConfig(
+            epochs=None if steps else self.local_epochs, steps=steps,
+            lr=float(self.learning_rate if learning_rate is None else learning_rate),
+            batch_size=self.batch_size, max_physical_batch_size=self.batch_size, crop_size=self.crop_size,
+            dp_mode="sample" if private else "none", max_grad_norm=self.max_grad_norm,
+            noise_multiplier=self.noise_multiplier if private else None, delta=node.max_delta,
+            epsilon_max=node.epsilon_budget if private else None, seed=None,
+        )
+
+
+class NodeSettings(_FlatConfig):
+    """Settings of one lab's SuperNode (its ``--node-config``).
+
+    The lab policy (``max-epsilon`` and the fields after ``accept-dp-modes``)
+    is pinned when the lab joins; no run config can change it
+    (:mod:`napari_feddp.federation.policy`).
+    """
+
+    lab: str = _setting("lab", "lab identifier (names the privacy ledger, never sent to the server)")
+    data_dir: str = _setting("", "local dataset folder with images/ and masks/")
+    ledger_dir: str = _setting(
+        "", "privacy ledger folder ('': $FEDDP_HOME/ledger); keep and back it up: it is the lab's memory of "
+        "the privacy budget spent")
+    max_epsilon: float = _setting(
+        8.0, "privacy budget: a round that would exceed it is declined (0: unlimited, with a warning)",
+        cli="--epsilon-budget", ge=0)
+    eval_dir: str = _setting("", "held-out tiles for federated evaluation and promotion ('': data-dir)")
+    model_store: str = _setting("", "where the final global model is kept ('': the local model store)")
+    history_file: str = _setting(
+        "", "local JSON-lines file of this lab's per-round results for the Federation widget ('': none)")
+    train_fn: str = _setting("", "optional module:function replacing the default local trainer")
+    eval_fn: str = _setting("", "optional module:function replacing the default local evaluation")
+    threads: int = _setting(1, "torch CPU threads of the lab's ClientApp process", ge=1)
+    promotion_margin: float = _setting(
+        0.02, "Dice the final model may lose against the lab's current default model on the held-out tiles "
+        "and still become the new default", ge=0)
+    accept_dp_modes: str = _setting(
+        "sample", "comma-separated DP modes this lab trains under (update sends un-noised clipped updates to the "
+        "coordinator, none plain updates)", cli=True)
+    max_delta: float = _setting(
+        1e-5, "largest delta accepted; the ledger reports epsilon at it (a run must also ask for delta below "
+        "1 / training samples)", cli=True, gt=0, lt=1)
+    min_noise_multiplier: float = _setting(0.5, "smallest DP-SGD noise multiplier accepted", cli=True, ge=0)
+    max_model_parameters: int = _setting(2_000_000, "largest model (parameters) accepted", cli=True, ge=0)
+    max_steps_per_round: int = _setting(2000, "most local steps a round may ask for", cli=True, ge=0)
+    max_local_epochs: int = _setting(5, "most local epochs a round may ask for", cli=True, ge=0)
+    max_crop_size: int = _setting(512, "largest training crop a run may ask for", cli=True, ge=0)
+    max_batch_size: int = _setting(64, "largest batch a run may ask for", cli=True, ge=0)
+
+    @classmethod
+    def from_node_config(cls, config: Mapping[str, Any]) -> NodeSettings:
+        """Build from a Flower node config; unknown keys are ignored."""
+        return cls(**config)
+
+    def to_node_config(self) -> dict[str, bool | int | float | str]:
+        """Flat hyphenated dictionary for ``--node-config`` (empty values dropped)."""
+        return {key: value for key, value in self.model_dump(by_alias=True).items() if value not in ("", None)}
+
+    @property
+    def epsilon_budget(self) -> float | None:
+        """``max_epsilon`` or None when unlimited."""
+        return float(self.max_epsilon) if self.max_epsilon > 0 else None
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _flags(schema: type[_FlatConfig]) -> dict[str, str]:
+    """Field name -> command-line flag, for the fields that have one."""
+    flags = {}
+    for name, info in schema.model_fields.items():
+        cli = (info.json_schema_extra or {}).get("cli")
+        if cli:
+            flags[name] = cli if isinstance(cli, str) else f"--{_key(name)}"
+    return flags
+
+
+def add_options(group, schema: type[_FlatConfig]) -> None:
+    """Add an argparse option for every field of ``schema`` that has a flag: type, default and help from the field."""
+    for name, flag in _flags(schema).items():
+        info = schema.model_fields[name]
+        default = info.json_schema_extra["cli_default"]
+        shown = "" if default == "" else " (default %(default)s)"
+        kwargs: dict[str, Any] = {"default": default, "help": info.description.replace("%", "%%") + shown}
+        if info.annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_args(info.annotation):
+            kwargs["choices"] = get_args(info.annotation)
+        else:
+            kwargs["type"] = info.annotation
+        group.add_argument(flag, **kwargs)
+
+
+def options_of(schema: type[_FlatConfig], args: argparse.Namespace) -> dict[str, Any]:
+    """Field name -> value of the options :func:`add_options` added, as parsed into ``args``."""
+    return {name: getattr(args, flag.lstrip("-").replace("-", "_")) for name, flag in _flags(schema).items()}
+
+
+def option_errors(schema: type[_FlatConfig], error: SettingsError) -> str:
+    """``error`` in the command line's terms: each problem under the flag of its key."""
+    flags = {_key(name): flag for name, flag in _flags(schema).items()}
+    return "\n".join(f"{flags.get(key, key)}: {problem}" if key else problem for key, problem in error.problems)

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 import zarr
 
+from ..slides import Slide
 from ..slides._pyramid import lazy_pyramid
 from ._malloc import keep_freed_memory
 from ._output import ChunkWriter, create_output
-from ._reader import TileReader
-from ._source import ImageSource, as_source
+from ._reader import TileReader, as_slide
 from .blending import WINDOWS, TileBlender, tile_profiles, window_profile
 from .device import autocast, select_device
 from .errors import InferenceCancelled, InferenceError
@@ -262,7 +262,7 @@ def segment_slide(
         Bad arguments (raised by this call), or, once running: no tissue found,
         no tile to predict, or a model output of the wrong shape.
     """
-    source = as_source(image, mpp)
+    slide = as_slide(image, mpp)
     _check_model(model, spec)
     _check_int("batch_size", batch_size, 1)
     _check_int("prefetch_batches", prefetch_batches, 0)
@@ -273,16 +273,16 @@ def segment_slide(
     if window not in WINDOWS:
         raise InferenceError(f"window: expected one of {WINDOWS}, received {window!r}")
     is_cancelled = _cancel_check(cancel)
-    geometry = choose_geometry(source, spec.mpp)
-    clipped = _check_region(region, source.shape)
-    tissue_arg = _check_tissue(tissue, source.shape)
+    geometry = choose_geometry(slide, spec.mpp)
+    clipped = _check_region(region, slide.shape)
+    tissue_arg = _check_tissue(tissue, slide.shape)
     chosen_device = select_device(device)
     if chosen_device.type == "cpu":
         keep_freed_memory()  # glibc: reuse activation pages instead of faulting fresh ones in
     if num_workers is None:
         num_workers = 1 if chosen_device.type == "cpu" else min(4, os.cpu_count() or 1)
     run = _Run(
-        source=source,
+        slide=slide,
         model=model,
         spec=spec,
         geometry=geometry,
@@ -421,7 +421,7 @@ def _check_tissue(tissue: Any, shape: tuple[int, int]) -> bool | TissueMask:
 
 @dataclass
 class _Run:
-    source: ImageSource
+    slide: Slide
     model: torch.nn.Module
     spec: InferenceSpec
     geometry: Geometry
@@ -475,7 +475,7 @@ class _Run:
 
     def _tissue_mask(self) -> TissueMask | None:
         if self.tissue is True:
-            return detect_tissue(self.source)
+            return detect_tissue(self.slide)
         if self.tissue is False:
             return None
         return self.tissue  # type: ignore[return-value]
@@ -485,7 +485,7 @@ class _Run:
     def _predict(self, state: _State) -> Generator[int | None, None, None]:
         """Run every batch; yield tiles done after each, or None when cancelled."""
         plan, spec, device = state.plan, self.spec, self.device
-        reader = TileReader(self.source, self.geometry, spec.tile_size)
+        reader = TileReader(self.slide, self.geometry, spec.tile_size)
         tiles = plan.tiles()
         batches = [tiles[k : k + self.batch_size] for k in range(0, len(tiles), self.batch_size)]
         windows: dict[tuple, torch.Tensor] = {}
@@ -655,14 +655,15 @@ class _Run:
             cols = (np.arange(x0, x0 + w) >= window[1]) & (np.arange(x0, x0 + w) < window[3])
             keep &= rows[:, None] & cols[None, :]
         if self.mask_output and state.mask is not None:
-            keep &= _sample_mask(state.mask, self.geometry.downsample, y0, x0, h, w)
+            dy, dx = self.geometry.downsample
+            keep &= state.mask.sample((h, w), (dy, dx), (y0 * dy, x0 * dx))
         labels[~keep] = 0
         state.writer.put(y0, x0, labels)
 
     def _label_mpp(self) -> tuple[float, float] | None:
-        if self.source.mpp is None:
+        if self.slide.mpp is None:
             return None
-        return tuple(m * d for m, d in zip(self.source.mpp, self.geometry.downsample))  # type: ignore[return-value]
+        return tuple(m * d for m, d in zip(self.slide.mpp, self.geometry.downsample))  # type: ignore[return-value]
 
     def _result(self, state: _State, *, complete: bool, elapsed: float) -> SegmentationResult:
         if state.labels is None:  # cancelled before the first batch came back
@@ -717,14 +718,3 @@ class _State:
     writer: ChunkWriter | None = None
     blender: TileBlender | None = None
 
-
-def _sample_mask(
-    mask: TissueMask, downsample: tuple[float, float], y0: int, x0: int, h: int, w: int
-) -> np.ndarray:
-    """Nearest-neighbour sample of the tissue mask at processing pixels ``[y0, y0+h) x [x0, x0+w)``."""
-    my, mx = mask.downsample
-    rows = ((np.arange(y0, y0 + h) + 0.5) * downsample[0] / my).astype(np.int64)
-    cols = ((np.arange(x0, x0 + w) + 0.5) * downsample[1] / mx).astype(np.int64)
-    rows = np.clip(rows, 0, mask.mask.shape[0] - 1)
-    cols = np.clip(cols, 0, mask.mask.shape[1] - 1)
-    return mask.mask[np.ix_(rows, cols)]

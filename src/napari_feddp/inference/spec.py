@@ -12,7 +12,7 @@ from .errors import InferenceError
 #: Weight of a contour model's contour class in the decision rule. Contours are thin
 #: and their probability is split with the neighbouring classes, so a plain arg max
 #: misses many and merges touching nuclei; 2.5 was chosen on a held-out training
-#: hospital (docs/results.md, "One label per nucleus").
+#: hospital (docs/results.md, "Model type on the held-out hospital").
 CONTOUR_WEIGHT = 2.5
 
 

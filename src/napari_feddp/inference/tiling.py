@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._source import ImageSource
+from ..slides import Slide
 from .errors import InferenceError
 from .tissue import TissueMask
 
@@ -46,32 +46,36 @@ class Geometry:
         return self.scale != (1.0, 1.0)
 
 
-def choose_geometry(source: ImageSource, target_mpp: float | None) -> Geometry:
+def choose_geometry(slide: Slide, target_mpp: float | None) -> Geometry:
     """Pick the level to read and the resampling that brings it to ``target_mpp``.
 
     Like OpenSlide's ``get_best_level_for_downsample``, the coarsest level that is
     at least as fine as the model (within :data:`MPP_TOLERANCE`) is read, so
     tiles are downsampled, never blurred by upsampling, unless the model wants
-    finer pixels than level 0 has. ``target_mpp=None`` reads level 0 as it is.
+    finer pixels than level 0 has. Only levels stored in the file count: a
+    computed level is recomputed from level 0 for every tile that overlaps its
+    chunks, so reading level 0 and resizing each tile once is cheaper.
+    ``target_mpp=None`` reads level 0 as it is.
 
     Raises
     ------
     InferenceError
         If ``target_mpp`` is given but the slide's pixel size is unknown.
     """
-    height, width = source.shape
+    height, width = slide.shape
     if target_mpp is None:
         return Geometry(0, (1.0, 1.0), (height, width), (1.0, 1.0))
-    if source.mpp is None:
+    if slide.mpp is None:
         raise InferenceError(
             f"mpp: the model expects {target_mpp} um/px but the image has no pixel size; "
             "pass mpp=<micrometres per level-0 pixel> to segment_slide"
         )
-    mpps = [source.level_mpp(i) for i in range(len(source.levels))]
+    stored = len(slide.levels) if slide.pyramid_in_file else 1
+    mpps = [slide.level_mpp(i) for i in range(stored)]
     fine_enough = [i for i, m in enumerate(mpps) if max(m) <= target_mpp * (1 + MPP_TOLERANCE)]
     level = max(fine_enough, key=lambda i: max(mpps[i])) if fine_enough else 0
     snapped = [_snap(target_mpp / m) for m in mpps[level]]
-    level_h, level_w = int(source.levels[level].shape[0]), int(source.levels[level].shape[1])
+    level_h, level_w = int(slide.levels[level].shape[0]), int(slide.levels[level].shape[1])
     if snapped == [1.0, 1.0]:
         shape = (level_h, level_w)
         scale = (1.0, 1.0)

@@ -20,7 +20,8 @@ from scipy import ndimage
 from skimage import morphology
 from skimage.filters import threshold_otsu
 
-from ._source import ImageSource, as_source
+from ..slides import Slide
+from ._reader import as_slide
 from .errors import InferenceError
 
 #: Resolution of the tissue mask, micrometres per pixel.
@@ -79,6 +80,18 @@ class TissueMask:
         my0, mx0 = max(int(math.floor(y0 / dy)), 0), max(int(math.floor(x0 / dx)), 0)
         my1, mx1 = min(int(math.ceil(y1 / dy)), h), min(int(math.ceil(x1 / dx)), w)
         return my0 < my1 and mx0 < mx1 and bool(self.mask[my0:my1, mx0:mx1].any())
+
+    def sample(self, shape: tuple[int, int], cell: tuple[float, float] = (1.0, 1.0),
+               origin: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+        """The mask at the centres of a ``shape`` grid of cells (nearest neighbour).
+
+        Cell ``(i, j)`` is ``cell`` level-0 pixels a side, its corner at level-0
+        ``origin + (i, j) * cell``; the defaults give the mask at full resolution.
+        """
+        rows = ((origin[0] + (np.arange(shape[0]) + 0.5) * cell[0]) / self.downsample[0]).astype(np.int64)
+        cols = ((origin[1] + (np.arange(shape[1]) + 0.5) * cell[1]) / self.downsample[1]).astype(np.int64)
+        h, w = self.mask.shape
+        return self.mask[np.ix_(np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1))]
 
 
 def tissue_mask(
@@ -141,7 +154,7 @@ def detect_tissue(
     image : Slide or array-like
         Opened slide or ``(Y, X, 3)`` uint8 array.
     mpp : float or (float, float), optional
-        Level-0 micrometres per pixel when ``image`` does not carry it.
+        Level-0 micrometres per pixel (overrides the slide's own).
     target_mpp : float
         Resolution of the mask (default 8 um/px).
     **kwargs
@@ -152,9 +165,9 @@ def detect_tissue(
     InferenceError
         If no tissue is found.
     """
-    source = image if isinstance(image, ImageSource) else as_source(image, mpp)
-    level0_mpp = source.mpp[0] if source.mpp else ASSUMED_MPP
-    thumbnail, downsample = read_thumbnail(source, target_mpp / level0_mpp)
+    slide = as_slide(image, mpp)
+    level0_mpp = slide.mpp[0] if slide.mpp else ASSUMED_MPP
+    thumbnail, downsample = read_thumbnail(slide, target_mpp / level0_mpp)
     thumb_mpp = level0_mpp * downsample[0]
     mask, threshold = tissue_mask(thumbnail, mpp=thumb_mpp, **kwargs)
     if not mask.any():
@@ -166,21 +179,19 @@ def detect_tissue(
     return TissueMask(mask, downsample, threshold)
 
 
-def read_thumbnail(source: ImageSource, downsample: float) -> tuple[np.ndarray, tuple[float, float]]:
-    """Read ``source`` at about ``downsample`` (level-0 px per thumbnail px).
+def read_thumbnail(slide: Slide, downsample: float) -> tuple[np.ndarray, tuple[float, float]]:
+    """Read ``slide`` at about ``downsample`` (level-0 px per thumbnail px).
 
     Uses the coarsest pyramid level at least as fine as asked for, then a
     block mean streamed through dask, so memory stays at the thumbnail's size.
     The thumbnail's longest side is capped at :data:`MAX_THUMBNAIL_SIDE`.
     """
-    height, width = source.shape
+    height, width = slide.shape
     downsample = max(downsample, max(height, width) / MAX_THUMBNAIL_SIDE, 1.0)
-    level = 0
-    for index, (dy, dx) in enumerate(source.downsamples):
-        if max(dy, dx) <= downsample * 1.01 and max(dy, dx) >= max(source.downsamples[level]):
-            level = index
-    array = source.levels[level]
-    factor = max(int(downsample / max(source.downsamples[level])), 1)
+    downsamples = [max(d) for d in slide.downsamples]
+    level = max((i for i, d in enumerate(downsamples) if d <= downsample * 1.01), key=downsamples.__getitem__)
+    array = slide.levels[level]
+    factor = max(int(downsample / downsamples[level]), 1)
     if factor > 1:
         array = _block_mean(array, factor)
     if isinstance(array, da.Array):
@@ -193,7 +204,7 @@ def read_thumbnail(source: ImageSource, downsample: float) -> tuple[np.ndarray, 
 
 def _block_mean(array: Any, factor: int) -> da.Array:
     if not isinstance(array, da.Array):
-        array = da.from_array(array, chunks=(2048, 2048, 3))
+        array = da.from_array(array, chunks=(2048, 2048, 3), name=False)
     height, width = (array.shape[0] // factor) * factor, (array.shape[1] // factor) * factor
     if height == 0 or width == 0:
         raise InferenceError(f"image: expected at least {factor}x{factor} pixels for a thumbnail, received {array.shape}")

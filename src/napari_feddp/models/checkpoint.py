@@ -11,10 +11,8 @@ detected at load time instead of silently producing wrong segmentations.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
-import uuid
 from pathlib import Path
 from typing import Mapping
 
@@ -23,6 +21,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from .._atomic import write_atomic
 from .build import build_model
 from .card import ModelCard, ModelCardError
 
@@ -87,13 +86,16 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, card: ModelC
     _check_model_matches_card(state, card, weights_path)
 
     payload = safetensors.torch.save(state, metadata={"format": "pt"})
-    stored_card = dataclasses.replace(
-        card,
-        weights_sha256=hashlib.sha256(payload).hexdigest(),
-        tensors={name: list(tensor.shape) for name, tensor in state.items()},
-    )
-    _atomic_write(weights_path, payload)
-    _atomic_write(card_path, stored_card.to_json().encode("utf-8"))
+    stored_card = ModelCard.from_dict({
+        **card.to_dict(),
+        "weights_sha256": hashlib.sha256(payload).hexdigest(),
+        "tensors": {name: list(tensor.shape) for name, tensor in state.items()},
+    })
+    try:
+        write_atomic(weights_path, payload)
+        write_atomic(card_path, stored_card.to_json())
+    except OSError as exc:
+        raise CheckpointError(f"{weights_path}: cannot write checkpoint file: {exc}") from exc
     return weights_path
 
 
@@ -132,23 +134,6 @@ def _check_model_matches_card(state: Mapping[str, torch.Tensor], card: ModelCard
             f"{weights_path}: cannot save, the model does not match the card's architecture "
             f"{card.architecture.name!r} {card.architecture.params}: {problem}"
         )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # A unique temp name in the same folder keeps os.replace atomic (same file
-    # system) and lets the file get normal umask permissions, unlike mkstemp's 0600.
-    temp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temp_path, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_path, path)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot write checkpoint file: {exc}") from exc
-    finally:
-        temp_path.unlink(missing_ok=True)
 
 
 # --- loading ---------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Where models come from: a file the user picks, the federation's latest, or the bundled default.
 
-The lab's local model store (``$FEDDP_HOME/models``, default
-``~/.local/share/napari-feddp/models``) receives the federation's global model
+The lab's local model store (``$FEDDP_HOME/models``, default the per-user data
+folder, ``~/.local/share/napari-feddp/models`` on Linux) receives the federation's global model
 after each run; the Segment widget and ``napari-feddp segment`` use the newest
 one by default, then the model bundled with the package. A global model that
 fails the lab's own check (:mod:`napari_feddp.federation.promotion`) is kept
@@ -20,6 +20,8 @@ from datetime import datetime
 from importlib.resources import files
 from pathlib import Path
 
+import platformdirs
+
 from .checkpoint import CheckpointError, checkpoint_paths, read_card
 
 #: Stem of the checkpoint shipped inside the package (data/models/<stem>.safetensors).
@@ -33,11 +35,10 @@ class NoModelError(CheckpointError):
 
 
 def feddp_home() -> Path:
-    """Per-user data folder (``$FEDDP_HOME``, else ``$XDG_DATA_HOME/napari-feddp``)."""
+    """Per-user data folder: ``$FEDDP_HOME``, else the platform's (``$XDG_DATA_HOME/napari-feddp`` on Linux)."""
     if os.environ.get("FEDDP_HOME"):
         return Path(os.environ["FEDDP_HOME"]).expanduser()
-    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return base / "napari-feddp"
+    return platformdirs.user_data_path("napari-feddp", appauthor=False)
 
 
 def model_store() -> Path:
@@ -57,11 +58,13 @@ def latest_federated_checkpoint(store: Path | None = None) -> Path | None:
     Only the store's own folder is searched, so models kept under
     ``<store>/refused/`` (see :data:`REFUSED_FOLDER`) never become the default.
     """
-    store = store or model_store()
-    if not store.is_dir():
-        return None
-    complete = [p for p in store.glob("*.safetensors") if p.with_suffix(".json").is_file()]
-    return max(complete, key=lambda p: p.stat().st_mtime, default=None)
+    return next(iter(_received(store or model_store())), None)
+
+
+def _received(store: Path) -> list[Path]:
+    """Complete checkpoints (weights + card) in the store's own folder, newest first."""
+    complete = [p for p in store.glob("*.safetensors") if p.with_suffix(".json").is_file()] if store.is_dir() else []
+    return sorted(complete, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def resolve_checkpoint(choice: str | os.PathLike | None = None) -> Path:
@@ -241,12 +244,7 @@ def available_models(store: Path | None = None) -> list[ModelInfo]:
     -------
     list of ModelInfo
     """
-    store = store or model_store()
-    received = []
-    if store.is_dir():
-        complete = [p for p in store.glob("*.safetensors") if p.with_suffix(".json").is_file()]
-        received = sorted(complete, key=lambda p: p.stat().st_mtime, reverse=True)
-    models = [describe_model(path, "received") for path in received]
+    models = [describe_model(path, "received") for path in _received(store or model_store())]
     bundled = bundled_checkpoint()
     if bundled is not None:
         models.append(describe_model(bundled, "bundled"))

@@ -1,4 +1,4 @@
-"""Whole-slide image I/O without Qt: open lazily, read metadata, detect tissue."""
+"""Whole-slide image I/O without Qt: open lazily as a multiscale pyramid, read metadata."""
 
 from ._metadata import SlideMetadata, read_slide_metadata
 from ._open import (

@@ -69,8 +69,10 @@ def read_slide_metadata(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> Slid
     mpp: tuple[float, float] | None = None
     power: float | None = None
     if vendor == "aperio":
-        return aperio_metadata(page.description, resolution_tag_mpp(page))
-    if vendor == "ome-tiff":
+        fields = aperio_description_fields(page.description)
+        value = _to_float(fields.get("MPP"))
+        mpp, power = ((value, value) if value is not None else None), _to_float(fields.get("AppMag"))
+    elif vendor == "ome-tiff":
         mpp, power = ome_physical_size(tif.ome_metadata or "")
     elif vendor == "ventana":
         mpp, power = ventana_xmp(page)
@@ -81,21 +83,9 @@ def read_slide_metadata(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> Slid
         power = _leica_objective(tif.scn_metadata or "")
     if mpp is None:
         mpp = resolution_tag_mpp(page)
-    return SlideMetadata(vendor=vendor, mpp=plausible_mpp(mpp), objective_power=power)
-
-
-def aperio_metadata(description: str, resolution_mpp: tuple[float, float] | None) -> SlideMetadata:
-    """Aperio SVS: mpp and magnification from the description (``MPP``, ``AppMag``), else the resolution tags."""
-    fields = aperio_description_fields(description)
-    mpp_value = _to_float(fields.get("MPP"))
-    mpp = (mpp_value, mpp_value) if mpp_value is not None else resolution_mpp
-    return SlideMetadata(vendor="aperio", mpp=plausible_mpp(mpp), objective_power=_to_float(fields.get("AppMag")))
-
-
-def plausible_mpp(mpp: tuple[float, float] | None) -> tuple[float, float] | None:
     if mpp is not None and not all(MPP_RANGE_UM[0] <= v <= MPP_RANGE_UM[1] for v in mpp):
-        return None
-    return mpp
+        mpp = None
+    return SlideMetadata(vendor=vendor, mpp=mpp, objective_power=power)
 
 
 def aperio_description_fields(description: str) -> dict[str, str]:
@@ -114,24 +104,13 @@ def resolution_tag_mpp(page: tifffile.TiffPage) -> tuple[float, float] | None:
     xres, yres, unit = tags.get("XResolution"), tags.get("YResolution"), tags.get("ResolutionUnit")
     if xres is None or yres is None or unit is None:
         return None
-    return resolution_mpp(xres.value, yres.value, getattr(unit.value, "name", str(unit.value)))
-
-
-#: TIFF ResolutionUnit codes, by tifffile's names.
-RESOLUTION_UNITS = {1: "NONE", 2: "INCH", 3: "CENTIMETER", 4: "MILLIMETER", 5: "MICROMETER"}
-
-
-def resolution_mpp(xres, yres, unit_name: str) -> tuple[float, float] | None:
-    """``(y, x)`` micrometres per pixel from two (numerator, denominator) resolutions and a unit name."""
-    scale = _UNIT_TO_UM.get(unit_name)
-    if scale is None:
-        return None
+    scale = _UNIT_TO_UM.get(getattr(unit.value, "name", str(unit.value)))
     try:
-        px_per_unit_x = xres[0] / xres[1]
-        px_per_unit_y = yres[0] / yres[1]
+        px_per_unit_x = xres.value[0] / xres.value[1]
+        px_per_unit_y = yres.value[0] / yres.value[1]
     except (TypeError, ZeroDivisionError, IndexError):
         return None
-    if px_per_unit_x <= 0 or px_per_unit_y <= 0:
+    if scale is None or px_per_unit_x <= 0 or px_per_unit_y <= 0:
         return None
     return (scale / px_per_unit_y, scale / px_per_unit_x)
 

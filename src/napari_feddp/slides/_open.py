@@ -1,38 +1,33 @@
-"""Open a whole-slide image as a lazy dask pyramid (tifffile -> zarr -> dask).
+"""Open a whole-slide image lazily: tifffile's zarr store, read tile by tile.
 
-Nothing here decodes level-0 pixels: opening reads the TIFF directory only, and
-every array handed out is a dask array whose chunks are whole blocks of the
-file's own tiles (about :data:`DASK_CHUNK_SIDE` pixels a side).
-
-Reading speed (see ``docs/benchmarks.md``): a region read is one dask task per
-dask chunk it touches; inside a task, zarr fetches the chunk's tiles
-concurrently and tifffile decodes them on ``maxworkers`` threads. Decoded tiles
-are kept in a small per-slide LRU (:data:`TILE_CACHE_BYTES`), so panning over
-tiles just seen, and the JPEG 2000 slides whose tiles are slow to decode, do
-not pay for decoding twice (OpenSlide keeps a similar 32 MiB cache).
+Opening reads the TIFF directory only. Every level the file stores is a zarr
+array over tifffile's store (``series.aszarr()``): a slice decodes only the
+tiles it touches, on several threads. A small per-slide LRU of decoded tiles
+(:data:`TILE_CACHE_BYTES`, like OpenSlide's 32 MiB cache) keeps panning, and
+JPEG 2000 tiles that are slow to decode, from paying for decoding twice.
+Levels the file lacks (a large image stored at one resolution) are computed
+from level 0 with dask, chunk by chunk.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import os
 import struct
-import threading
-import uuid
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
 import tifffile
 import zarr
-from zarr.storage import WrapperStore
+from zarr.experimental.cache_store import CacheStore
+from zarr.storage import MemoryStore
 
-from ._fastopen import FastSlideFile, open_fast
-from ._metadata import SlideMetadata, read_slide_metadata
+from ._metadata import read_slide_metadata
 from ._pyramid import lazy_pyramid
 
 #: Series names that hold a slide's label, macro or thumbnail picture. The
@@ -51,17 +46,9 @@ PYRAMID_MIN_SIDE = 2048
 #: when a slide is opened.
 TILE_CACHE_BYTES = 32 * 2**20
 
-#: Open Aperio SVS and plain pyramidal TIFFs with :mod:`._fastopen` (directories read
-#: without tifffile's per-tile tables); False opens every file with tifffile.
-FAST_OPEN = os.environ.get("NAPARI_FEDDP_FAST_OPEN", "1") != "0"
-
-#: Side (pixels) aimed at for the dask chunks of levels read from the file:
-#: a whole number of tiles, at most this many pixels (one tile if tiles are
-#: larger). One dask task per file tile costs about 0.5 ms of scheduling per
-#: tile, more than decoding a JPEG tile; a task per block of tiles lets zarr
-#: fetch and decode the block's tiles concurrently and keeps the task graph of
-#: a 100,000-pixel slide small.
-DASK_CHUNK_SIDE = 2048
+#: Largest dask chunk (bytes) read from a stored level to compute the levels a
+#: file lacks: a block of whole tiles, about 2048 x 2048 RGB pixels.
+DASK_CHUNK_BYTES = 12 * 2**20
 
 
 class SlideError(ValueError):
@@ -74,22 +61,23 @@ class NotASlideError(SlideError):
 
 @dataclass(eq=False)
 class Slide:
-    """A lazily opened whole-slide image.
+    """A lazily opened whole-slide image, or an image held in memory.
 
     Attributes
     ----------
-    path : Path
-        The file.
-    levels : list of dask.array.Array
-        Pyramid, highest resolution first. RGB slides are ``(Y, X, 3)`` uint8;
-        label images are ``(Y, X)`` integers.
-    downsamples : list of (float, float)
-        ``(y, x)`` factor of each level relative to level 0.
+    levels : list of array-like
+        Pyramid, highest resolution first: what napari displays and the
+        segmentation engine reads. RGB slides are ``(Y, X, 3)`` uint8, label
+        images ``(Y, X)`` integers. Levels stored in a file are zarr arrays
+        (slicing reads only the tiles it touches); computed levels are dask arrays.
     mpp : (float, float) or None
-        ``(y, x)`` micrometres per level-0 pixel; ``None`` when the file has none.
+        ``(y, x)`` micrometres per level-0 pixel; ``None`` when unknown.
+    path : Path or None
+        The file (None for an image built with :meth:`from_array`).
     vendor : str
-        ``aperio``, ``hamamatsu``, ``leica``, ``ventana``, ``ome-tiff`` or ``generic-tiff``
-        (``png`` or ``jpeg`` for pictures from :func:`~napari_feddp.slides.open_plain_image`).
+        ``aperio``, ``hamamatsu``, ``leica``, ``ventana``, ``ome-tiff`` or ``generic-tiff``;
+        ``png`` or ``jpeg`` for pictures from :func:`~napari_feddp.slides.open_plain_image`;
+        ``array`` for :meth:`from_array`.
     objective_power : float or None
         Scanning magnification (e.g. 20, 40).
     kind : str
@@ -97,51 +85,56 @@ class Slide:
     associated : dict of str to int
         Names of the label/macro/thumbnail images in the file and their series
         index. They are *not* opened; see :meth:`read_associated`.
-    region_arrays : list of zarr.Array or None
-        The zarr arrays behind ``levels`` (same shapes, same pixels) where a
-        level is stored as ``(Y, X, 3)``, else None. Slicing them reads a small
-        region without building a dask graph, about 4x less CPU per 256 x 256
-        read; the segmentation engine reads its tiles through them.
+    pyramid_in_file : bool
+        False when the levels after the first are computed from it.
     """
 
-    path: Path
-    downsamples: list[tuple[float, float]]
-    mpp: tuple[float, float] | None
-    vendor: str
-    objective_power: float | None
-    kind: str
+    levels: list
+    mpp: tuple[float, float] | None = None
+    path: Path | None = None
+    vendor: str = "array"
+    objective_power: float | None = None
+    kind: str = "rgb"
     associated: dict[str, int] = field(default_factory=dict)
     pyramid_in_file: bool = True
-    region_arrays: list | None = field(default=None, repr=False)
     _tif: tifffile.TiffFile | None = field(default=None, repr=False)
-    _fast: FastSlideFile | None = field(default=None, repr=False)
-    _levels: list[da.Array] | None = field(default=None, repr=False)
-    _build_levels: Callable[[], list[da.Array]] | None = field(default=None, repr=False)
 
-    @property
-    def levels(self) -> list[da.Array]:
-        """The pyramid as lazy dask arrays (built on first use where ``region_arrays`` exist)."""
-        if self._levels is None:
-            self._levels = self._build_levels()
-        return self._levels
+    @classmethod
+    def from_array(cls, image: Any, *, mpp: float | tuple[float, float] | None = None) -> Slide:
+        """A one-level RGB slide of an in-memory ``(Y, X, 3|4)`` uint8 array (numpy, dask or zarr).
 
-    @property
-    def layer_levels(self) -> list:
-        """The pyramid napari displays: ``region_arrays`` where the file stores a
-        level as ``(Y, X, 3)`` (napari slices them directly, no dask graph per
-        view), the lazy dask ``levels`` elsewhere (computed pyramid levels)."""
-        if self.region_arrays is None:
-            return list(self.levels)
-        if len(self.region_arrays) == len(self.downsamples):
-            return list(self.region_arrays)  # no dask graph needed
-        return [
-            self.region_arrays[i] if i < len(self.region_arrays) else level for i, level in enumerate(self.levels)
-        ]
+        Raises
+        ------
+        SlideError
+            If ``image`` is not an RGB(A) uint8 image or ``mpp`` is not positive.
+        """
+        shape, dtype = getattr(image, "shape", None), getattr(image, "dtype", None)
+        if shape is None or dtype is None:
+            raise SlideError(f"image: expected a Slide or an RGB array of shape (Y, X, 3) and dtype uint8, "
+                             f"received {type(image).__name__}")
+        if len(shape) != 3 or shape[2] not in (3, 4) or shape[0] < 1 or shape[1] < 1:
+            raise SlideError(f"image: expected shape (Y, X, 3) (RGB) or (Y, X, 4) (RGBA), received {tuple(shape)}")
+        if np.dtype(dtype) != np.uint8:
+            raise SlideError(f"image: expected dtype uint8 (0-255 RGB), received {np.dtype(dtype)}; "
+                             "convert first, e.g. skimage.util.img_as_ubyte(image)")
+        if shape[2] == 4:  # alpha carries no tissue information
+            image = (image if isinstance(image, (np.ndarray, da.Array)) else da.from_array(image, name=False))[..., :3]
+        return cls([image], mpp=_pixel_size(mpp))
+
+    def with_mpp(self, mpp: float | tuple[float, float]) -> Slide:
+        """The same slide with level 0 at ``mpp`` micrometres per pixel (sharing the open file)."""
+        return replace(self, mpp=_pixel_size(mpp))
 
     @property
     def shape(self) -> tuple[int, int]:
         """Level-0 ``(height, width)`` in pixels."""
-        return tuple(self.layer_levels[0].shape[:2])  # type: ignore[return-value]
+        return int(self.levels[0].shape[0]), int(self.levels[0].shape[1])
+
+    @property
+    def downsamples(self) -> list[tuple[float, float]]:
+        """``(y, x)`` factor of each level relative to level 0."""
+        height, width = self.shape
+        return [(height / level.shape[0], width / level.shape[1]) for level in self.levels]
 
     def level_mpp(self, level: int) -> tuple[float, float] | None:
         """``(y, x)`` micrometres per pixel at ``level``, or None."""
@@ -153,12 +146,12 @@ class Slide:
     def metadata(self) -> dict:
         """Plain-data description, suitable for a napari layer's ``metadata``."""
         return {
-            "path": str(self.path),
+            "path": str(self.path) if self.path else None,
             "vendor": self.vendor,
             "mpp": list(self.mpp) if self.mpp else None,
             "units": "micrometer" if self.mpp else "pixel",
             "objective_power": self.objective_power,
-            "level_shapes": [list(lv.shape[:2]) for lv in self.layer_levels],
+            "level_shapes": [list(level.shape[:2]) for level in self.levels],
             "level_downsamples": [list(d) for d in self.downsamples],
             "pyramid_in_file": self.pyramid_in_file,
             "associated_images": sorted(self.associated),
@@ -173,11 +166,9 @@ class Slide:
         key = name.lower()
         if key not in self.associated:
             raise KeyError(
-                f"{self.path.name} has no associated image {name!r}; "
+                f"{self.path.name if self.path else 'the image'} has no associated image {name!r}; "
                 f"it has: {', '.join(sorted(self.associated)) or 'none'}"
             )
-        if self._tif is not None:
-            return self._tif.series[self.associated[key]].asarray()
         with tifffile.TiffFile(self.path) as tif:
             return tif.series[self.associated[key]].asarray()
 
@@ -186,9 +177,17 @@ class Slide:
         if self._tif is not None:
             self._tif.close()
             self._tif = None
-        if self._fast is not None:
-            self._fast.close()
-            self._fast = None
+
+
+def _pixel_size(mpp: Any) -> tuple[float, float] | None:
+    if mpp is None:
+        return None
+    values = (mpp, mpp) if isinstance(mpp, (int, float)) else tuple(mpp)
+    if len(values) != 2 or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values
+    ):
+        raise SlideError(f"mpp: expected a positive number or (y, x) pair of micrometres per pixel, received {mpp!r}")
+    return (float(values[0]), float(values[1]))
 
 
 def is_slide_path(path: str | os.PathLike) -> bool:
@@ -196,16 +195,13 @@ def is_slide_path(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(SLIDE_SUFFIXES)
 
 
-def open_slide(path: str | os.PathLike, *, maxworkers: int | None = None) -> Slide:
+def open_slide(path: str | os.PathLike) -> Slide:
     """Open ``path`` lazily.
 
     Parameters
     ----------
     path : str or PathLike
         A ``.svs``, ``.ndpi``, ``.scn``, ``.bif``, (OME-)TIFF file.
-    maxworkers : int, optional
-        Threads that decode tiles concurrently when a read spans several tiles
-        (default: the number of CPUs). Matters most for JPEG 2000 slides.
 
     Raises
     ------
@@ -219,14 +215,6 @@ def open_slide(path: str | os.PathLike, *, maxworkers: int | None = None) -> Sli
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No such slide file: {path}")
-    workers = maxworkers or os.cpu_count() or 1
-    fast = open_fast(path, workers) if FAST_OPEN else None
-    if fast is not None:
-        try:
-            return _open_fast(path, fast)
-        except Exception:
-            fast.close()
-            raise
     with _TiffProblems() as problems:
         try:
             tif = tifffile.TiffFile(path)
@@ -239,7 +227,7 @@ def open_slide(path: str | os.PathLike, *, maxworkers: int | None = None) -> Sli
                     f"Cannot open {path.name}: the file is truncated or corrupt "
                     f"({problems.messages[0]})"
                 )
-            return _open_tiff(path, tif, workers)
+            return _open_tiff(path, tif)
         except Exception:
             tif.close()
             raise
@@ -265,7 +253,7 @@ class _TiffProblems(logging.Handler):
         logging.getLogger("tifffile").removeHandler(self)
 
 
-def _open_tiff(path: Path, tif: tifffile.TiffFile, maxworkers: int) -> Slide:
+def _open_tiff(path: Path, tif: tifffile.TiffFile) -> Slide:
     if not tif.series:
         raise SlideError(f"Cannot open {path.name}: the TIFF holds no image")
     main_index, associated = _choose_series(tif)
@@ -276,172 +264,40 @@ def _open_tiff(path: Path, tif: tifffile.TiffFile, maxworkers: int) -> Slide:
             if page is not None:
                 _check_readable(path, tif, page)
 
-    store = series.aszarr(maxworkers=maxworkers)
+    store = series.aszarr()
     if TILE_CACHE_BYTES > 0:
-        store = _TileCacheStore(store, TILE_CACHE_BYTES)
+        store = CacheStore(store, cache_store=MemoryStore(), max_size=TILE_CACHE_BYTES)
     group = zarr.open(store, mode="r")
-    if isinstance(group, zarr.Array):
-        arrays = [group]
-    else:
-        arrays = [group[str(i)] for i in range(len(series.levels))]
-    token = uuid.uuid4().hex
-    levels = [
-        _to_standard_axes(_dask_level(a, series.levels[i].axes, token, i), series.levels[i].axes, axes_order)
-        for i, a in enumerate(arrays)
-    ]
-
-    region_arrays = [
-        a if (a.ndim == 3 and series.levels[i].axes == "YXS" and tuple(a.shape) == tuple(levels[i].shape)) else None
-        for i, a in enumerate(arrays)
-    ]
+    arrays = [group] if isinstance(group, zarr.Array) else [group[str(i)] for i in range(len(series.levels))]
+    levels = [_standard_axes(array, level.axes, axes_order) for array, level in zip(arrays, series.levels)]
     pyramid_in_file = len(levels) > 1
-    if _needs_pyramid(levels):
-        levels = lazy_pyramid(levels[0], labels=(kind == "labels"))
-
-    base = levels[0].shape
-    downsamples = [(base[0] / lv.shape[0], base[1] / lv.shape[1]) for lv in levels]
-    meta: SlideMetadata = read_slide_metadata(tif, series.pages[0] if series.pages else tif.pages[0])
-    return Slide(
-        path=path,
-        _levels=levels,
-        downsamples=downsamples,
-        mpp=meta.mpp,
-        vendor=meta.vendor,
-        objective_power=meta.objective_power,
-        kind=kind,
-        associated=associated,
-        pyramid_in_file=pyramid_in_file,
-        region_arrays=region_arrays if all(a is not None for a in region_arrays) else None,
-        _tif=tif,
-    )
+    if not pyramid_in_file and max(levels[0].shape[:2]) > PYRAMID_MIN_SIDE:
+        levels = [levels[0], *lazy_pyramid(_as_dask(levels[0]), labels=kind == "labels")[1:]]
+    meta = read_slide_metadata(tif, series.pages[0] if series.pages else tif.pages[0])
+    return Slide(levels, mpp=meta.mpp, path=path, vendor=meta.vendor, objective_power=meta.objective_power,
+                 kind=kind, associated=associated, pyramid_in_file=pyramid_in_file, _tif=tif)
 
 
-def _open_fast(path: Path, fast: FastSlideFile) -> Slide:
-    """A :class:`Slide` from :func:`open_fast`'s levels (RGB, zarr arrays; dask built on first use)."""
-    store = fast.store
-    if TILE_CACHE_BYTES > 0:
-        store = _TileCacheStore(store, TILE_CACHE_BYTES)
-    arrays = [_zarr_array(store, meta, str(i)) for i, meta in enumerate(fast.store.array_metadata)]
-    token = uuid.uuid4().hex
-    computed_pyramid = _needs_pyramid(arrays)
-
-    def build_levels() -> list[da.Array]:
-        levels = [_dask_level(a, "YXS", token, i) for i, a in enumerate(arrays)]
-        return lazy_pyramid(levels[0]) if computed_pyramid else levels
-
-    levels = build_levels() if computed_pyramid else None  # computed levels: shapes come from dask
-    shapes = [a.shape for a in (levels or arrays)]
-    meta = fast.metadata()
-    return Slide(
-        path=path,
-        downsamples=[(shapes[0][0] / s[0], shapes[0][1] / s[1]) for s in shapes],
-        mpp=meta.mpp,
-        vendor=meta.vendor,
-        objective_power=meta.objective_power,
-        kind="rgb",
-        associated=dict(fast.layout.associated),
-        pyramid_in_file=len(arrays) > 1,
-        region_arrays=arrays,
-        _fast=fast,
-        _levels=levels,
-        _build_levels=build_levels,
-    )
+def _as_dask(array: Any) -> da.Array:
+    """Dask view of a stored level whose chunks are blocks of whole file tiles
+    (a task per tile would cost more in scheduling than decoding the tile)."""
+    if isinstance(array, da.Array):
+        return array
+    chunks = da.core.normalize_chunks("auto", array.shape, limit=DASK_CHUNK_BYTES, dtype=array.dtype,
+                                      previous_chunks=array.chunks)
+    return da.from_zarr(array, chunks=chunks, name=False)  # name=False: no hashing of the store
 
 
-def _needs_pyramid(levels: list) -> bool:
-    """A single stored level larger than :data:`PYRAMID_MIN_SIDE` gets a lazily computed pyramid."""
-    return len(levels) == 1 and max(levels[0].shape[:2]) > PYRAMID_MIN_SIDE
-
-
-def _dask_level(array: zarr.Array, axes: str, token: str, index: int) -> da.Array:
-    """Dask view of a stored level: chunks of whole file tiles, an explicit unique name (dask
-    would otherwise tokenize the zarr array, which costs milliseconds per level and gives a
-    random token anyway: the stores cannot be hashed deterministically)."""
-    return da.from_zarr(array, chunks=_dask_chunks(array.chunks, array.shape, axes),
-                        name=f"feddp-slide-{token}-level{index}")
-
-
-def _zarr_array(store, metadata: dict, path: str) -> zarr.Array:
-    """A read-only zarr array of ``store`` at ``path`` with the given (format 2) ``metadata``, built
-    without a round trip through zarr's event loop (1 ms per level); zarr.open_array otherwise."""
-    try:
-        from zarr.core.array import AsyncArray
-        from zarr.core.metadata import ArrayV2Metadata
-        from zarr.storage import StorePath
-
-        return zarr.Array(AsyncArray(metadata=ArrayV2Metadata.from_dict(dict(metadata)),
-                                     store_path=StorePath(store, path)))
-    except Exception:  # noqa: BLE001 - another zarr version: the public, slower way
-        return zarr.open_array(store=store, path=path, mode="r", zarr_format=2)
-
-
-def _dask_chunks(tile: tuple[int, ...], shape: tuple[int, ...], axes: str) -> tuple[int, ...]:
-    """Dask chunks made of whole file tiles, about ``DASK_CHUNK_SIDE`` pixels a side.
-
-    ``tile`` is the zarr chunk (one TIFF tile or strip). Only the Y and X axes
-    grow; a chunk never exceeds ``DASK_CHUNK_SIDE**2`` pixels unless a single
-    tile or strip already does.
-    """
-    if "Y" not in axes or "X" not in axes or len(tile) != len(axes):
-        return tuple(tile)
-    iy, ix = axes.index("Y"), axes.index("X")
-    ty, tx = max(tile[iy], 1), max(tile[ix], 1)
-    kx = max(1, DASK_CHUNK_SIDE // tx)
-    ky = max(1, DASK_CHUNK_SIDE // ty)
-    ky = max(1, min(ky, DASK_CHUNK_SIDE * DASK_CHUNK_SIDE // (kx * tx * ty)))
-    chunks = list(tile)
-    chunks[iy] = min(ky * ty, max(shape[iy], 1))
-    chunks[ix] = min(kx * tx, max(shape[ix], 1))
-    return tuple(chunks)
-
-
-class _TileCacheStore(WrapperStore):
-    """Read-only zarr store wrapper keeping the most recently decoded tiles.
-
-    tifffile's store decodes a tile on every ``get``; this keeps up to
-    ``max_bytes`` of decoded tiles (least recently used dropped first). Cached
-    arrays are made read-only, so a consumer can never alter the cache.
-    """
-
-    def __init__(self, store, max_bytes: int) -> None:
-        super().__init__(store)
-        self._max_bytes = int(max_bytes)
-        self._tiles: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._nbytes = 0
-        self._lock = threading.Lock()
-
-    def _with_store(self, store):
-        return type(self)(store, self._max_bytes)
-
-    async def get(self, key, prototype, byte_range=None):
-        if byte_range is not None or key.endswith("zarr.json"):
-            return await self._store.get(key, prototype, byte_range)
-        with self._lock:
-            tile = self._tiles.get(key)
-            if tile is not None:
-                self._tiles.move_to_end(key)
-        if tile is not None:
-            return prototype.buffer.from_array_like(tile)
-        buffer = await self._store.get(key, prototype, byte_range)
-        if buffer is None:
-            return None
-        tile = buffer.as_numpy_array()
-        if tile.nbytes <= self._max_bytes:
-            tile.flags.writeable = False
-            with self._lock:
-                if key not in self._tiles:
-                    self._tiles[key] = tile
-                    self._nbytes += tile.nbytes
-                    while self._nbytes > self._max_bytes:
-                        _, old = self._tiles.popitem(last=False)
-                        self._nbytes -= old.nbytes
-        return buffer
-
-    def clear_cache(self) -> None:
-        """Drop every cached tile."""
-        with self._lock:
-            self._tiles.clear()
-            self._nbytes = 0
+def _standard_axes(array: zarr.Array, axes: str, order: str) -> Any:
+    """The level as ``(Y, X, 3)`` RGB or ``(Y, X)`` labels: the zarr array itself where the
+    file stores it so, else a dask view (length-1 axes dropped, planar RGB moved, alpha dropped)."""
+    keep = [i for i, (a, n) in enumerate(zip(axes, array.shape)) if n > 1 or a in "YX"]
+    if len(keep) == array.ndim and (order == "YX" or (order == "YXS" and array.shape[-1] == 3)):
+        return array
+    view = _as_dask(array)[tuple(slice(None) if i in keep else 0 for i in range(array.ndim))]
+    if order in ("SYX", "CYX"):
+        view = da.moveaxis(view, 0, -1)
+    return view[..., :3] if view.ndim == 3 and view.shape[-1] == 4 else view
 
 
 def _choose_series(tif: tifffile.TiffFile) -> tuple[int, dict[str, int]]:
@@ -477,18 +333,6 @@ def _classify(series: tifffile.TiffPageSeries, path: Path) -> tuple[str, str]:
         f"{path.name} is not a slide: expected an RGB uint8 image (axes YXS) or a 2-D "
         f"integer label image, got axes {axes!r}, shape {shape}, dtype {dtype}"
     )
-
-
-def _to_standard_axes(array: da.Array, axes: str, order: str) -> da.Array:
-    """Drop length-1 axes and return (Y, X, 3) for RGB or (Y, X) for labels."""
-    keep = [i for i, (a, n) in enumerate(zip(axes, array.shape)) if n > 1 or a in "YX"]
-    index = tuple(slice(None) if i in keep else 0 for i in range(array.ndim))
-    array = array[index]
-    if order in ("SYX", "CYX"):
-        array = da.moveaxis(array, 0, -1)
-    if array.ndim == 3 and array.shape[-1] == 4:
-        array = array[..., :3]  # RGBA slides: alpha carries no tissue information
-    return array
 
 
 #: tile tables up to this length are checked completely at open

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import dask.array as da
 import numpy as np
 
 from ._open import Slide, SlideError
@@ -61,12 +60,4 @@ def open_plain_image(path: str | os.PathLike) -> Slide:
             pixels = np.asarray(picture if single else picture.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise SlideError(f"Cannot open {path.name}: not a readable PNG or JPEG picture ({exc})") from None
-    return Slide(
-        path=path,
-        downsamples=[(1.0, 1.0)],
-        mpp=None,
-        vendor=vendor,
-        objective_power=None,
-        kind="labels" if single else "rgb",
-        _levels=[da.from_array(pixels, chunks=pixels.shape)],
-    )
+    return Slide([pixels], path=path, vendor=vendor, kind="labels" if single else "rgb")

@@ -7,8 +7,7 @@ TIFF goes through tifffile. Every failure is re-raised as
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import numpy as np
@@ -182,43 +181,8 @@ def _class_indices(array: np.ndarray, path: Path, *, n_classes: int, mask_mode: 
     return array.astype(np.uint8)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``.
-
-    A crash leaves either the old file or the new one, never a partial file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename on POSIX; a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def encode_png(array: np.ndarray) -> bytes:
     """PNG bytes of a uint8 ``(H, W)`` or ``(H, W, 3)`` array, or a uint16 ``(H, W)`` one."""
-    import io
-
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -226,8 +190,6 @@ def encode_png(array: np.ndarray) -> bytes:
 
 def encode_tiff(array: np.ndarray) -> bytes:
     """Losslessly compressed (zlib) TIFF bytes of a uint8 array."""
-    import io
-
     buffer = io.BytesIO()
     photometric = "rgb" if array.ndim == 3 else "minisblack"
     tifffile.imwrite(buffer, array, photometric=photometric, compression="zlib")

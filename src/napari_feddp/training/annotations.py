@@ -17,7 +17,8 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
-from ._io import SUFFIXES, encode_png, encode_tiff, write_atomic
+from .._atomic import write_atomic
+from ._io import SUFFIXES, encode_png, encode_tiff
 from .dataset import PROVENANCE_FILE
 from .errors import DatasetError
 

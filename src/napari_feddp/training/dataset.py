@@ -28,9 +28,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-from skimage.transform import resize
 from torch.utils.data import Dataset
 
+from ..resampling import resize_image
+from ..resampling import resize_labels as resample_instances
 from ._io import SUFFIXES, find_instance_map, is_supported, read_image, read_instances, read_mask, read_size
 from .augment import Augmentation
 from .errors import DatasetError
@@ -226,34 +227,20 @@ def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
 def resample_pair(image: np.ndarray, mask: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Resample an image and its mask by ``scale`` (= source mpp / target mpp).
 
-    The image is interpolated bilinearly (anti-aliased when shrinking). Each
-    class of the mask is resampled as a soft indicator and the most covered
-    class wins, so thin structures are not lost to nearest-neighbour picking.
+    The image is resampled as the segmentation engine resamples slide tiles
+    (:func:`napari_feddp.resampling.resize_image`). Each class of the mask is
+    resampled the same way as a soft indicator and the most covered class
+    wins, so thin structures are not lost to nearest-neighbour picking.
     """
     if math.isclose(scale, 1.0, rel_tol=1e-6):
         return image, mask
     out_size = scaled_size(image.shape[:2], scale)
-    smooth = scale < 1
-    image_out = resize(image, out_size, order=1, anti_aliasing=smooth, preserve_range=True)
-    image_out = np.clip(np.rint(image_out), 0, 255).astype(np.uint8)
+    image_out = resize_image(image, out_size)
     classes = np.unique(mask)
     if classes.size == 1:
         return image_out, np.full(out_size, classes[0], dtype=mask.dtype)
-    cover = np.stack(
-        [resize((mask == c).astype(np.float32), out_size, order=1, anti_aliasing=smooth) for c in classes]
-    )
-    return image_out, classes[np.argmax(cover, axis=0)].astype(mask.dtype)
-
-
-def resample_instances(instances: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resampling of a label map (instance ids or class indices: never interpolated)."""
-    if tuple(instances.shape) == tuple(out_size):
-        return instances
-    rows = np.minimum(((np.arange(out_size[0]) + 0.5) * instances.shape[0] / out_size[0]).astype(int),
-                      instances.shape[0] - 1)
-    cols = np.minimum(((np.arange(out_size[1]) + 0.5) * instances.shape[1] / out_size[1]).astype(int),
-                      instances.shape[1] - 1)
-    return instances[np.ix_(rows, cols)]
+    cover = resize_image(np.stack([mask == c for c in classes], axis=-1).astype(np.float32), out_size)
+    return image_out, classes[np.argmax(cover, axis=-1)].astype(mask.dtype)
 
 
 def contour_target(instances: np.ndarray) -> np.ndarray:

@@ -70,13 +70,13 @@ import math
 import re
 import uuid
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from .._atomic import write_atomic
 from ..models.checkpoint import file_sha256
-from ._io import write_atomic
 from .dataset import dataset_fingerprint, find_pairs
 from .errors import BudgetExceededError, LedgerError
 
@@ -265,19 +265,6 @@ def compose(history: Sequence[Sequence[float]], more: Sequence[Sequence[float]])
     return out
 
 
-def make_accountant(mechanism: str, history: Sequence[Sequence[float]] = ()) -> Any:
-    """A fresh Opacus accountant (``"rdp"`` or ``"prv"``) loaded with ``history``."""
-    from opacus.accountants import create_accountant
-
-    if mechanism not in ACCOUNTANTS:
-        raise ValueError(f"accountant: expected one of {ACCOUNTANTS}, received {mechanism!r}")
-    accountant = create_accountant(mechanism=mechanism)
-    state = accountant.state_dict()
-    state["history"] = [tuple(entry) for entry in compose([], history)]
-    accountant.load_state_dict(state)
-    return accountant
-
-
 def epsilon_of(mechanism: str, history: Sequence[Sequence[float]], delta: float) -> float:
     """Epsilon at ``delta`` of an accountant history (0.0 for an empty history)."""
     key = tuple((float(s), float(q), int(n)) for s, q, n in compose([], history) if int(n) > 0)
@@ -286,12 +273,20 @@ def epsilon_of(mechanism: str, history: Sequence[Sequence[float]], delta: float)
 
 @functools.lru_cache(maxsize=256)
 def _cached_epsilon(mechanism: str, history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    from opacus.accountants import create_accountant
+
     if not history:
         return 0.0
-    accountant = make_accountant(mechanism, history)
+    accountant = create_accountant(mechanism=mechanism)
+    accountant.history = list(history)
     if mechanism == "prv":
         return float(accountant.get_epsilon(delta=delta, eps_error=0.01))
     return float(accountant.get_epsilon(delta=delta))
+
+
+def _check_delta(delta: float | None) -> None:
+    if delta is not None and not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise ValueError(f"delta: expected a number in (0, 1), received {delta!r}")
 
 
 def _check_step_args(noise_multiplier: float, sample_rate: float, steps: int) -> None:
@@ -388,7 +383,6 @@ def _read_store(ledger_dir: Path) -> _Store:
 class _Spending:
     """The rounds that count for each unit of a dataset."""
 
-    units: tuple[_Unit, ...]
     rounds: tuple[tuple[str, dict[str, Any]], ...]
     per_unit: tuple[tuple[int, ...], ...]
 
@@ -443,7 +437,7 @@ def _spending(units: tuple[_Unit, ...], store: _Store, fingerprint: str) -> _Spe
             for i in hits:
                 per_unit[i].append(len(rounds))
             rounds.append((name, record))
-    return _Spending(units, tuple(rounds), tuple(tuple(m) for m in per_unit))
+    return _Spending(tuple(rounds), tuple(tuple(m) for m in per_unit))
 
 
 @dataclass(frozen=True)
@@ -592,11 +586,9 @@ class PrivacyLedger:
             )
         if not isinstance(dataset_fingerprint, str) or not dataset_fingerprint:
             raise ValueError(f"dataset_fingerprint: expected a non-empty string, received {dataset_fingerprint!r}")
-        if delta is not None and not (isinstance(delta, (int, float)) and 0 < delta < 1):
-            raise ValueError(f"delta: expected a number in (0, 1), received {delta!r}")
+        _check_delta(delta)
         self.ledger_dir = Path(path_dir)
         self.lab_id = lab_id
-        self.lab_dir = self.ledger_dir / lab_id
         self.fingerprint = dataset_fingerprint
         self.dataset_dir = Path(dataset_dir) if dataset_dir is not None else None
         self._units = _dataset_units(self.dataset_dir, dataset_fingerprint)
@@ -605,7 +597,7 @@ class PrivacyLedger:
         self._chain = opened.chain or f"{lab_id}/{uuid.uuid4().hex[:16]}.jsonl"
         self._records: list[dict[str, Any]] = opened.store.ledgers.get(self._chain, [])
         self._spending = opened.spending
-        self._settle_parameters(delta, accountant)
+        self._settle_parameters(opened, delta, accountant)
         if opened.repair_marker:
             self._write_marker()
 
@@ -627,66 +619,20 @@ class PrivacyLedger:
         return None if self.dataset_dir is None else _marker_path(self.dataset_dir)
 
     @property
-    def tiles(self) -> dict[str, str]:
-        """Tile name -> content hash, for the tiles of the dataset (``{}`` without ``dataset_dir``)."""
-        return {} if self.dataset_dir is None else {u.name: u.hash for u in self._units}
-
-    @property
-    def rounds(self) -> list[RoundRecord]:
-        """The rounds that count for at least one tile of the dataset, oldest first, from every ledger file."""
-        return [_round_from_dict(record) for _, record in self._spending.rounds]
-
-    @property
     def n_rounds(self) -> int:
         """Number of rounds that count for at least one tile."""
         return len(self._spending.rounds)
-
-    @property
-    def has_trained(self) -> bool:
-        """True if some tile of the dataset has spent privacy budget."""
-        return self.n_rounds > 0
-
-    @property
-    def total_steps(self) -> int:
-        """Noisy optimizer steps in the worst-case tile's history."""
-        return sum(n for _, _, n in self.history)
-
-    @property
-    def history(self) -> History:
-        """Accountant history of the worst-case tile (what ``accountant.history`` would hold)."""
-        return self._spending.worst(self.mechanism, self.delta)[1]
 
     @property
     def epsilon(self) -> float:
         """Worst-case epsilon over the dataset's tiles at :attr:`delta`, recomputed from the stored histories."""
         return self._spending.worst(self.mechanism, self.delta)[0]
 
-    @property
-    def fingerprint_changed(self) -> bool:
-        """True if the dataset's fingerprint differs from the one of the latest counted round."""
-        return self.has_trained and self._spending.rounds[-1][1]["fingerprint"] != self.fingerprint
-
-    # ------------------------------------------------------------------ accounting
-
-    def state_dict(self) -> dict[str, Any]:
-        """Opacus accountant ``state_dict()`` of the worst-case tile (``history`` and ``mechanism``)."""
-        return {"history": self.history, "mechanism": self.mechanism}
-
-    def accountant(self) -> Any:
-        """A fresh Opacus accountant holding the worst-case history (a copy: changing it changes nothing here)."""
-        return make_accountant(self.mechanism, self.history)
-
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Worst-case epsilon over the tiles if a round of ``steps`` DP-SGD steps at these parameters were added."""
         _check_step_args(noise_multiplier, sample_rate, steps)
         more = [(noise_multiplier, sample_rate, steps)] if steps else []
         return self._spending.worst(self.mechanism, self.delta, more)[0]
-
-    def would_exceed(self, noise_multiplier: float, sample_rate: float, steps: int, epsilon_max: float | None) -> bool:
-        """True if the next round would take the worst-case epsilon above ``epsilon_max`` (``None``: no budget)."""
-        if epsilon_max is None:
-            return False
-        return self.epsilon_after(noise_multiplier, sample_rate, steps) > epsilon_max
 
     def check_budget(self, noise_multiplier: float, sample_rate: float, steps: int, epsilon_max: float | None) -> float:
         """Predicted worst-case epsilon after the next round; raise if it exceeds the budget.
@@ -758,7 +704,7 @@ class PrivacyLedger:
             record = self._round_record(records, round_history, noise_multiplier, sample_rate, steps,
                                         n_examples, round_id, epsilon_max, meta)
             records = records + [record]
-            write_atomic(self.path, "".join(_canonical(r) + "\n" for r in records).encode("utf-8"))
+            write_atomic(self.path, "".join(_canonical(r) + "\n" for r in records))
             self._records = records
             self._spending = _spending(self._units, _Store({**store.ledgers, self._chain: records}, store.resets),
                                        self.fingerprint)
@@ -808,25 +754,19 @@ class PrivacyLedger:
             )
         return store
 
-    def _settle_parameters(self, delta: float | None, accountant: str | None) -> None:
+    def _settle_parameters(self, opened: _Opened, delta: float | None, accountant: str | None) -> None:
         if self._records:
             genesis = self._records[0]
-            recorded_delta, recorded_mech = float(genesis["delta"]), str(genesis["accountant"])
-            if delta is not None and float(delta) != recorded_delta:
+            if delta is not None and float(delta) != float(genesis["delta"]):
                 raise LedgerError(
-                    f"ledger {self.path} reports epsilon at delta={recorded_delta:g}; received delta={delta:g}. "
+                    f"ledger {self.path} reports epsilon at delta={genesis['delta']:g}; received delta={delta:g}. "
                     f"Delta is fixed for the life of a ledger"
                 )
-            if accountant is not None and accountant != recorded_mech:
+            if accountant is not None and accountant != genesis["accountant"]:
                 raise LedgerError(
-                    f"ledger {self.path} uses the {recorded_mech!r} accountant; received {accountant!r}"
+                    f"ledger {self.path} uses the {genesis['accountant']!r} accountant; received {accountant!r}"
                 )
-            self.delta, self.mechanism = recorded_delta, recorded_mech
-            return
-        if accountant is not None and accountant not in ACCOUNTANTS:
-            raise ValueError(f"accountant: expected one of {ACCOUNTANTS}, received {accountant!r}")
-        self.delta = float(delta) if delta is not None else DEFAULT_DELTA
-        self.mechanism = accountant or "rdp"
+        self.delta, self.mechanism = _parameters(opened, delta, accountant)
 
     def _write_marker(self) -> None:
         if self.marker_path is None or len(self._records) < 2:
@@ -836,7 +776,7 @@ class PrivacyLedger:
             "ledger_file": self._chain, "rounds": len(self._records) - 1, "head": self._records[-1]["hash"],
             "epsilon": self.epsilon, "delta": self.delta, "updated": _now(),
         }
-        write_atomic(self.marker_path, (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        write_atomic(self.marker_path, json.dumps(marker, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------- reports and resets
@@ -870,8 +810,7 @@ def privacy_report(ledger_dir: str | Path, dataset_dir: str | Path, *, delta: fl
         If ``dataset_dir`` is not a valid dataset folder.
     """
     ledger_dir, dataset_dir = Path(ledger_dir), Path(dataset_dir)
-    if delta is not None and not (isinstance(delta, (int, float)) and 0 < delta < 1):
-        raise ValueError(f"delta: expected a number in (0, 1), received {delta!r}")
+    _check_delta(delta)
     fingerprint = dataset_fingerprint(dataset_dir)
     units = _dataset_units(dataset_dir, fingerprint)
     opened = _open_dataset(ledger_dir, units, fingerprint, _marker_path(dataset_dir), dataset_dir, warn=False)
@@ -948,7 +887,7 @@ def reset_ledger(ledger_dir: str | Path, dataset_dir: str | Path, *, reason: str
             "prev": previous[-1]["hash"] if previous else _GENESIS_PREV,
         })
         records = previous + [record]
-        write_atomic(ledger_dir / RESETS_FILE, "".join(_canonical(r) + "\n" for r in records).encode("utf-8"))
+        write_atomic(ledger_dir / RESETS_FILE, "".join(_canonical(r) + "\n" for r in records))
     return _reset_from_dict(record)
 
 
@@ -1016,22 +955,17 @@ def _well_formed(record: dict[str, Any], resets: bool) -> bool:
 
 
 def _round_from_dict(record: dict[str, Any]) -> RoundRecord:
-    return RoundRecord(
-        index=record["index"], round_id=record["round_id"], fingerprint=record["fingerprint"],
-        noise_multiplier=record["noise_multiplier"], sample_rate=record["sample_rate"], steps=record["steps"],
-        history=[tuple(e) for e in record["history"]], epsilon_round=record["epsilon_round"],
-        epsilon=record["epsilon"], delta=record["delta"], epsilon_max=record["epsilon_max"],
-        n_examples=record["n_examples"], timestamp=record["timestamp"], meta=record["meta"], hash=record["hash"],
-        lab_id=str(record.get("lab_id", "")), tiles=tuple(record.get("tiles", ())),
-    )
+    return _from_dict(RoundRecord, record, history=[tuple(e) for e in record["history"]],
+                      lab_id=str(record.get("lab_id", "")), tiles=tuple(record.get("tiles", ())))
 
 
 def _reset_from_dict(record: dict[str, Any]) -> ResetRecord:
-    return ResetRecord(
-        index=record["index"], timestamp=record["timestamp"], reason=record["reason"], operator=record["operator"],
-        dataset=record["dataset"], tiles=tuple(record["tiles"]), rounds=tuple(record["rounds"]),
-        epsilon=record["epsilon"], delta=record["delta"], accountant=record["accountant"], hash=record["hash"],
-    )
+    return _from_dict(ResetRecord, record, tiles=tuple(record["tiles"]), rounds=tuple(record["rounds"]))
+
+
+def _from_dict(cls: type, record: dict[str, Any], **converted: Any) -> Any:
+    """``cls`` from a verified record: its fields as stored, except the ``converted`` ones."""
+    return cls(**{f.name: record[f.name] for f in fields(cls) if f.name not in converted}, **converted)
 
 
 def _now() -> str:

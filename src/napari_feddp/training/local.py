@@ -13,27 +13,26 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Annotated, Any, Literal
 
-import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ._grad_samplers import install_fast_conv_sampler
 from .errors import LedgerError
-from .ledger import ACCOUNTANTS, PrivacyLedger, epsilon_of
+from .ledger import PrivacyLedger, epsilon_of
 from .losses import DiceCELoss
 from .metrics import SegmentationMetrics
 
-DP_MODES = ("sample", "none")
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
-OPTIMIZERS = ("adam", "sgd")
+_Count = Annotated[int, Field(strict=True, ge=1)]
+_Positive = Annotated[float, Field(strict=True, gt=0)]
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(BaseModel):
     """Settings of one local training round.
 
     Parameters
@@ -95,38 +94,55 @@ class TrainConfig:
         DataLoader worker processes.
     secure_mode : bool
         Opacus cryptographically secure noise (needs ``torchcsprng``); off by default.
+
+    Raises
+    ------
+    pydantic.ValidationError
+        (a ``ValueError``) naming the setting that is out of range or inconsistent.
+
+    A federated round's configuration is built from the run's settings by
+    :meth:`napari_feddp.federation.settings.RunSettings.train_config`.
     """
 
-    epochs: int | None = None
-    steps: int | None = None
-    lr: float = 1e-3
-    optimizer: str = "adam"
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    epochs: _Count | None = None
+    steps: _Count | None = None
+    lr: _Positive = 1e-3
+    optimizer: Literal["adam", "sgd"] = "adam"
     momentum: float = 0.9
     weight_decay: float = 0.0
-    batch_size: int = 8
-    max_physical_batch_size: int = 4
-    crop_size: int | None = None
-    dp_mode: str = "sample"
-    max_grad_norm: float = 1.0
-    noise_multiplier: float | None = None
-    target_epsilon: float | None = None
-    planned_rounds: int = 1
-    delta: float = 1e-5
-    epsilon_max: float | None = None
-    accountant: str = "rdp"
-    grad_sample_mode: str = "hooks"
+    batch_size: _Count = 8
+    max_physical_batch_size: _Count = 4
+    crop_size: _Count | None = None
+    dp_mode: Literal["sample", "none"] = "sample"
+    max_grad_norm: _Positive = 1.0
+    noise_multiplier: _Positive | None = None
+    target_epsilon: _Positive | None = None
+    planned_rounds: _Count = 1
+    delta: Annotated[float, Field(strict=True, gt=0, lt=1)] = 1e-5
+    epsilon_max: _Positive | None = None
+    accountant: Literal["rdp", "prv"] = "rdp"
+    grad_sample_mode: Literal["hooks", "functorch", "ew"] = "hooks"
     fast_conv_grads: bool = True
     seed: int | None = 0
     device: str = "cpu"
     num_workers: int = 0
     secure_mode: bool = False
 
-    def __post_init__(self) -> None:
-        _validate_config(self)
+    @model_validator(mode="after")
+    def _one_length_and_one_noise(self) -> TrainConfig:
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError(f"expected at most one of epochs and steps, received epochs={self.epochs}, "
+                             f"steps={self.steps}")
+        if self.dp_mode == "sample" and self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ValueError("with dp_mode='sample' expected at most one of noise_multiplier and target_epsilon, "
+                             f"received noise_multiplier={self.noise_multiplier}, target_epsilon={self.target_epsilon}")
         if self.epochs is None and self.steps is None:
             self.epochs = 1
         if self.dp_mode == "sample" and self.noise_multiplier is None and self.target_epsilon is None:
             self.noise_multiplier = 1.0
+        return self
 
 
 @dataclass(frozen=True)
@@ -204,17 +220,6 @@ class TrainResult:
     grad_sample_mode: str
     accountant_state: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
-
-    def weights(self) -> list[np.ndarray]:
-        """The weights as a list of NumPy arrays in ``state_dict`` order (Flower's NDArrays)."""
-        return [t.numpy() for t in self.state_dict.values()]
-
-    def metrics(self) -> dict[str, float]:
-        """Scalar results, JSON/Flower friendly (``None`` values left out)."""
-        keys = ("loss", "dice", "jaccard", "pixel_accuracy", "epsilon", "epsilon_round", "delta", "steps",
-                "noise_multiplier", "sample_rate", "seconds")
-        values = {k: getattr(self, k) for k in keys}  # not asdict(): it would deep-copy the weights
-        return {k: float(v) for k, v in values.items() if v is not None}
 
 
 # --------------------------------------------------------------------------- planning
@@ -548,37 +553,6 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _validate_config(c: TrainConfig) -> None:
-    if c.epochs is not None and c.steps is not None:
-        raise ValueError(f"TrainConfig: expected at most one of epochs and steps, received epochs={c.epochs}, steps={c.steps}")
-    for name in ("epochs", "steps", "batch_size", "max_physical_batch_size", "planned_rounds", "crop_size"):
-        value = getattr(c, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"TrainConfig.{name}: expected a positive integer, received {value!r}")
-    for name, allowed in (("dp_mode", DP_MODES), ("accountant", ACCOUNTANTS),
-                          ("grad_sample_mode", GRAD_SAMPLE_MODES), ("optimizer", OPTIMIZERS)):
-        if getattr(c, name) not in allowed:
-            raise ValueError(f"TrainConfig.{name}: expected one of {allowed}, received {getattr(c, name)!r}")
-    for name in ("lr", "max_grad_norm"):
-        _positive(f"TrainConfig.{name}", getattr(c, name))
-    if not 0 < c.delta < 1:
-        raise ValueError(f"TrainConfig.delta: expected a number in (0, 1), received {c.delta!r}")
-    if c.dp_mode == "sample":
-        if c.noise_multiplier is not None and c.target_epsilon is not None:
-            raise ValueError(
-                "TrainConfig: with dp_mode='sample' expected at most one of noise_multiplier and target_epsilon, "
-                f"received noise_multiplier={c.noise_multiplier}, target_epsilon={c.target_epsilon}"
-            )
-        for name in ("noise_multiplier", "target_epsilon", "epsilon_max"):
-            if getattr(c, name) is not None:
-                _positive(f"TrainConfig.{name}", getattr(c, name))
-
-
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name}: expected a positive finite number, received {value!r}")
 
 
 def _check_dataset(dataset: Dataset, config: TrainConfig) -> None:

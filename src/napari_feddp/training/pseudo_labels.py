@@ -5,7 +5,7 @@ Haematoxylin stains nuclei. Separating it from eosin by colour deconvolution
 optical density with Otsu's method gives a rough nuclei mask with no training
 and no annotation. napari-feddp uses it to make training labels for *public*
 slides (the CC0 sample slide), so that a model can be pretrained before any
-lab's private data is touched (:mod:`napari_feddp.experiments.pretraining`).
+lab's private data is touched.
 
 The rule has no tuned parameters: Otsu picks the threshold on each image, and
 the only sizes are physical (objects and holes smaller than a few µm², the

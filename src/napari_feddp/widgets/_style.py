@@ -40,19 +40,20 @@ def wrap_message_label(label) -> None:
     native.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
 
-def show_message(label, text: str, *, error: bool = False) -> None:
+def show_message(label, text: str, *, error: bool = False, notify: bool = False) -> None:
     """Show ``text`` in ``label`` (in :data:`ERROR_COLOR` for an error).
 
     A message longer than :data:`NOTIFY_LENGTH` is also posted as a napari
     notification (an error as an error), once however often it is shown
     again (widgets that poll repeat their status), and kept as the label's tooltip.
+    ``notify`` posts a notification whatever the length (a failed run).
     """
     changed = label.value != text
     label.value = text
     label.native.setStyleSheet(f"color: {ERROR_COLOR};" if error else "")
     long = len(text) > NOTIFY_LENGTH
     label.native.setToolTip(text if long else "")
-    if long and changed:
+    if (long or notify) and changed:
         from napari.utils.notifications import show_error, show_info
 
         (show_error if error else show_info)(text)

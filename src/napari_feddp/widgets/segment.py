@@ -246,11 +246,11 @@ class SegmentWidget(Container):
             return None
         self._loaded, self._layer = loaded, layer
         self._model_title = _model_title(loaded.path)
-        worker = create_worker(lambda: (yield from generator), _start_thread=False)
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_result)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
+        # Connected here, errors reach _on_error only (not also re-raised into Qt's event loop).
+        worker = create_worker(lambda: (yield from generator), _start_thread=False, _connect={
+            "yielded": self._on_progress, "returned": self._on_result,
+            "errored": self._on_error, "finished": self._on_finished,
+        })
         self.worker = worker
         self.run_button.enabled, self.cancel_button.enabled = False, True
         self._set_status(f"Running {self._model_title} on {layer.name}…")
@@ -359,7 +359,8 @@ class SegmentWidget(Container):
     def _on_error(self, exc: Exception) -> None:
         from ..segmentation import WIDGET_CONTROLS, user_message
 
-        self._set_status(f"Error: {user_message(exc, WIDGET_CONTROLS)}", error=True)
+        # A failed run (disk full, out of memory, a damaged tile) is also a notification: it may come minutes later.
+        show_message(self.status, f"Error: {user_message(exc, WIDGET_CONTROLS)}", error=True, notify=True)
 
     def _on_finished(self) -> None:
         self.run_button.enabled, self.cancel_button.enabled = True, False

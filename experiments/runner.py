@@ -7,7 +7,8 @@ takes the same total number of optimizer steps of the same batch size:
   (each hospital takes ``local_steps`` steps per round, through the real Flower
   engine, :class:`~napari_feddp.federation.pilot.LocalFederation` on loopback);
 * centralized: the same total ``rounds x hospitals x local_steps`` steps on the
-  pooled patches (``train_local`` directly, no DP);
+  pooled patches (``train_local`` directly, configured as a lab's round by
+  :meth:`~napari_feddp.federation.settings.RunSettings.train_config`, no DP);
 * local-only: each hospital alone takes its federated share,
   ``rounds x local_steps`` steps (so all hospitals together spend the same total);
   the table reports the mean and the worst hospital.
@@ -23,9 +24,11 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from napari_feddp.federation.settings import RunSettings, SettingsError
 
 from .hospitals import HOSPITALS, prepare_hospitals
 
@@ -47,27 +50,37 @@ SWEEP_ONLY = ("feddp-eps16", "feddp-eps32", "feddp-clip")
 GRID = tuple(s for s in SETTINGS if s not in SWEEP_ONLY)
 
 
+#: A run's JSON records the shared settings under these keys (record key -> ``RunSettings`` field).
+RECORD_KEYS = {"rounds": "num_rounds", "local_steps": "max_steps", "batch_size": "batch_size",
+               "crop_size": "crop_size", "learning_rate": "learning_rate", "base_width": "model_base_width",
+               "depth": "model_depth", "groups": "model_groups", "mpp": "mpp", "delta": "target_delta",
+               "max_grad_norm": "max_grad_norm", "update_clipping_norm": "update_clipping_norm"}
+
+
+def _grid_settings() -> RunSettings:
+    """The grid's shared settings where they differ from ``RunSettings``' defaults.
+
+    Batch 32 and base width 8 (chosen on a held-out training hospital, ``--holdout h5-mixed``;
+    docs/results.md): DP-SGD's noise on the mean gradient is sigma * C / batch and its norm
+    grows with the number of weights.
+    """
+    return RunSettings(num_rounds=10, max_steps=10, batch_size=32, crop_size=128, learning_rate=2e-3,
+                       model_base_width=8)
+
+
 @dataclass
 class Budget:
-    """Model and compute budget shared by all settings."""
+    """Model and compute budget shared by every setting of the grid.
 
-    rounds: int = 10
-    local_steps: int = 10
-    #: Batch 32 and base width 8 (chosen on a held-out training hospital,
-    #: ``--holdout h5-mixed``; docs/results.md): DP-SGD's noise on the mean gradient is
-    #: sigma * C / batch and its norm grows with the number of weights.
-    batch_size: int = 32
-    crop_size: int = 128
-    learning_rate: float = 2e-3
-    base_width: int = 8
-    depth: int = 4
-    groups: int = 8
-    mpp: float = 0.5
-    grid: int = 4
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    update_clipping_norm: float = 1.0
+    ``settings`` holds the shared hyperparameters, as a federated run's settings (rounds,
+    local steps ``max_steps``, batch, learning rate, crop, model, pixel size, delta, clipping
+    norms): the federated runs and the direct training (centralized, local-only, public
+    pretraining) are all derived from it. The other fields are the experiment's own.
+    """
+
+    settings: RunSettings = field(default_factory=_grid_settings)
     hospitals: tuple[str, ...] = tuple(HOSPITALS)
+    grid: int = 4
     max_tiles: int | None = None
     test_names: tuple[str, ...] | None = None
     round_eval_names: tuple[str, ...] | None = None
@@ -77,60 +90,80 @@ class Budget:
     #: gains from larger batches: the noise on the mean gradient is sigma * C / batch.
     dp_batch_size: int | None = None
     dp_local_steps: int | None = None
-    #: Sample-level DP runs only: Adam learning rate (None: ``learning_rate``). DP-SGD's noise
+    #: Sample-level DP runs only: Adam learning rate (None: the shared one). DP-SGD's noise
     #: makes every Adam step partly a random step of size ~lr, so DP usually wants its own lr;
     #: choose it on training data (see ``docs/results.md``), never on the test split.
     dp_learning_rate: float | None = None
-    #: Steps of public pretraining (:mod:`~napari_feddp.experiments.pretraining`: the CC0 sample
+    #: Steps of public pretraining (:mod:`~experiments.pretraining`: the CC0 sample
     #: slide with colour-deconvolution pseudo-labels, no DP, not counted in any setting's budget);
-    #: every setting starts from that model. 0 (the headline recipe): a seeded random init.
-    #: Tried with 500 steps, not adopted (``docs/results.md``).
+    #: every setting starts from that model. 0 (the default): a seeded random init. Public
+    #: pretraining (500 steps) is measured in ``docs/results.md`` and not used by default.
     pretrain_steps: int = 0
     #: Three classes (background, nucleus, contour): the model outlines each nucleus, so
     #: touching nuclei are separated (targets from each hospital's ``instances/``). False:
-    #: foreground only, nuclei split by a distance watershed.
+    #: foreground only, nuclei split by a distance watershed. Sets ``settings.n_classes``.
     contours: bool = True
     #: Model selection on training data: this hospital is left out of every setting and its
     #: training tiles (at their own 0.25 µm/px) replace the test split. None: the real grid.
     holdout: str | None = None
 
+    def __post_init__(self) -> None:
+        classes = 3 if self.contours else 2
+        if self.settings.n_classes != classes:
+            self.settings = self.settings.replace(n_classes=classes)
+        if self.settings.max_steps < 1:
+            raise SettingsError([("max-steps", "the budget counts local steps: expected at least 1 per round, "
+                                               f"received {self.settings.max_steps}")])
+
     def for_sample_dp(self) -> Budget:
         """The budget a sample-level DP run uses (its own batch, local steps and lr, if set)."""
-        return replace(self, batch_size=self.dp_batch_size or self.batch_size,
-                       local_steps=self.dp_local_steps or self.local_steps,
-                       learning_rate=self.dp_learning_rate or self.learning_rate)
+        changes = {name: value for name, value in (("batch_size", self.dp_batch_size),
+                                                    ("max_steps", self.dp_local_steps),
+                                                    ("learning_rate", self.dp_learning_rate)) if value}
+        return replace(self, settings=self.settings.replace(**changes))
 
     @property
     def total_steps(self) -> int:
-        return self.rounds * len(self.hospitals) * self.local_steps
+        return self.settings.num_rounds * len(self.hospitals) * self.settings.max_steps
 
-    def unet_params(self) -> dict[str, int]:
-        return {"in_channels": 3, "n_classes": 3 if self.contours else 2, "depth": self.depth,
-                "base_width": self.base_width,
-                "groups": self.groups}
+    def as_record(self) -> dict[str, Any]:
+        """The budget as a run's JSON holds it (what :func:`same_budget` compares kept runs by).
+
+        The shared settings under :data:`RECORD_KEYS` (any other setting only where it differs
+        from its default; the classes are recorded as ``contours``), then the experiment's fields.
+        """
+        shared = self.settings.model_dump()
+        record = {key: shared.pop(name) for key, name in RECORD_KEYS.items()}
+        del shared["n_classes"]
+        record.update({name: value for name, value in shared.items()
+                       if value != RunSettings.model_fields[name].default})
+        for own in (f.name for f in fields(self) if f.name != "settings"):
+            value = getattr(self, own)
+            record[own] = list(value) if isinstance(value, tuple) else value
+        return record
 
 
 def quick_budget() -> Budget:
     """A few-minute smoke run: tiny crops, 1 round, 2 hospitals, 2 test images."""
-    return Budget(rounds=1, local_steps=2, batch_size=4, crop_size=64, base_width=8, depth=3, groups=4,
-                  grid=4, hospitals=("h1-breast", "h2-kidney"), max_tiles=1,
-                  test_names=None, round_eval_names=None, timeout=300.0)
+    return Budget(settings=_grid_settings().replace(num_rounds=1, max_steps=2, batch_size=4, crop_size=64,
+                                                    model_depth=3, model_groups=4),
+                  hospitals=("h1-breast", "h2-kidney"), max_tiles=1, timeout=300.0)
 
 
-def noise_for_epsilon(epsilon: float, n_examples: int, budget: Budget) -> float:
+def noise_for_epsilon(epsilon: float, n_examples: int, settings: RunSettings) -> float:
     """DP-SGD noise multiplier reaching (just under) ``epsilon`` after all rounds of a hospital."""
     import warnings
 
     from opacus.accountants.utils import get_noise_multiplier
 
-    sample_rate = 1.0 / math.ceil(n_examples / budget.batch_size)  # as training.plan_round
+    sample_rate = 1.0 / math.ceil(n_examples / settings.batch_size)  # as training.plan_round
     with warnings.catch_warnings():
         # The search probes very large noise, where RDP's largest order is optimal: harmless
         # (as in training.derive_noise_multiplier).
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return float(get_noise_multiplier(
-            target_epsilon=epsilon * 0.99, target_delta=budget.delta, sample_rate=sample_rate,
-            steps=budget.rounds * budget.local_steps, accountant="rdp", epsilon_tolerance=0.005))
+            target_epsilon=epsilon * 0.99, target_delta=settings.target_delta, sample_rate=sample_rate,
+            steps=settings.num_rounds * settings.max_steps, accountant="rdp", epsilon_tolerance=0.005))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -141,8 +174,8 @@ OBJECT_SCORES = ("aji", "pq", "dq", "sq", "f1")
 
 def score(checkpoint: Path, test_dir: Path, names: tuple[str, ...] | None) -> dict[str, Any]:
     """Pooled Dice / Jaccard / accuracy of a checkpoint on the test folder (0.25 µm/px)."""
-    from ..evaluation import evaluate_folder
-    from ..segmentation import load_model
+    from napari_feddp.evaluation import evaluate_folder
+    from napari_feddp.segmentation import load_model
 
     report = evaluate_folder(test_dir, load_model(str(checkpoint)), mpp=0.25,
                              names=list(names) if names else None)
@@ -154,48 +187,51 @@ def score(checkpoint: Path, test_dir: Path, names: tuple[str, ...] | None) -> di
 # --------------------------------------------------------------------------- training
 
 
-def _card(budget: Budget, name: str, training_data: str):
-    from ..models import default_card
+def _card(settings: RunSettings, name: str, training_data: str):
+    from napari_feddp.models import default_card
 
-    return default_card(name=name, mpp=budget.mpp, tile_size=budget.crop_size, training_data=training_data,
-                        **budget.unet_params())
+    return default_card(name=name, mpp=settings.mpp, tile_size=settings.crop_size, training_data=training_data,
+                        **settings.unet_params)
 
 
-def train_direct(folder: Path, steps: int, budget: Budget, seed: int, out: Path, name: str, *,
+def train_direct(folder: Path, steps: int, settings: RunSettings, seed: int, out: Path, name: str, *,
                  noise: float | None = None, init: Path | None = None) -> Path:
-    """Training without federation with ``train_local``; returns the checkpoint.
+    """Training without federation with ``train_local``: ``steps`` steps of the lab round
+    ``settings`` describe (model, crop, batch, lr, clipping) on ``folder``; returns the checkpoint.
 
-    ``noise``: DP-SGD with that noise multiplier (per-sample clipping at ``budget.max_grad_norm``,
-    no ledger: for experiments on training data only); None trains without DP.
+    ``noise``: DP-SGD with that noise multiplier (per-sample clipping at ``settings.max_grad_norm``,
+    no ledger and no epsilon limit: for experiments on training data only); None trains without DP.
     """
     import torch
 
-    from ..models import UNet, save_checkpoint
-    from ..models.build import IMAGENET_MEAN, IMAGENET_STD
-    from ..training import SegmentationDataset, TrainConfig, train_local
+    from napari_feddp.federation.settings import NodeSettings
+    from napari_feddp.models import UNet, save_checkpoint
+    from napari_feddp.models.build import IMAGENET_MEAN, IMAGENET_STD
+    from napari_feddp.training import SegmentationDataset, train_local
 
     torch.manual_seed(seed)
-    model = UNet(**budget.unet_params())
+    model = UNet(**settings.unet_params)
     if init is not None:
-        model.load_state_dict(_initial_weights(init, budget))
-    dataset = SegmentationDataset(folder, crop_size=budget.crop_size, source_mpp=budget.mpp,
-                                  target_mpp=budget.mpp, n_classes=budget.unet_params()["n_classes"],
+        model.load_state_dict(_initial_weights(init, settings))
+    # The patches are prepared at the model's pixel size.
+    dataset = SegmentationDataset(folder, crop_size=settings.crop_size, source_mpp=settings.mpp,
+                                  target_mpp=settings.mpp, n_classes=settings.n_classes,
                                   normalization=(IMAGENET_MEAN, IMAGENET_STD))
-    config = TrainConfig(steps=steps, lr=budget.learning_rate, batch_size=budget.batch_size,
-                         max_physical_batch_size=budget.batch_size, crop_size=budget.crop_size,
-                         dp_mode="sample" if noise else "none", noise_multiplier=noise or None,
-                         max_grad_norm=budget.max_grad_norm, seed=seed)
+    run = settings.replace(max_steps=steps, dp_mode="sample" if noise else "none",
+                           noise_multiplier=noise or settings.noise_multiplier)
+    # Seeded (a federated round draws fresh noise and crops): every run of the grid is reproducible.
+    config = run.train_config(NodeSettings(max_delta=run.target_delta, max_epsilon=0)).model_copy(
+        update={"seed": seed})
     result = train_local(model, dataset, config)
     model.load_state_dict(result.state_dict)
-    return save_checkpoint(out / f"{name}.safetensors", model, _card(budget, name, str(folder.name)))
+    return save_checkpoint(out / f"{name}.safetensors", model, _card(settings, name, str(folder.name)))
 
 
 def train_federated(folders: dict[str, Path], budget: Budget, *, dp_mode: str, noise: float, update_noise: float,
                     epsilon_budget: float, seed: int, out: Path, name: str,
                     init: Path | None = None) -> tuple[Path, list[dict]]:
     """One run through Flower (SuperLink + one SuperNode per hospital, TLS, loopback)."""
-    from ..federation.pilot import LocalFederation
-    from ..federation.settings import RunSettings
+    from napari_feddp.federation.pilot import LocalFederation
 
     if dp_mode == "sample":
         # A DP-SGD dataset is bound to the privacy ledger that first used it (a marker in
@@ -212,16 +248,11 @@ def train_federated(folders: dict[str, Path], budget: Budget, *, dp_mode: str, n
                     link.symlink_to(Path(folders[h]).resolve() / sub, target_is_directory=True)
         folders = fresh
     labs = hospital_labs(budget.hospitals, folders, dp_mode, epsilon_budget)
-    settings = RunSettings(
-        num_rounds=budget.rounds, min_clients=len(labs), min_updates=len(labs), dp_mode=dp_mode,
-        noise_multiplier=noise if dp_mode == "sample" else 1.0, max_grad_norm=budget.max_grad_norm,
-        update_noise_multiplier=update_noise, update_clipping_norm=budget.update_clipping_norm,
-        target_delta=budget.delta, batch_size=budget.batch_size, max_steps=budget.local_steps,
-        learning_rate=budget.learning_rate, crop_size=budget.crop_size, model_depth=budget.depth,
-        model_base_width=budget.base_width, model_groups=budget.groups, n_classes=budget.unet_params()["n_classes"],
-        mpp=budget.mpp, source_mpp=budget.mpp,
-        seed=seed, checkpoint_dir=str(out / "checkpoints"), model_name=name, final_evaluation=False,
-        resume_from=str(Path(init).resolve()) if init is not None else "",
+    settings = budget.settings.replace(
+        min_clients=len(labs), min_updates=len(labs), dp_mode=dp_mode,
+        noise_multiplier=noise if dp_mode == "sample" else 1.0, update_noise_multiplier=update_noise,
+        source_mpp=budget.settings.mpp, seed=seed, checkpoint_dir=str(out / "checkpoints"), model_name=name,
+        final_evaluation=False, resume_from=str(Path(init).resolve()) if init is not None else "",
         round_timeout=budget.timeout, node_wait_timeout=300.0)
     workdir = out / "flower"
     with LocalFederation(workdir=workdir, labs=labs, threads=1) as federation:
@@ -244,7 +275,7 @@ def hospital_labs(hospitals, folders: dict[str, Path], dp_mode: str, epsilon_bud
     policy accepts exactly what the setting asks (a real lab's default accepts DP-SGD only, with
     a minimum noise the clipping-only diagnostic is below).
     """
-    from ..federation.pilot import LabSpec
+    from napari_feddp.federation.pilot import LabSpec
 
     policy = {"accept_dp_modes": dp_mode, "min_noise_multiplier": 0.0}
     return [LabSpec(name=h, data_dir=folders[h], max_epsilon=epsilon_budget if dp_mode == "sample" else 0.0,
@@ -265,12 +296,12 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
     shared = budget  # recorded: the grid's budget, which kept runs are compared against
     if setting in SAMPLE_DP:
         budget = budget.for_sample_dp()
-    record: dict[str, Any] = {"setting": setting, "seed": seed, "budget": _budget_dict(shared),
+    record: dict[str, Any] = {"setting": setting, "seed": seed, "budget": shared.as_record(),
                               "total_steps": budget.total_steps,
-                              "examples_seen": budget.total_steps * budget.batch_size}
+                              "examples_seen": budget.total_steps * budget.settings.batch_size}
     if setting in SAMPLE_DP:
-        record.update(dp_batch_size=budget.batch_size, dp_local_steps=budget.local_steps,
-                      dp_learning_rate=budget.learning_rate)
+        record.update(dp_batch_size=budget.settings.batch_size, dp_local_steps=budget.settings.max_steps,
+                      dp_learning_rate=budget.settings.learning_rate)
     n_examples = {h: len(os.listdir(folders[h] / "images")) for h in budget.hospitals}
     if setting == "pretrained":
         # The shared starting point itself: public data only, no MoNuSeg training.
@@ -280,14 +311,14 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
         record.update(score(init, test_dir, budget.test_names), checkpoint=str(init), epsilon=None,
                       total_steps=0, examples_seen=0, pretrain_steps=budget.pretrain_steps)
     elif setting == "centralized":
-        ckpt = train_direct(folders["pooled"], budget.total_steps, budget, seed, work, "centralized",
+        ckpt = train_direct(folders["pooled"], budget.total_steps, budget.settings, seed, work, "centralized",
                             init=init)
         record.update(score(ckpt, test_dir, budget.test_names), checkpoint=str(ckpt), epsilon=None)
     elif setting == "local":
         per = {}
         for h in budget.hospitals:
-            ckpt = train_direct(folders[h], budget.rounds * budget.local_steps, budget, seed, work, f"local-{h}",
-                                init=init)
+            ckpt = train_direct(folders[h], budget.settings.num_rounds * budget.settings.max_steps, budget.settings,
+                                seed, work, f"local-{h}", init=init)
             per[h] = score(ckpt, test_dir, budget.test_names)
         worst = min(per, key=lambda h: per[h]["dice"])
         averaged = [k for k in ("dice", "jaccard", "accuracy", *OBJECT_SCORES) if all(k in p for p in per.values())]
@@ -298,14 +329,14 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
         dp_mode, noise, update_noise, eps_budget = "none", 1.0, 0.0, 0.0
         if setting in DP_EPSILONS:
             dp_mode, eps_budget = "sample", DP_EPSILONS[setting]
-            noise = noise_for_epsilon(eps_budget, min(n_examples.values()), budget)
+            noise = noise_for_epsilon(eps_budget, min(n_examples.values()), budget.settings)
         elif setting == "feddp-clip":
             dp_mode, noise = "sample", CLIP_ONLY_NOISE  # eps_budget 0: the labs set no limit
         elif setting == "feddp-update":
             # "Comparable noise": the eps-8 sample-level noise multiplier, applied to the
             # aggregate of clipped client updates (Flower's client-side fixed clipping).
             dp_mode = "update"
-            update_noise = noise_for_epsilon(8.0, min(n_examples.values()), budget)
+            update_noise = noise_for_epsilon(8.0, min(n_examples.values()), budget.settings)
         ckpt, rounds = train_federated(folders, budget, dp_mode=dp_mode, noise=noise, update_noise=update_noise,
                                        epsilon_budget=eps_budget, seed=seed, out=work, name=setting, init=init)
         # The clipping-only diagnostic gives no guarantee: the accountant's astronomical epsilon
@@ -325,7 +356,7 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
                       dp_mode=dp_mode, noise_multiplier=noise if dp_mode == "sample" else None,
                       update_noise_multiplier=update_noise if dp_mode == "update" else None,
                       epsilon=max(epsilons) if epsilons else None,
-                      delta=budget.delta if guarantee else None,
+                      delta=budget.settings.target_delta if guarantee else None,
                       epsilon_unit=(None if not guarantee else "patch (sample-level)" if dp_mode == "sample" else
                                     "hospital (client-level, no client sampling)"))
     record["seconds"] = round(time.monotonic() - started, 1)
@@ -334,21 +365,15 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
     return record
 
 
-def _initial_weights(path: Path, budget: Budget) -> dict[str, Any]:
-    """The weights of checkpoint ``path``, checked against the budget's architecture."""
-    from ..models import load_checkpoint
+def _initial_weights(path: Path, settings: RunSettings) -> dict[str, Any]:
+    """The weights of checkpoint ``path``, checked against the settings' architecture."""
+    from napari_feddp.models import load_checkpoint
 
     model, card = load_checkpoint(str(path))
-    if any(card.architecture.params.get(k) != v for k, v in budget.unet_params().items()):
+    if any(card.architecture.params.get(k) != v for k, v in settings.unet_params.items()):
         raise ValueError(f"initial model {path}: architecture {card.architecture.params} does not match "
-                         f"the budget's {budget.unet_params()}")
+                         f"the budget's {settings.unet_params}")
     return model.state_dict()
-
-
-def _budget_dict(budget: Budget) -> dict[str, Any]:
-    data = asdict(budget)
-    data["hospitals"] = list(budget.hospitals)
-    return data
 
 
 def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds: int = 1, quick: bool = False,
@@ -369,7 +394,7 @@ def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds
                          "give --pretrain-steps N (N > 0)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data_root = Path(data) if data else _find_data()
+    data_root = Path(data) if data else find_monuseg()
     test_dir = data_root / "test"
     if budget.holdout:
         budget, test_dir = _holdout(budget, data_root / "train", out / f"holdout-{budget.holdout}")
@@ -378,7 +403,7 @@ def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds
         budget = replace(budget, test_names=tuple(names), round_eval_names=tuple(names[:1]))
     scratch = Path(scratch) if scratch else out / "hospitals"
     folders = prepare_hospitals(data_root / "train", scratch, hospitals=list(budget.hospitals),
-                                target_mpp=budget.mpp, grid=budget.grid, max_tiles=budget.max_tiles)
+                                target_mpp=budget.settings.mpp, grid=budget.grid, max_tiles=budget.max_tiles)
     chosen = settings or (["pretrained", "centralized", "fedavg", "feddp-eps8"] if quick else list(GRID))
     init = None
     if budget.pretrain_steps:
@@ -389,7 +414,7 @@ def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds
     else:
         chosen = [s for s in chosen if s != "pretrained"]  # random init: nothing to score
     records = []
-    wanted = json.loads(json.dumps(_budget_dict(budget)))  # as a kept record holds it
+    wanted = budget.as_record()
     for seed in range(seeds):
         for setting in chosen:
             if setting == "pretrained" and seed > 0:
@@ -419,16 +444,18 @@ def _holdout(budget: Budget, train_dir: Path, folder: Path) -> tuple[Budget, Pat
     The validation folder links the held-out hospital's MoNuSeg *training* tiles (images and
     masks, 0.25 µm/px), so a recipe can be chosen without touching the test split.
     """
-    from ..training._io import find_instance_map
-    from ..training.dataset import find_pairs
-    from .hospitals import hospital_of
+    from napari_feddp.federation.sites import split_by_site
+    from napari_feddp.training._io import find_instance_map
+    from napari_feddp.training.dataset import find_pairs
 
     if budget.holdout not in budget.hospitals:
         raise ValueError(f"holdout {budget.holdout!r} is not one of the budget's hospitals {list(budget.hospitals)}")
     kept = tuple(h for h in budget.hospitals if h != budget.holdout)
     if not kept:
         raise ValueError("holdout: no hospital would be left to train on")
-    pairs = [p for p in find_pairs(train_dir) if hospital_of(p.name) == budget.holdout]
+    pairs = find_pairs(train_dir)
+    held = set(split_by_site([p.name for p in pairs], HOSPITALS)[budget.holdout])
+    pairs = [p for p in pairs if p.name in held]
     if not pairs:
         raise ValueError(f"holdout {budget.holdout!r}: none of its tiles is in {train_dir}")
     for pair in pairs:
@@ -452,7 +479,7 @@ def first_test_names(test_dir: Path, n: int | None = None) -> tuple[str, ...]:
 
 def same_budget(kept: dict[str, Any], wanted: dict[str, Any], setting: str) -> bool:
     """Whether a finished run's recorded budget (``kept``) is the one a grid now asks for."""
-    # Records made before public pretraining existed started from a random init.
+    # A record without ``pretrain_steps`` started from a random init (``pretrain_steps = 0``).
     kept = _relevant({"pretrain_steps": 0, **kept}, setting)
     # Fields added later with a None default do not make an older record different.
     return kept == {k: v for k, v in _relevant(wanted, setting).items() if k in kept or v is not None}
@@ -460,20 +487,22 @@ def same_budget(kept: dict[str, Any], wanted: dict[str, Any], setting: str) -> b
 
 def _relevant(budget: dict[str, Any], setting: str) -> dict[str, Any]:
     """The budget fields a run of ``setting`` depends on: the ``dp_*`` fields only matter to
-    sample-level DP runs (a FedAvg run made before a DP learning rate was set stays valid)."""
+    sample-level DP runs (a FedAvg record without ``dp_learning_rate`` matches a budget that sets one)."""
     if setting in SAMPLE_DP:
         return dict(budget)
     return {k: v for k, v in budget.items() if not k.startswith("dp_")}
 
 
-def _find_data() -> Path:
-    from ..federation.demo import find_monuseg
-
-    found = find_monuseg()
-    if found is None or not (found / "test" / "images").is_dir():
-        raise FileNotFoundError("MoNuSeg not found: pass --data (folder with train/ and test/) "
+def find_monuseg() -> Path:
+    """MoNuSeg (``train/``, ``test/``) in ``$FEDDP_SHARED_DATA`` or in ``shared/data`` beside the checkout."""
+    shared = os.environ.get("FEDDP_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+    found = Path(shared) / "monuseg"
+    if not (found / "test" / "images").is_dir():
+        raise FileNotFoundError(f"MoNuSeg not found in {found}: pass --data (folder with train/ and test/) "
                                 "or set FEDDP_SHARED_DATA")
     return found
 
 
-__all__ = ["Budget", "CLIP_ONLY_NOISE", "DP_EPSILONS", "GRID", "SAMPLE_DP", "SETTINGS", "SWEEP_ONLY", "first_test_names", "noise_for_epsilon", "quick_budget", "run_grid", "run_setting"]
+__all__ = ["Budget", "CLIP_ONLY_NOISE", "DP_EPSILONS", "GRID", "RECORD_KEYS", "SAMPLE_DP", "SETTINGS", "SWEEP_ONLY",
+           "find_monuseg", "first_test_names", "noise_for_epsilon", "quick_budget", "run_grid", "run_setting",
+           "same_budget", "train_direct"]

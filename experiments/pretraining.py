@@ -33,7 +33,7 @@ def public_tissue(rgb: np.ndarray) -> np.ndarray:
     """Tissue of a full-resolution public H&E region: stained pixels, speckle removed, small gaps filled."""
     from skimage import morphology
 
-    from ..training.pseudo_labels import stained
+    from napari_feddp.training.pseudo_labels import stained
 
     tissue = morphology.opening(stained(rgb), morphology.disk(2))
     return morphology.remove_small_holes(tissue, max_size=500)
@@ -60,8 +60,8 @@ def prepare_public_patches(out_dir: str | os.PathLike, *, slide: str | os.PathLi
     """
     from PIL import Image
 
-    from ..slides import open_slide
-    from ..training.pseudo_labels import nuclei_pseudo_mask
+    from napari_feddp.slides import open_slide
+    from napari_feddp.training.pseudo_labels import nuclei_pseudo_mask
 
     if slide is None:
         from importlib.resources import files
@@ -111,21 +111,19 @@ def pretrain_public(out_dir: str | os.PathLike, budget, *, seed: int = 0) -> Pat
     Trained once per ``out_dir`` and budget (architecture, crop, batch, lr, steps) and reused;
     returns the checkpoint path.
     """
-    from dataclasses import asdict
-
     from .runner import train_direct
 
     out = Path(out_dir)
     if budget.pretrain_steps <= 0:
         raise ValueError("pretrain_public: budget.pretrain_steps is 0 (random initialisation)")
     keys = ("pretrain_steps", "batch_size", "crop_size", "learning_rate", "base_width", "depth", "groups", "mpp")
-    params = {k: v for k, v in asdict(budget).items() if k in keys} | {"seed": seed}
+    params = {k: v for k, v in budget.as_record().items() if k in keys} | {"seed": seed}
     checkpoint = out / "public-pretrained.safetensors"
     stamp = out / "pretrained.json"
     if checkpoint.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("params") == params:
         return checkpoint
-    folder = prepare_public_patches(out / "public-patches", mpp=budget.mpp)
-    checkpoint = train_direct(folder, budget.pretrain_steps, budget, seed, out, "public-pretrained")
+    folder = prepare_public_patches(out / "public-patches", mpp=budget.settings.mpp)
+    checkpoint = train_direct(folder, budget.pretrain_steps, budget.settings, seed, out, "public-pretrained")
     stamp.write_text(json.dumps({"params": params, "checkpoint": checkpoint.name}, indent=2) + "\n")
     return checkpoint
 

@@ -1,12 +1,30 @@
-"""``napari-feddp experiment run|report|bundle``: centralized vs local vs FedAvg vs FedDP on MoNuSeg."""
+"""``python -m experiments run|report|bundle``: centralized vs local vs FedAvg vs FedDP on MoNuSeg.
+
+Run from the repository root; the package under test is the installed ``napari_feddp``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import sys
 
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "experiment", help="compare centralized, local-only, FedAvg and FedDP training (MoNuSeg)")
-    sub = parser.add_subparsers(dest="experiment_command", metavar="ACTION")
+DEFAULT_DATA = "(default: monuseg/ in $FEDDP_SHARED_DATA, else in shared/data beside the checkout)"
+
+
+class UsageError(Exception):
+    """An option the harness refuses: printed as one line, exit status 2."""
+
+
+#: ``run`` options that override a shared setting of the budget (option -> ``RunSettings`` field).
+SETTING_OPTIONS = {"rounds": "num_rounds", "local_steps": "max_steps", "batch_size": "batch_size",
+                   "base_width": "model_base_width", "mpp": "mpp"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments",
+        description="compare centralized, local-only, FedAvg and FedDP training (MoNuSeg)")
+    sub = parser.add_subparsers(dest="command", metavar="ACTION")
     run_p = sub.add_parser("run", help="train and score the settings, write JSON, table and plots")
     run_p.add_argument("--out", required=True, help="output folder (JSON per setting/seed, table.md, PNGs)")
     run_p.add_argument("--quick", action="store_true",
@@ -16,7 +34,7 @@ def add_parser(subparsers) -> None:
                             "(default: all of them); on request only: the privacy-cost sweep feddp-eps16 feddp-eps32 "
                             "and the clipping-only diagnostic feddp-clip (DP-SGD path without noise, no privacy)")
     run_p.add_argument("--seeds", type=int, default=1, help="seeds per setting (mean ± std)")
-    run_p.add_argument("--data", help="MoNuSeg folder with train/ and test/ (default: $FEDDP_SHARED_DATA/monuseg)")
+    run_p.add_argument("--data", help=f"MoNuSeg folder with train/ and test/ {DEFAULT_DATA}")
     run_p.add_argument("--scratch", help="where hospital patches are written (default: OUT/hospitals)")
     run_p.add_argument("--rounds", type=int, help="override the federated rounds")
     run_p.add_argument("--local-steps", type=int, help="override the local steps per round")
@@ -54,41 +72,63 @@ def add_parser(subparsers) -> None:
     bun_p.add_argument("--dest", default=None,
                        help="checkpoint stem to write (default: src/napari_feddp/data/models/feddp-nuclei "
                             "of this source tree)")
-    bun_p.add_argument("--data", help="MoNuSeg folder with test/ (default: $FEDDP_SHARED_DATA/monuseg)")
+    bun_p.add_argument("--data", help=f"MoNuSeg folder with test/ {DEFAULT_DATA}")
     bun_p.set_defaults(func=bundle)
-    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, OSError, ValueError, KeyError) as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def run(args) -> int:
-    from dataclasses import replace
     from pathlib import Path
 
-    from ..experiments.runner import SETTINGS, Budget, quick_budget, run_grid
-    from . import CommandError
+    from .runner import SETTINGS, run_grid
 
     unknown = [s for s in args.settings or [] if s not in SETTINGS]
     if unknown:
-        raise CommandError(f"unknown setting(s) {unknown}; expected some of {list(SETTINGS)}")
+        raise UsageError(f"unknown setting(s) {unknown}; expected some of {list(SETTINGS)}")
     if args.seeds < 1:
-        raise CommandError("--seeds: expected a positive integer")
+        raise UsageError("--seeds: expected a positive integer")
+    records = run_grid(args.out, settings=args.settings, seeds=args.seeds, quick=args.quick, budget=budget_of(args),
+                       data=args.data, scratch=args.scratch, rerun=args.rerun)
+    print(f"{len(records)} run(s); table: {Path(args.out) / 'table.md'}")
+    print((Path(args.out) / "table.md").read_text())
+    return 0
+
+
+def budget_of(args):
+    """The :class:`~experiments.runner.Budget` the ``run`` options ask for (``--quick``: the smoke run's)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from napari_feddp.federation.settings import SettingsError
+
+    from .runner import Budget, quick_budget
+
     budget = quick_budget() if args.quick else Budget()
-    if args.rounds:
-        budget = replace(budget, rounds=args.rounds)
-    if args.local_steps:
-        budget = replace(budget, local_steps=args.local_steps)
-    for name, value in (("batch_size", args.batch_size), ("base_width", args.base_width)):
-        if value is not None:
-            if value < 1:
-                raise CommandError(f"--{name.replace('_', '-')}: expected a positive integer")
-            budget = replace(budget, **{name: value})
+    changes = {name: getattr(args, option) for option, name in SETTING_OPTIONS.items()
+               if getattr(args, option) is not None}
+    try:
+        budget = replace(budget, settings=budget.settings.replace(**changes))
+    except SettingsError as exc:
+        flags = {name.replace("_", "-"): "--" + option.replace("_", "-") for option, name in SETTING_OPTIONS.items()}
+        raise UsageError("; ".join(f"{flags.get(key, key)}: {problem}" if key else problem
+                                   for key, problem in exc.problems)) from None
     if args.holdout:
         if args.holdout not in budget.hospitals:
-            raise CommandError(f"--holdout: expected one of {list(budget.hospitals)}, got {args.holdout!r}")
+            raise UsageError(f"--holdout: expected one of {list(budget.hospitals)}, got {args.holdout!r}")
         budget = replace(budget, holdout=args.holdout)
-    if args.mpp is not None:
-        if not args.mpp > 0:
-            raise CommandError(f"--mpp: expected a positive number of µm per pixel, received {args.mpp}")
-        budget = replace(budget, mpp=args.mpp)
     if args.foreground_only:
         budget = replace(budget, contours=False)
     if args.dp_batch_size:
@@ -97,43 +137,37 @@ def run(args) -> int:
         budget = replace(budget, dp_local_steps=args.dp_local_steps)
     if args.dp_lr:
         if args.dp_lr <= 0:
-            raise CommandError("--dp-lr: expected a positive learning rate")
+            raise UsageError("--dp-lr: expected a positive learning rate")
         budget = replace(budget, dp_learning_rate=args.dp_lr)
     if args.pretrain_steps is not None:
         if args.pretrain_steps < 0:
-            raise CommandError("--pretrain-steps: expected 0 (random init) or a positive number of steps")
+            raise UsageError("--pretrain-steps: expected 0 (random init) or a positive number of steps")
         budget = replace(budget, pretrain_steps=args.pretrain_steps)
     if args.round_eval:
-        from ..experiments.runner import _find_data, first_test_names
+        from .runner import find_monuseg, first_test_names
 
-        root = Path(args.data) if args.data else _find_data()
+        root = Path(args.data) if args.data else find_monuseg()
         budget = replace(budget, round_eval_names=first_test_names(root / "test", args.round_eval))
-    try:
-        records = run_grid(args.out, settings=args.settings, seeds=args.seeds, quick=args.quick, budget=budget,
-                           data=args.data, scratch=args.scratch, rerun=args.rerun)
-    except ValueError as exc:  # a finished run in --out made with another budget
-        raise CommandError(str(exc)) from exc
-    print(f"{len(records)} run(s); table: {Path(args.out) / 'table.md'}")
-    print((Path(args.out) / "table.md").read_text())
-    return 0
+    return budget
 
 
 def bundle(args) -> int:
     from pathlib import Path
 
-    from ..experiments.bundle import bundle_from_record, rescore_default_model
-    from ..models import read_card
-    from ..models.store import BUNDLED_STEM
-    from . import CommandError
+    from napari_feddp.models import read_card
+    from napari_feddp.models.store import BUNDLED_STEM
 
-    dest = Path(args.dest) if args.dest else Path(__file__).resolve().parents[1] / "data" / "models" / BUNDLED_STEM
+    from .bundle import bundle_from_record, rescore_default_model
+
+    models = Path(__file__).resolve().parents[1] / "src" / "napari_feddp" / "data" / "models"
+    dest = Path(args.dest) if args.dest else models / BUNDLED_STEM
     try:
         if args.rescore:
             path = rescore_default_model(dest, data=args.data)
         else:
             path = bundle_from_record(args.record, dest, data=args.data)
     except (OSError, ValueError, KeyError) as exc:
-        raise CommandError(f"cannot bundle {args.record or dest}: {exc}") from exc
+        raise UsageError(f"cannot bundle {args.record or dest}: {exc}") from exc
     card = read_card(path)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     print(", ".join(f"{k} {v:.4f}" for k, v in card.metrics.items()))
@@ -143,7 +177,7 @@ def bundle(args) -> int:
 def report(args) -> int:
     from pathlib import Path
 
-    from ..experiments.report import write_report
+    from .report import write_report
 
     result = write_report(args.out)
     print((Path(args.out) / "table.md").read_text())

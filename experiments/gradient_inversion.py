@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..training import DiceCELoss, TrainConfig, train_local
+from napari_feddp.training import DiceCELoss, TrainConfig, train_local
 
 __all__ = [
     "AttackConfig",

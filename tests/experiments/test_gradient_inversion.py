@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_feddp.audit import (
+from experiments.gradient_inversion import (
     AttackConfig,
     client_update,
     cosine_distance,

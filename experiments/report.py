@@ -75,7 +75,7 @@ def summarize(grouped: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]], command: str = "napari-feddp experiment run --out DIR") -> str:
+def markdown_table(rows: list[dict[str, Any]], command: str = "python -m experiments run --out DIR") -> str:
     """Paper-shaped Markdown table."""
     objects = any("aji" in row for row in rows)
     extra = " AJI | PQ |" if objects else ""

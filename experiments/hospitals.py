@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_feddp.federation.sites import split_by_site
+
 #: Hospital -> TCGA tissue-source-site codes (second barcode field).
 HOSPITALS: dict[str, tuple[str, ...]] = {
     "h1-breast": ("A7", "AR", "E2"),
@@ -45,31 +47,6 @@ HOSPITALS: dict[str, tuple[str, ...]] = {
     "h4-prostate": ("G9", "CH"),
     "h5-mixed": ("DK", "G2", "AY", "NH", "KB", "RD"),
 }
-
-
-def site_of(name: str) -> str:
-    """TCGA tissue-source site of a file stem (``TCGA-A7-A13E-...`` -> ``A7``)."""
-    parts = name.split("-")
-    if len(parts) < 3 or parts[0].upper() != "TCGA":
-        raise ValueError(f"{name!r} is not a TCGA barcode")
-    return parts[1]
-
-
-def hospital_of(name: str) -> str:
-    """Hospital receiving tile ``name`` (KeyError if its site is not mapped)."""
-    site = site_of(name)
-    for hospital, sites in HOSPITALS.items():
-        if site in sites:
-            return hospital
-    raise KeyError(f"TCGA site {site} of {name} is not mapped to a hospital")
-
-
-def split_names(names: list[str]) -> dict[str, list[str]]:
-    """Group file stems by hospital (every hospital present, sorted names)."""
-    out: dict[str, list[str]] = {h: [] for h in HOSPITALS}
-    for name in sorted(names):
-        out[hospital_of(name)].append(name)
-    return out
 
 
 def prepare_hospitals(
@@ -107,8 +84,8 @@ def prepare_hospitals(
     """
     from PIL import Image
 
-    from ..training._io import find_instance_map, read_image, read_instances, read_mask
-    from ..training.dataset import find_pairs, resample_instances, resample_pair
+    from napari_feddp.training._io import find_instance_map, read_image, read_instances, read_mask
+    from napari_feddp.training.dataset import find_pairs, resample_instances, resample_pair
 
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     chosen = list(hospitals or HOSPITALS)
@@ -120,7 +97,7 @@ def prepare_hospitals(
     if stamp.is_file() and json.loads(stamp.read_text()).get("params") == params:
         return folders
     pairs = {p.name: p for p in find_pairs(train_dir, source_mpp=source_mpp)}
-    groups = split_names(list(pairs))
+    groups = split_by_site(pairs, HOSPITALS)
     manifest: dict[str, list[str]] = {}
     for folder in folders.values():
         for sub in ("images", "masks", "instances"):
@@ -155,4 +132,4 @@ def prepare_hospitals(
     return folders
 
 
-__all__ = ["HOSPITALS", "hospital_of", "prepare_hospitals", "site_of", "split_names"]
+__all__ = ["HOSPITALS", "prepare_hospitals"]

@@ -21,8 +21,8 @@ def bundle_default_model(checkpoint: str | os.PathLike, dest: str | os.PathLike,
     ``record`` is the runner's JSON of the run (epsilon, rounds, budget); ``metrics``
     go into ``card.metrics`` (test_dice, subset3_dice, ...).
     """
-    from ..models import load_checkpoint, save_checkpoint
-    from ..models.card import Privacy, Provenance
+    from napari_feddp.models import load_checkpoint, save_checkpoint
+    from napari_feddp.models.card import Privacy, Provenance
 
     model, card = load_checkpoint(checkpoint)
     epsilon = record.get("epsilon")
@@ -46,7 +46,7 @@ METRICS_NOTE = ("pooled foreground Dice/Jaccard, pixel accuracy; AJI, PQ, DQ, SQ
 
 
 def test_metrics(full: dict[str, Any], subset: dict[str, Any]) -> dict[str, float]:
-    """Card metrics from two :func:`~napari_feddp.experiments.runner.score` results."""
+    """Card metrics from two :func:`~experiments.runner.score` results."""
     from .runner import OBJECT_SCORES
 
     keys = ("dice", "jaccard", "accuracy", *OBJECT_SCORES)
@@ -61,12 +61,13 @@ def rescore_default_model(dest: str | os.PathLike, *, data: str | os.PathLike | 
     The weights are unchanged; the card gains every metric :func:`test_metrics` gives
     (e.g. the object scores, once the test split has per-nucleus annotations).
     """
-    from ..models import load_checkpoint, save_checkpoint
-    from .runner import _find_data, first_test_names, score
+    from napari_feddp.models import load_checkpoint, save_checkpoint
+
+    from .runner import find_monuseg, first_test_names, score
 
     checkpoint = Path(dest).with_suffix(".safetensors")
     model, card = load_checkpoint(checkpoint)
-    test_dir = (Path(data) if data else _find_data()) / "test"
+    test_dir = (Path(data) if data else find_monuseg()) / "test"
     metrics = test_metrics(score(checkpoint, test_dir, None), score(checkpoint, test_dir, first_test_names(test_dir, 3)))
     head = card.description.split(" Test metrics:")[0]
     description = (f"{head} Test metrics: MoNuSeg 2018 test split scored by `napari-feddp evaluate --mpp 0.25` "
@@ -90,7 +91,7 @@ def bundle_from_record(record_path: str | os.PathLike, dest: str | os.PathLike, 
     import json
 
     from .hospitals import HOSPITALS
-    from .runner import _find_data, first_test_names, score
+    from .runner import find_monuseg, first_test_names, score
 
     record = json.loads(Path(record_path).read_text())
     if record.get("dp_mode") != "sample" or not record.get("epsilon"):
@@ -101,7 +102,7 @@ def bundle_from_record(record_path: str | os.PathLike, dest: str | os.PathLike, 
                          f"the shipped model promises at most {MAX_DEFAULT_EPSILON:g} per hospital")
     budget = record["budget"]
     checkpoint = Path(record["checkpoint"])
-    test_dir = (Path(data) if data else _find_data()) / "test"
+    test_dir = (Path(data) if data else find_monuseg()) / "test"
     full, subset = score(checkpoint, test_dir, None), score(checkpoint, test_dir, first_test_names(test_dir, 3))
     metrics = test_metrics(full, subset)
     sites = "; ".join(f"{h}: TCGA sites {', '.join(HOSPITALS[h])}" for h in budget["hospitals"])
