@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.feddp-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt scripts/bootstrap.sh
 	bash scripts/bootstrap.sh
@@ -14,8 +14,13 @@ demo: $(STAMP)
 
 # pytest-xvfb starts a virtual X server: the napari canvas needs OpenGL, which
 # Qt's offscreen platform does not provide.
-test: $(STAMP)
+# Lint first (ruff, configured in pyproject.toml), then the full suite.
+# Inner loop: make test PYTEST_ARGS='-m "not slow"' skips real Flower processes and training runs.
+test: $(STAMP) lint
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[benchmarks]"

@@ -15,7 +15,7 @@ from . import __version__
 from .commands import CommandError
 
 #: Modules under napari_feddp.commands, in the order shown by --help.
-COMMAND_MODULES = ("info", "segment", "evaluate", "federation", "ledger")
+COMMAND_MODULES = ("info", "segment", "cohort", "evaluate", "federation", "ledger")
 
 
 def build_parser() -> argparse.ArgumentParser:
