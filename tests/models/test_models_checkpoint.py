@@ -26,6 +26,14 @@ def saved(tmp_path, tiny_model, tiny_card):
     return checkpoint_paths(tmp_path / "tiny")
 
 
+def _rehash(weights_path, card_path=None):
+    """Make the card's hash match the weights file: a hostile partner sends a consistent pair."""
+    card_path = card_path or weights_path.with_suffix(".json")
+    data = json.loads(card_path.read_text())
+    data["weights_sha256"] = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    card_path.write_text(json.dumps(data))
+
+
 def _assert_checkpoint_error(path, *expected_words):
     with pytest.raises(CheckpointError) as caught:
         load_checkpoint(path)
@@ -114,6 +122,8 @@ def test_truncated_weights_file(saved):
     weights_path, _ = saved
     data = weights_path.read_bytes()
     weights_path.write_bytes(data[: len(data) // 2])
+    _assert_checkpoint_error(weights_path, str(weights_path), "card does not match weights")  # hash first
+    _rehash(weights_path)
     _assert_checkpoint_error(weights_path, str(weights_path), "truncated or corrupt")
 
 
@@ -130,6 +140,7 @@ def test_renamed_tensor_is_reported_as_missing_and_unexpected(saved):
     state = safetensors.torch.load_file(weights_path)
     state["head.weights_typo"] = state.pop("head.weight")
     safetensors.torch.save_file(state, weights_path)
+    _rehash(weights_path)
     _assert_checkpoint_error(
         weights_path, str(weights_path), "missing 1 tensor(s) ['head.weight']",
         "unexpected 1 tensor(s) ['head.weights_typo']",
@@ -141,6 +152,7 @@ def test_wrong_tensor_shape_names_tensor_and_both_shapes(saved):
     state = safetensors.torch.load_file(weights_path)
     state["head.weight"] = torch.zeros(3, 8, 1, 1)
     safetensors.torch.save_file(state, weights_path)
+    _rehash(weights_path)
     _assert_checkpoint_error(
         weights_path, "shape mismatch for 'head.weight'", "expected [2, 8, 1, 1]", "found [3, 8, 1, 1]"
     )
@@ -213,6 +225,7 @@ def test_pickle_disguised_as_safetensors_is_rejected_without_running(saved, tmp_
     weights_path, _ = saved
     marker = tmp_path / "code-was-executed"
     torch.save({"payload": _CreatesFileWhenUnpickled(marker)}, weights_path)
+    _rehash(weights_path)
     _assert_checkpoint_error(weights_path, "truncated or corrupt")
     assert not marker.exists()
 
@@ -221,3 +234,53 @@ def test_pickle_disguised_as_safetensors_is_rejected_without_running(saved, tmp_
     disguised_pickle.write_bytes(weights_path.read_bytes())
     torch.load(disguised_pickle, weights_only=False)
     assert marker.exists()
+
+
+# --- hostile checkpoints: refused before anything is built, with the file named ---------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int64, torch.bool])
+def test_weights_of_another_dtype_are_refused(saved, dtype):
+    weights_path, _ = saved
+    state = safetensors.torch.load_file(weights_path)
+    state["head.weight"] = state["head.weight"].to(dtype)
+    safetensors.torch.save_file(state, weights_path)
+    _rehash(weights_path)
+    _assert_checkpoint_error(weights_path, str(weights_path), "another dtype", "'head.weight'", "torch.float32")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(saved, value):
+    weights_path, _ = saved
+    state = safetensors.torch.load_file(weights_path)
+    state["head.bias"][0] = value
+    safetensors.torch.save_file(state, weights_path)
+    _rehash(weights_path)
+    _assert_checkpoint_error(weights_path, str(weights_path), "NaN or infinite", "'head.bias'")
+
+
+def test_a_huge_architecture_is_refused_before_any_memory_is_allocated(saved):
+    import time
+
+    import psutil
+
+    weights_path, card_path = saved
+    _edit_card(card_path, lambda d: d["architecture"]["params"].update(base_width=4096, depth=6))
+    rss = psutil.Process().memory_info().rss
+    started = time.perf_counter()
+    error = _assert_checkpoint_error(weights_path, str(card_path), "parameters, more than the 50,000,000")
+    assert time.perf_counter() - started < 2.0
+    assert psutil.Process().memory_info().rss - rss < 200e6  # the network would need tens of GB
+    assert "base_width" in str(error)
+
+
+def test_deeply_nested_card_json_is_a_checkpoint_error(saved):
+    weights_path, card_path = saved
+    card_path.write_text("[" * 100_000 + "]" * 100_000)
+    _assert_checkpoint_error(weights_path, str(card_path), "nested too deeply")
+
+
+def test_an_oversized_card_is_refused_unread(saved):
+    weights_path, card_path = saved
+    card_path.write_bytes(b" " * (2 << 20))
+    _assert_checkpoint_error(weights_path, str(card_path), "is not a model card")

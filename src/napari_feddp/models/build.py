@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 from typing import Any, Callable, Mapping
 
+import torch
 from torch import nn
 
 from .card import CARD_FORMAT_VERSION, Architecture, ClassInfo, ModelCard, ModelCardError, now_iso
@@ -30,6 +31,11 @@ NUCLEI_CLASSES = (
 #: outline is its own class, so the interiors of touching nuclei never touch
 #: (see :func:`napari_feddp.inference.instances.nuclei_from_contours`).
 CONTOUR_CLASSES = NUCLEI_CLASSES + (ClassInfo(name="contour", color="#ff00ff"),)
+
+
+#: Largest network a card may describe (HoVer-Net has about 38 million parameters). Counted on
+#: PyTorch's meta device, so a card that asks for more is refused before any memory is allocated.
+MAX_PARAMETERS = 50_000_000
 
 
 def register_architecture(name: str, factory: Callable[..., nn.Module]) -> None:
@@ -63,18 +69,36 @@ def build_model(card: ModelCard) -> nn.Module:
     ------
     ModelCardError
         If the architecture is unknown, its params are rejected by the factory,
-        or ``input.tile_size`` is not a size the network accepts.
+        it has more than :data:`MAX_PARAMETERS` parameters, or ``input.tile_size``
+        is not a size the network accepts.
     """
+    count = parameter_count(card)
+    if count > MAX_PARAMETERS:
+        raise ModelCardError(
+            f"model card field 'architecture.params': {card.architecture.params!r} describes a network of "
+            f"{count:,} parameters, more than the {MAX_PARAMETERS:,} a model may have"
+        )
+    model = _construct(card)
+    _check_tile_size(model, card.input.tile_size)
+    return model
+
+
+def parameter_count(card: ModelCard) -> int:
+    """Parameters of the network ``card`` describes, counted without allocating it (meta device)."""
+    with torch.device("meta"):
+        model = _construct(card)
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def _construct(card: ModelCard) -> nn.Module:
     factory = _factory_for(card.architecture)
     try:
-        model = factory(**card.architecture.params)
-    except (TypeError, ValueError) as exc:
+        return factory(**card.architecture.params)
+    except (TypeError, ValueError, RuntimeError) as exc:
         raise ModelCardError(
             f"model card field 'architecture.params': expected arguments accepted by "
             f"{card.architecture.name!r}, received {card.architecture.params!r} ({exc})"
         ) from exc
-    _check_tile_size(model, card.input.tile_size)
-    return model
 
 
 def _factory_for(architecture: Architecture) -> Callable[..., nn.Module]:

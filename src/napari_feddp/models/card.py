@@ -299,14 +299,20 @@ class ModelCard:
         ModelCardError
             If the text is not JSON or the card it holds is invalid.
         """
+        if len(text) > MAX_CARD_BYTES:
+            raise ModelCardError(f"model card is {len(text):,} bytes; a card is at most {MAX_CARD_BYTES:,}")
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelCardError(f"model card is not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise ModelCardError("model card is not a card: its JSON is nested too deeply") from None
         return cls.from_dict(data)
 
 
 _ADAPTER = TypeAdapter(ModelCard)
+#: A card is a few kilobytes; anything far larger is not one.
+MAX_CARD_BYTES = 1 << 20
 _MISSING = object()
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .._atomic import write_atomic
 from .build import build_model
-from .card import ModelCard, ModelCardError
+from .card import MAX_CARD_BYTES, ModelCard, ModelCardError
 
 WEIGHTS_SUFFIX = ".safetensors"
 CARD_SUFFIX = ".json"
@@ -154,6 +154,9 @@ def read_card(path: str | os.PathLike[str]) -> ModelCard:
     """
     weights_path, card_path = checkpoint_paths(path)
     try:
+        if card_path.stat().st_size > MAX_CARD_BYTES:
+            raise CheckpointError(f"{card_path}: {card_path.stat().st_size:,} bytes is not a model card "
+                                  f"(a card is at most {MAX_CARD_BYTES:,})")
         text = card_path.read_bytes()
     except FileNotFoundError as exc:
         raise CheckpointError(
@@ -190,37 +193,37 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     Raises
     ------
     CheckpointError
-        If the card or weights file is missing, the card is invalid, the
-        weights file is truncated or corrupt, its tensors do not match the
-        architecture (missing/unexpected names, wrong shapes), or its SHA-256
-        differs from the card's ``weights_sha256``.
+        If the card or weights file is missing, the card is invalid or describes
+        a network larger than :data:`~napari_feddp.models.build.MAX_PARAMETERS`,
+        the weights file's SHA-256 differs from the card's ``weights_sha256``,
+        it is truncated or corrupt, its tensors do not match the architecture
+        (missing/unexpected names, wrong shapes, other dtypes), or a weight is
+        not finite.
     """
     weights_path, card_path = checkpoint_paths(path)
     card = read_card(card_path)
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path}: weights file is missing (the card {card_path.name} exists)")
+    # Hash, then the architecture's size, before anything is built or read into memory.
+    _verify_sha256(weights_path, card_path, card)
     try:
         model = build_model(card)
     except ModelCardError as exc:
         raise CheckpointError(f"{card_path}: cannot build the model: {exc}") from exc
 
-    state = _read_weights(weights_path, card_path)
-    # Structure first: "missing key X" says more about a mixed-up file than a hash does.
-    problem = _state_mismatch(_shapes(model.state_dict()), _shapes(state))
+    state = _read_weights(weights_path)
+    expected = model.state_dict()
+    problem = _state_mismatch(_shapes(expected), _shapes(state)) or _wrong_values(expected, state)
     if problem:
         raise CheckpointError(
             f"{weights_path}: weights do not fit the architecture in {card_path.name} "
             f"({card.architecture.name!r}): {problem}"
         )
-    _verify_sha256(weights_path, card_path, card)
-
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), card
 
 
-def _read_weights(weights_path: Path, card_path: Path) -> dict[str, torch.Tensor]:
-    if not weights_path.is_file():
-        raise CheckpointError(
-            f"{weights_path}: weights file is missing (the card {card_path.name} exists)"
-        )
+def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
     try:
         # Always to CPU first: a device error must not be reported as a corrupt file.
         return safetensors.torch.load_file(weights_path, device="cpu")
@@ -265,6 +268,19 @@ def _listed(names: list[str]) -> str:
     shown = ", ".join(repr(name) for name in names[:_LISTED_NAMES])
     more = len(names) - _LISTED_NAMES
     return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"
+
+
+def _wrong_values(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> str | None:
+    """Tensors of another dtype than the network's, or holding NaN or infinity; None if there are none."""
+    dtypes = [f"'{name}' is {found[name].dtype}, expected {tensor.dtype}"
+              for name, tensor in expected.items() if found[name].dtype != tensor.dtype]
+    if dtypes:
+        return f"{len(dtypes)} tensor(s) of another dtype: {'; '.join(dtypes[:_LISTED_NAMES])}"
+    not_finite = sorted(name for name, tensor in found.items()
+                        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()))
+    if not_finite:
+        return f"{len(not_finite)} tensor(s) hold NaN or infinite values {_listed(not_finite)}"
+    return None
 
 
 def _state_mismatch(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]) -> str | None:
