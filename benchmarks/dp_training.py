@@ -37,7 +37,7 @@ import statistics
 import sys
 import time
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -188,7 +188,7 @@ def summarise(args, variants, failed, source, base) -> dict:
             "python": platform.python_version(), "torch": torch.__version__,
             "opacus": _opacus_version(), "device": "cpu",
         },
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

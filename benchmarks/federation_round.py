@@ -79,8 +79,9 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -155,7 +156,7 @@ def timed_train(request):
     }
     try:
         _instrument_push(row)
-    except Exception as exc:  # noqa: BLE001 - instrumentation must never fail a round
+    except Exception as exc:
         row["instrument_error"] = repr(exc)
     update = default_train(request)
     row["train_end"] = time.time()
@@ -175,7 +176,7 @@ def machine_info() -> dict:
         import flwr
 
         flwr_version = flwr.__version__
-    except Exception:  # noqa: BLE001
+    except Exception:
         flwr_version = "?"
     return {
         "platform": platform.platform(),
@@ -294,7 +295,7 @@ class LogWatcher:
     reply to the SuperLink).
     """
 
-    EVENTS = {"Receiving: train message": "received", "Sent successfully": "sent"}
+    EVENTS: ClassVar[dict[str, str]] = {"Receiving: train message": "received", "Sent successfully": "sent"}
 
     def __init__(self, logs: dict):
         import threading
@@ -501,7 +502,7 @@ def main(argv=None) -> int:
     bytes_sent = analysis.pop("bytes_sent")
     result = {
         "benchmark": "federation_round",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": bool(args.quick),
         "command": "python benchmarks/federation_round.py" + (" --quick" if args.quick else ""),
         "round_overhead": round(statistics.median(overheads), 4) if overheads else None,

@@ -28,7 +28,7 @@ import json
 import platform
 import statistics
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's experiments/ package
@@ -115,7 +115,7 @@ def main() -> int:
             "mpp": 0.25, "n_images": 14,
             "convention": "AJI (Kumar 2017), PQ = DQ x SQ (Kirillov 2019, IoU > 0.5), F1 at IoU 0.5: per tile, "
                           "mean over tiles; Dice/Jaccard: nucleus vs background pooled over all pixels",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "python": platform.python_version(), "machine": platform.machine(),
         },
     }

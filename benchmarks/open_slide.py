@@ -501,7 +501,7 @@ def print_summary(result, open20, open100, imread, regions) -> None:
         for label in ("default_cache", "no_cache"):
             m = r[label]
             print(f"{name:<10}{label:<15}{m['ours_ms']:>8.2f}{m['openslide_ms']:>11.2f}{m['ratio']:>8.2f}"
-                  f"{str(r['pixels_identical']):>11}")
+                  f"{r['pixels_identical']!s:>11}")
     print("\ntargets")
     for k, v in result["targets_met"].items():
         print(f"  {'-' if v is None else ('PASS' if v else 'MISS')}  {k}")

@@ -48,7 +48,7 @@ import math
 import platform
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -292,7 +292,7 @@ def summarise(args, settings: RunSettings, runs: list[dict], n_params: int, seco
                          "torch": torch.__version__, "opacus": _version("opacus"),
                          "scikit-image": _version("skimage"), "device": "cpu"}
     result["seconds"] = round(seconds, 1)
-    result["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result["created"] = datetime.now(UTC).isoformat(timespec="seconds")
     return result
 
 

@@ -159,7 +159,6 @@ def _monuseg_half_resolution():
 
 def composite_slide(side: int, *, max_fraction: float = 0.4, seed: int = 0) -> Path:
     """Cached ``side`` x ``side`` pyramidal JPEG TIFF: glass with islands of real tissue."""
-    import tifffile
 
     path = _synthetic.cache_dir() / f"composite-{side}-islands-v1.tif"
     if path.is_file():

@@ -27,8 +27,8 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -144,7 +144,7 @@ def attacked(tmp_path_factory):
         def attempt(action) -> str:
             try:
                 action()
-            except Exception as exc:  # noqa: BLE001 - the refusal itself is the result
+            except Exception as exc:
                 return f"refused: {exc}"
             return "accepted"
 
@@ -203,11 +203,11 @@ def attacked(tmp_path_factory):
             expected = HONEST if kind == "own-clientapp" else (*HONEST, "poison")
             quorum = all if kind == "own-clientapp" else any
 
-            def refusals():
+            def refusals(expected=expected):
                 return {lab: r["reason"] for lab in expected for r in _history(fed, lab)
                         if r.get("event") == "refused-app"}  # fmt: skip
 
-            refused = _wait_for(lambda: quorum(lab in refusals() for lab in expected), 120)
+            refused = _wait_for(lambda quorum=quorum, expected=expected: quorum(lab in refusals() for lab in expected), 120)
             fed.cli.stop_run(run_id)
             result[kind] = {"marker": marker, "refused": refused, "reasons": list(refusals().values())}
             for lab in (*HONEST, "poison"):  # the next hostile run starts from a clean history

@@ -48,7 +48,7 @@ def test_train_reply_carries_only_weights_and_scalar_summaries(settings, node, t
     assert len(content.config_records) == 0
     sent = content.array_records["arrays"]
     assert list(sent.keys()) == list(arrays.keys())
-    for name in arrays.keys():
+    for name in arrays:
         assert sent[name].shape == arrays[name].shape
     # Nothing else hides in the payload: its size is the model's size.
     model_bytes = sum(a.numpy().nbytes for a in arrays.values())

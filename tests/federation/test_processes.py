@@ -114,10 +114,9 @@ def test_wait_port_reports_early_exit_with_the_log(tmp_path):
 
 
 def test_sigterm_becomes_keyboard_interrupt():
-    with pytest.raises(KeyboardInterrupt):
-        with signals_raise_keyboard_interrupt():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
+    with pytest.raises(KeyboardInterrupt), signals_raise_keyboard_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 
 

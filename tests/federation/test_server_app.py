@@ -16,7 +16,7 @@ from napari_feddp.federation import client_app, server_app
 from napari_feddp.federation.checkpoints import CheckpointWriter
 from napari_feddp.federation.demo import make_synthetic_lab
 from napari_feddp.federation.settings import NodeSettings
-from napari_feddp.models import load_checkpoint
+from napari_feddp.models import CheckpointError, load_checkpoint
 
 from .conftest import HERE, tiny_settings
 
@@ -122,7 +122,7 @@ def test_rounds_checkpoints_and_final_evaluation(tmp_path, task_identity, monkey
 def test_a_failing_run_says_why_in_its_summary(tmp_path, task_identity):
     settings = tiny_settings(checkpoint_dir=str(tmp_path / "ckpt"), resume_from=str(tmp_path / "missing"))
     grid = make_grid(tmp_path, settings)
-    with pytest.raises(Exception):
+    with pytest.raises(CheckpointError):
         server_app.main(grid, Context(run_id=9, node_id=1, node_config={}, state=RecordDict(),
                                       run_config=settings.to_run_config()))
     summary = json.loads((tmp_path / "ckpt" / "summary.json").read_text())

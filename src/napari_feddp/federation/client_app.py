@@ -125,9 +125,7 @@ def _scalars(values: dict[str, float | int | None]) -> dict[str, float | int]:
     for key, value in values.items():
         if value is None or isinstance(value, bool):
             continue
-        if isinstance(value, int):
-            out[key] = value
-        elif isinstance(value, float) and math.isfinite(value):
+        if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
             out[key] = value
     return out
 
@@ -231,7 +229,7 @@ def keep_global_model(request: LocalRequest, run_id: int, epsilon: float | None)
     )
     try:
         decision = check_promotion(request.model, current_default(store), request, card=card)
-    except Exception as exc:  # noqa: BLE001 - a check that cannot run must not promote
+    except Exception as exc:
         decision = PromotionDecision(False, f"promotion check failed: {str(exc)[:160]}")
     folder = store if decision.promoted else store / REFUSED_FOLDER
     path = save_checkpoint(folder / f"federation-{run_id}", request.model, card)
@@ -269,7 +267,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         epsilon = config.get("epsilon")
         try:
             keep_global_model(request, context.run_id, float(epsilon) if epsilon is not None else None)
-        except Exception as exc:  # noqa: BLE001 - storing is local; still evaluate
+        except Exception as exc:
             _history(request, {"event": "store-failed", "reason": str(exc)[:200]})
     eval_fn = load_function(request.node.eval_fn) if request.node.eval_fn else default_evaluate
     result = eval_fn(request)

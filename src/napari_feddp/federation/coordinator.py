@@ -22,8 +22,19 @@ from .app_bundle import write_app_dir
 from .certs import PilotPKI
 from .checkpoints import EVALUATION_FILE, ROUNDS_FILE, SUMMARY_FILE, read_json, read_rounds
 from .flwr_cli import FlowerCli, FlowerCliError, write_flower_config
-from .processes import (ADDRESS_IN_USE, LOOPBACK, FederationProcessError, ManagedProcess, absolute, find_free_port,
-                        flower_env, flower_executable, superexec_argv, warn_insecure, write_secret)
+from .processes import (
+    ADDRESS_IN_USE,
+    LOOPBACK,
+    FederationProcessError,
+    ManagedProcess,
+    absolute,
+    find_free_port,
+    flower_env,
+    flower_executable,
+    superexec_argv,
+    warn_insecure,
+    write_secret,
+)
 from .settings import RunSettings
 
 CONNECTION_FILE = "connection.json"

@@ -21,6 +21,7 @@ used here all accept ``--format json``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -145,10 +146,8 @@ class FlowerCli:
 
     def stop_run(self, run_id: int) -> None:
         """``flwr stop RUN_ID`` (errors ignored if it already finished)."""
-        try:
+        with contextlib.suppress(FlowerCliError):
             self._run(["stop", str(run_id), self.connection])
-        except FlowerCliError:
-            pass
 
     def logs(self, run_id: int) -> str:
         """Logs of a run as text (``flwr log --show``)."""

@@ -24,8 +24,18 @@ from pathlib import Path
 import tomli_w
 
 from .._atomic import write_atomic
-from .processes import (LOOPBACK, FederationProcessError, ManagedProcess, absolute, find_free_port, flower_env,
-                        flower_executable, superexec_argv, warn_insecure, write_secret)
+from .processes import (
+    LOOPBACK,
+    FederationProcessError,
+    ManagedProcess,
+    absolute,
+    find_free_port,
+    flower_env,
+    flower_executable,
+    superexec_argv,
+    warn_insecure,
+    write_secret,
+)
 from .settings import NodeSettings
 
 #: Seconds a lab waits for the coordinator to accept its SuperNode before giving up.

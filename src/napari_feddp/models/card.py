@@ -40,7 +40,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -196,7 +196,7 @@ class Architecture:
 
 def now_iso() -> str:
     """The current UTC time as a card's ``created`` value."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass(config=_CONFIG, kw_only=True)

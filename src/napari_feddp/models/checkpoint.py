@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import safetensors
 import safetensors.torch
