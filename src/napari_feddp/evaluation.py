@@ -1,40 +1,32 @@
 """Score a model on a folder of image/mask pairs with the tiled inference engine.
 
-The same engine a pathologist runs on a slide predicts each image, so the
-numbers describe what users get. Dice and Jaccard are over the foreground
-classes and **pooled** over every pixel of the set (one confusion matrix for
-all images, then one score); pixel accuracy counts all pixels. Per-image scores
-are reported too.
-
-When the folder also holds ``instances/`` (one integer label image per tile,
-one id per annotated nucleus, as MoNuSeg's), the report adds the object scores
-of :mod:`napari_feddp.training.instance_metrics` (AJI, PQ, DQ, SQ, object F1 at
-IoU 0.5), averaged over tiles. The predicted objects are what the product
-shows: for a contour model (classes background, nucleus, contour) the nuclei of
-:func:`napari_feddp.inference.instances.nuclei_from_classes` (specks dropped,
-then the contours' interiors grown to the contours); for a foreground-only
-model the same function splits the nucleus class by a distance watershed
-(``objects="watershed"``, when the pixel size is known), or its connected
-components are the objects (``objects="components"``). Dice, Jaccard and accuracy always score nucleus
-versus background (a contour pixel is a nucleus pixel).
+The engine a pathologist runs on a slide predicts each image, so the numbers describe what
+users get. Dice and Jaccard are over the foreground classes and **pooled** over every pixel of
+the set (one confusion matrix, then one score); pixel accuracy counts all pixels; a contour
+pixel is a nucleus pixel. When the folder also holds ``instances/`` (one id per annotated
+nucleus, as MoNuSeg's), the report adds the object scores of
+:mod:`napari_feddp.training.instance_metrics` averaged over tiles, for the objects the product
+shows (:func:`napari_feddp.inference.instances.nuclei_from_classes`; for a foreground-only
+model ``objects="components"`` scores connected components instead).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from skimage.measure import label
 
 from .inference import run_to_completion
+from .inference.instances import contour_class_of, nuclei_from_classes
 from .segmentation import LoadedModel, run_segmentation
 from .training._io import find_instance_map, read_image, read_instances, read_mask
 from .training.dataset import find_pairs, resample_instances
-from .inference.instances import contour_class_of, nuclei_from_classes
 from .training.instance_metrics import instance_scores, mean_instance_scores
 from .training.metrics import SegmentationMetrics, confusion_matrix, scores_from_confusion
 
@@ -84,19 +76,10 @@ def evaluate_folder(
     batch_size: int = 8,
     device: str = "auto",
 ) -> EvaluationReport:
-    """Predict every image in ``data_dir/images`` and score it against ``data_dir/masks``.
+    """Predict every image in ``data_dir/images`` with ``loaded`` and score it against ``data_dir/masks``.
 
-    Parameters
-    ----------
-    data_dir : path
-        Folder with ``images/`` and ``masks/`` holding files with matching stems
-        (PNG or TIFF; masks 0/1, 0/255 or class indices).
-    loaded : LoadedModel
-        From :func:`napari_feddp.segmentation.load_model`.
-    mpp : float, optional
-        Micrometres per pixel of the images (default: the model's, i.e. no resampling).
-    names : list of str, optional
-        Only these file stems (e.g. a fixed subset for a quick check).
+    ``mpp`` is the images' µm per pixel (default: the model's, i.e. no resampling); ``names``
+    limits the run to these file stems.
     """
     image_mpp = float(mpp) if mpp is not None else loaded.spec.mpp
     report = score_folder(
@@ -121,11 +104,10 @@ def score_folder(
 ) -> EvaluationReport:
     """Score any predictor (RGB image -> class map of the same size) on a folder of pairs.
 
-    The loop behind :func:`evaluate_folder`, also used for methods that are not a model
-    (e.g. the colour-deconvolution baseline). ``report.matrix`` holds the pooled
-    confusion matrix (rows: truth, columns: prediction) of nucleus versus background.
-    ``contour_class``: the class index of nucleus contours for a contour model (its
-    nuclei come from :func:`nuclei_from_contours`; ``objects`` is then ignored).
+    The loop behind :func:`evaluate_folder`, also used for methods that are not a model (e.g.
+    the colour-deconvolution baseline). ``contour_class``: the class index of nucleus contours
+    for a contour model (``objects`` is then ignored). ``objects="watershed"`` needs
+    ``source_mpp`` (distances are in micrometres); without it the components are scored.
     """
     started = time.perf_counter()
     pairs = find_pairs(data_dir, source_mpp=source_mpp or 1.0)
@@ -140,21 +122,14 @@ def score_folder(
     pooled = SegmentationMetrics(n_classes=n_classes)
     if objects not in ("watershed", "components"):
         raise ValueError(f"objects: expected 'watershed' or 'components', received {objects!r}")
-    if objects == "watershed" and not source_mpp:
-        objects = "components"  # the watershed's distances are in micrometres
     if contour_class is not None and not source_mpp:
         raise ValueError("a contour model's nuclei need the pixel size: pass source_mpp")
-    if objects == "watershed" or contour_class is not None:
-        def to_objects(classes: np.ndarray) -> np.ndarray:
-            return nuclei_from_classes(classes, float(source_mpp), contour_class=contour_class)
-
-        described = ("nuclei_from_classes: specks dropped, then "
-                     + ("interiors of the predicted contours grown to the contours" if contour_class is not None
-                        else "the nucleus class split by distance-transform watershed"))
+    watershed = contour_class is not None or (objects == "watershed" and source_mpp)
+    if contour_class is not None:
+        described = "nuclei_from_classes: specks dropped, then interiors of the predicted contours grown to the contours"
+    elif watershed:
+        described = "nuclei_from_classes: specks dropped, then the nucleus class split by distance-transform watershed"
     else:
-        def to_objects(classes: np.ndarray) -> np.ndarray:
-            return label(classes == 1, connectivity=1)
-
         described = "4-connected components of the nucleus class"
     per_image, per_tile_objects = [], []
     for pair in pairs:
@@ -169,7 +144,9 @@ def score_folder(
                "accuracy": scores["pixel_accuracy"]}
         instance_path = find_instance_map(Path(data_dir), pair.name)
         if instance_path is not None:
-            scored = instance_scores(read_instances(instance_path), to_objects(classes))
+            found = (nuclei_from_classes(classes, float(source_mpp), contour_class=contour_class) if watershed
+                     else label(classes == 1, connectivity=1))
+            scored = instance_scores(read_instances(instance_path), found)
             per_tile_objects.append(scored)
             row.update({k: scored[k] for k in ("aji", "pq", "dq", "sq")})
         per_image.append(row)

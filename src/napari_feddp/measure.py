@@ -1,18 +1,12 @@
 """Per-nucleus measurements a pathologist uses, and a summary per slide (no Qt).
 
-:func:`measure_nuclei` turns a nucleus label image into a table (a dict of
-equal-length NumPy columns, the format of :func:`skimage.measure.regionprops_table`)
-in physical units: centroid (µm, slide coordinates), area (µm²), perimeter and
-equivalent diameter (µm), eccentricity, solidity, and the mean haematoxylin
-optical density of the nucleus (colour deconvolution, :func:`skimage.color.rgb2hed`).
-:func:`summarise` gives the nucleus count, the density per mm² of tissue and
-the size distribution; :func:`write_csv` writes the table.
-
-The columns follow :func:`skimage.measure.regionprops`' definitions and equal
-its values; all but ``solidity`` (a convex hull per nucleus, taken from
-``regionprops_table``) are computed for every nucleus of an image at once with
-:func:`numpy.bincount`, which is what makes measuring a whole slide's nuclei
-affordable (regionprops spends most of its time in per-region Python).
+:func:`measure_nuclei` turns a nucleus label image into a table (a dict of equal-length
+columns, as :func:`skimage.measure.regionprops_table`) in physical units, with the mean
+haematoxylin optical density (:func:`skimage.color.rgb2hed`). The columns equal
+:func:`skimage.measure.regionprops`' values; all but ``solidity`` (a convex hull per
+nucleus, from ``regionprops_table``) are computed for every nucleus at once with
+:func:`numpy.bincount`, which is what makes measuring a whole slide's nuclei affordable
+(regionprops spends most of its time in per-region Python).
 """
 
 from __future__ import annotations
@@ -210,26 +204,12 @@ def measure_nuclei_tiled(
     window: int = 2048,
     halo_um: float = HALO_UM,
 ) -> dict[str, np.ndarray]:
-    """:func:`measure_nuclei` over a slide-sized label image, one window at a time.
+    """:func:`measure_nuclei` over a slide-sized label image (read by slices), one window at a time.
 
-    Each window is read with a margin of ``halo_um`` (more than a nucleus) so
-    every nucleus is measured whole, by the window that holds its centroid.
-
-    Parameters
-    ----------
-    labels : array-like
-        ``(H, W)`` nucleus labels (NumPy, zarr or dask; read by slices).
-    mpp : float
-        Micrometres per pixel of ``labels``.
-    read_rgb : callable, optional
-        ``read_rgb(top, left, bottom, right) -> (h, w, 3) uint8`` on the label
-        grid, for the staining column.
-    origin_um : (float, float)
-        Slide position of ``labels[0, 0]`` in micrometres.
-    window : int
-        Window edge in pixels.
-    halo_um : float
-        Margin in micrometres.
+    Each ``window``-pixel window is read with a margin of ``halo_um`` (more than a nucleus) so
+    every nucleus is measured whole, by the window that holds its centroid. ``read_rgb(top,
+    left, bottom, right)`` gives the ``(h, w, 3)`` uint8 image on the label grid, for the
+    staining column; ``origin_um`` is the slide position of ``labels[0, 0]``.
     """
     from .inference.instances import windows
 

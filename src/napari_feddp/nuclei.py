@@ -1,25 +1,13 @@
 """One label per nucleus over a whole segmentation, with measurements and a slide summary (no Qt).
 
-The engine (:func:`napari_feddp.inference.segment_slide`) gives a class map:
-0 background, 1 nucleus (and, for models that predict them, nucleus
-contours). :func:`nuclei_of` turns a finished run's class map into
-
-* ``labels`` — a ``uint32`` zarr array on the same pixel grid with one id per
-  nucleus, unique over the slide (:func:`~napari_feddp.inference.instances.label_nuclei_tiled`:
-  window by window, so memory stays bounded by a window whatever the slide's size;
-  a nucleus cut by a window seam is labelled once, whole);
-* ``pyramid`` — ``labels`` and lazily downsampled copies for display;
-* ``table`` — one row per nucleus (:data:`napari_feddp.measure.COLUMNS`: centroid,
-  area, perimeter, equivalent diameter, eccentricity, solidity, mean haematoxylin
-  optical density), measured on the slide's pixels read at the label resolution;
-* ``summary`` — nucleus count, tissue area, density per mm² of tissue and the
-  size distribution (:func:`napari_feddp.measure.summarise`).
-
-:func:`segment_nuclei` runs both steps as one generator of
-:class:`~napari_feddp.inference.Progress`, the form the Segment widget and the
-command line consume: the engine's progress first, then one report per window
-of each nucleus step. Cancelling (the engine's ``cancel``) also stops the
-nucleus steps between two windows.
+:func:`nuclei_of` turns a finished run's class map (:func:`napari_feddp.inference.segment_slide`)
+into a uint32 map with one id per nucleus, unique over the slide
+(:func:`~napari_feddp.inference.instances.label_nuclei_tiled`), a table of measurements
+(:data:`napari_feddp.measure.COLUMNS`) and a slide summary (:func:`napari_feddp.measure.summarise`),
+window by window so that memory stays bounded whatever the slide's size.
+:func:`segment_nuclei` runs the engine and these steps as one generator of
+:class:`~napari_feddp.inference.Progress` (the form the Segment widget and the command line
+consume); the engine's ``cancel`` also stops the nucleus steps between two windows.
 """
 
 from __future__ import annotations
@@ -38,17 +26,17 @@ import numpy as np
 import zarr
 
 from .inference import Progress, SegmentationResult
-from .inference.engine import _cancel_check
 from .inference._output import create_output
 from .inference._reader import as_slide, read_scaled
-from .inference.instances import HALO_UM, MIN_NUCLEUS_AREA_UM2, contour_class_of, label_nuclei_tiled
+from .inference.engine import _cancel_check
+from .inference.instances import contour_class_of, label_nuclei_tiled
 from .measure import measure_nuclei_tiled, summarise
 from .regions import PolygonRegion
 from .slides._pyramid import lazy_pyramid
 
-#: Window edge in label pixels for labelling and measuring nuclei (a window
-#: and its margin are in memory at a time: about 15 MB at 1024). Smaller
-#: windows skip more glass; below 1024 the margins cost more than that saves.
+#: Window edge in label pixels for labelling and measuring nuclei (a window and its margin
+#: are in memory at a time: about 15 MB at 1024). Smaller windows skip more glass; below
+#: 1024 the margins cost more than that saves.
 WINDOW = 1024
 #: Seconds between two progress reports of a nucleus step.
 PROGRESS_INTERVAL = 0.25
@@ -67,24 +55,21 @@ class Nuclei:
     segmentation : SegmentationResult
         The run the nuclei come from (its ``labels`` are the class map).
     complete : bool
-        False when the run or a nucleus step was cancelled: then nothing below
-        is set and nothing must be presented as a result.
+        False when the run or a nucleus step was cancelled: then nothing below is set.
     labels : zarr.Array or None
-        ``(H, W)`` uint32 nucleus ids (0 background), on the class map's grid.
-        On disk next to the class map's store when that is on disk, else in
-        memory (or a temporary directory when larger than 64 MiB).
+        ``(H, W)`` uint32 nucleus ids (0 background) on the class map's grid; on disk next to
+        the class map's store when that is on disk.
     pyramid : list of dask.array.Array or None
         ``labels`` and lazily downsampled copies for display (nearest neighbour).
     table : dict of str to numpy.ndarray or None
-        One row per nucleus, columns :data:`napari_feddp.measure.COLUMNS`,
-        sorted by label; centroids in micrometres from the slide's top-left corner.
+        One row per nucleus, columns :data:`napari_feddp.measure.COLUMNS`, sorted by label;
+        centroids in micrometres from the slide's top-left corner.
     summary : dict or None
-        :func:`napari_feddp.measure.summarise` of ``table`` over the tissue
-        area (:func:`tissue_area_um2`).
+        :func:`napari_feddp.measure.summarise` of ``table`` over :func:`tissue_area_um2`.
     path : Path or None
         Directory of the ``labels`` store when on disk.
     elapsed_seconds : float
-        Time the nucleus steps took (the run's own time is ``segmentation.elapsed_seconds``).
+        Time the nucleus steps took (the run's own is ``segmentation.elapsed_seconds``).
     """
 
     segmentation: SegmentationResult
@@ -103,28 +88,17 @@ class Nuclei:
         return 0 if self.table is None else len(self.table["label"])
 
     def features(self):
-        """The measurements as a napari ``Labels.features`` table.
-
-        Returns
-        -------
-        pandas.DataFrame
-            Column ``index`` holds the nucleus id (napari maps rows to labels
-            through it), then the measurement columns.
-        """
+        """The measurements as a napari ``Labels.features`` ``pandas.DataFrame``: column
+        ``index`` holds the nucleus id (napari maps rows to labels through it)."""
         import pandas as pd
 
         if self.table is None:
             raise ValueError("features: expected a complete result, received a cancelled one")
-        columns = {"index": self.table["label"]}
-        columns.update({k: v for k, v in self.table.items() if k != "label"})
-        return pd.DataFrame(columns)
+        return pd.DataFrame({"index": self.table["label"], **{k: v for k, v in self.table.items() if k != "label"}})
 
     def layer_kwargs(self, units: str | None = None) -> dict:
-        """Keyword arguments for ``viewer.add_labels(nuclei.pyramid, **kwargs)``.
-
-        Placement as :meth:`SegmentationResult.layer_kwargs`, plus the
-        measurements as ``features`` and the summary in ``metadata``.
-        """
+        """Keyword arguments for ``viewer.add_labels(nuclei.pyramid, **kwargs)``: placement as
+        :meth:`SegmentationResult.layer_kwargs`, the measurements as ``features``, the summary in ``metadata``."""
         kwargs = self.segmentation.layer_kwargs(units)
         kwargs["name"] = "nuclei"
         kwargs["features"] = self.features()
@@ -137,7 +111,6 @@ def segment_nuclei(
     loaded,
     *,
     region: tuple[int, int, int, int] | PolygonRegion | None = None,
-    window: int = WINDOW,
     **engine_options,
 ) -> Generator[Progress, None, Nuclei]:
     """Segment ``image``, then label and measure its nuclei: one generator of progress.
@@ -148,37 +121,29 @@ def segment_nuclei(
         What the engine segments (and the nuclei are measured on).
     loaded : napari_feddp.segmentation.LoadedModel
     region : (y0, x0, y1, x1), PolygonRegion or None
-        As :func:`napari_feddp.segmentation.run_segmentation`; a polygon also
-        bounds the tissue area of the summary.
-    window : int
-        Window edge (label pixels) of the nucleus steps.
+        As :func:`napari_feddp.segmentation.run_segmentation`; a polygon also bounds the
+        tissue area of the summary.
     **engine_options
-        Passed to :func:`~napari_feddp.inference.segment_slide`; its ``cancel``
-        also stops the nucleus steps.
-
-    Yields
-    ------
-    Progress
-        The engine's, then those of :func:`nuclei_of`.
+        Passed to :func:`~napari_feddp.inference.segment_slide`; its ``cancel`` also stops
+        the nucleus steps.
 
     Returns
     -------
     Nuclei
-        ``complete=False`` when cancelled (the engine's partial class map is
-        kept as ``segmentation``).
+        ``complete=False`` when cancelled (the engine's partial class map is ``segmentation``).
     """
     from .segmentation import run_segmentation
 
     run = run_segmentation(image, loaded, region=region, **engine_options)  # checks the options now
     polygon = region if isinstance(region, PolygonRegion) else None
-    return _run_then_nuclei(run, loaded.card.class_names, image, polygon, window, engine_options.get("cancel"))
+    return _run_then_nuclei(run, loaded.card.class_names, image, polygon, engine_options.get("cancel"))
 
 
-def _run_then_nuclei(run, class_names, image, polygon, window, cancel) -> Generator[Progress, None, Nuclei]:
+def _run_then_nuclei(run, class_names, image, polygon, cancel) -> Generator[Progress, None, Nuclei]:
     result = yield from run
     if not result.complete:
         return Nuclei(segmentation=result, complete=False)
-    return (yield from nuclei_of(result, class_names, image=image, region=polygon, window=window, cancel=cancel))
+    return (yield from nuclei_of(result, class_names, image=image, region=polygon, cancel=cancel))
 
 
 def nuclei_of(
@@ -188,8 +153,6 @@ def nuclei_of(
     image: Any = None,
     region: PolygonRegion | None = None,
     window: int = WINDOW,
-    halo_um: float = HALO_UM,
-    min_area_um2: float = MIN_NUCLEUS_AREA_UM2,
     cancel: Any = None,
 ) -> Generator[Progress, None, Nuclei]:
     """Label every nucleus of a finished run, measure each, and summarise the slide.
@@ -197,39 +160,28 @@ def nuclei_of(
     Parameters
     ----------
     result : SegmentationResult
-        A complete run (``result.complete``) with a pixel size (``result.mpp``).
+        A complete run with a pixel size (``result.mpp``).
     class_names : sequence of str, optional
-        The model's class names (default ``result.class_names``): a
-        ``"contour"`` class makes contours separate touching nuclei, else a
-        distance watershed does (:func:`~napari_feddp.inference.instances.contour_class_of`).
+        The model's class names (default ``result.class_names``): a ``"contour"`` class makes
+        contours separate touching nuclei, else a distance watershed does.
     image : Slide or array-like, optional
         The image the run segmented, for the staining column (NaN without it).
     region : PolygonRegion, optional
         Polygons the run was limited to: the tissue area counts only their inside.
     window : int
         Window edge in label pixels.
-    halo_um : float
-        Margin read around each window (µm), more than a nucleus.
-    min_area_um2 : float
-        Connected pieces of nucleus foreground smaller than this are background.
     cancel : threading.Event or callable, optional
-        Checked before every window; when set the steps stop and the result
-        says ``complete=False``.
+        Checked before every window; when set the steps stop with ``complete=False``.
 
     Yields
     ------
     Progress
         Stages :data:`LABELLING` then :data:`MEASURING`, counting windows.
 
-    Returns
-    -------
-    Nuclei
-
     Raises
     ------
     ValueError
-        If ``result`` is incomplete or has no pixel size, or ``window`` is not
-        a positive integer.
+        If ``result`` is incomplete or has no pixel size, or ``window`` is not a positive integer.
     """
     if not result.complete:
         raise ValueError("nuclei: expected a complete segmentation, received a cancelled run's partial class map")
@@ -241,47 +193,61 @@ def nuclei_of(
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window: expected a positive integer number of label pixels, received {window!r}")
     names = class_names if class_names is not None else result.class_names
-    return _nuclei_steps(result, names, image, region, window, halo_um, min_area_um2, _cancel_check(cancel))
+    return _nuclei_steps(result, names, image, region, window, _cancel_check(cancel))
 
 
-def _nuclei_steps(result, names, image, region, window, halo_um, min_area_um2, is_cancelled):
-    """:func:`nuclei_of` once its arguments are checked."""
+def _nuclei_steps(result, names, image, region, window, is_cancelled) -> Generator[Progress, None, Nuclei]:
     from .segmentation import label_box
 
     start = time.perf_counter()
-    mpp = _square_mpp(result.mpp)
-    labels, path, tempdir = _create_labels(result)
+    mpp = math.sqrt(result.mpp[0] * result.mpp[1])  # the steps assume square pixels
+    out = None  # next to the class map's store when that is on disk
+    if result.path is not None:
+        name = Path(result.path).name
+        stem, suffix = (name[:-5], ".zarr") if name.endswith(".zarr") else (name, "")
+        out = Path(result.path).with_name(f"{stem}-nuclei{suffix}")
+    attributes = {
+        "complete": False, "kind": "nuclei", "level": result.level, "downsample": list(result.downsample),
+        "mpp": list(result.mpp), "region": list(result.region) if result.region else None,
+    }
+    labels, path, tempdir = create_output(
+        out, result.labels.shape, result.labels.chunks, np.dtype(np.uint32), attributes, overwrite=True
+    )
     # Only the run's rectangle can hold nuclei: the engine leaves the rest 0.
     height, width = result.labels.shape
     box = label_box(result, result.region) if result.region is not None else (0, 0, height, width)
     n_windows = math.ceil((box[2] - box[0]) / window) * math.ceil((box[3] - box[1]) / window)
 
-    contour_class = contour_class_of(names)
-    classes = _CountedReads(_Box(result.labels, box), is_cancelled)
+    classes = _Box(result.labels, box, is_cancelled)
     written = yield from _step(lambda: label_nuclei_tiled(
-        classes, mpp, out=_Box(labels, box), window=window, halo_um=halo_um, contour_class=contour_class,
-        min_area_um2=min_area_um2,
+        classes, mpp, out=_Box(labels, box), window=window, contour_class=contour_class_of(names),
     ), classes, n_windows, LABELLING)
     if written is None:
         return Nuclei(segmentation=result, complete=False, elapsed_seconds=time.perf_counter() - start)
-    read_rgb = _rgb_reader(image, result, box[:2]) if image is not None else None
+    read_rgb = None
+    if image is not None:  # the slide's RGB on the label grid, resampled as the engine read it
+        level = as_slide(image).levels[result.level]
+        scale = (int(level.shape[0]) / height, int(level.shape[1]) / width)
+
+        def read_rgb(top: int, left: int, bottom: int, right: int) -> np.ndarray:
+            return read_scaled(level, scale, top + box[0], left + box[1], bottom + box[0], right + box[1])
+
     # Centroids from the slide's top-left corner, a pixel's centre half a pixel in (as QuPath places them).
     origin = ((box[0] + 0.5) * mpp, (box[1] + 0.5) * mpp)
-    nuclei = _CountedReads(_Box(labels, box), is_cancelled)
+    nuclei = _Box(labels, box, is_cancelled)
     table = yield from _step(lambda: measure_nuclei_tiled(
-        nuclei, mpp, read_rgb=read_rgb, origin_um=origin, window=window, halo_um=halo_um,
+        nuclei, mpp, read_rgb=read_rgb, origin_um=origin, window=window,
     ), nuclei, n_windows, MEASURING)
     if table is None:
         return Nuclei(segmentation=result, complete=False, elapsed_seconds=time.perf_counter() - start)
     labels.attrs["complete"] = True
-    summary = summarise(table, tissue_area_um2(result, region))
     return Nuclei(
         segmentation=result,
         complete=True,
         labels=labels,
         pyramid=lazy_pyramid(da.from_zarr(labels), labels=True),
         table=table,
-        summary=summary,
+        summary=summarise(table, tissue_area_um2(result, region)),
         path=path,
         elapsed_seconds=time.perf_counter() - start,
         _tempdir=tempdir,
@@ -291,22 +257,10 @@ def _nuclei_steps(result, names, image, region, window, halo_um, min_area_um2, i
 def tissue_area_um2(result: SegmentationResult, region: PolygonRegion | None = None) -> float | None:
     """Area (µm²) the run looked for nuclei in: tissue, inside its region and polygons.
 
-    The run's tissue mask (as detected, grown by its small safety margin;
-    everything when it predicted every tile), inside its rectangle
-    (``result.region``) and, when given, inside ``region``'s polygons, counted
-    on a grid of at most :data:`AREA_GRID_SIDE` cells a side over that rectangle
-    and at most one label pixel a cell.
-
-    Parameters
-    ----------
-    result : SegmentationResult
-    region : PolygonRegion, optional
-        The polygons a run was limited to (their bounding box is ``result.region``).
-
-    Returns
-    -------
-    float or None
-        None when the result has no pixel size.
+    The run's tissue mask (as detected, with its small safety margin; everything when it
+    predicted every tile), inside ``result.region`` and, when given, ``region``'s polygons,
+    counted on a grid of at most :data:`AREA_GRID_SIDE` cells a side over that rectangle and
+    at most one label pixel a cell. None when the result has no pixel size.
     """
     if result.mpp is None:
         return None
@@ -342,21 +296,26 @@ def describe_summary(summary: dict) -> str:
             f"(10-90 %: {summary['area_um2_p10']:.1f}-{summary['area_um2_p90']:.1f} µm²)")
 
 
-# --------------------------------------------------------------------------- helpers
-
-
 class _Cancelled(Exception):
     """Raised inside a step's window loop when the run is cancelled."""
 
 
 class _Box:
-    """The ``(y0, x0, y1, x1)`` part of a 2-D array, read and written with slices relative to it."""
+    """The ``(y0, x0, y1, x1)`` part of a 2-D array, read and written with slices relative to it.
 
-    def __init__(self, array, box: tuple[int, int, int, int]) -> None:
+    With ``is_cancelled``, every read is one window of a tiled step: it is counted (for
+    progress) and first checks whether the run was cancelled or the step stopped, so a step
+    ends between two windows.
+    """
+
+    def __init__(self, array, box: tuple[int, int, int, int], is_cancelled: Callable[[], bool] | None = None):
         self.array = array
         self.origin = (int(box[0]), int(box[1]))
         self.shape = (int(box[2]) - int(box[0]), int(box[3]) - int(box[1]))
         self.dtype = array.dtype
+        self.count = 0
+        self.stopped = False
+        self._is_cancelled = is_cancelled
 
     def _outer(self, key) -> tuple[slice, slice]:
         rows, cols = key
@@ -365,40 +324,22 @@ class _Box:
                 slice(x + (cols.start or 0), x + (width if cols.stop is None else cols.stop)))
 
     def __getitem__(self, key):
+        if self._is_cancelled is not None:
+            if self.stopped or self._is_cancelled():
+                raise _Cancelled
+            self.count += 1
         return self.array[self._outer(key)]
 
     def __setitem__(self, key, value) -> None:
         self.array[self._outer(key)] = value
 
 
-class _CountedReads:
-    """A label array as the tiled steps read it: one slice read per window.
-
-    Every read counts one window (for progress) and first checks whether the
-    run was cancelled or the step stopped, so a step ends between two windows.
-    """
-
-    def __init__(self, array, is_cancelled: Callable[[], bool]) -> None:
-        self.array = array
-        self.shape = tuple(int(s) for s in array.shape)
-        self.dtype = array.dtype
-        self.count = 0
-        self.stopped = False
-        self._is_cancelled = is_cancelled
-
-    def __getitem__(self, key):
-        if self.stopped or self._is_cancelled():
-            raise _Cancelled
-        self.count += 1
-        return self.array[key]
-
-
-def _step(function: Callable[[], Any], reads: _CountedReads, total: int, stage: str) -> Generator[Progress, None, Any]:
+def _step(function: Callable[[], Any], reads: _Box, total: int, stage: str) -> Generator[Progress, None, Any]:
     """Run ``function`` on a worker thread, reporting ``reads.count`` of ``total`` windows.
 
-    Returns what ``function`` returned, or None when it was cancelled. When
-    the generator is closed early (its consumer went away) the step stops at
-    the next window, so no thread outlives it.
+    Returns what ``function`` returned, or None when it was cancelled. When the generator is
+    closed early (its consumer went away) the step stops at the next window, so no thread
+    outlives it.
     """
     start = time.perf_counter()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feddp-nuclei")
@@ -408,8 +349,8 @@ def _step(function: Callable[[], Any], reads: _CountedReads, total: int, stage: 
         while not wait([future], timeout=PROGRESS_INTERVAL).done:
             done = min(reads.count, total)
             elapsed = time.perf_counter() - start
-            eta = elapsed / done * (total - done) if done else None
-            yield Progress(done, total, elapsed, eta, stage, unit="windows")
+            yield Progress(done, total, elapsed, elapsed / done * (total - done) if done else None, stage,
+                           unit="windows")
         try:
             value = future.result()
         except _Cancelled:
@@ -421,44 +362,3 @@ def _step(function: Callable[[], Any], reads: _CountedReads, total: int, stage: 
     finally:
         reads.stopped = True
         pool.shutdown(wait=True)
-
-
-def _square_mpp(mpp: tuple[float, float]) -> float:
-    """One pixel size for steps that assume square pixels: the geometric mean of ``(y, x)``."""
-    return float(math.sqrt(mpp[0] * mpp[1]))
-
-
-def _create_labels(result: SegmentationResult):
-    """The empty uint32 nucleus label array: next to the class map's store when on disk."""
-    attributes = {
-        "complete": False,
-        "kind": "nuclei",
-        "level": result.level,
-        "downsample": list(result.downsample),
-        "mpp": list(result.mpp) if result.mpp else None,
-        "region": list(result.region) if result.region else None,
-    }
-    out = None
-    if result.path is not None:
-        path = Path(result.path)
-        stem, suffix = (path.name[:-5], ".zarr") if path.name.endswith(".zarr") else (path.name, "")
-        out = path.with_name(f"{stem}-nuclei{suffix}")
-    labels, path, tempdir = create_output(
-        out, result.labels.shape, result.labels.chunks, np.dtype(np.uint32), attributes, overwrite=True
-    )
-    return labels, path, tempdir
-
-
-def _rgb_reader(image: Any, result: SegmentationResult,
-                origin: tuple[int, int] = (0, 0)) -> Callable[[int, int, int, int], np.ndarray]:
-    """``read(top, left, bottom, right)``: the slide's RGB on the label grid (rows and columns
-    counted from label pixel ``origin``), resampled as the engine read it."""
-    array = as_slide(image).levels[result.level]
-    height, width = result.labels.shape
-    scale = (int(array.shape[0]) / height, int(array.shape[1]) / width)
-
-    def read(top: int, left: int, bottom: int, right: int) -> np.ndarray:
-        y, x = origin
-        return read_scaled(array, scale, top + y, left + x, bottom + y, right + x)
-
-    return read

@@ -57,23 +57,9 @@ def load_model(choice: str | os.PathLike | None = None, device: str = "cpu") -> 
 
 @dataclass(frozen=True)
 class Controls:
-    """How a front end lets the user change a setting, for messages that say what to do.
-
-    The engine and the model store name Python parameters in their hints
-    (``tissue=False``); a pathologist using the widget or the command line
-    needs the name of the control in front of them instead.
-
-    Attributes
-    ----------
-    pixel_size : str
-        How to give the slide's pixel size.
-    whole_slide : str
-        How to predict background tiles too.
-    model : str
-        How to choose a checkpoint file.
-    smaller_run : str
-        How to make a run need less memory.
-    """
+    """How a front end lets the user give the pixel size, predict background tiles too, choose
+    a checkpoint file and make a run need less memory: the engine's and the model store's hints
+    name Python parameters (``tissue=False``), a user needs the control in front of them."""
 
     pixel_size: str
     whole_slide: str
@@ -120,31 +106,17 @@ def user_message(error: BaseException | str, controls: Controls) -> str:
 def check_pixel_size(
     image, loaded: LoadedModel, mpp: float | tuple[float, float] | None = None, controls: Controls = CLI_CONTROLS
 ) -> tuple[float, float] | None:
-    """The level-0 pixel size a run will use: ``mpp`` if given, else the image's own.
+    """The level-0 ``(y, x)`` µm per pixel a run will use: ``mpp`` (the user's) if given, else
+    the image's own; None only when the model needs no pixel size.
 
-    Called before any tile is read, so that a slide without a pixel size (or a
-    bad value) is reported in the front end's words instead of the engine's.
-
-    Parameters
-    ----------
-    image : Slide or array-like
-        What will be segmented; a Slide carries its pixel size as ``mpp``.
-    loaded : LoadedModel
-    mpp : float or (float, float), optional
-        Micrometres per level-0 pixel the user gave, overriding the file's.
-    controls : Controls
-        How the user gives a pixel size, for the message.
-
-    Returns
-    -------
-    (float, float) or None
-        ``(y, x)`` µm per pixel; None only when the model needs no pixel size.
+    Called before any tile is read, so that a missing or bad pixel size is reported in the
+    front end's words (``controls``) instead of the engine's.
 
     Raises
     ------
     SegmentationInputError
-        If ``mpp`` is not a positive number, or the model expects a pixel size
-        and neither ``mpp`` nor the image gives one.
+        If ``mpp`` is not a positive number, or the model expects a pixel size and neither
+        ``mpp`` nor the image gives one.
     """
     if mpp is not None:
         pair = (mpp, mpp) if isinstance(mpp, (int, float)) else tuple(mpp)
@@ -187,13 +159,7 @@ def open_image(path: str | os.PathLike):
 
 
 def is_field_of_view(image) -> bool:
-    """True for a single-level image of at most :data:`FIELD_OF_VIEW_MAX_SIDE` pixels a side.
-
-    Parameters
-    ----------
-    image : Slide or array-like
-        A slide (its ``levels``) or an RGB array.
-    """
+    """True for a single-level slide or RGB array of at most :data:`FIELD_OF_VIEW_MAX_SIDE` pixels a side."""
     levels = getattr(image, "levels", None)
     levels = list(levels) if levels is not None else [image]
     return len(levels) == 1 and max(int(n) for n in levels[0].shape[:2]) <= FIELD_OF_VIEW_MAX_SIDE
@@ -209,24 +175,14 @@ class OutputPathError(ValueError):
 def check_output_path(path: str | os.PathLike, what: str) -> Path:
     """Refuse an output path that cannot be written, before anything is computed.
 
-    Parameters
-    ----------
-    path : str or os.PathLike
-        The file to write.
-    what : str
-        How the user gave it (``"--out"``, ``"--json"``), to start the message with.
-
-    Returns
-    -------
-    pathlib.Path
-        ``path`` with ``~`` expanded.
+    ``what`` is how the user gave it (``"--out"``), to start the message with. Returns ``path``
+    with ``~`` expanded.
 
     Raises
     ------
     OutputPathError
-        If ``path`` is a folder, its folder is missing or not a folder, or no
-        file can be created there (read-only or virtual file systems such as
-        ``/sys`` and ``/proc``, missing permission).
+        If ``path`` is a folder, its folder is missing or not a folder, or no file can be
+        created there (read-only or virtual file systems such as ``/proc``, missing permission).
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -250,19 +206,8 @@ def check_output_path(path: str | os.PathLike, what: str) -> Path:
 
 def check_output_paths(outputs: dict[str, str | os.PathLike | None],
                        inputs: Sequence[str | os.PathLike] = ()) -> dict[str, Path]:
-    """:func:`check_output_path` for every given output, which must differ from each other and the inputs.
-
-    Parameters
-    ----------
-    outputs : dict
-        How the user gave each output (``"--out"``) -> its path; None entries are skipped.
-    inputs : sequence of path
-        Files the run reads, which an output must not replace.
-
-    Returns
-    -------
-    dict of str to pathlib.Path
-        The checked outputs.
+    """:func:`check_output_path` for every output given (how the user gave it -> its path; None
+    entries are skipped); outputs must differ from each other and from the ``inputs`` the run reads.
 
     Raises
     ------
@@ -282,22 +227,12 @@ T = TypeVar("T")
 
 
 def write_together(writes: Sequence[tuple[Path, Callable[[Path], T]]]) -> list[T]:
-    """Write several output files so that all of them appear, or none.
+    """Write several output files so that all of them appear, or none; returns what each
+    ``writer(path)`` returned.
 
-    Each writer fills a temporary file next to its target; only when every
-    one has succeeded are they moved into place. A failure removes the
-    temporaries (and any file already moved into place by this call), so a
-    run never leaves half of its outputs.
-
-    Parameters
-    ----------
-    writes : sequence of (target path, writer)
-        ``writer(path)`` writes the file at the path it is given.
-
-    Returns
-    -------
-    list
-        What each writer returned, in order.
+    Each writer fills a temporary file next to its target; only when every one has succeeded
+    are they moved into place. A failure removes the temporaries (and any file already moved
+    into place by this call), so a run never leaves half of its outputs.
     """
     temps = [path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial") for path, _ in writes]
     placed: list[Path] = []
@@ -325,16 +260,8 @@ def run_segmentation(
 ) -> Generator[Progress, None, SegmentationResult]:
     """:func:`~napari_feddp.inference.segment_slide` with the loaded model's settings.
 
-    Parameters
-    ----------
-    image : Slide or array-like
-        What the engine segments.
-    loaded : LoadedModel
-    region : (y0, x0, y1, x1), PolygonRegion or None
-        Level-0 rectangle, or polygons: the engine segments their bounding
-        box, then every label pixel whose centre is outside them is set to 0.
-    **engine_options
-        Passed to :func:`~napari_feddp.inference.segment_slide`.
+    ``region`` is a level-0 rectangle ``(y0, x0, y1, x1)`` or polygons: the engine segments
+    their bounding box, then every label pixel whose centre is outside them is set to 0.
     """
     if isinstance(region, PolygonRegion):
         run = segment_slide(image, loaded.model, loaded.spec, region=region.bounds(), **engine_options)
@@ -351,22 +278,9 @@ def _inside_polygons(
     return result
 
 
-def region_from_xywh(text: str) -> tuple[int, int, int, int]:
-    """Parse ``"X,Y,W,H"`` (level-0 pixels) into the engine's ``(y0, x0, y1, x1)``."""
-    try:
-        x, y, w, h = (int(float(v)) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"--region: expected X,Y,W,H as four numbers, received {text!r}") from None
-    if w <= 0 or h <= 0 or x < 0 or y < 0:
-        raise ValueError(f"--region: expected X,Y >= 0 and W,H > 0, received {text!r}")
-    return (y, x, y + h, x + w)
-
-
 def region_from_argument(text: str) -> tuple[int, int, int, int] | PolygonRegion:
-    """``--region``: ``"X,Y,W,H"`` in level-0 pixels, or a GeoJSON file of polygons.
-
-    The GeoJSON's coordinates are level-0 pixels, as QuPath exports annotations.
-    """
+    """``--region``: ``"X,Y,W,H"`` in level-0 pixels (as the engine's ``(y0, x0, y1, x1)``), or a
+    GeoJSON file of polygons in level-0 pixels (as QuPath exports annotations)."""
     path = Path(text)
     if path.suffix.lower() in (".geojson", ".json") or path.is_file():
         if not path.is_file():
@@ -376,11 +290,14 @@ def region_from_argument(text: str) -> tuple[int, int, int, int] | PolygonRegion
         except ValueError as exc:
             raise ValueError(f"--region: {exc}") from None
     try:
-        return region_from_xywh(text)
+        x, y, w, h = (int(float(v)) for v in text.split(","))
+        if w <= 0 or h <= 0 or x < 0 or y < 0:
+            raise ValueError
     except ValueError:
         raise ValueError(
             f"--region: expected X,Y,W,H as four numbers or a GeoJSON file with a polygon, received {text!r}"
         ) from None
+    return (y, x, y + h, x + w)
 
 
 # --------------------------------------------------------------------------- editing results
@@ -423,21 +340,9 @@ def editable_box(result: SegmentationResult, max_pixels: int = EDITABLE_MAX_PIXE
 class CorrectionWindow:
     """An in-memory copy of part of a large label map whose edits go back to the map.
 
-    Parameters
-    ----------
-    target : zarr.Array or numpy.ndarray
-        The writable ``(H, W)`` label map (a :class:`SegmentationResult`'s ``labels``).
-    box : (y0, x0, y1, x1)
-        Label pixels to copy; clipped to the map.
-    max_side : int
-        Refuse larger windows: they would not fit in memory comfortably.
-
-    Attributes
-    ----------
-    data : numpy.ndarray
-        The copy to edit (a napari Labels layer's data).
-    origin : (int, int)
-        ``(row, col)`` of ``data[0, 0]`` in ``target``.
+    ``target`` is the writable ``(H, W)`` label map, ``box`` the ``(y0, x0, y1, x1)`` label pixels
+    to copy (clipped to the map; sides above ``max_side`` are refused). ``data`` is the copy to
+    edit (a napari Labels layer's data), ``origin`` the ``(row, col)`` of ``data[0, 0]`` in ``target``.
     """
 
     def __init__(self, target, box: tuple[int, int, int, int], max_side: int = WINDOW_MAX_SIDE):
@@ -459,11 +364,8 @@ class CorrectionWindow:
     def write_back(self, data=None) -> int:
         """Write what changed since the last call into the map; returns the pixels changed.
 
-        Parameters
-        ----------
-        data : array-like, optional
-            The edited copy, when it replaced :attr:`data` (a napari layer's
-            data may be swapped for a new array of the same shape).
+        ``data``: the edited copy, when it replaced :attr:`data` (a napari layer's data may be
+        swapped for a new array of the same shape).
         """
         if data is not None and data is not self.data:
             data = np.asarray(data)

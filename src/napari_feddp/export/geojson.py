@@ -58,8 +58,19 @@ def labels_to_features(
     """
 
     def connected_objects(strip, core_start, core_stop):
-        for class_index, components, box, index in _objects_starting_in(strip, core_start, core_stop, class_names):
-            yield class_index, box, components[box] == index
+        """(class, bounding box, mask) of the connected objects whose first row is in the core rows."""
+        for class_index in np.unique(strip):
+            if class_index == 0:
+                continue
+            if class_index >= len(class_names):
+                raise ValueError(
+                    f"label map contains class {class_index} but only {len(class_names)} "
+                    f"class names were given: {list(class_names)}"
+                )
+            components, _ = ndimage.label(strip == class_index)
+            for index, box in enumerate(ndimage.find_objects(components), start=1):
+                if box is not None and core_start <= box[0].start < core_stop:
+                    yield class_index, box, components[box] == index
 
     for class_index, ring in _object_rings(labels, connected_objects, downsample, offset):
         yield _feature(ring, {"objectType": object_type,
@@ -143,22 +154,6 @@ def _feature(ring: np.ndarray, properties: dict) -> dict:
                      "coordinates": [[[round(float(x), 2), round(float(y), 2)] for y, x in ring]]},
         "properties": properties,
     }
-
-
-def _objects_starting_in(strip, core_start, core_stop, class_names):
-    """(class, component map, bounding box, component id) of objects whose first row is in the core."""
-    for class_index in np.unique(strip):
-        if class_index == 0:
-            continue
-        if class_index >= len(class_names):
-            raise ValueError(
-                f"label map contains class {class_index} but only {len(class_names)} "
-                f"class names were given: {list(class_names)}"
-            )
-        components, _ = ndimage.label(strip == class_index)
-        for index, box in enumerate(ndimage.find_objects(components), start=1):
-            if box is not None and core_start <= box[0].start < core_stop:
-                yield class_index, components, box, index
 
 
 def _nuclei_starting_in(strip, core_start, core_stop):

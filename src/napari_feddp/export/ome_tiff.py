@@ -69,7 +69,12 @@ def write_ome_labels(
         raise ValueError(f"labels must be 2-D (Y, X); got shape {tuple(level0.shape)}")
     if not np.issubdtype(level0.dtype, np.integer) and level0.dtype != bool:
         raise ValueError(f"labels must have an integer dtype; got {level0.dtype}")
-    dtype = _storage_dtype(level0.dtype)
+    if level0.dtype == np.bool_:
+        dtype = np.dtype(np.uint8)
+    elif level0.dtype in _SAFE_DTYPES:
+        dtype = np.dtype(level0.dtype)
+    else:  # 64-bit ids: written as 32 bits when they fit (checked strip by strip)
+        dtype = np.dtype(np.uint32 if np.issubdtype(level0.dtype, np.unsignedinteger) else np.int32)
     top, left = (int(v) for v in offset)
     if top < 0 or left < 0:
         raise ValueError(f"offset: expected (row, col) >= 0, received {tuple(offset)}")
@@ -98,20 +103,12 @@ def write_ome_labels(
     return path
 
 
-def _storage_dtype(dtype: np.dtype) -> np.dtype:
-    if dtype == bool:
-        return np.dtype(np.uint8)
-    if dtype in _SAFE_DTYPES:
-        return np.dtype(dtype)
-    return np.dtype(np.uint32 if np.issubdtype(dtype, np.unsignedinteger) else np.int32)
-
-
 def _tiles(level: da.Array, dtype: np.dtype) -> Iterator[np.ndarray]:
     """Yield ``TILE x TILE`` tiles in row-major order, one strip of tiles at a time."""
     height, width = level.shape
     info = np.iinfo(dtype)
     for y in range(0, height, TILE):
-        strip = np.asarray(level[y : y + TILE].compute() if isinstance(level, da.Array) else level[y : y + TILE])
+        strip = level[y : y + TILE].compute()
         if strip.size and (strip.max() > info.max or strip.min() < info.min):
             raise ValueError(
                 f"label values in rows {y}-{y + TILE} do not fit in {dtype} "

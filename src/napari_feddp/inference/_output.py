@@ -28,20 +28,12 @@ def create_output(
     *,
     overwrite: bool = False,
 ) -> tuple[zarr.Array, Path | None, tempfile.TemporaryDirectory | None]:
-    """Create the (empty, zero-filled) label array.
+    """Create the (empty, zero-filled) label array; return it, its directory and the temporary
+    directory handle (both None when they do not apply).
 
-    Parameters
-    ----------
-    out : path, zarr store or None
-        Directory for a zarr v3 array, any zarr store, or None: in memory when
-        the labels take at most :data:`IN_MEMORY_MAX_BYTES`, else a temporary
-        directory removed when the result is garbage collected.
-    overwrite : bool
-        Replace an existing store at ``out``.
-
-    Returns
-    -------
-    array, path (or None), temporary directory handle (or None)
+    ``out`` is a directory for a zarr v3 array, any zarr store, or None: in memory when the
+    labels take at most :data:`IN_MEMORY_MAX_BYTES`, else a temporary directory removed when
+    the result is garbage collected. ``overwrite`` replaces an existing store at ``out``.
     """
     tempdir = None
     path: Path | None = None
@@ -93,7 +85,6 @@ class ChunkWriter:
         self.shape = tuple(int(s) for s in array.shape)
         self.chunks = tuple(int(c) for c in array.chunks)
         self._buffers: dict[tuple[int, int], list] = {}
-        self.chunks_written = 0
 
     def _chunk_box(self, r: int, c: int) -> tuple[int, int, int, int]:
         ch, cw = self.chunks
@@ -136,4 +127,3 @@ class ChunkWriter:
         if buffer.any():
             by0, bx0, by1, bx1 = self._chunk_box(*key)
             self.array[by0:by1, bx0:bx1] = buffer
-            self.chunks_written += 1

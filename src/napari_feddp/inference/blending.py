@@ -23,6 +23,7 @@ current tile, whatever the slide's height.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -84,14 +85,12 @@ def tile_profiles(plan: TilePlan, row: int, col: int) -> tuple[tuple[bool, bool]
     return (y == 0, y + size >= plan.shape[0]), (x == 0, x + size >= plan.shape[1])
 
 
+@dataclass
 class _Block:
     """Accumulator for rows ``[top, top + data.shape[1])`` of one column block."""
 
-    __slots__ = ("top", "data")
-
-    def __init__(self, top: int, data: np.ndarray) -> None:
-        self.top = top
-        self.data = data
+    top: int
+    data: np.ndarray
 
 
 class TileBlender:
@@ -138,11 +137,6 @@ class TileBlender:
                 following[(row, int(col))] = int(plan.xs[cols[k + 1]]) if k + 1 < len(cols) else width
         return following
 
-    @property
-    def live_bytes(self) -> int:
-        """Bytes held in accumulators now."""
-        return sum(block.data.nbytes for block in self.blocks.values())
-
     def add(self, row: int, col: int, tile: np.ndarray) -> None:
         """Add the weighted prediction ``tile`` (``(C, T, T)``) of grid tile ``(row, col)``."""
         plan = self.plan
@@ -161,7 +155,7 @@ class TileBlender:
             block.data[:, y - block.top : y_end - block.top, bx0 - c * size : bx1 - c * size] += tile[
                 :, : y_end - y, bx0 - x : bx1 - x
             ]
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        self.peak_bytes = max(self.peak_bytes, sum(block.data.nbytes for block in self.blocks.values()))
         # Blocks left of the next tile in this row are done down to the next grid row.
         next_x = self._next_x[(row, col)]
         next_y = int(plan.ys[row + 1]) if row + 1 < len(plan.ys) else height

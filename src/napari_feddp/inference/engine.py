@@ -1,19 +1,10 @@
 """Segment a whole slide tile by tile: a generator that reports progress and can be cancelled.
 
-Typical use::
-
-    gen = segment_slide(slide, model, InferenceSpec(tile_size=512, mpp=1.0))
-    for progress in gen:           # or wrap segment_slide in napari's thread_worker
-        print(progress.done, "/", progress.total, progress.eta_seconds)
-    # the generator's return value is the SegmentationResult:
-    result = run_to_completion(segment_slide(slide, model, spec))
-
-Pipeline: tissue mask on a thumbnail -> tile plan (tiles touching tissue and the
-requested region) -> tiles read and resampled on worker threads, a few batches
-ahead -> batched forward pass (mixed precision on CUDA) -> softmax x window ->
-:class:`TileBlender` -> finished pixels become labels -> :class:`ChunkWriter`
-writes each zarr chunk once. Nothing scales with the slide's area except the
-(bounded) thumbnail; see :mod:`.blending` for what scales with its width.
+Pipeline: tissue mask on a thumbnail -> tile plan (tiles touching tissue and the requested
+region) -> tiles read and resampled on worker threads, a few batches ahead -> batched forward
+pass (mixed precision on CUDA) -> softmax x window -> :class:`TileBlender` -> finished pixels
+become labels -> :class:`ChunkWriter` writes each zarr chunk once. Nothing scales with the
+slide's area except the (bounded) thumbnail; see :mod:`.blending` for what scales with its width.
 """
 
 from __future__ import annotations
@@ -46,10 +37,8 @@ from .spec import InferenceSpec
 from .tiling import Geometry, TilePlan, choose_geometry, plan_tiles
 from .tissue import TissueMask, detect_tissue
 
-#: Largest overlap fraction accepted (above it nearly every pixel is predicted
-#: many times over for no gain).
+#: Largest overlap fraction accepted (above it nearly every pixel is predicted many times over).
 MAX_OVERLAP = 0.9
-
 
 
 @dataclass(frozen=True)
@@ -58,18 +47,15 @@ class Progress:
 
     Attributes
     ----------
-    done : int
-        Tiles predicted so far (windows processed, for steps counted in windows).
-    total : int
-        Tiles to predict (those touching tissue and the region), or windows.
+    done, total : int
+        Tiles predicted so far and to predict (or windows, see ``unit``).
     elapsed_seconds : float
-        Time since the run (or the step) started (tissue detection included).
+        Time since the run (or the step) started.
     eta_seconds : float or None
         Estimated time to finish; None until the first batch is done.
     stage : str
-        ``"planning"`` (tissue detection), ``"predicting"``, ``"finished"`` or
-        ``"cancelled"``; steps after the engine add their own (e.g.
-        ``"labelling nuclei"``, see :mod:`napari_feddp.nuclei`).
+        ``"planning"`` (tissue detection), ``"predicting"``, ``"finished"`` or ``"cancelled"``;
+        later steps add their own (e.g. ``"labelling nuclei"``, :mod:`napari_feddp.nuclei`).
     skipped : int
         Grid tiles never predicted (background, or outside the region).
     unit : str
@@ -99,27 +85,23 @@ class SegmentationResult:
     Attributes
     ----------
     labels : zarr.Array
-        ``(H, W)`` class indices at the processing resolution (uint8 for fewer
-        than 256 classes). 0 outside tissue and the region. Its attributes hold
-        the geometry and ``"complete"``.
+        ``(H, W)`` class indices at the processing resolution, 0 outside tissue and the
+        region; its attributes hold the geometry and ``"complete"``.
     level : int
         Slide level that was read.
     downsample : (float, float)
-        Level-0 pixels per label pixel, ``(y, x)``: place the labels over the
-        slide with ``scale = slide mpp * downsample`` (see :meth:`layer_kwargs`).
+        Level-0 pixels per label pixel ``(y, x)``.
     mpp : (float, float) or None
         Micrometres per label pixel.
     pyramid : list of dask.array.Array
         ``labels`` and lazily downsampled copies for display (nearest neighbour).
     complete : bool
-        False when the run was cancelled: then ``labels`` is partial and must
-        not be presented as a segmentation.
+        False when the run was cancelled: ``labels`` is then partial, never a segmentation.
     tissue : TissueMask or None
         Mask that selected the tiles.
     region : (y0, x0, y1, x1) or None
         Level-0 rectangle that was segmented (clipped to the slide).
     tiles_done, tiles_total, tiles_skipped : int
-        Tiles predicted, to predict, and skipped as background / outside region.
     class_names : tuple of str or None
     path : Path or None
         Directory of the zarr store when on disk.
@@ -163,11 +145,10 @@ class SegmentationResult:
         scale = tuple(d * u for d, u in zip(self.downsample, unit))
         # A label pixel covers level-0 pixels [i d, (i + 1) d): its centre is at i d + (d - 1) / 2.
         translate = tuple((d - 1) / 2 * u for d, u in zip(self.downsample, unit))
-        name = "segmentation" if self.complete else "segmentation (incomplete)"
         return {
             "scale": scale,
             "translate": translate,
-            "name": name,
+            "name": "segmentation" if self.complete else "segmentation (incomplete)",
             "metadata": {
                 "complete": self.complete,
                 "class_names": list(self.class_names) if self.class_names else None,
@@ -202,20 +183,17 @@ def segment_slide(
     Parameters
     ----------
     image : Slide or array-like
-        A slide from :func:`napari_feddp.slides.open_slide`, or a ``(Y, X, 3)``
-        uint8 array (numpy, dask or zarr).
+        A slide from :func:`napari_feddp.slides.open_slide`, or a ``(Y, X, 3)`` uint8 array.
     model : torch.nn.Module
-        Maps ``(B, 3, T, T)`` normalised float images to logits ``(B, C, T, T)``.
-        It is moved to ``device`` and put in eval mode for the run (its
-        train/eval mode is restored afterwards).
+        Maps ``(B, 3, T, T)`` normalised images to logits ``(B, C, T, T)``. Moved to
+        ``device`` and put in eval mode for the run (its mode is restored afterwards).
     spec : InferenceSpec
         Tile size, resolution and normalisation the model expects.
     region : (y0, x0, y1, x1), optional
-        Level-0 rectangle to segment (e.g. the current napari view); the rest
-        of the label map stays 0. Clipped to the slide.
+        Level-0 rectangle to segment (clipped to the slide); the rest stays 0.
     tissue : bool, TissueMask or array
-        True: detect tissue and predict only tiles touching it. False: predict
-        every tile. A mask (any resolution, covering the slide) is used as given.
+        True: predict only tiles touching detected tissue. False: every tile. A mask
+        (any resolution, covering the slide) is used as given.
     batch_size : int
         Tiles per forward pass.
     overlap : float
@@ -227,14 +205,13 @@ def segment_slide(
     overwrite : bool
         Replace an existing store at ``out``.
     cancel : threading.Event or callable, optional
-        Checked before every batch; when set (or returning True) the run stops,
-        and the result says ``complete=False``.
+        Checked before every batch; when set the run stops with ``complete=False``.
     mpp : float or (float, float), optional
         Level-0 micrometres per pixel, for arrays or slides without one.
     num_workers : int, optional
-        Threads reading tiles. Default: 1 on the CPU (reading a tile costs a few
-        ms against a forward pass of tens, and more threads would only steal
-        cores from the model), else the CPU count, at most 4.
+        Threads reading tiles (0: in the calling thread). Default: 1 on the CPU (reading a
+        tile costs a few ms against a forward pass of tens; more threads would steal cores
+        from the model), else the CPU count, at most 4.
     prefetch_batches : int
         Batches read ahead of the one being predicted.
     window : {"hann", "gaussian"}
@@ -247,20 +224,19 @@ def segment_slide(
     Yields
     ------
     Progress
-        First while planning, then after every batch, last with stage
-        ``"finished"`` or ``"cancelled"``.
+        First while planning, then after every batch, last ``"finished"`` or ``"cancelled"``.
 
     Returns
     -------
     SegmentationResult
-        As the generator's return value (``StopIteration.value``; the value a
-        napari ``thread_worker`` emits as ``returned``). See :func:`run_to_completion`.
+        As the generator's return value (what napari's ``thread_worker`` emits as
+        ``returned``); see :func:`run_to_completion`.
 
     Raises
     ------
     InferenceError
-        Bad arguments (raised by this call), or, once running: no tissue found,
-        no tile to predict, or a model output of the wrong shape.
+        Bad arguments (raised by this call), or, once running: no tissue found, no tile
+        to predict, or a model output of the wrong shape.
     """
     slide = as_slide(image, mpp)
     _check_model(model, spec)
@@ -281,25 +257,8 @@ def segment_slide(
         keep_freed_memory()  # glibc: reuse activation pages instead of faulting fresh ones in
     if num_workers is None:
         num_workers = 1 if chosen_device.type == "cpu" else min(4, os.cpu_count() or 1)
-    run = _Run(
-        slide=slide,
-        model=model,
-        spec=spec,
-        geometry=geometry,
-        region=clipped,
-        tissue=tissue_arg,
-        batch_size=batch_size,
-        overlap=float(overlap),
-        device=chosen_device,
-        out=out,
-        overwrite=overwrite,
-        is_cancelled=is_cancelled,
-        num_workers=num_workers,
-        prefetch_batches=prefetch_batches,
-        window=window,
-        mixed_precision=mixed_precision,
-        mask_output=mask_output,
-    )
+    run = _Run(slide, model, spec, geometry, clipped, tissue_arg, batch_size, float(overlap), chosen_device, out,
+               overwrite, is_cancelled, num_workers, prefetch_batches, window, mixed_precision, mask_output)
     return run.execute()
 
 
@@ -323,8 +282,7 @@ def run_to_completion(
     Raises
     ------
     InferenceCancelled
-        If the run was cancelled and ``allow_partial`` is False; the partial
-        result is attached as ``.result``.
+        If the run was cancelled and ``allow_partial`` is False (the partial result is ``.result``).
     """
     while True:
         try:
@@ -358,9 +316,7 @@ def _check_model(model: Any, spec: InferenceSpec) -> None:
         raise InferenceError(f"model: expected a torch.nn.Module, received {type(model).__name__}")
     multiple = getattr(model, "size_multiple", 1)
     if isinstance(multiple, int) and multiple > 1 and spec.tile_size % multiple:
-        raise InferenceError(
-            f"spec.tile_size: the model needs a multiple of {multiple}, received {spec.tile_size}"
-        )
+        raise InferenceError(f"spec.tile_size: the model needs a multiple of {multiple}, received {spec.tile_size}")
 
 
 def _cancel_check(cancel: Any) -> Callable[[], bool]:
@@ -389,12 +345,7 @@ def _check_region(region: Any, shape: tuple[int, int]) -> tuple[int, int, int, i
     if y1 <= y0 or x1 <= x0:
         raise InferenceError(f"region: expected y0 < y1 and x0 < x1, received {tuple(values)}")
     height, width = shape
-    clipped = (
-        max(int(math.floor(y0)), 0),
-        max(int(math.floor(x0)), 0),
-        min(int(math.ceil(y1)), height),
-        min(int(math.ceil(x1)), width),
-    )
+    clipped = (max(math.floor(y0), 0), max(math.floor(x0), 0), min(math.ceil(y1), height), min(math.ceil(x1), width))
     if clipped[0] >= clipped[2] or clipped[1] >= clipped[3]:
         raise InferenceError(
             f"region: expected a rectangle overlapping the slide (0, 0, {height}, {width}), "
@@ -421,6 +372,8 @@ def _check_tissue(tissue: Any, shape: tuple[int, int]) -> bool | TissueMask:
 
 @dataclass
 class _Run:
+    """One run's settings (checked by :func:`segment_slide`) and its state while it runs."""
+
     slide: Slide
     model: torch.nn.Module
     spec: InferenceSpec
@@ -438,53 +391,52 @@ class _Run:
     window: str
     mixed_precision: bool
     mask_output: bool
+    plan: TilePlan | None = None
+    mask: TissueMask | None = None
+    done: int = 0
+    cancelled: bool = False
+    labels: zarr.Array | None = None
+    path: Path | None = None
+    tempdir: tempfile.TemporaryDirectory | None = None
+    writer: ChunkWriter | None = None
+    blender: TileBlender | None = None
+
+    @property
+    def label_mpp(self) -> tuple[float, float] | None:
+        if self.slide.mpp is None:
+            return None
+        return tuple(m * d for m, d in zip(self.slide.mpp, self.geometry.downsample))  # type: ignore[return-value]
 
     def execute(self) -> Generator[Progress, None, SegmentationResult]:
         start = time.perf_counter()
         yield Progress(0, 0, 0.0, None, "planning")
-        mask = self._tissue_mask()
-        plan = plan_tiles(self.geometry, self.spec.tile_size, self.overlap, tissue=mask, region=self.region)
+        self.mask = detect_tissue(self.slide) if self.tissue is True else (None if self.tissue is False else self.tissue)
+        plan = self.plan = plan_tiles(self.geometry, self.spec.tile_size, self.overlap, tissue=self.mask,
+                                      region=self.region)
         if plan.n_tiles == 0:
             where = f"region {self.region} (level-0 y0, x0, y1, x1)" if self.region else "the slide"
             raise InferenceError(
                 f"no tile to predict: expected tissue inside {where}, received only background there; "
                 "pass tissue=False to predict it anyway"
             )
-        skipped = plan.n_grid - plan.n_tiles
-        state = _State(plan=plan, mask=mask)
-        yield Progress(0, plan.n_tiles, time.perf_counter() - start, None, "predicting", skipped)
-        cancelled = False
+        total, skipped = plan.n_tiles, plan.n_grid - plan.n_tiles
+        yield Progress(0, total, time.perf_counter() - start, None, "predicting", skipped)
         predict_start = time.perf_counter()
-        steps = self._predict(state)
+        steps = self._predict()
         try:
             for done in steps:
-                if done is None:
-                    cancelled = True
-                    break
-                elapsed = time.perf_counter() - predict_start
-                eta = elapsed / done * (plan.n_tiles - done) if done else None
-                yield Progress(done, plan.n_tiles, time.perf_counter() - start, eta, "predicting", skipped)
+                eta = (time.perf_counter() - predict_start) / done * (total - done) if done else None
+                yield Progress(done, total, time.perf_counter() - start, eta, "predicting", skipped)
         finally:
             steps.close()  # stops reader threads, restores the model's mode
-        result = self._result(state, complete=not cancelled, elapsed=time.perf_counter() - start)
-        stage = "cancelled" if cancelled else "finished"
-        yield Progress(state.done, plan.n_tiles, result.elapsed_seconds, 0.0 if not cancelled else None, stage, skipped)
+        result = self._result(elapsed=time.perf_counter() - start)
+        stage, eta = ("cancelled", None) if self.cancelled else ("finished", 0.0)
+        yield Progress(self.done, total, result.elapsed_seconds, eta, stage, skipped)
         return result
 
-    # -- planning
-
-    def _tissue_mask(self) -> TissueMask | None:
-        if self.tissue is True:
-            return detect_tissue(self.slide)
-        if self.tissue is False:
-            return None
-        return self.tissue  # type: ignore[return-value]
-
-    # -- prediction
-
-    def _predict(self, state: _State) -> Generator[int | None, None, None]:
-        """Run every batch; yield tiles done after each, or None when cancelled."""
-        plan, spec, device = state.plan, self.spec, self.device
+    def _predict(self) -> Generator[int, None, None]:
+        """Run every batch and yield the tiles done after each; stop early when cancelled."""
+        plan, spec, device = self.plan, self.spec, self.device
         reader = TileReader(self.slide, self.geometry, spec.tile_size)
         tiles = plan.tiles()
         batches = [tiles[k : k + self.batch_size] for k in range(0, len(tiles), self.batch_size)]
@@ -524,26 +476,25 @@ class _Run:
                 submit(index)
             for index, batch in enumerate(batches):
                 if self.is_cancelled():
-                    yield None
+                    self.cancelled = True
                     return
                 futures = queue.popleft()
                 if index + len(queue) + 1 < len(batches):
                     submit(index + len(queue) + 1)
                 pixels = np.stack([future.result() for future in futures])
-                weighted = self._forward(pixels, scale, shift, weights(batch))
-                host, event = self._to_host(weighted)
+                host, event = self._forward(pixels, scale, shift, weights(batch))
                 if blending is not None:
                     blending.result()  # re-raises a failed blend or write here
-                    yield state.done
-                blending = blend_pool.submit(self._blend, state, batch, host, event)
+                    yield self.done
+                blending = blend_pool.submit(self._blend, batch, host, event)
             if blending is not None:
                 blending.result()
                 if self.is_cancelled():
-                    yield None
+                    self.cancelled = True
                     return
-            state.blender.finish()
-            state.writer.flush_all()
-            yield state.done
+            self.blender.finish()
+            self.writer.flush_all()
+            yield self.done
         finally:
             blend_pool.shutdown(wait=True)  # a cancelled run's partial labels stay consistent
             executor.shutdown(wait=True, cancel_futures=True)
@@ -551,8 +502,11 @@ class _Run:
 
     def _forward(
         self, pixels: np.ndarray, scale: torch.Tensor, shift: torch.Tensor, windows: list[torch.Tensor]
-    ) -> torch.Tensor:
-        """Weighted class probabilities ``(B, C, T, T)`` (C >= 2) of a uint8 batch ``(B, T, T, 3)``."""
+    ) -> tuple[torch.Tensor, Any]:
+        """Weighted class probabilities ``(B, C, T, T)`` (C >= 2) of a uint8 batch ``(B, T, T, 3)``.
+
+        Returned on the CPU with the CUDA event to wait for: the copy overlaps the next forward pass.
+        """
         device = self.device
         batch = torch.from_numpy(pixels)
         if device.type == "cuda":
@@ -572,123 +526,103 @@ class _Run:
                 probabilities = torch.softmax(logits, dim=1)
             for k, window in enumerate(windows):
                 probabilities[k].mul_(window)
-        return probabilities
-
-    def _check_output(self, logits: Any, n: int) -> None:
-        size = self.spec.tile_size
-        expected_c = self.spec.n_classes if self.spec.n_classes is not None else "C"
-        if not isinstance(logits, torch.Tensor):
-            raise InferenceError(
-                f"model output: expected a tensor of shape ({n}, {expected_c}, {size}, {size}), "
-                f"received {type(logits).__name__}"
-            )
-        shape = tuple(logits.shape)
-        ok = len(shape) == 4 and shape[0] == n and shape[2:] == (size, size) and shape[1] >= 1
-        if ok and self.spec.n_classes is not None:
-            ok = shape[1] == self.spec.n_classes
-        if not ok:
-            raise InferenceError(
-                f"model output: expected logits of shape ({n}, {expected_c}, {size}, {size}), received {shape}"
-            )
-
-    def _to_host(self, weighted: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Start copying to the CPU; on CUDA the copy overlaps the next forward pass."""
-        if self.device.type != "cuda":
-            return weighted.to("cpu"), None
-        host = weighted.to("cpu", non_blocking=True)
+        if device.type != "cuda":
+            return probabilities.to("cpu"), None
+        host = probabilities.to("cpu", non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         return host, event
 
-    def _blend(self, state: _State, batch: list[tuple[int, int]], host: torch.Tensor, event: Any) -> None:
+    def _check_output(self, logits: Any, n: int) -> None:
+        size, n_classes = self.spec.tile_size, self.spec.n_classes
+        expected = f"({n}, {n_classes if n_classes is not None else 'C'}, {size}, {size})"
+        if not isinstance(logits, torch.Tensor):
+            raise InferenceError(f"model output: expected a tensor of shape {expected}, received {type(logits).__name__}")
+        shape = tuple(logits.shape)
+        ok = len(shape) == 4 and shape[0] == n and shape[2:] == (size, size) and shape[1] >= 1
+        if not ok or (n_classes is not None and shape[1] != n_classes):
+            raise InferenceError(f"model output: expected logits of shape {expected}, received {shape}")
+
+    def _blend(self, batch: list[tuple[int, int]], host: torch.Tensor, event: Any) -> None:
         if event is not None:
             event.synchronize()
         array = host.numpy()
-        if state.blender is None:
-            self._open_output(state, array.shape[1])
+        if self.blender is None:
+            self._open_output(array.shape[1])
         for k, (row, col) in enumerate(batch):
-            state.blender.add(row, col, array[k])
-            state.done += 1
-        state.writer.flush_rows_before(state.blender.done_rows)
+            self.blender.add(row, col, array[k])
+            self.done += 1
+        self.writer.flush_rows_before(self.blender.done_rows)
 
-    # -- output
-
-    def _open_output(self, state: _State, n_channels: int) -> None:
-        plan = state.plan
+    def _open_output(self, n_channels: int) -> None:
         n_classes = self.spec.n_classes or n_channels
-        dtype = np.dtype(np.uint8 if max(n_classes, 2) <= 256 else np.uint16)
         attributes = {
             "complete": False,
             "level": self.geometry.level,
             "downsample": list(self.geometry.downsample),
-            "mpp": list(self._label_mpp()) if self._label_mpp() else None,
+            "mpp": list(self.label_mpp) if self.label_mpp else None,
             "class_names": list(self.spec.class_names) if self.spec.class_names else None,
             "region": list(self.region) if self.region else None,
             "tile_size": self.spec.tile_size,
             "overlap": self.overlap,
         }
-        labels, path, tempdir = create_output(
-            self.out, plan.shape, plan.chunks, dtype, attributes, overwrite=self.overwrite
+        dtype = np.dtype(np.uint8 if max(n_classes, 2) <= 256 else np.uint16)
+        self.labels, self.path, self.tempdir = create_output(
+            self.out, self.plan.shape, self.plan.chunks, dtype, attributes, overwrite=self.overwrite
         )
-        state.labels, state.path, state.tempdir = labels, path, tempdir
-        state.writer = ChunkWriter(labels)
-        state.blender = TileBlender(plan, n_channels, lambda y, x, acc: self._finalise(state, y, x, acc))
+        self.writer = ChunkWriter(self.labels)
+        self.blender = TileBlender(self.plan, n_channels, self._finalise)
 
-    def _finalise(self, state: _State, y0: int, x0: int, acc: np.ndarray) -> None:
+    def _finalise(self, y0: int, x0: int, acc: np.ndarray) -> None:
         """Turn finished accumulator rows into labels and hand them to the writer."""
-        weights = self.spec.class_weights
+        weights, dtype = self.spec.class_weights, self.labels.dtype
         if len(acc) == 2:  # the common binary case, without argmax over a 2-long axis
             if weights is None:
-                labels = (acc[1] > acc[0]).astype(state.labels.dtype)
+                labels = (acc[1] > acc[0]).astype(dtype)
             else:
-                labels = (acc[1] * weights[1] > acc[0] * weights[0]).astype(state.labels.dtype)
+                labels = (acc[1] * weights[1] > acc[0] * weights[0]).astype(dtype)
             keep = (acc[0] + acc[1]) > 0
         else:
             keep = acc.sum(axis=0) > 0
             if weights is not None:
                 acc = acc * np.asarray(weights, acc.dtype)[:, None, None]
-            labels = acc.argmax(axis=0).astype(state.labels.dtype)
+            labels = acc.argmax(axis=0).astype(dtype)
         h, w = labels.shape
-        window = state.plan.window
+        window = self.plan.window
         if window is not None:
             rows = (np.arange(y0, y0 + h) >= window[0]) & (np.arange(y0, y0 + h) < window[2])
             cols = (np.arange(x0, x0 + w) >= window[1]) & (np.arange(x0, x0 + w) < window[3])
             keep &= rows[:, None] & cols[None, :]
-        if self.mask_output and state.mask is not None:
+        if self.mask_output and self.mask is not None:
             dy, dx = self.geometry.downsample
-            keep &= state.mask.sample((h, w), (dy, dx), (y0 * dy, x0 * dx))
+            keep &= self.mask.sample((h, w), (dy, dx), (y0 * dy, x0 * dx))
         labels[~keep] = 0
-        state.writer.put(y0, x0, labels)
+        self.writer.put(y0, x0, labels)
 
-    def _label_mpp(self) -> tuple[float, float] | None:
-        if self.slide.mpp is None:
-            return None
-        return tuple(m * d for m, d in zip(self.slide.mpp, self.geometry.downsample))  # type: ignore[return-value]
-
-    def _result(self, state: _State, *, complete: bool, elapsed: float) -> SegmentationResult:
-        if state.labels is None:  # cancelled before the first batch came back
-            self._open_output(state, max(self.spec.n_classes or 2, 2))
-        if complete:
-            state.labels.attrs["complete"] = True
+    def _result(self, *, elapsed: float) -> SegmentationResult:
+        if self.labels is None:  # cancelled before the first batch came back
+            self._open_output(max(self.spec.n_classes or 2, 2))
+        if self.cancelled:
+            self.writer.discard()
         else:
-            state.writer.discard()
-        plan = state.plan
+            self.labels.attrs["complete"] = True
+        plan = self.plan
         return SegmentationResult(
-            labels=state.labels,
+            labels=self.labels,
             level=self.geometry.level,
             downsample=self.geometry.downsample,
-            mpp=self._label_mpp(),
-            pyramid=lazy_pyramid(da.from_zarr(state.labels), labels=True),
-            complete=complete,
-            tissue=state.mask,
+            mpp=self.label_mpp,
+            pyramid=lazy_pyramid(da.from_zarr(self.labels), labels=True),
+            complete=not self.cancelled,
+            tissue=self.mask,
             region=self.region,
-            tiles_done=state.done,
+            tiles_done=self.done,
             tiles_total=plan.n_tiles,
             tiles_skipped=plan.n_grid - plan.n_tiles,
             class_names=self.spec.class_names,
-            path=state.path,
+            path=self.path,
             elapsed_seconds=elapsed,
-            _tempdir=state.tempdir,
+            _tempdir=self.tempdir,
         )
 
 
@@ -699,22 +633,9 @@ class _InlineExecutor:
         future: Future = Future()
         try:
             future.set_result(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - re-raised by future.result(), as a thread would
+        except BaseException as exc:  # re-raised by future.result(), as a thread would
             future.set_exception(exc)
         return future
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        del wait, cancel_futures
-
-
-@dataclass
-class _State:
-    plan: TilePlan
-    mask: TissueMask | None
-    done: int = 0
-    labels: zarr.Array | None = None
-    path: Path | None = None
-    tempdir: tempfile.TemporaryDirectory | None = None
-    writer: ChunkWriter | None = None
-    blender: TileBlender | None = None
-
+        pass

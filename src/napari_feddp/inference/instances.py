@@ -90,30 +90,14 @@ def nuclei_from_contours(
     contour_class: int = 2,
     min_marker_area_um2: float = MIN_MARKER_AREA_UM2,
 ) -> np.ndarray:
-    """Instance labels from a three-class map (background, nucleus interior, nucleus contour).
+    """Instance labels (int32, 0 background, 1..N) from a three-class map ``(h, w)`` of
+    background, ``nucleus_class`` interiors and ``contour_class`` contours at ``mpp`` µm/px.
 
-    A model that predicts each nucleus's contour separates touching nuclei
-    itself: the interiors are disjoint, so each connected interior is one
-    nucleus (its marker), and a watershed on the distance to the background
-    gives every contour pixel to the nucleus it borders. Foreground without any
-    interior (a small nucleus drawn as contour only) is one nucleus per
-    connected piece.
-
-    Parameters
-    ----------
-    classes : numpy.ndarray of int
-        ``(h, w)`` class indices.
-    mpp : float
-        Micrometres per pixel of ``classes``.
-    nucleus_class, contour_class : int
-        Class indices of nucleus interiors and nucleus contours.
-    min_marker_area_um2 : float
-        Interior pieces smaller than this are not markers (their pixels go to a neighbour).
-
-    Returns
-    -------
-    numpy.ndarray of int32
-        0 background, 1..N nuclei; every foreground pixel is labelled.
+    A model that predicts each nucleus's contour separates touching nuclei itself: the
+    interiors are disjoint, so each connected interior of at least ``min_marker_area_um2``
+    is one nucleus (its marker), and a watershed on the distance to the background gives
+    every contour pixel (and smaller interior piece) to the nucleus it borders. Foreground
+    without any marker (a small nucleus drawn as contour only) is one nucleus per connected piece.
     """
     from scipy import ndimage as ndi
     from skimage.measure import label
@@ -149,21 +133,6 @@ def nuclei_from_contours(
 MIN_NUCLEUS_AREA_UM2 = 3.0
 
 
-def without_specks(classes: np.ndarray, foreground: tuple[int, ...], min_pixels: int) -> np.ndarray:
-    """``classes`` with connected foreground pieces of fewer than ``min_pixels`` pixels set to 0."""
-    from skimage.morphology import remove_small_objects
-
-    classes = np.asarray(classes)
-    if min_pixels <= 1:
-        return classes
-    mask = np.isin(classes, foreground)
-    specks = mask & ~remove_small_objects(mask, max_size=min_pixels - 1)
-    if specks.any():
-        classes = classes.copy()
-        classes[specks] = 0
-    return classes
-
-
 def nuclei_from_classes(
     classes: np.ndarray,
     mpp: float,
@@ -174,12 +143,19 @@ def nuclei_from_classes(
 ) -> np.ndarray:
     """One label per nucleus from a class map: what the product shows as nuclei.
 
-    Foreground pieces smaller than ``min_area_um2`` are dropped as noise; then
-    ``contour_class`` given: :func:`nuclei_from_contours`; None (a
-    foreground-only model): :func:`split_nuclei` on the nucleus class.
+    Foreground pieces smaller than ``min_area_um2`` are dropped as noise; then, with a
+    ``contour_class`` (see :func:`contour_class_of`), :func:`nuclei_from_contours`; without
+    (a foreground-only model), :func:`split_nuclei` on the nucleus class.
     """
-    foreground = (nucleus_class,) if contour_class is None else (nucleus_class, contour_class)
-    classes = without_specks(classes, foreground, round(min_area_um2 / mpp**2))
+    from skimage.morphology import remove_small_objects
+
+    classes = np.asarray(classes)
+    min_pixels = round(min_area_um2 / mpp**2)
+    if min_pixels > 1:  # foreground pieces smaller than that become background
+        mask = np.isin(classes, (nucleus_class,) if contour_class is None else (nucleus_class, contour_class))
+        specks = mask & ~remove_small_objects(mask, max_size=min_pixels - 1)
+        if specks.any():
+            classes = np.where(specks, 0, classes).astype(classes.dtype, copy=False)
     if contour_class is None:
         return split_nuclei(classes == nucleus_class, mpp)
     return nuclei_from_contours(classes, mpp, nucleus_class=nucleus_class, contour_class=contour_class)
@@ -224,12 +200,11 @@ def label_nuclei_tiled(
 ) -> np.ndarray:
     """Slide-wide nucleus labels from a (chunked) class map, one window at a time.
 
-    Each window is read with a margin of ``halo_um`` on every side and split
-    into nuclei (:func:`nuclei_from_classes`); a nucleus belongs to the window that
-    holds its centroid, so a nucleus cut by a window seam is labelled once, whole,
-    by the window it belongs to. Ids are unique slide-wide (consecutive per
-    window, offset by the nuclei of the earlier windows). Memory is bounded by
-    one window plus its margin.
+    Each ``window``-pixel window is read with a margin of ``halo_um`` on every side and split
+    into nuclei (:func:`nuclei_from_classes`); a nucleus belongs to the window that holds its
+    centroid, so a nucleus cut by a window seam is labelled once, whole, and a piece that looks
+    small only because the margin cuts it is never kept. Ids are unique slide-wide
+    (consecutive per window). Memory is bounded by one window plus its margin.
 
     Parameters
     ----------
@@ -238,21 +213,9 @@ def label_nuclei_tiled(
     mpp : float
         Micrometres per pixel of ``classes``.
     out : array-like, optional
-        ``(H, W)`` integer array written in place (e.g. a zarr array on disk);
-        default a new NumPy int32 array.
-    window : int
-        Window edge in pixels.
-    halo_um : float
-        Margin around each window in micrometres.
-    nucleus_class : int
-        Class index of nuclei (their interiors, for a contour model) in ``classes``.
-    contour_class : int, optional
-        Class index of nucleus contours, for models that predict them (see
-        :func:`contour_class_of`); None splits the nucleus class by watershed.
-    min_area_um2 : float
-        Foreground pieces smaller than this are noise, not nuclei. A piece cut by
-        the edge of a window's margin may look smaller there than it is; only
-        nuclei centred in the window itself are kept, so such a piece never is.
+        ``(H, W)`` integer array written in place (e.g. a zarr array); default a new int32 array.
+    nucleus_class, contour_class, min_area_um2
+        As :func:`nuclei_from_classes`.
 
     Returns
     -------

@@ -8,7 +8,6 @@ from typing import Any
 
 from .errors import InferenceError
 
-
 #: Weight of a contour model's contour class in the decision rule. Contours are thin
 #: and their probability is split with the neighbouring classes, so a plain arg max
 #: misses many and merges touching nuclei; 2.5 was chosen on a held-out training
@@ -23,7 +22,7 @@ class InferenceSpec:
     Parameters
     ----------
     tile_size : int
-        Side, in pixels at the model's resolution, of the square tiles the model sees.
+        Side of the square tiles the model sees, in pixels at its resolution.
     mpp : float or None
         Micrometres per pixel the model was trained at. ``None`` means "the
         image's own resolution": level 0 is used as it is, never resampled.
@@ -92,53 +91,32 @@ class InferenceSpec:
 
     @classmethod
     def from_card(cls, card: Any) -> InferenceSpec:
-        """Build a spec from a :class:`napari_feddp.models.ModelCard` (or its dict layout).
+        """Build a spec from a :class:`napari_feddp.models.ModelCard` or its dict layout
+        (``input.mpp``, ``input.tile_size``, ``input.normalization.mean/std``, ``classes``).
 
-        Reads ``input.mpp``, ``input.tile_size``, ``input.normalization.mean/std``
-        and the class names; the same keys at the top level are accepted too.
         Means and stds given on the 0-255 scale are rescaled to 0-1.
         """
-        top = _getter(card)
-        section = top("input")
-        inner = _getter(section) if section is not None else top
-        norm = inner("normalization", "normalisation") or top("normalization", "normalisation")
-        norm_get = _getter(norm) if norm is not None else top
-        mean = norm_get("mean")
-        std = norm_get("std")
-        mean = tuple(mean) if mean is not None else (0.0, 0.0, 0.0)
-        std = tuple(std) if std is not None else (1.0, 1.0, 1.0)
-        if max(max(mean), max(std)) > 1.5:  # given for 0-255 pixel values
-            mean = tuple(m / 255.0 for m in mean)
-            std = tuple(v / 255.0 for v in std)
-        names = top("class_names")
-        if names is None and top("classes") is not None:
-            names = [c if isinstance(c, str) else _getter(c)("name") for c in top("classes")]
-        tile = inner("tile_size") or top("tile_size")
-        weights = None
-        if names and "contour" in names:
-            weights = tuple(CONTOUR_WEIGHT if name == "contour" else 1.0 for name in names)
+
+        def get(obj: Any, name: str) -> Any:
+            return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+        section = get(card, "input") or {}
+        norm = get(section, "normalization") or {}
+        mean, std = tuple(get(norm, "mean") or (0.0, 0.0, 0.0)), tuple(get(norm, "std") or (1.0, 1.0, 1.0))
+        if max(*mean, *std) > 1.5:  # given for 0-255 pixel values
+            mean, std = tuple(m / 255.0 for m in mean), tuple(v / 255.0 for v in std)
+        names = tuple(c if isinstance(c, str) else get(c, "name") for c in get(card, "classes") or ()) or None
+        tile = get(section, "tile_size")
         return cls(
             tile_size=int(tile) if tile is not None else 512,
-            mpp=inner("mpp") or top("mpp"),
+            mpp=get(section, "mpp"),
             mean=mean,
             std=std,
             n_classes=len(names) if names else None,
-            class_names=tuple(names) if names else None,
-            class_weights=weights,
+            class_names=names,
+            class_weights=tuple(CONTOUR_WEIGHT if n == "contour" else 1.0 for n in names)
+            if names and "contour" in names else None,
         )
-
-
-def _getter(obj: Any):
-    def get(*names: str) -> Any:
-        for name in names:
-            if isinstance(obj, dict):
-                if obj.get(name) is not None:
-                    return obj[name]
-            elif getattr(obj, name, None) is not None:
-                return getattr(obj, name)
-        return None
-
-    return get
 
 
 def _is_number(value: Any) -> bool:

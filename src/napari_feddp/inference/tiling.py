@@ -74,7 +74,7 @@ def choose_geometry(slide: Slide, target_mpp: float | None) -> Geometry:
     mpps = [slide.level_mpp(i) for i in range(stored)]
     fine_enough = [i for i, m in enumerate(mpps) if max(m) <= target_mpp * (1 + MPP_TOLERANCE)]
     level = max(fine_enough, key=lambda i: max(mpps[i])) if fine_enough else 0
-    snapped = [_snap(target_mpp / m) for m in mpps[level]]
+    snapped = [1.0 if abs(target_mpp / m - 1.0) <= MPP_TOLERANCE else float(target_mpp / m) for m in mpps[level]]
     level_h, level_w = int(slide.levels[level].shape[0]), int(slide.levels[level].shape[1])
     if snapped == [1.0, 1.0]:
         shape = (level_h, level_w)
@@ -85,10 +85,6 @@ def choose_geometry(slide: Slide, target_mpp: float | None) -> Geometry:
         scale = (level_h / shape[0], level_w / shape[1])
     downsample = (height / shape[0], width / shape[1])
     return Geometry(level, scale, shape, downsample)
-
-
-def _snap(scale: float) -> float:
-    return 1.0 if abs(scale - 1.0) <= MPP_TOLERANCE else float(scale)
 
 
 def grid_starts(length: int, tile: int, stride: int) -> np.ndarray:
@@ -113,22 +109,12 @@ def grid_starts(length: int, tile: int, stride: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TilePlan:
-    """Tiles to predict, on the processing grid, in row-major order.
+    """Tiles to predict, on the processing grid ``shape``, in row-major order.
 
-    Attributes
-    ----------
-    shape : (int, int)
-        Processing grid ``(height, width)``.
-    tile_size, stride : int
-        Tile side and step between tile starts (``tile_size - overlap``).
-    ys, xs : numpy.ndarray
-        Starts of every grid row / column (kept or not).
-    keep : numpy.ndarray of bool
-        ``(len(ys), len(xs))``: True for tiles that are predicted.
-    chunks : (int, int)
-        Output chunk shape (also the width of the blender's column blocks).
-    window : (int, int, int, int) or None
-        Part of the grid to label, ``(y0, x0, y1, x1)`` in processing pixels.
+    ``ys``/``xs`` are the starts of every grid row / column (kept or not) and ``keep``
+    ``(len(ys), len(xs))`` says which tiles are predicted; ``stride`` is the step between
+    starts, ``chunks`` the output chunk shape (also the blender's column-block width) and
+    ``window`` the part of the grid to label, ``(y0, x0, y1, x1)`` in processing pixels.
     """
 
     shape: tuple[int, int]
@@ -168,21 +154,9 @@ def plan_tiles(
     tissue: TissueMask | None = None,
     region: tuple[int, int, int, int] | None = None,
 ) -> TilePlan:
-    """Lay the tile grid and keep tiles touching tissue and the region.
-
-    Parameters
-    ----------
-    geometry : Geometry
-        Processing grid.
-    tile_size : int
-        Tile side in processing pixels.
-    overlap : float
-        Fraction of the tile shared with its neighbour, in ``[0, 0.9]``.
-    tissue : TissueMask, optional
-        Tiles not touching tissue are skipped.
-    region : (y0, x0, y1, x1), optional
-        Level-0 rectangle (already clipped to the slide); tiles outside are skipped.
-    """
+    """Lay the grid of ``tile_size`` tiles overlapping by ``overlap`` (a fraction of the tile) on
+    ``geometry``'s processing grid and keep those touching ``tissue`` and the level-0 ``region``
+    (already clipped to the slide)."""
     stride = max(1, tile_size - int(round(overlap * tile_size)))
     height, width = geometry.shape
     ys, xs = grid_starts(height, tile_size, stride), grid_starts(width, tile_size, stride)

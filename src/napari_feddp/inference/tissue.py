@@ -41,17 +41,8 @@ MIN_OPTICAL_DENSITY = 0.10
 
 @dataclass(frozen=True)
 class TissueMask:
-    """A boolean tissue mask and where it lies on the slide.
-
-    Attributes
-    ----------
-    mask : numpy.ndarray of bool
-        ``(h, w)``, True on tissue.
-    downsample : (float, float)
-        ``(y, x)`` level-0 pixels per mask pixel.
-    threshold : float or None
-        Saturation threshold used (None when the mask was given by the user).
-    """
+    """A boolean ``(h, w)`` tissue ``mask`` with ``downsample`` ``(y, x)`` level-0 pixels per mask
+    pixel, and the saturation ``threshold`` used (None when the mask was given by the user)."""
 
     mask: np.ndarray
     downsample: tuple[float, float]
@@ -102,26 +93,12 @@ def tissue_mask(
     max_hole_um2: float = 100_000.0,
     margin_um: float = 16.0,
 ) -> tuple[np.ndarray, float]:
-    """Boolean tissue mask of a low-resolution RGB image.
+    """Boolean tissue mask of a ``(h, w, 3)`` uint8 thumbnail of ``mpp`` µm per pixel, and the
+    saturation threshold (0-1) that was applied.
 
-    Parameters
-    ----------
-    rgb : numpy.ndarray
-        ``(h, w, 3)`` uint8 thumbnail.
-    mpp : float
-        Micrometres per thumbnail pixel (sets the sizes below in pixels).
-    min_object_um2 : float
-        Tissue pieces smaller than this (dust, specks) are dropped.
-    max_hole_um2 : float
-        Holes smaller than this inside tissue (lumens, fat) are filled.
-    margin_um : float
-        The mask is grown by this much so that tissue borders are predicted.
-
-    Returns
-    -------
-    mask : numpy.ndarray of bool
-    threshold : float
-        Saturation threshold (0-1) that was applied.
+    Tissue pieces smaller than ``min_object_um2`` (dust, specks) are dropped, holes smaller
+    than ``max_hole_um2`` inside tissue (lumens, fat) filled, and the mask is grown by
+    ``margin_um`` so that tissue borders are predicted.
     """
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
@@ -147,18 +124,9 @@ def detect_tissue(
     target_mpp: float = TISSUE_MPP,
     **kwargs: Any,
 ) -> TissueMask:
-    """Tissue mask of a slide or RGB array, computed on a low-resolution view.
+    """Tissue mask of a slide or ``(Y, X, 3)`` uint8 array, computed on a view at ``target_mpp``.
 
-    Parameters
-    ----------
-    image : Slide or array-like
-        Opened slide or ``(Y, X, 3)`` uint8 array.
-    mpp : float or (float, float), optional
-        Level-0 micrometres per pixel (overrides the slide's own).
-    target_mpp : float
-        Resolution of the mask (default 8 um/px).
-    **kwargs
-        Passed to :func:`tissue_mask`.
+    ``mpp`` (level-0 µm per pixel) overrides the slide's own; ``kwargs`` go to :func:`tissue_mask`.
 
     Raises
     ------

@@ -44,7 +44,7 @@ def read_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as img:
             width, height = img.size
         return int(height), int(width)
-    except Exception as exc:  # noqa: BLE001 - any parser error means "unreadable"
+    except Exception as exc:  # any parser error means "unreadable"
         raise DatasetError(f"cannot read {path}: not a readable PNG/TIFF ({type(exc).__name__}: {exc})") from exc
 
 
@@ -61,12 +61,13 @@ def _decode(path: Path) -> np.ndarray:
             if img.mode in ("I;16", "I;16B", "I;16L"):
                 return np.asarray(img).astype(np.uint16)
             return np.asarray(img)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise DatasetError(f"cannot read {path}: file is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
 
 
-def _channels_last(array: np.ndarray) -> np.ndarray:
-    """Move a leading channel axis of a planar ``(C, Y, X)`` array to the end."""
+def _read_array(path: Path) -> np.ndarray:
+    """The pixels of ``path``, singleton axes dropped and a planar ``(C, Y, X)`` channel axis moved last."""
+    array = np.squeeze(_decode(path))
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
         return np.moveaxis(array, 0, -1)
     return array
@@ -80,7 +81,7 @@ def read_image(path: Path) -> np.ndarray:
     DatasetError
         If the file is unreadable, not 8-bit, or not RGB/RGBA.
     """
-    array = _channels_last(np.squeeze(_decode(path)))
+    array = _read_array(path)
     if array.dtype != np.uint8:
         raise DatasetError(f"image {path}: expected 8-bit RGB (uint8), received dtype {array.dtype}")
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
@@ -91,34 +92,27 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def read_mask(path: Path, *, n_classes: int = 2, mask_mode: str = "auto") -> np.ndarray:
-    """Read a label mask as ``(H, W)`` uint8 class indices.
+    """Read a label mask (greyscale, palette, or RGB with equal channels) as ``(H, W)`` uint8 class indices.
 
     Parameters
     ----------
     path : Path
-        PNG or TIFF file. Greyscale, palette, or RGB with equal channels.
+        PNG or TIFF file.
     n_classes : int
         Number of classes the model predicts, background (0) included.
     mask_mode : {"auto", "binary", "classes"}
-        ``"auto"``: values ``{0, 1}`` and class indices ``< n_classes`` are kept;
-        ``{0, 255}`` becomes ``{0, 1}``. ``"binary"``: any non-zero value is
-        foreground (use for instance-label maps). ``"classes"``: values are class
-        indices and must be ``< n_classes``.
+        ``"auto"``: values ``{0, 1}`` and class indices ``< n_classes`` are kept; ``{0, 255}``
+        becomes ``{0, 1}``. ``"binary"``: any non-zero value is foreground (use for
+        instance-label maps). ``"classes"``: values are class indices ``< n_classes``.
 
     Raises
     ------
     DatasetError
-        If the file is unreadable, coloured, or holds values that fit none of
-        the accepted encodings.
+        If the file is unreadable, coloured, or holds values that fit none of the accepted encodings.
     """
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask_mode: expected one of {MASK_MODES}, received {mask_mode!r}")
-    array = _channels_last(np.squeeze(_decode(path)))
-    array = _single_channel(array, path)
-    if array.dtype == bool:
-        array = array.astype(np.uint8)
-    if not np.issubdtype(array.dtype, np.integer):
-        raise DatasetError(f"mask {path}: expected integer labels, received dtype {array.dtype}")
+    array = _integer_labels(path, "mask", "integer labels")
     if mask_mode == "binary":
         return (array > 0).astype(np.uint8)
     return _class_indices(array, path, n_classes=n_classes, mask_mode=mask_mode)
@@ -132,11 +126,7 @@ def read_instances(path: Path) -> np.ndarray:
     DatasetError
         If the file is unreadable, not a single-channel integer image, or holds negative ids.
     """
-    array = _single_channel(_channels_last(np.squeeze(_decode(path))), path)
-    if array.dtype == bool:
-        array = array.astype(np.uint8)
-    if not np.issubdtype(array.dtype, np.integer):
-        raise DatasetError(f"instance map {path}: expected integer ids, received dtype {array.dtype}")
+    array = _integer_labels(path, "instance map", "integer ids")
     if array.size and array.min() < 0:
         raise DatasetError(f"instance map {path}: expected ids >= 0, received {array.min()}")
     return array.astype(np.int32, copy=False)
@@ -151,18 +141,24 @@ def find_instance_map(dataset_dir: Path, name: str) -> Path | None:
     return None
 
 
-def _single_channel(array: np.ndarray, path: Path) -> np.ndarray:
-    if array.ndim == 2:
-        return array
+def _integer_labels(path: Path, what: str, expected: str) -> np.ndarray:
+    """The single-channel integer image of a mask or instance map (RGB with equal channels is grey)."""
+    array = _read_array(path)
     if array.ndim == 3 and array.shape[-1] in (3, 4):
         rgb = array[..., :3]
-        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
-            return rgb[..., 0]
-        raise DatasetError(
-            f"mask {path}: expected a greyscale label mask, received a colour image "
-            f"(shape {array.shape}); save the mask as single-channel class indices"
-        )
-    raise DatasetError(f"mask {path}: expected a 2-D mask (H, W), received shape {array.shape}")
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+            raise DatasetError(
+                f"mask {path}: expected a greyscale label mask, received a colour image "
+                f"(shape {array.shape}); save the mask as single-channel class indices"
+            )
+        array = rgb[..., 0]
+    if array.ndim != 2:
+        raise DatasetError(f"mask {path}: expected a 2-D mask (H, W), received shape {array.shape}")
+    if array.dtype == bool:
+        return array.astype(np.uint8)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise DatasetError(f"{what} {path}: expected {expected}, received dtype {array.dtype}")
+    return array
 
 
 def _class_indices(array: np.ndarray, path: Path, *, n_classes: int, mask_mode: str) -> np.ndarray:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from datetime import datetime, timezone
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -48,48 +49,38 @@ def save_annotated_tile(
 ) -> SavedTile:
     """Write ``images/NAME.png`` (or ``.tif``), ``masks/NAME.png`` and a provenance record.
 
-    When ``mask`` holds one label per nucleus (more than one id), the nuclei are
-    also written to ``instances/NAME.png`` (16-bit, ids renumbered 1..N): the
-    targets from which contour models learn to separate touching nuclei.
+    When ``mask`` holds one label per nucleus (more than one id), the nuclei are also written
+    to ``instances/NAME.png`` (16-bit, ids renumbered 1..N): the targets from which contour
+    models learn to separate touching nuclei.
 
     Parameters
     ----------
     dataset_dir : str or Path
         The lab's dataset folder (created if missing).
     image : ndarray
-        ``(H, W, 3)`` or ``(H, W, 4)`` uint8 RGB(A) pixels of the region, at the
-        resolution it was annotated (alpha is dropped).
+        ``(H, W, 3|4)`` uint8 RGB(A) pixels of the region as annotated (alpha is dropped).
     mask : ndarray
         ``(H, W)`` integer or boolean Labels-layer data of the same region.
     provenance : mapping
-        JSON-serialisable description of where the tile comes from. Recommended
-        keys: ``source`` (slide file), ``level``, ``region`` (``[y0, x0, y1, x1]``
-        in level-0 pixels), ``mpp`` (µm per pixel of ``image``; used when
-        training resamples to the model's pixel size), ``layer`` names,
-        ``annotator``. Do not put patient identifiers here.
+        JSON-serialisable description of where the tile comes from, e.g. ``source`` (slide
+        file), ``level``, ``region`` (``[y0, x0, y1, x1]`` level-0 pixels), ``mpp`` (µm per
+        pixel of ``image``; training resamples with it), ``layer`` names, ``annotator``. No
+        patient identifiers.
     name : str or None
         File stem; default ``<source stem>_y<y0>_x<x0>_<8 hex of content hash>``.
     image_format : {"png", "tif"}
         Lossless format of the image file.
     binary : bool
-        ``True``: any non-zero label is foreground (1) in ``masks/`` - painted
-        instance ids become one "nucleus" class there, and are kept in
-        ``instances/``. ``False``: labels are kept as class indices
-        (must be < 256).
+        ``True``: any non-zero label is foreground (1) in ``masks/`` (painted instance ids are
+        kept in ``instances/``). ``False``: labels are class indices (< 256).
     overwrite : bool
         Replace an existing tile of the same name instead of raising.
-
-    Returns
-    -------
-    SavedTile
-        ``name``, ``image``, ``mask`` and ``provenance`` paths.
 
     Raises
     ------
     DatasetError
-        If the arrays have the wrong type/shape, differ in size, the provenance
-        is not JSON-serialisable, the name is invalid, or the tile exists and
-        ``overwrite`` is false.
+        If the arrays have the wrong type/shape or differ in size, the provenance is not
+        JSON-serialisable, the name is invalid, or the tile exists and ``overwrite`` is false.
     """
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format: expected one of {IMAGE_FORMATS}, received {image_format!r}")
@@ -223,7 +214,7 @@ def _append_provenance(
         "mask_sha256": hashlib.sha256(mask_bytes).hexdigest(),
         "shape": [int(rgb.shape[0]), int(rgb.shape[1])],
         "mpp": record.get("mpp"),
-        "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "provenance": record,
     }
     path = root / PROVENANCE_FILE

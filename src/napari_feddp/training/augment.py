@@ -36,10 +36,8 @@ class Augmentation:
     contrast : float
         Contrast factor ``U(1 - contrast, 1 + contrast)`` around the tile mean.
 
-    Notes
-    -----
-    Geometric transforms are applied identically to image and mask, colour
-    transforms to the image only, so image and mask stay aligned pixel for pixel.
+    Geometric transforms are applied identically to image and mask, colour transforms to the
+    image only, so image and mask stay aligned pixel for pixel.
     """
 
     flips: bool = True
@@ -52,22 +50,8 @@ class Augmentation:
     def __call__(
         self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Augment one tile.
-
-        Parameters
-        ----------
-        image : ndarray
-            ``(H, W, 3)`` uint8 RGB.
-        mask : ndarray
-            ``(H, W)`` labels (any integer dtype).
-        rng : numpy.random.Generator
-            Source of randomness.
-
-        Returns
-        -------
-        image, mask : ndarray
-            Augmented uint8 image and mask (same dtypes as given, contiguous).
-        """
+        """Augment one ``(H, W, 3)`` uint8 RGB tile and its ``(H, W)`` labels; returns both
+        contiguous, in the dtypes given."""
         image, mask = random_flip_rotate(image, mask, rng, flips=self.flips, rotations=self.rotations)
         if self.hed_scale > 0 or self.hed_shift > 0:
             image = hed_jitter(image, rng, scale=self.hed_scale, shift=self.hed_shift)

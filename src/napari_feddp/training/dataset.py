@@ -22,12 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from skimage.measure import label
+from skimage.segmentation import find_boundaries
 from torch.utils.data import Dataset
 
 from ..resampling import resize_image
@@ -45,19 +48,8 @@ DEFAULT_SOURCE_MPP = 0.25
 
 @dataclass(frozen=True)
 class SamplePair:
-    """One image/mask pair of a dataset folder.
-
-    Attributes
-    ----------
-    name : str
-        Shared file stem.
-    image_path, mask_path : Path
-        The two files.
-    size : (int, int)
-        ``(height, width)`` in source pixels (identical for image and mask).
-    mpp : float
-        Source micrometres per pixel.
-    """
+    """One image/mask pair of a dataset folder: shared file stem, the two files, their
+    ``(height, width)`` in source pixels and the source micrometres per pixel."""
 
     name: str
     image_path: Path
@@ -66,11 +58,8 @@ class SamplePair:
     mpp: float
 
 
-# --------------------------------------------------------------------------- folder scan
-
-
 def find_pairs(dataset_dir: str | Path, *, source_mpp: float = DEFAULT_SOURCE_MPP) -> list[SamplePair]:
-    """List the image/mask pairs of a dataset folder, reading file headers only.
+    """List the image/mask pairs of a dataset folder (sorted by name), reading file headers only.
 
     Parameters
     ----------
@@ -79,27 +68,33 @@ def find_pairs(dataset_dir: str | Path, *, source_mpp: float = DEFAULT_SOURCE_MP
     source_mpp : float
         Micrometres per pixel of tiles without an ``mpp`` in ``provenance.jsonl``.
 
-    Returns
-    -------
-    list of SamplePair
-        Sorted by name.
-
     Raises
     ------
     DatasetError
-        If the folder or a subfolder is missing or empty, a stem is duplicated,
-        an image has no mask (or a mask no image), a header is unreadable, or an
-        image and its mask differ in size. The message names the file(s).
+        If the folder or a subfolder is missing or empty, a stem is duplicated, an image has
+        no mask (or a mask no image), a header is unreadable, or an image and its mask differ
+        in size. The message names the file(s).
     """
     root = Path(dataset_dir)
     _check_positive("source_mpp", source_mpp)
-    images = _list_files(root, "images")
-    masks = _list_files(root, "masks")
-    _check_matching_stems(images, masks, root)
-    mpps = read_provenance_mpp(root)
+    images, masks = _list_files(root, "images"), _list_files(root, "masks")
+    for files, other, kind, missing, folder in ((masks, images, "mask", "an image", "images"),
+                                                (images, masks, "image", "a mask", "masks")):
+        orphans = sorted(set(files) - set(other))
+        if orphans:
+            raise DatasetError(
+                f"{len(orphans)} {kind}(s) without {missing} in {root / folder} (expected {missing} with the same "
+                f"name): {', '.join(str(files[n]) for n in orphans[:5])}"
+            )
+    mpps = {}  # the latest record of a tile wins
+    for record in read_provenance(root):
+        mpp = record.get("mpp")
+        if isinstance(record.get("name"), str) and isinstance(mpp, (int, float)) and mpp > 0:
+            mpps[record["name"]] = float(mpp)
     pairs = []
     for name in sorted(images):
-        size = _check_same_size(images[name], masks[name])
+        size = read_size(images[name])
+        _check_same_size(size, read_size(masks[name]), images[name], masks[name])
         pairs.append(SamplePair(name, images[name], masks[name], size, mpps.get(name, float(source_mpp))))
     return pairs
 
@@ -131,31 +126,12 @@ def _list_files(root: Path, sub: str) -> dict[str, Path]:
     return files
 
 
-def _check_matching_stems(images: dict[str, Path], masks: dict[str, Path], root: Path) -> None:
-    orphan_masks = sorted(set(masks) - set(images))
-    if orphan_masks:
-        names = ", ".join(str(masks[n]) for n in orphan_masks[:5])
-        raise DatasetError(
-            f"{len(orphan_masks)} mask(s) without an image in {root / 'images'} "
-            f"(expected an image with the same name): {names}"
-        )
-    orphan_images = sorted(set(images) - set(masks))
-    if orphan_images:
-        names = ", ".join(str(images[n]) for n in orphan_images[:5])
-        raise DatasetError(
-            f"{len(orphan_images)} image(s) without a mask in {root / 'masks'} "
-            f"(expected a mask with the same name): {names}"
-        )
-
-
-def _check_same_size(image_path: Path, mask_path: Path) -> tuple[int, int]:
-    image_size, mask_size = read_size(image_path), read_size(mask_path)
-    if image_size != mask_size:
+def _check_same_size(image_size: tuple[int, ...], mask_size: tuple[int, ...], image_path: Path, mask_path: Path) -> None:
+    if tuple(image_size) != tuple(mask_size):
         raise DatasetError(
             f"image and mask sizes differ: {image_path} is {image_size[0]}x{image_size[1]} (HxW), "
             f"{mask_path} is {mask_size[0]}x{mask_size[1]}; expected the same size"
         )
-    return image_size
 
 
 def read_provenance(dataset_dir: str | Path) -> list[dict[str, Any]]:
@@ -183,40 +159,22 @@ def read_provenance(dataset_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def read_provenance_mpp(dataset_dir: str | Path) -> dict[str, float]:
-    """Tile name -> recorded micrometres per pixel (latest record wins)."""
-    mpps = {}
-    for record in read_provenance(dataset_dir):
-        mpp = record.get("mpp")
-        if isinstance(record.get("name"), str) and isinstance(mpp, (int, float)) and mpp > 0:
-            mpps[record["name"]] = float(mpp)
-    return mpps
+def dataset_fingerprint(dataset_dir: str | Path) -> str:
+    """SHA-256 hex digest of the dataset's image and mask file names and sizes.
 
-
-def dataset_fingerprint(dataset_dir: str | Path, *, include_mtime: bool = False) -> str:
-    """SHA-256 hex digest of the dataset's file names and sizes (and mtimes if asked).
-
-    Adding, removing, renaming or resizing any image or mask changes it;
-    ``provenance.jsonl`` and ``.feddp/`` do not count.
+    Adding, removing, renaming or resizing any image or mask changes it; ``provenance.jsonl``
+    and ``.feddp/`` do not count.
 
     Raises
     ------
     DatasetError
         Like :func:`find_pairs` for a missing or empty folder.
     """
-    root = Path(dataset_dir)
     digest = hashlib.sha256()
     for sub in ("images", "masks"):
-        for path in _list_files(root, sub).values():
-            stat = path.stat()
-            entry = f"{sub}/{path.name}\t{stat.st_size}"
-            if include_mtime:
-                entry += f"\t{stat.st_mtime_ns}"
-            digest.update(entry.encode("utf-8") + b"\n")
+        for path in _list_files(Path(dataset_dir), sub).values():
+            digest.update(f"{sub}/{path.name}\t{path.stat().st_size}\n".encode())
     return digest.hexdigest()
-
-
-# --------------------------------------------------------------------------- resampling
 
 
 def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
@@ -249,13 +207,8 @@ def contour_target(instances: np.ndarray) -> np.ndarray:
     The contour is each nucleus's own one-pixel outline (pixels with a 4-neighbour
     outside the nucleus), so touching nuclei are separated by two contour pixels.
     """
-    from skimage.segmentation import find_boundaries
-
     outline = find_boundaries(instances, connectivity=1, mode="inner") & (instances > 0)
     return np.where(instances > 0, np.where(outline, 2, 1), 0).astype(np.uint8)
-
-
-# --------------------------------------------------------------------------- dataset
 
 
 class SegmentationDataset(Dataset):
@@ -268,28 +221,26 @@ class SegmentationDataset(Dataset):
     crop_size : int
         Edge in pixels *at target_mpp* of the square crops returned.
     mode : {"train", "center", "sliding"}
-        ``"train"``: one random crop per tile per access, augmented; length =
-        number of tiles (one tile = one DP sample). ``"center"``: the central
-        crop of each tile, no augmentation. ``"sliding"``: a grid of crops with
-        ``stride`` covering every tile completely; length = number of crops.
-        ``"center"`` and ``"sliding"`` are deterministic.
+        ``"train"``: one random, augmented crop per tile per access; length = number of tiles
+        (one tile = one DP sample). ``"center"``: the central crop of each tile. ``"sliding"``:
+        a grid of crops with ``stride`` covering every tile; length = number of crops. The
+        last two are deterministic and not augmented.
     source_mpp : float
-        Micrometres per pixel of the files (0.25 for 40x scans such as MoNuSeg),
-        unless ``provenance.jsonl`` records an ``mpp`` for a tile.
+        Micrometres per pixel of the files (0.25 for 40x scans such as MoNuSeg), unless
+        ``provenance.jsonl`` records an ``mpp`` for a tile.
     target_mpp : float or None
-        Micrometres per pixel the model expects (e.g. 0.5); tiles are resampled
-        when it differs from the source. ``None``: no resampling.
+        Micrometres per pixel the model expects; tiles are resampled when it differs from
+        the source. ``None``: no resampling.
     stride : int or None
-        Step of the sliding grid (default ``crop_size``: no overlap, so pooled
-        metrics count every pixel once).
+        Step of the sliding grid (default ``crop_size``: pooled metrics count every pixel once).
     augment : bool or Augmentation
         Augmentation of ``"train"`` crops (``True``: :class:`Augmentation` defaults).
     n_classes : int
         Number of classes including background; masks are checked against it.
     contours : bool, optional
-        Targets for a contour model (background, nucleus interior, nucleus
-        contour; :func:`contour_target`) made from ``instances/`` or, without it,
-        from the mask's connected components. Default: when ``n_classes == 3``.
+        Targets for a contour model (background, nucleus interior, nucleus contour;
+        :func:`contour_target`) from ``instances/`` or, without it, from the mask's connected
+        components. Default: when ``n_classes == 3``.
     mask_mode : {"auto", "binary", "classes"}
         How mask values are read (see :func:`~napari_feddp.training._io.read_mask`).
     normalization : (mean, std) or None
@@ -298,15 +249,13 @@ class SegmentationDataset(Dataset):
         Seed of the crop/augmentation generator; ``None`` draws from torch's global RNG
         (so ``torch.manual_seed`` makes training reproducible).
     cache : bool
-        Keep decoded, resampled tiles in memory (recommended; MoNuSeg's 30 tiles
-        at 0.5 µm/px take about 23 MB).
+        Keep decoded, resampled tiles in memory (MoNuSeg's 30 tiles at 0.5 µm/px: about 23 MB).
 
     Notes
     -----
-    Items are ``(image, mask)``: ``image`` float32 ``(3, crop, crop)``, ``mask``
-    int64 ``(crop, crop)``. Crops reaching past a tile's edge are filled by
-    mirroring in the image and with :data:`IGNORE_INDEX` in the mask, which the
-    loss and metrics skip.
+    Items are ``(image float32 (3, crop, crop), mask int64 (crop, crop))``. Crops reaching
+    past a tile's edge are mirrored in the image and :data:`IGNORE_INDEX` in the mask, which
+    the loss and metrics skip.
     """
 
     def __init__(
@@ -349,16 +298,18 @@ class SegmentationDataset(Dataset):
         self.cache = cache
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        self._windows = self._sliding_windows() if mode == "sliding" else None
+        self._windows = None
+        if mode == "sliding":
+            self._windows = []
+            for tile, pair in enumerate(self.pairs):
+                height, width = scaled_size(pair.size, self._scale(tile))
+                for y0 in _grid(height, self.crop_size, self.stride):
+                    self._windows.extend((tile, y0, x0) for x0 in _grid(width, self.crop_size, self.stride))
 
     @classmethod
     def for_model(cls, dataset_dir: str | Path, card: Any, **kwargs: Any) -> SegmentationDataset:
-        """Dataset matching a :class:`~napari_feddp.models.ModelCard`.
-
-        Takes ``target_mpp``, ``crop_size``, ``n_classes`` and ``normalization``
-        from the card (``card.input.mpp``, ``card.input.tile_size``,
-        ``card.n_classes``, ``card.input.normalization``); ``kwargs`` override them.
-        """
+        """Dataset matching a :class:`~napari_feddp.models.ModelCard`: ``target_mpp``, ``crop_size``,
+        ``n_classes`` and ``normalization`` from the card; ``kwargs`` override them."""
         spec = card.input
         defaults = {
             "target_mpp": spec.mpp,
@@ -367,8 +318,6 @@ class SegmentationDataset(Dataset):
             "normalization": (spec.normalization.mean, spec.normalization.std),
         }
         return cls(dataset_dir, **{**defaults, **kwargs})
-
-    # ------------------------------------------------------------------ public
 
     def __len__(self) -> int:
         return len(self._windows) if self._windows is not None else len(self.pairs)
@@ -385,21 +334,15 @@ class SegmentationDataset(Dataset):
         if self.mode == "center":
             y0, x0 = (max(s - self.crop_size, 0) // 2 for s in mask.shape)
             return self._to_tensors(*crop_with_padding(image, mask, y0, x0, self.crop_size))
-        return self._to_tensors(*self._random_crop(image, mask))
-
-    @property
-    def names(self) -> list[str]:
-        """Tile names (file stems) in index order of the tiles."""
-        return [pair.name for pair in self.pairs]
-
-    @property
-    def fingerprint(self) -> str:
-        """:func:`dataset_fingerprint` of the folder."""
-        return dataset_fingerprint(self.dataset_dir)
-
-    def scale(self, tile: int) -> float:
-        """Resampling factor (source mpp / target mpp) of tile ``tile``."""
-        return 1.0 if self.target_mpp is None else self.pairs[tile].mpp / self.target_mpp
+        seed = int(torch.randint(0, 2**62, (1,), generator=self._generator).item())
+        worker = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([seed, worker.seed if worker is not None else 0])
+        y0 = int(rng.integers(max(mask.shape[0] - self.crop_size, 0) + 1))
+        x0 = int(rng.integers(max(mask.shape[1] - self.crop_size, 0) + 1))
+        image, mask = crop_with_padding(image, mask, y0, x0, self.crop_size)
+        if self.augmentation is not None:
+            image, mask = self.augmentation(image, mask, rng)
+        return self._to_tensors(image, mask)
 
     def load_tile(self, tile: int) -> tuple[np.ndarray, np.ndarray]:
         """Decoded, validated and resampled ``(image (H, W, 3) uint8, mask (H, W) uint8)`` of a tile.
@@ -407,19 +350,27 @@ class SegmentationDataset(Dataset):
         Raises
         ------
         DatasetError
-            If a file is corrupt, holds unexpected values, or its decoded size
-            differs from its mask's.
+            If a file is corrupt, holds unexpected values, or its decoded size differs from its mask's.
         """
         if tile in self._cache:
             return self._cache[tile]
-        pair = self.pairs[tile]
+        pair, scale = self.pairs[tile], self._scale(tile)
         image = read_image(pair.image_path)
         if self.contours:
-            result = self._contour_tile(pair, image, tile)
+            path = find_instance_map(self.dataset_dir, pair.name)
+            if path is not None:
+                instances = read_instances(path)
+            else:
+                path = pair.mask_path
+                instances = label(read_mask(path, mask_mode="binary"), connectivity=1)
+            _check_same_size(image.shape[:2], instances.shape, pair.image_path, path)
+            if not math.isclose(scale, 1.0, rel_tol=1e-6):
+                image = resize_image(image, scaled_size(image.shape[:2], scale))
+            result = image, contour_target(resample_instances(instances, image.shape[:2]))
         else:
             mask = read_mask(pair.mask_path, n_classes=self.n_classes, mask_mode=self.mask_mode)
-            _check_sizes(image, mask, pair.image_path, pair.mask_path)
-            result = resample_pair(image, mask, self.scale(tile))
+            _check_same_size(image.shape[:2], mask.shape, pair.image_path, pair.mask_path)
+            result = resample_pair(image, mask, scale)
         if self.cache:
             self._cache[tile] = result
         return result
@@ -429,43 +380,9 @@ class SegmentationDataset(Dataset):
         for tile in range(len(self.pairs)):
             self.load_tile(tile)
 
-    # ------------------------------------------------------------------ internals
-
-    def _contour_tile(self, pair: SamplePair, image: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
-        from skimage.measure import label
-
-        path = find_instance_map(self.dataset_dir, pair.name)
-        if path is not None:
-            instances = read_instances(path)
-        else:
-            path = pair.mask_path
-            instances = label(read_mask(path, mask_mode="binary"), connectivity=1)
-        _check_sizes(image, instances, pair.image_path, path)
-        scale = self.scale(tile)
-        image, _ = resample_pair(image, np.zeros(image.shape[:2], np.uint8), scale)
-        return image, contour_target(resample_instances(instances, image.shape[:2]))
-
-    def _sliding_windows(self) -> list[tuple[int, int, int]]:
-        windows = []
-        for tile in range(len(self.pairs)):
-            height, width = scaled_size(self.pairs[tile].size, self.scale(tile))
-            for y0 in _grid(height, self.crop_size, self.stride):
-                windows.extend((tile, y0, x0) for x0 in _grid(width, self.crop_size, self.stride))
-        return windows
-
-    def _rng(self) -> np.random.Generator:
-        seed = int(torch.randint(0, 2**62, (1,), generator=self._generator).item())
-        worker = torch.utils.data.get_worker_info()
-        return np.random.default_rng([seed, worker.seed if worker is not None else 0])
-
-    def _random_crop(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rng = self._rng()
-        y0 = int(rng.integers(max(mask.shape[0] - self.crop_size, 0) + 1))
-        x0 = int(rng.integers(max(mask.shape[1] - self.crop_size, 0) + 1))
-        image, mask = crop_with_padding(image, mask, y0, x0, self.crop_size)
-        if self.augmentation is not None:
-            image, mask = self.augmentation(image, mask, rng)
-        return image, mask
+    def _scale(self, tile: int) -> float:
+        """Resampling factor (source mpp / target mpp) of a tile."""
+        return 1.0 if self.target_mpp is None else self.pairs[tile].mpp / self.target_mpp
 
     def _to_tensors(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         # New float32 / int64 arrays (one conversion each): torch never shares a read-only buffer.
@@ -474,14 +391,6 @@ class SegmentationDataset(Dataset):
             mean, std = self.normalization
             pixels = (pixels - mean) / std
         return pixels.contiguous(), torch.from_numpy(np.array(mask, dtype=np.int64))
-
-
-def _check_sizes(image: np.ndarray, mask: np.ndarray, image_path: Path, mask_path: Path) -> None:
-    if image.shape[:2] != mask.shape:
-        raise DatasetError(
-            f"image and mask sizes differ: {image_path} is {image.shape[0]}x{image.shape[1]}, "
-            f"{mask_path} is {mask.shape[0]}x{mask.shape[1]}; expected the same size"
-        )
 
 
 def crop_with_padding(
@@ -498,10 +407,9 @@ def crop_with_padding(
     return crop_image, crop_mask
 
 
-def _grid(length: int, size: int, stride: int) -> Iterable[int]:
+def _grid(length: int, size: int, stride: int) -> list[int]:
     """Window starts covering ``[0, length)``; the last window may extend past the end."""
-    count = 1 + max(0, math.ceil((length - size) / stride))
-    return [k * stride for k in range(count)]
+    return [k * stride for k in range(1 + max(0, math.ceil((length - size) / stride)))]
 
 
 def _normalization_arrays(

@@ -1,11 +1,10 @@
 """One lab's local training round: Dice+CE loss, optional DP-SGD through Opacus.
 
-DP-SGD (``dp_mode="sample"``): Opacus ``make_private`` with Poisson sampling
-(each tile joins a logical batch with probability ``sample_rate``), per-sample
-gradient clipping to ``max_grad_norm`` and Gaussian noise of standard deviation
-``noise_multiplier * max_grad_norm``. Large logical batches are split into
-physical batches of at most ``max_physical_batch_size`` by Opacus'
-``BatchMemoryManager``. The privacy unit is one dataset item - one tile.
+DP-SGD (``dp_mode="sample"``): Opacus ``make_private`` with Poisson sampling (each tile joins
+a logical batch with probability ``sample_rate``), per-sample gradient clipping to
+``max_grad_norm`` and Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm``;
+Opacus' ``BatchMemoryManager`` splits logical batches into physical ones of at most
+``max_physical_batch_size``. The privacy unit is one dataset item - one tile.
 """
 
 from __future__ import annotations
@@ -33,41 +32,32 @@ _Positive = Annotated[float, Field(strict=True, gt=0)]
 
 
 class TrainConfig(BaseModel):
-    """Settings of one local training round.
+    """Settings of one local training round (a federated round's come from
+    :meth:`napari_feddp.federation.settings.RunSettings.train_config`).
 
     Parameters
     ----------
-    epochs : int or None
-        Passes over the dataset (with Poisson sampling: ``1 / sample_rate``
-        logical steps each). At most one of ``epochs`` and ``steps`` may be
-        given; with neither, ``epochs=1``.
-    steps : int or None
-        Number of logical optimizer steps instead of epochs.
-    lr : float
-        Learning rate.
+    epochs, steps : int or None
+        Passes over the dataset (under Poisson sampling ``1 / sample_rate`` logical steps
+        each), or logical optimizer steps; at most one may be given (neither: ``epochs=1``).
+    lr, momentum, weight_decay : float
+        Optimizer settings (``momentum`` for SGD only).
     optimizer : {"adam", "sgd"}
-        Adam, or SGD with ``momentum``.
-    momentum, weight_decay : float
-        Optimizer settings.
     batch_size : int
         Logical (expected, under Poisson sampling) batch size.
     max_physical_batch_size : int
         Largest batch pushed through the model at once (memory bound).
     crop_size : int or None
-        Crop edge; if set, it must equal the dataset's ``crop_size`` (checked,
-        since crops are made by the dataset).
+        If set, must equal the dataset's ``crop_size`` (the dataset makes the crops).
     dp_mode : {"sample", "none"}
         ``"sample"``: DP-SGD with per-sample clipping. ``"none"``: plain training.
     max_grad_norm : float
         Per-sample gradient clipping norm C.
-    noise_multiplier : float or None
-        Noise standard deviation in units of C. At most one of
-        ``noise_multiplier`` and ``target_epsilon`` may be given; with neither
-        (DP mode), ``noise_multiplier=1.0``.
-    target_epsilon : float or None
-        Derive ``noise_multiplier`` so that ``planned_rounds`` rounds of this
-        configuration, from zero, reach this epsilon at ``delta``. The ledger
-        still enforces ``epsilon_max`` on what is actually spent.
+    noise_multiplier, target_epsilon : float or None
+        Noise standard deviation in units of C, or the epsilon at ``delta`` that
+        ``planned_rounds`` rounds of this configuration reach from zero (the noise is derived
+        from it). At most one may be given (neither, under DP: ``noise_multiplier=1.0``).
+        The ledger still enforces ``epsilon_max`` on what is actually spent.
     planned_rounds : int
         Rounds the ``target_epsilon`` is spread over.
     delta : float
@@ -77,15 +67,11 @@ class TrainConfig(BaseModel):
     accountant : {"rdp", "prv"}
         Opacus accountant.
     grad_sample_mode : {"hooks", "functorch", "ew"}
-        How Opacus computes per-sample gradients. ``"ew"`` (torch
-        ExpandedWeights) fails on U-Nets with skip concatenations under
-        torch 2.13 for batches > 1; ``"hooks"`` is the default and the fastest
-        with ``fast_conv_grads``.
+        How Opacus computes per-sample gradients (``"ew"`` fails on U-Nets with skip
+        concatenations for batches > 1).
     fast_conv_grads : bool
-        In ``"hooks"`` mode, compute Conv2d per-sample gradients as one grouped
-        weight-gradient convolution instead of Opacus' unfold + einsum
-        (same values, several times faster at histology resolutions; see
-        ``training/_grad_samplers.py``).
+        In ``"hooks"`` mode, Conv2d per-sample gradients as one grouped convolution
+        (``training/_grad_samplers.py``: same values, several times faster).
     seed : int or None
         Seeds torch (model noise, sampling, crops); ``None`` leaves RNGs alone.
     device : str
@@ -93,15 +79,12 @@ class TrainConfig(BaseModel):
     num_workers : int
         DataLoader worker processes.
     secure_mode : bool
-        Opacus cryptographically secure noise (needs ``torchcsprng``); off by default.
+        Opacus cryptographically secure noise (needs ``torchcsprng``).
 
     Raises
     ------
     pydantic.ValidationError
         (a ``ValueError``) naming the setting that is out of range or inconsistent.
-
-    A federated round's configuration is built from the run's settings by
-    :meth:`napari_feddp.federation.settings.RunSettings.train_config`.
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -149,18 +132,9 @@ class TrainConfig(BaseModel):
 class RoundPlan:
     """DP-SGD parameters of a round, known before it runs.
 
-    Attributes
-    ----------
-    n_examples : int
-        Dataset items (DP samples).
-    sample_rate : float
-        Poisson sampling probability ``1 / ceil(n_examples / batch_size)``.
-    steps : int
-        Logical (noisy) optimizer steps.
-    noise_multiplier : float or None
-        ``None`` without DP.
-    expected_batch_size : float
-        ``sample_rate * n_examples``.
+    ``sample_rate`` is ``1 / ceil(n_examples / batch_size)``, ``steps`` the logical (noisy)
+    optimizer steps, ``noise_multiplier`` None without DP, ``expected_batch_size``
+    ``sample_rate * n_examples``.
     """
 
     n_examples: int
@@ -185,18 +159,16 @@ class TrainResult:
     dice, jaccard, pixel_accuracy : float
         Pooled training metrics on the crops seen (augmented, so only indicative).
     epsilon : float or None
-        Cumulative epsilon at ``delta`` after the round: from the ledger if one
-        was given, else of this round alone. ``None`` without DP.
+        Cumulative epsilon at ``delta`` after the round (from the ledger if one was given,
+        else of this round alone); None without DP.
     epsilon_round : float or None
         Epsilon of this round alone.
     delta : float or None
-        Delta of both epsilons.
     steps : int
         Logical optimizer steps taken.
     noise_multiplier, sample_rate, max_grad_norm : float or None
-        DP-SGD parameters used (``None`` without DP).
+        DP-SGD parameters used (None without DP).
     dp_mode, grad_sample_mode : str
-        As configured.
     accountant_state : dict
         This round's Opacus accountant ``state_dict()`` (empty without DP).
     seconds : float
@@ -220,9 +192,6 @@ class TrainResult:
     grad_sample_mode: str
     accountant_state: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
-
-
-# --------------------------------------------------------------------------- planning
 
 
 def plan_round(n_examples: int, config: TrainConfig) -> RoundPlan:
@@ -265,9 +234,6 @@ def derive_noise_multiplier(config: TrainConfig, *, sample_rate: float, steps: i
         ) from exc
 
 
-# --------------------------------------------------------------------------- training
-
-
 def train_local(
     model: nn.Module,
     dataset: Dataset,
@@ -282,25 +248,20 @@ def train_local(
     Parameters
     ----------
     model : nn.Module
-        Maps ``(B, 3, H, W)`` images to ``(B, C, H, W)`` logits. For DP it must
-        be Opacus-compatible (GroupNorm, not BatchNorm); it is not modified
-        structurally and no Opacus hooks remain on it afterwards.
+        Maps ``(B, 3, H, W)`` images to ``(B, C, H, W)`` logits. For DP it must be
+        Opacus-compatible (GroupNorm, not BatchNorm); no Opacus hooks remain on it afterwards.
     dataset : Dataset
-        Map-style dataset of ``(image float (3, H, W), mask int64 (H, W))``,
-        e.g. :class:`~napari_feddp.training.SegmentationDataset` in ``"train"`` mode.
+        Map-style dataset of ``(image float (3, H, W), mask int64 (H, W))``, e.g.
+        :class:`~napari_feddp.training.SegmentationDataset` in ``"train"`` mode.
     config : TrainConfig or None
         Defaults to ``TrainConfig()``.
     ledger : PrivacyLedger or None
-        If given (DP only), the round is checked against ``config.epsilon_max``
-        *before* training and recorded after it; ``epsilon`` is then cumulative.
+        If given (DP only), the round is checked against ``config.epsilon_max`` *before*
+        training and recorded after it (also when it fails midway); ``epsilon`` is then cumulative.
     round_id : any
         Label stored with the ledger record (e.g. the server round).
     loss_fn : nn.Module or None
         Loss with per-sample structure (default :class:`DiceCELoss`).
-
-    Returns
-    -------
-    TrainResult
 
     Raises
     ------
@@ -313,10 +274,18 @@ def train_local(
     """
     config = config or TrainConfig()
     started = time.perf_counter()
+    dp = config.dp_mode == "sample"
     _check_dataset(dataset, config)
     plan = plan_round(len(dataset), config)
     if ledger is not None:
-        _check_ledger(ledger, config, plan)
+        if not dp:
+            raise ValueError("a privacy ledger was given but dp_mode='none': non-private training has no finite epsilon")
+        if not math.isclose(ledger.delta, config.delta) or ledger.mechanism != config.accountant:
+            raise LedgerError(
+                f"ledger {ledger.path} accounts with {ledger.mechanism!r} at delta={ledger.delta:g}; TrainConfig asks "
+                f"for {config.accountant!r} at delta={config.delta:g}"
+            )
+        ledger.check_budget(plan.noise_multiplier, plan.sample_rate, plan.steps, config.epsilon_max)
     if config.seed is not None:
         torch.manual_seed(config.seed)
     device = torch.device(config.device)
@@ -329,31 +298,25 @@ def train_local(
             f"the model predicts {n_classes} classes but the dataset's targets have {targets}; "
             f"build the dataset with n_classes={n_classes} (e.g. SegmentationDataset.for_model)"
         )
-    if config.dp_mode == "sample":
-        on_interrupt = None if ledger is None else _partial_round_recorder(ledger, config, plan, round_id)
-        stats, history = _train_private(model, dataset, config, plan, loss_fn, n_classes, device, on_interrupt)
+    stats = _Stats(SegmentationMetrics(n_classes))
+    if dp:
+        history = _train_private(model, dataset, config, plan, loss_fn, device, stats, ledger, round_id)
     else:
-        stats, history = _train_plain(model, dataset, config, plan, loss_fn, n_classes, device), []
-    return _finish(model, config, plan, stats, history, ledger, round_id, started)
+        _train_plain(model, dataset, config, plan, loss_fn, device, stats)
+        history = []
 
-
-def _finish(model, config, plan, stats, history, ledger, round_id, started) -> TrainResult:
-    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    scores = stats.metrics.compute() if stats.metrics.n_pixels else {"dice": math.nan, "jaccard": math.nan,
-                                                                     "pixel_accuracy": math.nan}
-    dp = config.dp_mode == "sample"
-    epsilon_round = epsilon_of(config.accountant, history, config.delta) if dp else None
-    epsilon = epsilon_round
-    if ledger is not None and dp:
-        record = ledger.record_round(
+    scores = stats.metrics.compute() if stats.metrics.n_pixels else dict.fromkeys(("dice", "jaccard", "pixel_accuracy"), math.nan)
+    epsilon = epsilon_round = epsilon_of(config.accountant, history, config.delta) if dp else None
+    if ledger is not None:
+        epsilon = ledger.record_round(
             noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=stats.steps,
             history=history, n_examples=plan.n_examples, round_id=round_id, epsilon_max=config.epsilon_max,
             meta={"max_grad_norm": config.max_grad_norm, "batch_size": config.batch_size, "lr": config.lr},
-        )
-        epsilon = record.epsilon
+        ).epsilon
     return TrainResult(
-        state_dict=state, n_examples=plan.n_examples, loss=stats.mean_loss, dice=scores["dice"],
-        jaccard=scores["jaccard"], pixel_accuracy=scores["pixel_accuracy"], epsilon=epsilon,
+        state_dict={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+        n_examples=plan.n_examples, loss=stats.loss_sum / stats.n_samples if stats.n_samples else math.nan,
+        dice=scores["dice"], jaccard=scores["jaccard"], pixel_accuracy=scores["pixel_accuracy"], epsilon=epsilon,
         epsilon_round=epsilon_round, delta=config.delta if dp else None, steps=stats.steps,
         noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate if dp else None,
         max_grad_norm=config.max_grad_norm if dp else None, dp_mode=config.dp_mode,
@@ -370,10 +333,6 @@ class _Stats:
     n_samples: int = 0
     steps: int = 0
 
-    @property
-    def mean_loss(self) -> float:
-        return self.loss_sum / self.n_samples if self.n_samples else math.nan
-
     def add(self, logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
         self.loss_sum += float(loss.detach()) * len(target)
         self.n_samples += len(target)
@@ -386,16 +345,14 @@ def make_private(
 ) -> tuple[Any, nn.Module, Any, DataLoader]:
     """Wrap model, optimizer and loader for DP-SGD the way :func:`train_local` does.
 
-    Validates the model, calls Opacus ``PrivacyEngine.make_private`` with
-    Poisson sampling and flat clipping, and installs the fast Conv2d
-    per-sample-gradient sampler when configured.
+    Validates the model, calls Opacus ``PrivacyEngine.make_private`` with Poisson sampling
+    and flat clipping, and installs the fast Conv2d per-sample-gradient sampler when configured.
 
     Returns
     -------
     engine, private_model, dp_optimizer, dp_loader
-        The ``PrivacyEngine`` (its ``accountant`` records the steps), the
-        ``GradSampleModule`` wrapping ``model``, the ``DPOptimizer`` and the
-        Poisson-sampling data loader.
+        The ``PrivacyEngine`` (its ``accountant`` records the steps), the ``GradSampleModule``
+        wrapping ``model``, the ``DPOptimizer`` and the Poisson-sampling data loader.
 
     Raises
     ------
@@ -403,46 +360,39 @@ def make_private(
         If Opacus cannot compute per-sample gradients for the model (e.g. BatchNorm).
     """
     from opacus import PrivacyEngine
+    from opacus.validators import ModuleValidator
 
-    _check_opacus_compatible(model)
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError(
+            f"model cannot be trained with DP-SGD: {'; '.join(str(e) for e in errors[:5])}. Use GroupNorm "
+            f"instead of BatchNorm (e.g. napari_feddp.models.UNet)"
+        )
+    noise_generator = None
+    if not config.secure_mode and config.seed is not None:
+        noise_generator = torch.Generator(device=torch.device(config.device)).manual_seed(config.seed + 1)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_mode)
         private_model, dp_optimizer, dp_loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
             max_grad_norm=config.max_grad_norm, poisson_sampling=True, grad_sample_mode=config.grad_sample_mode,
-            noise_generator=_noise_generator(config, torch.device(config.device)),
+            noise_generator=noise_generator,
         )
     if config.grad_sample_mode == "hooks" and config.fast_conv_grads:
         install_fast_conv_sampler(private_model)
     return engine, private_model, dp_optimizer, dp_loader
 
 
-def _partial_round_recorder(ledger: PrivacyLedger, config: TrainConfig, plan: RoundPlan, round_id: Any):
-    """Callback recording the steps of a round that failed midway (the model was already changed in place)."""
-
-    def record(history: list) -> None:
-        steps = sum(n for _, _, n in history)
-        if steps:
-            ledger.record_round(
-                noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=steps, history=history,
-                n_examples=plan.n_examples, round_id=round_id, epsilon_max=config.epsilon_max,
-                meta={"interrupted": True, "planned_steps": plan.steps},
-            )
-
-    return record
-
-
-def _train_private(model, dataset, config, plan, loss_fn, n_classes, device, on_interrupt=None):
+def _train_private(model, dataset, config, plan, loss_fn, device, stats, ledger, round_id) -> list[tuple]:
+    """DP-SGD steps; returns the accountant's history (also recorded in the ledger when the round fails)."""
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-    optimizer = _make_optimizer(model, config)
-    loader = _loader(dataset, config, shuffle=False)
-    engine, private_model, dp_optimizer, dp_loader = make_private(model, optimizer, loader, config,
-                                                                  plan.noise_multiplier)
+    engine, private_model, dp_optimizer, dp_loader = make_private(
+        model, _make_optimizer(model, config), _loader(dataset, config, shuffle=False), config, plan.noise_multiplier
+    )
     if not math.isclose(dp_optimizer.expected_batch_size, int(plan.expected_batch_size)):
         raise RuntimeError(f"Opacus planned batch {dp_optimizer.expected_batch_size}, expected {plan.expected_batch_size}")
-    stats = _Stats(SegmentationMetrics(n_classes))
     try:
         with BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=config.max_physical_batch_size,
                                 optimizer=dp_optimizer) as memory_loader:
@@ -450,15 +400,22 @@ def _train_private(model, dataset, config, plan, loss_fn, n_classes, device, on_
                 _private_step(private_model, dp_optimizer, loss_fn, images.to(device), masks.to(device), stats)
     except BaseException:
         # Noisy steps already taken have spent privacy even though the round failed.
-        if on_interrupt is not None:
-            on_interrupt([tuple(entry) for entry in engine.accountant.history])
+        spent = [tuple(entry) for entry in engine.accountant.history]
+        if ledger is not None and sum(n for _, _, n in spent):
+            ledger.record_round(
+                noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=sum(n for _, _, n in spent),
+                history=spent, n_examples=plan.n_examples, round_id=round_id, epsilon_max=config.epsilon_max,
+                meta={"interrupted": True, "planned_steps": plan.steps},
+            )
         raise
     finally:
-        _detach_opacus(private_model)
+        private_model.cleanup()  # no Opacus hooks or per-sample-gradient attributes stay on the caller's model
+        for p in model.parameters():
+            p.grad = None
     history = [tuple(entry) for entry in engine.accountant.history]
     if sum(n for _, _, n in history) != stats.steps:
         raise RuntimeError(f"Opacus accounted {history} but {stats.steps} steps were taken")
-    return stats, history
+    return history
 
 
 def _private_step(model, optimizer, loss_fn, images, masks, stats: _Stats) -> None:
@@ -480,14 +437,12 @@ def _private_step(model, optimizer, loss_fn, images, masks, stats: _Stats) -> No
         stats.steps += 1
 
 
-def _train_plain(model, dataset, config, plan, loss_fn, n_classes, device) -> _Stats:
+def _train_plain(model, dataset, config, plan, loss_fn, device, stats) -> None:
     optimizer = _make_optimizer(model, config)
-    loader = _loader(dataset, config, shuffle=True)
-    stats = _Stats(SegmentationMetrics(n_classes))
-    for images, masks in _repeat(loader, plan.steps, stats):
+    chunk = config.max_physical_batch_size
+    for images, masks in _repeat(_loader(dataset, config, shuffle=True), plan.steps, stats):
         optimizer.zero_grad(set_to_none=True)
-        for chunk_images, chunk_masks in zip(images.split(config.max_physical_batch_size),
-                                             masks.split(config.max_physical_batch_size)):
+        for chunk_images, chunk_masks in zip(images.split(chunk), masks.split(chunk)):
             chunk_images, chunk_masks = chunk_images.to(device), chunk_masks.to(device)
             logits = model(chunk_images)
             loss = loss_fn(logits, chunk_masks)
@@ -495,7 +450,6 @@ def _train_plain(model, dataset, config, plan, loss_fn, n_classes, device) -> _S
             stats.add(logits, chunk_masks, loss)
         optimizer.step()
         stats.steps += 1
-    return stats
 
 
 def _repeat(loader: DataLoader, steps: int, stats: _Stats) -> Iterator[Any]:
@@ -510,9 +464,6 @@ def _repeat(loader: DataLoader, steps: int, stats: _Stats) -> Iterator[Any]:
             raise RuntimeError("data loader produced no batches; cannot make progress")
 
 
-# --------------------------------------------------------------------------- evaluation
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -525,14 +476,14 @@ def evaluate(
 ) -> dict[str, Any]:
     """Pooled Dice, Jaccard, pixel accuracy and mean loss of ``model`` on ``dataset``.
 
-    Use a deterministic dataset (``mode="sliding"`` or ``"center"``). The model
-    is put in eval mode and restored to its previous mode afterwards.
+    Use a deterministic dataset (``mode="sliding"`` or ``"center"``). The model is put in
+    eval mode and restored to its previous mode afterwards.
 
     Returns
     -------
     dict
-        ``dice``, ``jaccard``, ``pixel_accuracy``, ``loss``, ``n_pixels``,
-        ``n_items`` and per-class lists (see :func:`~napari_feddp.training.metrics.scores_from_confusion`).
+        ``dice``, ``jaccard``, ``pixel_accuracy``, ``loss``, ``n_pixels``, ``n_items`` and
+        per-class lists (see :func:`~napari_feddp.training.metrics.scores_from_confusion`).
     """
     was_training = model.training
     torch_device = torch.device(device)
@@ -550,9 +501,6 @@ def evaluate(
     finally:
         model.train(was_training)
     return {**metrics.compute(), "loss": loss_sum / max(n_items, 1), "n_items": n_items}
-
-
-# --------------------------------------------------------------------------- helpers
 
 
 def _check_dataset(dataset: Dataset, config: TrainConfig) -> None:
@@ -575,37 +523,6 @@ def _check_dataset(dataset: Dataset, config: TrainConfig) -> None:
         )
 
 
-def _check_ledger(ledger: PrivacyLedger, config: TrainConfig, plan: RoundPlan) -> None:
-    if config.dp_mode != "sample":
-        raise ValueError("a privacy ledger was given but dp_mode='none': non-private training has no finite epsilon")
-    if not math.isclose(ledger.delta, config.delta) or ledger.mechanism != config.accountant:
-        raise LedgerError(
-            f"ledger {ledger.path} accounts with {ledger.mechanism!r} at delta={ledger.delta:g}; TrainConfig asks "
-            f"for {config.accountant!r} at delta={config.delta:g}"
-        )
-    ledger.check_budget(plan.noise_multiplier, plan.sample_rate, plan.steps, config.epsilon_max)
-
-
-def _check_opacus_compatible(model: nn.Module) -> None:
-    from opacus.validators import ModuleValidator
-
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
-        details = "; ".join(str(e) for e in errors[:5])
-        raise ValueError(
-            f"model cannot be trained with DP-SGD: {details}. Use GroupNorm instead of BatchNorm "
-            f"(e.g. napari_feddp.models.UNet)"
-        )
-
-
-def _detach_opacus(private_model: nn.Module) -> None:
-    """Remove Opacus hooks and per-sample-gradient attributes from the caller's model."""
-    cleanup = getattr(private_model, "cleanup", None) or private_model._close  # Opacus >= 1.6 / 1.5
-    cleanup()
-    for p in getattr(private_model, "_module", private_model).parameters():
-        p.grad = None
-
-
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
@@ -619,12 +536,6 @@ def _loader(dataset: Dataset, config: TrainConfig, *, shuffle: bool) -> DataLoad
         generator.manual_seed(config.seed)
     return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, num_workers=config.num_workers,
                       generator=generator)
-
-
-def _noise_generator(config: TrainConfig, device: torch.device) -> torch.Generator | None:
-    if config.secure_mode or config.seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(config.seed + 1)
 
 
 def _n_classes(model: nn.Module, dataset: Dataset, device: torch.device) -> int:
