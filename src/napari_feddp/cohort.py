@@ -407,7 +407,7 @@ def segment_slide_job(job: SlideJob, model: ModelRef, settings: Settings,
 
 def _segment_into(job: SlideJob, loaded, settings: Settings, device: str) -> tuple[dict, dict[str, Path]]:
     """Segment ``job``'s slide and write its outputs together; returns the summary and the outputs."""
-    from .nuclei import segment_nuclei
+    from .nuclei import segment_nuclei, write_nuclei
     from .segmentation import (
         CLI_CONTROLS,
         check_pixel_size,
@@ -436,33 +436,10 @@ def _segment_into(job: SlideJob, loaded, settings: Settings, device: str) -> tup
         if not nuclei.complete:
             raise RuntimeError("the segmentation stopped before the end")
         outputs = job.outputs()
-        write_slide_outputs(outputs, nuclei, loaded, Path(job.slide).name)
+        write_nuclei(nuclei, loaded, Path(job.slide).name, **outputs)
         return dict(nuclei.summary), outputs
     finally:
         slide.close()
-
-
-def write_slide_outputs(outputs: dict[str, Path], nuclei, loaded, slide_name: str) -> None:
-    """Write the label image, the measurement table and the GeoJSON of ``nuclei``, all or none.
-
-    The same files ``napari-feddp segment --out --geojson`` writes.
-    """
-    from .export import write_nuclei_geojson, write_ome_labels
-    from .measure import write_csv
-    from .segmentation import write_together
-
-    result, mpp = nuclei.segmentation, nuclei.segmentation.mpp
-    names, colors = loaded.card.class_names, loaded.class_colors
-    writers = {
-        "labels": lambda path: write_ome_labels(path, nuclei.labels, mpp=mpp, name=f"{slide_name} nuclei"),
-        "csv": lambda path: write_csv(nuclei.table, path),
-        "geojson": lambda path: write_nuclei_geojson(
-            path, nuclei.labels, table=nuclei.table,
-            class_name=str(names[1]) if names and len(names) > 1 else "nucleus",
-            class_color=colors[1] if len(colors) > 1 else None, downsample=result.downsample,
-        ),
-    }
-    write_together([(outputs[kind], writers[kind]) for kind in writers if kind in outputs])
 
 
 # --------------------------------------------------------------------------- the cohort (runs on the client)

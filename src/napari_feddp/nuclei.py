@@ -278,6 +278,50 @@ def tissue_area_um2(result: SegmentationResult, region: PolygonRegion | None = N
     return float(inside.sum()) * cell[0] * cell[1] * level0_mpp[0] * level0_mpp[1]
 
 
+def write_nuclei(nuclei: Nuclei, loaded, slide_name: str, *, labels=None, csv=None, geojson=None,
+                 classes=None) -> dict[str, Any]:
+    """Write the given outputs of a finished run, all or none.
+
+    Parameters
+    ----------
+    nuclei : Nuclei
+        The run's nuclei.
+    loaded : LoadedModel
+        The model that made them (class name and colour for the GeoJSON).
+    slide_name : str
+        Names the label images inside their OME metadata.
+    labels, csv, geojson, classes : path, optional
+        Nucleus ids (OME-TIFF), measurement table, one QuPath detection per nucleus,
+        the model's class map (OME-TIFF); None skips one.
+
+    Returns
+    -------
+    dict
+        For each written output, what its writer returned (GeoJSON: the number of nuclei).
+    """
+    from .export import write_nuclei_geojson, write_ome_labels
+    from .measure import write_csv
+    from .segmentation import write_together
+
+    result, mpp = nuclei.segmentation, nuclei.segmentation.mpp
+    names, colors = loaded.card.class_names, loaded.class_colors
+    writers = {
+        "labels": lambda path: write_ome_labels(path, nuclei.labels, mpp=mpp, name=f"{slide_name} nuclei"),
+        "csv": lambda path: write_csv(nuclei.table, path),
+        "geojson": lambda path: write_nuclei_geojson(
+            path, nuclei.labels, table=nuclei.table,
+            class_name=str(names[1]) if len(names) > 1 else "nucleus",
+            class_color=colors[1] if len(colors) > 1 else None, downsample=result.downsample,
+        )[1],
+        "classes": lambda path: write_ome_labels(path, result.labels, mpp=mpp, name=f"{slide_name} classes"),
+    }
+    paths = {"labels": labels, "csv": csv, "geojson": geojson, "classes": classes}
+    chosen = [kind for kind in writers if paths[kind] is not None]
+    # All files or none: a label map without its table (or the reverse) looks complete but is not.
+    values = write_together([(Path(paths[kind]), writers[kind]) for kind in chosen])
+    return dict(zip(chosen, values))
+
+
 def describe_summary(summary: dict) -> str:
     """One line for people: count, density per mm² of tissue and median area.
 

@@ -55,6 +55,17 @@ def _rogue_superexec(name: str, address: str, root: Path, *, ca: Path | None) ->
     return proc, home
 
 
+def _wait_until_quiet(read, quiet: float = 5.0, timeout: float = 60.0) -> None:
+    """Return once ``read()`` has not changed for ``quiet`` seconds (or after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    last, since = read(), time.monotonic()
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = read()
+        if now != last:
+            last, since = now, time.monotonic()
+
+
 def _hostile_app(directory: Path, settings, marker: Path, *, shadow: bool) -> Path:
     """An app bundle whose code writes ``marker`` when a lab imports it.
 
@@ -209,6 +220,7 @@ def attacked(tmp_path_factory):
 
             refused = _wait_for(lambda quorum=quorum, expected=expected: quorum(lab in refusals() for lab in expected), 120)
             fed.cli.stop_run(run_id)
+            _wait_until_quiet(lambda: [_history(fed, lab) for lab in (*HONEST, "poison")])  # late refusals land here
             result[kind] = {"marker": marker, "refused": refused, "reasons": list(refusals().values())}
             for lab in (*HONEST, "poison"):  # the next hostile run starts from a clean history
                 (fed.workdir / "supernodes" / lab / "history.jsonl").unlink(missing_ok=True)

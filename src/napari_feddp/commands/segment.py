@@ -158,29 +158,16 @@ def _segment(args, slide, outputs: dict, region) -> int:
 
 def _write_outputs(outputs: dict, nuclei, loaded, slide_name: str) -> dict:
     """Write every requested output, all or none; returns what each writer returned, by option."""
-    from ..export import write_nuclei_geojson, write_ome_labels
-    from ..measure import write_csv
-    from ..segmentation import write_together
+    from ..nuclei import write_nuclei
     from . import CommandError
 
-    result, mpp = nuclei.segmentation, nuclei.segmentation.mpp
-    writers = {
-        "--out": lambda path: write_ome_labels(path, nuclei.labels, mpp=mpp, name=f"{slide_name} nuclei"),
-        "--csv": lambda path: write_csv(nuclei.table, path),
-        "--geojson": lambda path: write_nuclei_geojson(
-            path, nuclei.labels, table=nuclei.table, class_name=_nucleus_class_name(loaded),
-            class_color=_nucleus_class_color(loaded), downsample=result.downsample,
-        )[1],
-        "--classes-out": lambda path: write_ome_labels(path, result.labels, mpp=mpp,
-                                                       name=f"{slide_name} classes"),
-    }
-    names = [what for what in writers if what in outputs]
+    options = {"labels": "--out", "csv": "--csv", "geojson": "--geojson", "classes": "--classes-out"}
     try:
-        # All files or none: a label map without its table (or the reverse) looks complete but is not.
-        values = write_together([(outputs[what], writers[what]) for what in names])
+        written = write_nuclei(nuclei, loaded, slide_name, **{kind: outputs.get(option)
+                                                                for kind, option in options.items()})
     except OSError as exc:
         raise CommandError(f"cannot write the outputs, none was kept: {exc}") from None
-    return dict(zip(names, values))
+    return {options[kind]: value for kind, value in written.items()}
 
 
 def _report(outputs: dict, nuclei, written: dict, describe_summary) -> None:
@@ -197,16 +184,6 @@ def _report(outputs: dict, nuclei, written: dict, describe_summary) -> None:
               "level-0 pixel coordinates)")
     if "--classes-out" in outputs:
         print(f"classes: {outputs['--classes-out']} (the model's class map)")
-
-
-def _nucleus_class_name(loaded) -> str:
-    names = loaded.card.class_names
-    return str(names[1]) if names and len(names) > 1 else "nucleus"
-
-
-def _nucleus_class_color(loaded) -> str | None:
-    colors = loaded.class_colors
-    return colors[1] if len(colors) > 1 else None
 
 
 class _ProgressBar:

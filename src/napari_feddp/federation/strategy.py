@@ -1,41 +1,38 @@
 """Server-side aggregation: robust FedAvg with update validation and optional client-level DP.
 
-:class:`GuardedStrategy` wraps a Flower 1.42 Message-API strategy
-(:class:`flwr.serverapp.strategy.FedAvg`, :class:`~flwr.serverapp.strategy.FedMedian`,
-:class:`~flwr.serverapp.strategy.FedTrimmedAvg`, or FedAvg inside
-:class:`~flwr.serverapp.strategy.DifferentialPrivacyClientSideFixedClipping`)
-and, before the inner strategy sees them, sorts every reply into
+:class:`GuardedStrategy` wraps a Flower 1.42 Message-API strategy (FedAvg, FedMedian,
+FedTrimmedAvg, or FedAvg inside DifferentialPrivacyClientSideFixedClipping) and, before the
+inner strategy sees them, sorts every reply into
 
-* ``failed`` - an error reply (ClientApp raised, node unreachable or dead),
+* ``failed`` - an error reply (ClientApp raised, node unreachable or dead), or no reply,
 * ``declined`` - the lab sat the round out (privacy budget exhausted),
-* ``rejected`` - wrong tensor names/shapes/dtypes, NaN/Inf values, bad metrics
-  (e.g. an epsilon that is no privacy claim), an outlier update (its distance to
-  the global model is far above the round's median), or (client-level DP) an
-  update larger than the clipping norm,
+* ``rejected`` - wrong tensor names/shapes/dtypes, NaN/Inf values, bad metrics (e.g. an
+  epsilon that is no privacy claim), an outlier update (its distance to the global model is
+  far above the round's median), or (client-level DP) an update larger than the clipping norm,
 * ``accepted``.
 
-One lab must not be able to take over the global model, so accepted updates are
-then bounded (outside client-level DP, where the clipping norm already bounds
-them):
+One lab must not be able to take over the global model, so accepted updates are then bounded
+(outside client-level DP, where the clipping norm already bounds them):
 
 1. the FedAvg weight is the reported example count capped at ``max_examples``;
-2. every update's delta (reply minus global model) is scaled down to a norm
-   bound: an absolute ``norm_bound``, or else the lower median of the round's
-   update norms, so that even with two labs the larger update is cut to the
-   honest-looking one;
-3. optionally the coordinate-wise median or trimmed mean replaces the mean when
-   at least :data:`ROBUST_MIN_UPDATES` updates are accepted.
+2. every update's delta (reply minus global model) is scaled down to a norm bound: an absolute
+   ``norm_bound``, or else the lower median of the round's update norms. The lower median is
+   always one of the norms, so with two labs the larger update is cut to the honest-looking
+   one rather than to a midpoint an attacker can push up;
+3. optionally the coordinate-wise median or trimmed mean replaces the mean when at least
+   :data:`ROBUST_MIN_UPDATES` updates are accepted.
 
-An aggregate with NaN/Inf values is discarded. With fewer than ``min_updates``
-accepted replies the global model is kept. Every round leaves a
-:class:`RoundReport` with the norm, weight and fate of every update.
+An aggregate with NaN/Inf values is discarded. With fewer than ``min_updates`` accepted
+replies the global model is kept. Every round leaves a :class:`RoundReport` with the norm,
+weight and fate of every update.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 
@@ -50,18 +47,17 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 from flwr.supercore import log
+from flwr.supercore.differential_privacy import compute_stdv
 
 #: Metric keys a ClientApp may send in a train reply (anything else is rejected).
 TRAIN_METRIC_KEYS = frozenset(
     {"num-examples", "unit-weight", "train-loss", "train-dice", "epsilon", "delta", "steps"}
 )
-#: Metric keys of a declined train reply.
-DECLINE_METRIC_KEYS = frozenset({"declined", "epsilon", "epsilon-next", "epsilon-max"})
 #: Metric keys a ClientApp may send in an evaluate reply.
 EVAL_METRIC_KEYS = frozenset(
     {"num-examples", "unit-weight", "eval-loss", "dice", "jaccard", "pixel-accuracy"}
 )
-#: Name of the single ArrayRecord / MetricRecord in messages.
+#: Names of the records in messages.
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
@@ -69,64 +65,44 @@ REASON_KEY = "reason"
 #: Largest epsilon a lab may report: beyond it the figure is no privacy claim,
 #: and a model card cannot carry it, so the report is treated as corrupt.
 EPSILON_LIMIT = 1e6
-#: Aggregation rules of the ``aggregation`` run-config key.
-AGGREGATIONS = ("mean", "median", "trimmed-mean")
 #: Accepted updates needed for the median / trimmed mean: with fewer, one lab
 #: is as much as a third of the votes, and the rules fall back to the mean.
 ROBUST_MIN_UPDATES = 4
+_NO_REPLY = "no reply before the round timeout"
 
 
 class NotEnoughNodesError(RuntimeError):
     """Fewer than ``min_clients`` SuperNodes connected within the wait timeout."""
 
 
-# --------------------------------------------------------------------------- pure helpers
+def _numpy(value) -> np.ndarray:
+    """A Flower ``Array`` (or anything with ``.numpy()``) or array-like as a numpy array."""
+    if hasattr(value, "numpy") and not isinstance(value, np.ndarray):
+        value = value.numpy()
+    return np.asarray(value)
 
 
 def array_spec(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{name: (shape, dtype)}`` of an ArrayRecord or a mapping of arrays."""
-    spec = {}
-    for name, value in arrays.items():
-        if hasattr(value, "numpy") and not isinstance(value, np.ndarray):
-            value = value.numpy()
-        value = np.asarray(value)
-        spec[name] = (tuple(value.shape), value.dtype.str)
-    return spec
+    numpy_arrays = {name: _numpy(value) for name, value in arrays.items()}
+    return {name: (tuple(array.shape), array.dtype.str) for name, array in numpy_arrays.items()}
 
 
-def check_arrays(
-    reference: Mapping[str, tuple[tuple[int, ...], str]],
-    arrays: ArrayRecord | Mapping[str, np.ndarray],
-) -> str | None:
-    """Why ``arrays`` cannot be aggregated with the global model, or None.
+def check_arrays(reference: Mapping[str, tuple[tuple[int, ...], str]],
+                 arrays: ArrayRecord | Mapping[str, np.ndarray]) -> str | None:
+    """Why ``arrays`` cannot be aggregated with the global model (spec ``reference``), or None.
 
-    Parameters
-    ----------
-    reference : mapping
-        ``{name: (shape, dtype)}`` of the global model (see :func:`array_spec`).
-    arrays : ArrayRecord or mapping
-        A client's returned weights.
-
-    Returns
-    -------
-    str or None
-        A one-line reason (missing/unexpected names, shape or dtype mismatch,
-        non-finite values), or None if the update is usable.
+    The reason names missing/unexpected arrays, a shape or dtype mismatch or non-finite values.
     """
-    names = list(arrays.keys())
-    missing = sorted(set(reference) - set(names))
-    unexpected = sorted(set(names) - set(reference))
+    missing = sorted(set(reference) - set(arrays.keys()))
+    unexpected = sorted(set(arrays.keys()) - set(reference))
     if missing or unexpected:
         return f"array names differ from the global model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-    for name in reference:
-        value = arrays[name]
-        if hasattr(value, "numpy") and not isinstance(value, np.ndarray):
-            try:
-                value = value.numpy()
-            except Exception as exc:  # noqa: BLE001 - undecodable array
-                return f"array {name!r} cannot be decoded ({exc})"
-        value = np.asarray(value)
-        shape, dtype = reference[name]
+    for name, (shape, dtype) in reference.items():
+        try:
+            value = _numpy(arrays[name])
+        except Exception as exc:  # undecodable array
+            return f"array {name!r} cannot be decoded ({exc})"
         if tuple(value.shape) != tuple(shape):
             return f"shape mismatch for {name!r}: expected {list(shape)}, received {list(value.shape)}"
         if value.dtype.str != dtype:
@@ -136,74 +112,28 @@ def check_arrays(
     return None
 
 
-def update_norm(
-    new: Mapping[str, np.ndarray] | ArrayRecord, old: Mapping[str, np.ndarray] | ArrayRecord
-) -> float:
+def update_norm(new: Mapping[str, np.ndarray] | ArrayRecord, old: Mapping[str, np.ndarray] | ArrayRecord) -> float:
     """L2 norm of ``new - old`` over all arrays."""
-    total = 0.0
-    for name in old.keys():
-        a = new[name].numpy() if hasattr(new[name], "numpy") else np.asarray(new[name])
-        b = old[name].numpy() if hasattr(old[name], "numpy") else np.asarray(old[name])
-        diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-        total += float(np.sum(diff * diff))
-    return math.sqrt(total)
+    return math.sqrt(sum(
+        float(np.sum((_numpy(new[name]).astype(np.float64) - _numpy(old[name])) ** 2)) for name in old
+    ))  # fmt: skip
 
 
 def _finite_number(value) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 def valid_epsilon(value) -> float | None:
-    """``value`` as a float if it is a usable privacy claim, else None.
-
-    Parameters
-    ----------
-    value : object
-        An epsilon reported by a lab or computed by the server.
-
-    Returns
-    -------
-    float or None
-        The value if it is a finite number in ``(0, EPSILON_LIMIT]``.
-    """
-    if not _finite_number(value):
-        return None
-    value = float(value)
-    return value if 0 < value <= EPSILON_LIMIT else None
-
-
-def lower_median(values: Sequence[float]) -> float:
-    """The lower median: the ``(n - 1) // 2``-th smallest value.
-
-    Unlike the usual median it is always one of the values, so with two labs it
-    is the smaller update norm, not the midpoint an attacker can push up.
-    """
-    if not values:
-        raise ValueError("lower_median needs at least one value")
-    return float(sorted(values)[(len(values) - 1) // 2])
+    """``value`` as a float if it is a usable privacy claim (finite, in ``(0, EPSILON_LIMIT]``), else None."""
+    return float(value) if _finite_number(value) and 0 < float(value) <= EPSILON_LIMIT else None
 
 
 def check_train_metrics(metrics: MetricRecord | Mapping, weight_key: str) -> str | None:
     """Why a train reply's metrics are unusable, or None.
 
-    Parameters
-    ----------
-    metrics : MetricRecord or mapping
-        The reply's only MetricRecord.
-    weight_key : str
-        Metric that must be present and positive (the FedAvg weight).
-
-    Returns
-    -------
-    str or None
-        A one-line reason: unexpected keys, a value that is not a finite
-        scalar, a missing or non-positive weight or example count, an epsilon
-        outside ``(0, EPSILON_LIMIT]``, a delta outside ``(0, 1)``, negative
-        steps. None if the metrics are usable.
+    Only the scalar summaries of :data:`TRAIN_METRIC_KEYS` are accepted, each finite; the
+    ``weight_key`` and ``num-examples`` must be positive, an epsilon in ``(0, EPSILON_LIMIT]``,
+    a delta in ``(0, 1)``, steps non-negative.
     """
     keys = set(metrics.keys())
     extra = sorted(keys - TRAIN_METRIC_KEYS)
@@ -213,9 +143,7 @@ def check_train_metrics(metrics: MetricRecord | Mapping, weight_key: str) -> str
         if not _finite_number(metrics[key]):
             return f"metric {key!r} is not a finite scalar"
     if "epsilon" in keys and valid_epsilon(metrics["epsilon"]) is None:
-        return (
-            f"metric 'epsilon' must be > 0 and <= {EPSILON_LIMIT:g}, received {metrics['epsilon']}"
-        )
+        return f"metric 'epsilon' must be > 0 and <= {EPSILON_LIMIT:g}, received {metrics['epsilon']}"
     if "delta" in keys and not 0 < float(metrics["delta"]) < 1:
         return f"metric 'delta' must be in (0, 1), received {metrics['delta']}"
     if "steps" in keys and float(metrics["steps"]) < 0:
@@ -229,21 +157,16 @@ def check_train_metrics(metrics: MetricRecord | Mapping, weight_key: str) -> str
     return None
 
 
-# --------------------------------------------------------------------------- reports
-
-
 @dataclass
 class RoundReport:
     """What happened in one training round (JSON-serialisable via :meth:`to_dict`).
 
-    Node ids are Flower's SuperNode ids; lab names never reach the server.
-    ``updates`` maps every node whose update passed validation to its
-    ``norm`` (L2 distance to the global model, None if not finite), ``weight``
-    (aggregation weight after the cap), ``capped`` (the reported weight was
-    larger), ``clipped`` (the delta was scaled down to ``norm_bound``) and
-    ``rejected`` (dropped as an outlier); ``clipped`` says, per clipped node,
-    from which norm to which its update was scaled. ``aggregation`` is the rule
-    used.
+    Node ids are Flower's SuperNode ids; lab names never reach the server. ``updates`` maps
+    every node whose update passed validation to its ``norm`` (L2 distance to the global model,
+    None if not finite), ``weight`` (after the cap), ``capped`` (the reported weight was
+    larger), ``clipped`` (scaled down to ``norm_bound``) and ``rejected`` (dropped as an
+    outlier); ``clipped`` says, per clipped node, from which norm to which its update was
+    scaled. ``aggregation`` is the rule used.
     """
 
     round: int
@@ -273,29 +196,18 @@ class RoundReport:
 
 def _reply_metrics(msg: Message) -> MetricRecord | None:
     records = msg.content.metric_records
-    if len(records) != 1:
-        return None
-    return next(iter(records.values()))
+    return next(iter(records.values())) if len(records) == 1 else None
 
 
 def _rule_name(strategy: Strategy) -> str:
-    """Aggregation rule of a Flower strategy, as named in :data:`AGGREGATIONS`."""
+    """Aggregation rule of a Flower strategy: ``mean``, ``median`` or ``trimmed-mean``."""
     if isinstance(strategy, FedMedian):
         return "median"
-    if isinstance(strategy, FedTrimmedAvg):
-        return "trimmed-mean"
-    return "mean"
+    return "trimmed-mean" if isinstance(strategy, FedTrimmedAvg) else "mean"
 
 
-def _reason(msg: Message) -> str:
-    records = msg.content.config_records
-    for record in records.values():
-        if REASON_KEY in record:
-            return str(record[REASON_KEY])[:300]
-    return "declined"
-
-
-# --------------------------------------------------------------------------- strategy
+def _error(msg: Message) -> str:
+    return f"error {msg.error.code}: {(msg.error.reason or '')[:200]}"
 
 
 @dataclass
@@ -304,6 +216,7 @@ class _Update:
 
     node: int
     msg: Message
+    metrics: MetricRecord
     weight: float
     examples: float
     delta: dict[str, np.ndarray] = field(default_factory=dict)
@@ -325,28 +238,27 @@ class GuardedStrategy(Strategy):
     min_updates : int
         Accepted updates needed to aggregate.
     weight_key : str
-        Metric used as FedAvg weight (``num-examples``; ``unit-weight`` for
-        client-level DP, whose noise calibration assumes uniform weights).
+        Metric used as FedAvg weight (``num-examples``; ``unit-weight`` for client-level DP,
+        whose noise calibration assumes uniform weights).
     node_wait_timeout : float
         Seconds to wait for ``min_clients`` nodes.
     dp_clipping_norm : float, optional
-        Reject updates whose L2 distance to the current global model exceeds
-        this (client-level DP: the clipping norm, plus a small tolerance).
+        Reject updates whose L2 distance to the current global model exceeds this
+        (client-level DP: the clipping norm, plus a small tolerance).
     max_examples : float, optional
         Cap on every reported weight and example count (None: no cap).
     uniform_weights : bool
         Aggregate with weight 1 whatever a lab reports (client-level DP).
     outlier_factor : float, optional
-        With at least 3 accepted updates, reject those whose norm exceeds this
-        times the median norm (None: no outlier rejection).
+        With at least 3 accepted updates, reject those whose norm exceeds this times the
+        median norm (None: no outlier rejection).
     bound_updates : bool
         Scale every delta down to ``norm_bound`` before aggregation.
     norm_bound : float, optional
-        Absolute bound on update norms; None uses the lower median of the
-        round's norms (see :func:`lower_median`).
+        Absolute bound on update norms; None uses the lower median of the round's norms.
     fallback : Strategy, optional
-        Weighted mean used instead of a median / trimmed-mean ``inner`` when
-        fewer than :data:`ROBUST_MIN_UPDATES` updates are accepted.
+        Weighted mean used instead of a median / trimmed-mean ``inner`` when fewer than
+        :data:`ROBUST_MIN_UPDATES` updates are accepted.
     """
 
     def __init__(
@@ -383,14 +295,10 @@ class GuardedStrategy(Strategy):
         self.current: ArrayRecord = reference
         self.reports: dict[int, RoundReport] = {}
         self.evaluation: dict | None = None
-        # Messages sent per round: the SuperLink answers for dead nodes itself
-        # (src = SuperLink), so replies are matched to nodes by reply_to id.
         self._outgoing: dict[tuple[str, int], list[Message]] = {}
 
-    # ------------------------------------------------------------------ sampling
-
     def wait_for_nodes(self, grid: Grid, minimum: int | None = None) -> list[int]:
-        """Block until ``minimum`` nodes are connected; return their ids.
+        """Block until ``minimum`` (default ``min_clients``) nodes are connected; return their ids.
 
         Raises
         ------
@@ -400,10 +308,7 @@ class GuardedStrategy(Strategy):
         minimum = self.min_clients if minimum is None else minimum
         deadline = time.monotonic() + self.node_wait_timeout
         last_logged = 0.0
-        while True:
-            nodes = list(grid.get_node_ids())
-            if len(nodes) >= minimum:
-                return nodes
+        while len(nodes := list(grid.get_node_ids())) < minimum:
             if time.monotonic() > deadline:
                 raise NotEnoughNodesError(
                     f"only {len(nodes)} SuperNode(s) connected after {self.node_wait_timeout:.0f} s, "
@@ -413,6 +318,18 @@ class GuardedStrategy(Strategy):
                 log(INFO, "Waiting for SuperNodes: %d connected, %d required", len(nodes), minimum)
                 last_logged = time.monotonic()
             time.sleep(1.0)
+        return nodes
+
+    def _replies(self, kind: str, server_round: int, replies: Iterable[Message]):
+        """The nodes sent to this round, and ``(node, reply)`` for every reply.
+
+        The SuperLink answers for dead nodes itself (src = SuperLink), so a reply is matched to
+        the node it answers for by its reply_to id.
+        """
+        outgoing = self._outgoing.pop((kind, server_round), [])
+        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in outgoing if m.metadata.message_id}
+        pairs = [(str(by_id.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)), r) for r in replies]
+        return [m.metadata.dst_node_id for m in outgoing], pairs
 
     # ------------------------------------------------------------------ train
 
@@ -426,69 +343,59 @@ class GuardedStrategy(Strategy):
         self._outgoing[("train", server_round)] = messages
         return messages
 
-    @staticmethod
-    def _node_of(outgoing: list[Message]):
-        """Function mapping a reply to the node it answers for."""
-        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in outgoing if m.metadata.message_id}
-
-        def node_of(reply: Message) -> int:
-            return by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-
-        return node_of
-
-    def classify(
-        self, replies: Iterable[Message], outgoing: list[Message] | None = None
-    ) -> tuple[list[Message], RoundReport]:
-        """Sort replies into accepted / rejected / declined / failed."""
-        report = RoundReport(round=0)
-        accepted: list[Message] = []
-        node_of = self._node_of(outgoing or [])
-        expected = {str(m.metadata.dst_node_id) for m in outgoing or []}
-        seen: set[str] = set()
-        for msg in replies:
-            node = str(node_of(msg))
-            if node in seen or (expected and node not in expected):
-                report.rejected[f"{node}#{len(report.rejected)}"] = "unsolicited or duplicate reply"
-                continue
-            seen.add(node)
-            if msg.has_error():
-                report.failed[node] = f"error {msg.error.code}: {(msg.error.reason or '')[:200]}"
-                continue
-            metrics = _reply_metrics(msg)
-            declined = metrics.get("declined") if metrics is not None else None
-            if _finite_number(declined) and float(declined) == 1.0:
-                report.declined[node] = _reason(msg)
-                continue
-            reason = self._check_reply(msg, metrics)
-            if reason:
-                report.rejected[node] = reason
-                log(WARNING, "Rejected update from node %s: %s", node, reason)
-                continue
-            accepted.append(msg)
-            report.accepted.append(int(node))
-        return accepted, report
-
     def _check_reply(self, msg: Message, metrics: MetricRecord | None) -> str | None:
         content = msg.content
         if len(content.array_records) != 1 or ARRAYS_KEY not in content.array_records:
             return f"expected exactly one ArrayRecord named {ARRAYS_KEY!r}"
         if metrics is None:
             return "expected exactly one MetricRecord"
-        reason = check_train_metrics(metrics, self.weight_key)
-        if reason:
+        arrays = content.array_records[ARRAYS_KEY]
+        reason = check_train_metrics(metrics, self.weight_key) or check_arrays(self.reference, arrays)
+        if reason or self.dp_clipping_norm is None:
             return reason
-        arrays = next(iter(content.array_records.values()))
-        reason = check_arrays(self.reference, arrays)
-        if reason:
-            return reason
-        if self.dp_clipping_norm is not None:
-            norm = update_norm(arrays, self.current)
-            if not norm <= self.dp_clipping_norm * (1 + 1e-4) + 1e-6:
-                return (
-                    f"update norm {norm:.4g} exceeds the clipping norm {self.dp_clipping_norm:.4g} "
-                    "(client-level DP requires clipped updates)"
-                )
+        norm = update_norm(arrays, self.current)
+        if not norm <= self.dp_clipping_norm * (1 + 1e-4) + 1e-6:
+            return (f"update norm {norm:.4g} exceeds the clipping norm {self.dp_clipping_norm:.4g} "
+                    "(client-level DP requires clipped updates)")  # fmt: skip
         return None
+
+    def _classify(self, server_round: int, replies: Iterable[Message]) -> tuple[list[_Update], RoundReport]:
+        """Sort replies into accepted / rejected / declined / failed; weigh the accepted ones."""
+        sampled, pairs = self._replies("train", server_round, replies)
+        report = RoundReport(round=server_round, sampled=sampled)
+        expected = {str(node) for node in sampled}
+        cap = self.max_examples if self.max_examples is not None else math.inf
+        updates: list[_Update] = []
+        seen: set[str] = set()
+        for node, msg in pairs:
+            if node in seen or (expected and node not in expected):
+                report.rejected[f"{node}#{len(report.rejected)}"] = "unsolicited or duplicate reply"
+                continue
+            seen.add(node)
+            if msg.has_error():
+                report.failed[node] = _error(msg)
+                continue
+            metrics = _reply_metrics(msg)
+            declined = metrics.get("declined") if metrics is not None else None
+            if _finite_number(declined) and float(declined) == 1.0:
+                reasons = [str(r[REASON_KEY])[:300] for r in msg.content.config_records.values() if REASON_KEY in r]
+                report.declined[node] = reasons[0] if reasons else "declined"
+                continue
+            reason = self._check_reply(msg, metrics)
+            if reason:
+                report.rejected[node] = reason
+                log(WARNING, "Rejected update from node %s: %s", node, reason)
+                continue
+            reported = float(metrics[self.weight_key])
+            weight = 1.0 if self.uniform_weights else min(reported, cap)
+            examples = min(float(metrics["num-examples"]), cap)
+            updates.append(_Update(int(node), msg, metrics, weight, examples))
+            report.accepted.append(int(node))
+            report.updates[node] = {
+                "norm": None, "weight": weight, "capped": weight < reported, "clipped": False, "rejected": False,
+            }  # fmt: skip
+        report.failed |= {str(n): _NO_REPLY for n in sampled if str(n) not in seen}
+        return updates, report
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -504,142 +411,79 @@ class GuardedStrategy(Strategy):
         Returns
         -------
         (ArrayRecord, MetricRecord) or (None, None)
-            The new global model and round metrics; (None, None) keeps the
-            global model (too few valid updates, a failed or non-finite
-            aggregate). Never raises because of what a lab sent.
+            The new global model and round metrics; (None, None) keeps the global model (too
+            few valid updates, a failed or non-finite aggregate). Never raises because of what
+            a lab sent.
         """
-        outgoing = self._outgoing.pop(("train", server_round), [])
-        accepted, report = self.classify(replies, outgoing)
-        report.round = server_round
-        report.sampled = [m.metadata.dst_node_id for m in outgoing]
-        for node in report.sampled:
-            key = str(node)
-            if (
-                node not in report.accepted
-                and key not in report.rejected
-                and key not in report.declined
-                and key not in report.failed
-            ):
-                report.failed[key] = "no reply before the round timeout"
+        updates, report = self._classify(server_round, replies)
         self.reports[server_round] = report
-        updates = self._weigh(accepted, report)
         updates = self._screen(updates, report)
-        self._summarise(report, updates)
+        examples = sum(u.examples for u in updates)
+        report.num_examples = int(examples)
+        if examples:
+            report.train_loss = sum(u.examples * float(u.metrics.get("train-loss", 0.0)) for u in updates) / examples
+            report.train_dice = sum(u.examples * float(u.metrics.get("train-dice", 0.0)) for u in updates) / examples
+        report.epsilon_max = max((float(u.metrics["epsilon"]) for u in updates if "epsilon" in u.metrics), default=None)
         notes: list[str] = []
         if report.clipped:
             notes.append(f"update(s) of node(s) {', '.join(report.clipped)} scaled down to norm "
                          f"{report.norm_bound:.4g}")  # fmt: skip
         for update in updates:
-            # The inner strategies need identical metric keys in every reply; they
-            # only use the weight, and the summary above already read the rest.
+            # The inner strategies need identical metric keys in every reply; they only use the weight.
             for key in list(update.msg.content.metric_records.keys()):
                 del update.msg.content[key]
             update.msg.content[METRICS_KEY] = MetricRecord({self.weight_key: update.weight})
         accepted = [update.msg for update in updates]
         if len(accepted) < self.min_updates:
-            notes.append(
-                f"only {len(accepted)} valid update(s), {self.min_updates} required; "
-                "global model unchanged"
-            )
-            return self._skip(report, notes)
+            return self._skip(report, notes, f"only {len(accepted)} valid update(s), {self.min_updates} required")
         aggregator, report.aggregation = self.inner, self.aggregation
         if self.fallback is not None and len(accepted) < ROBUST_MIN_UPDATES:
             aggregator, report.aggregation = self.fallback, _rule_name(self.fallback)
-            notes.append(
-                f"{self.aggregation} needs {ROBUST_MIN_UPDATES} accepted updates, "
-                f"{len(accepted)} received: weighted mean used"
-            )
-        dp = self.inner if isinstance(self.inner, DifferentialPrivacyClientSideFixedClipping) else None
-        if dp is not None:
+            notes.append(f"{self.aggregation} needs {ROBUST_MIN_UPDATES} accepted updates, "
+                         f"{len(accepted)} received: weighted mean used")  # fmt: skip
+        if isinstance(dp := self.inner, DifferentialPrivacyClientSideFixedClipping):
             # Calibrate the noise to the updates actually averaged (conservative).
             dp.num_sampled_clients = len(accepted)
-            report.update_noise_std = float(
-                dp.noise_multiplier * dp.clipping_norm / len(accepted)
-            )
+            report.update_noise_std = float(compute_stdv(dp.noise_multiplier, dp.clipping_norm, len(accepted)))
         try:
             arrays, _ = aggregator.aggregate_train(server_round, accepted)
-        except Exception as exc:  # noqa: BLE001 - a bad round must not end the run
-            notes.append(f"aggregation failed ({type(exc).__name__}: {str(exc)[:200]}); "
-                         "global model unchanged")  # fmt: skip
-            return self._skip(report, notes)
+        except Exception as exc:  # a bad round must not end the run
+            return self._skip(report, notes, f"aggregation failed ({type(exc).__name__}: {str(exc)[:200]})")
         if arrays is None:
-            notes.append("inner strategy did not aggregate; global model unchanged")
-            return self._skip(report, notes)
+            return self._skip(report, notes, "inner strategy did not aggregate")
         reason = check_arrays(self.reference, arrays)
         if reason:
-            notes.append(f"aggregate discarded: {reason}; global model unchanged")
-            return self._skip(report, notes)
+            return self._skip(report, notes, f"aggregate discarded: {reason}")
         report.aggregated = True
         report.note = "; ".join(notes)
-        metrics = {"num-examples": report.num_examples, "accepted": len(report.accepted)}
-        for key, value in (
-            ("train-loss", report.train_loss),
-            ("train-dice", report.train_dice),
-            ("epsilon-max", report.epsilon_max),
-        ):
-            if value is not None:
-                metrics[key] = value
-        return arrays, MetricRecord(metrics)
+        extra = {"train-loss": report.train_loss, "train-dice": report.train_dice, "epsilon-max": report.epsilon_max}
+        return arrays, MetricRecord({"num-examples": report.num_examples, "accepted": len(report.accepted),
+                                     **{key: value for key, value in extra.items() if value is not None}})
 
     @staticmethod
-    def _skip(report: RoundReport, notes: list[str]) -> tuple[None, None]:
-        report.note = "; ".join(notes)
+    def _skip(report: RoundReport, notes: list[str], why: str) -> tuple[None, None]:
+        report.note = "; ".join([*notes, f"{why}; global model unchanged"])
         log(WARNING, "Round %s: %s", report.round, report.note)
         return None, None
-
-    def _weigh(self, accepted: list[Message], report: RoundReport) -> list[_Update]:
-        """Aggregation weight and example count of every accepted reply, capped."""
-        cap = self.max_examples if self.max_examples is not None else math.inf
-        updates = []
-        # classify() appends to report.accepted in the order of ``accepted``.
-        for node, msg in zip(report.accepted, accepted):
-            metrics = _reply_metrics(msg)
-            reported = float(metrics[self.weight_key])
-            weight = 1.0 if self.uniform_weights else min(reported, cap)
-            examples = min(float(metrics["num-examples"]), cap)
-            updates.append(_Update(node=node, msg=msg, weight=weight, examples=examples))
-            report.updates[str(node)] = {
-                "norm": None,
-                "weight": weight,
-                "capped": weight < reported,
-                "clipped": False,
-                "rejected": False,
-            }
-        return updates
-
-    def _global_arrays(self) -> dict[str, np.ndarray]:
-        """Floating-point arrays of the current global model, as float64.
-
-        Integer buffers (counters) are no weights: they are neither measured
-        nor clipped.
-        """
-        out = {}
-        for name, value in self.current.items():
-            array = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
-            if array.dtype.kind == "f":
-                out[name] = np.asarray(array, dtype=np.float64)
-        return out
 
     def _screen(self, updates: list[_Update], report: RoundReport) -> list[_Update]:
         """Measure every delta, reject outliers, clip the rest to the norm bound.
 
-        Returns the updates to aggregate; rejected ones move from
-        ``report.accepted`` to ``report.rejected``.
+        Returns the updates to aggregate; rejected ones move from ``report.accepted`` to
+        ``report.rejected``.
         """
         if not updates:
             return updates
-        current = self._global_arrays()
+        # Integer buffers (counters) are no weights: they are neither measured nor clipped.
+        arrays = {name: _numpy(value) for name, value in self.current.items()}
+        current = {name: array.astype(np.float64) for name, array in arrays.items() if array.dtype.kind == "f"}
         for update in updates:
             arrays = update.msg.content[ARRAYS_KEY]
-            total = 0.0
             with np.errstate(over="ignore", invalid="ignore"):
-                for name, old in current.items():
-                    delta = np.asarray(arrays[name].numpy(), dtype=np.float64) - old
-                    update.delta[name] = delta
-                    total += float(np.sum(delta * delta))
+                update.delta = {name: arrays[name].numpy().astype(np.float64) - old for name, old in current.items()}
+                total = sum(float(np.sum(delta * delta)) for delta in update.delta.values())
             update.norm = math.sqrt(total) if math.isfinite(total) else math.inf
-            entry = report.updates[str(update.node)]
-            entry["norm"] = update.norm if math.isfinite(update.norm) else None
+            report.updates[str(update.node)]["norm"] = update.norm if math.isfinite(update.norm) else None
         if not (self.bound_updates or self.outlier_factor):
             return updates
 
@@ -649,66 +493,31 @@ class GuardedStrategy(Strategy):
             report.updates[str(update.node)]["rejected"] = True
             log(WARNING, "Rejected update from node %s: %s", update.node, reason)
 
-        kept = []
-        for update in updates:
-            if math.isfinite(update.norm):
-                kept.append(update)
-            else:
-                reject(update, "update norm is not finite (values too large)")
-        if self.outlier_factor and len(kept) >= 3:
-            median = float(np.median([u.norm for u in kept]))
-            # A zero median means most labs did not move; the clipping bound
-            # (then 0 as well) already neutralises the others.
-            if median > 0:
-                limit = self.outlier_factor * median
-                for update in list(kept):
-                    if update.norm > limit:
-                        kept.remove(update)
-                        reject(update, (
-                            f"outlier: update norm {update.norm:.4g} exceeds "
-                            f"{self.outlier_factor:g} x the median norm {median:.4g}"
-                        ))  # fmt: skip
+        for update in [u for u in updates if not math.isfinite(u.norm)]:
+            reject(update, "update norm is not finite (values too large)")
+        kept = [u for u in updates if math.isfinite(u.norm)]
+        median = float(np.median([u.norm for u in kept])) if len(kept) >= 3 else 0.0
+        # A zero median means most labs did not move; the clipping bound (then 0 as well)
+        # already neutralises the others.
+        if self.outlier_factor and median > 0:
+            for update in [u for u in kept if u.norm > self.outlier_factor * median]:
+                kept.remove(update)
+                reject(update, f"outlier: update norm {update.norm:.4g} exceeds "
+                               f"{self.outlier_factor:g} x the median norm {median:.4g}")  # fmt: skip
         if not (self.bound_updates and kept):
             return kept
-        bound = self.norm_bound if self.norm_bound else lower_median([u.norm for u in kept])
+        bound = self.norm_bound or float(statistics.median_low([u.norm for u in kept]))
         report.norm_bound = bound
-        for update in kept:
-            if update.norm > bound:
-                self._clip(update, current, bound / update.norm)
-                report.updates[str(update.node)]["clipped"] = True
-                report.clipped[str(update.node)] = f"norm {update.norm:.4g} scaled to {bound:.4g}"
-        return kept
-
-    @staticmethod
-    def _clip(update: _Update, current: Mapping[str, np.ndarray], scale: float) -> None:
-        """Replace the reply's arrays by ``global + delta * scale``."""
-        arrays = update.msg.content[ARRAYS_KEY]
-        clipped = {}
-        for name in arrays.keys():
-            if name in update.delta:
-                dtype = arrays[name].numpy().dtype
-                value = (current[name] + update.delta[name] * scale).astype(dtype)
+        for update in (u for u in kept if u.norm > bound):
+            arrays = update.msg.content[ARRAYS_KEY]
+            clipped = {name: arrays[name] for name in arrays}
+            for name, delta in update.delta.items():  # global + delta * bound / norm, in the reply's dtype
+                value = (current[name] + delta * (bound / update.norm)).astype(arrays[name].numpy().dtype)
                 clipped[name] = Array(np.ascontiguousarray(value))
-            else:
-                clipped[name] = arrays[name]
-        update.msg.content[ARRAYS_KEY] = ArrayRecord(clipped)
-
-    @staticmethod
-    def _summarise(report: RoundReport, updates: list[_Update]) -> None:
-        examples, loss, dice, eps = 0.0, 0.0, 0.0, []
-        for update in updates:
-            metrics = _reply_metrics(update.msg)
-            n = update.examples
-            examples += n
-            loss += n * float(metrics.get("train-loss", 0.0))
-            dice += n * float(metrics.get("train-dice", 0.0))
-            if "epsilon" in metrics:
-                eps.append(float(metrics["epsilon"]))
-        report.num_examples = int(examples)
-        if examples:
-            report.train_loss = loss / examples
-            report.train_dice = dice / examples
-        report.epsilon_max = max(eps) if eps else None
+            update.msg.content[ARRAYS_KEY] = ArrayRecord(clipped)
+            report.updates[str(update.node)]["clipped"] = True
+            report.clipped[str(update.node)] = f"norm {update.norm:.4g} scaled to {bound:.4g}"
+        return kept
 
     # ------------------------------------------------------------------ evaluate
 
@@ -719,65 +528,41 @@ class GuardedStrategy(Strategy):
         nodes = self.wait_for_nodes(grid, minimum=1)
         config["server-round"] = server_round
         record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
-        messages = [
-            Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=node)
-            for node in nodes
-        ]
+        messages = [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes]
         self._outgoing[("evaluate", server_round)] = messages
         return messages
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean of finite evaluation metrics; failures are counted."""
+        sampled, pairs = self._replies("evaluate", server_round, replies)
         totals: dict[str, float] = {}
         examples = 0
         failed: dict[str, str] = {}
         per_node: dict[str, dict[str, float]] = {}
         used = 0
-        outgoing = self._outgoing.pop(("evaluate", server_round), [])
-        node_of = self._node_of(outgoing)
-        answered = set()
-        for msg in replies:
-            node = str(node_of(msg))
-            answered.add(node)
+        for node, msg in pairs:
+            metrics = None if msg.has_error() else _reply_metrics(msg)
+            keys = set(metrics.keys()) if metrics is not None else set()
             if msg.has_error():
-                failed[node] = f"error {msg.error.code}: {(msg.error.reason or '')[:200]}"
-                continue
-            metrics = _reply_metrics(msg)
-            if metrics is None:
+                failed[node] = _error(msg)
+            elif metrics is None:
                 failed[node] = "expected exactly one MetricRecord"
-                continue
-            keys = set(metrics.keys())
-            if keys - EVAL_METRIC_KEYS or not all(_finite_number(metrics[k]) for k in keys):
+            elif keys - EVAL_METRIC_KEYS or not all(_finite_number(metrics[k]) for k in keys):
                 failed[node] = "invalid evaluation metrics"
-                continue
-            n = float(metrics.get("num-examples", 0))
-            if self.max_examples is not None:
-                n = min(n, self.max_examples)
-            if n <= 0:
+            elif (n := min(float(metrics.get("num-examples", 0)), self.max_examples or math.inf)) <= 0:
                 failed[node] = "no evaluation examples"
-                continue
-            used += 1
-            examples += int(n)
-            per_node[node] = {k: float(metrics[k]) for k in keys - {"unit-weight"}}
-            for key in keys - {"num-examples", "unit-weight"}:
-                totals[key] = totals.get(key, 0.0) + n * float(metrics[key])
-        for message in outgoing:
-            if str(message.metadata.dst_node_id) not in answered:
-                failed[str(message.metadata.dst_node_id)] = "no reply before the round timeout"
+            else:
+                used += 1
+                examples += int(n)
+                per_node[node] = {k: float(metrics[k]) for k in keys - {"unit-weight"}}
+                for key in keys - {"num-examples", "unit-weight"}:
+                    totals[key] = totals.get(key, 0.0) + n * float(metrics[key])
+        answered = {node for node, _ in pairs}
+        failed |= {str(n): _NO_REPLY for n in sampled if str(n) not in answered}
         result = {k: v / examples for k, v in totals.items()} if examples else {}
-        self.evaluation = {
-            "round": server_round,
-            "nodes": used,
-            "num_examples": examples,
-            "metrics": result,
-            "per_node": per_node,
-            "failed": failed,
-        }
-        if not examples:
-            return None
-        return MetricRecord({**result, "num-examples": examples})
+        self.evaluation = {"round": server_round, "nodes": used, "num_examples": examples,
+                           "metrics": result, "per_node": per_node, "failed": failed}  # fmt: skip
+        return MetricRecord({**result, "num-examples": examples}) if examples else None
 
     def summary(self) -> None:
         """Log the configuration."""
@@ -793,11 +578,10 @@ def build_strategy(settings, initial: ArrayRecord) -> GuardedStrategy:
     """The strategy for a :class:`~napari_feddp.federation.settings.RunSettings`.
 
     ``dp_mode == "update"`` wraps FedAvg (uniform weights) in Flower's
-    :class:`DifferentialPrivacyClientSideFixedClipping`; the ClientApp clips with
-    Flower's ``fixedclipping_mod`` and the clipping norm bounds every update.
-    Other modes use FedAvg weighted by capped example counts (or Flower's
-    FedMedian / FedTrimmedAvg, per ``aggregation``), outlier rejection and the
-    update norm bound of the settings.
+    :class:`DifferentialPrivacyClientSideFixedClipping`; the ClientApp clips with Flower's
+    ``fixedclipping_mod`` and the clipping norm bounds every update. Other modes use FedAvg
+    weighted by capped example counts (or Flower's FedMedian / FedTrimmedAvg, per
+    ``aggregation``), outlier rejection and the update norm bound of the settings.
     """
     update_dp = settings.dp_mode == "update"
     weight_key = "unit-weight" if update_dp else "num-examples"
@@ -811,20 +595,19 @@ def build_strategy(settings, initial: ArrayRecord) -> GuardedStrategy:
         arrayrecord_key=ARRAYS_KEY,
         configrecord_key=CONFIG_KEY,
     )
-    fedavg = FedAvg(**common)
-    inner: Strategy = fedavg
+    inner: Strategy = FedAvg(**common)
     fallback: Strategy | None = None
     if update_dp:
         inner = DifferentialPrivacyClientSideFixedClipping(
-            fedavg,
+            inner,
             noise_multiplier=settings.update_noise_multiplier,
             clipping_norm=settings.update_clipping_norm,
             num_sampled_clients=settings.min_clients,
         )
     elif settings.aggregation == "median":
-        inner, fallback = FedMedian(**common), fedavg
+        inner, fallback = FedMedian(**common), inner
     elif settings.aggregation == "trimmed-mean":
-        inner, fallback = FedTrimmedAvg(**common, beta=settings.trim_fraction), fedavg
+        inner, fallback = FedTrimmedAvg(**common, beta=settings.trim_fraction), inner
     return GuardedStrategy(
         inner,
         initial,
@@ -835,9 +618,9 @@ def build_strategy(settings, initial: ArrayRecord) -> GuardedStrategy:
         dp_clipping_norm=settings.update_clipping_norm if update_dp else None,
         max_examples=settings.max_examples,
         uniform_weights=update_dp,
-        # With client-level DP the clipping norm bounds every update, and
-        # dropping or rescaling updates by the round's median would make the
-        # aggregate depend on other labs in a way the noise does not cover.
+        # With client-level DP the clipping norm bounds every update, and dropping or
+        # rescaling updates by the round's median would make the aggregate depend on other
+        # labs in a way the noise does not cover.
         outlier_factor=None if update_dp else settings.outlier_factor,
         bound_updates=not update_dp,
         norm_bound=settings.max_update_norm or None,

@@ -3,63 +3,40 @@
 Files
 -----
 ``LEDGER_DIR/<label>/<ledger_id>.jsonl``
-    A hash-chained ledger, one JSON object per line: a ``genesis`` record (lab
-    label, accountant mechanism, delta), then one ``round`` record per local
-    training round with the round's accountant history
-    ``[(noise_multiplier, sample_rate, steps), ...]``, the content hashes of
-    the tiles it trained on (``tiles``, ``images``), the dataset fingerprint,
-    the lab label, epsilon of the round alone and the dataset's worst-case
-    epsilon after it at the ledger's delta, and the budget in force. Every
-    record carries ``prev`` (hash of the previous record) and ``hash``
-    (SHA-256 of its own canonical JSON). The file is rewritten atomically
-    (temporary file + ``os.replace``).
+    Hash-chained ledger, one JSON object per line: a ``genesis`` record (lab label, accountant
+    mechanism, delta), then one ``round`` record per local training round (accountant history,
+    hashes of the tiles and images it trained on, dataset fingerprint, epsilon of the round and
+    worst-case epsilon after it, budget in force). Every record carries ``prev`` (hash of the
+    previous record) and ``hash`` (SHA-256 of its canonical JSON); files are rewritten atomically.
 ``LEDGER_DIR/resets.jsonl``
-    Append-only, hash-chained log of deliberate resets (:func:`reset_ledger`):
-    time, operator, reason, the tile and image hashes released, the hashes of
-    the rounds released for them and the epsilon that had been spent.
+    Hash-chained log of deliberate resets (:func:`reset_ledger`).
 ``DATASET_DIR/.feddp/ledger.json``
-    Marker written into the dataset folder after every recorded round: the
-    ledger file that continues this dataset, its number of rounds, head hash
-    and epsilon. A ledger file that is deleted, truncated, edited or replaced
-    by an older copy then raises :class:`LedgerError` instead of starting
-    again from epsilon = 0. A folder without a marker whose tiles have trained
-    before continues the ledger file of their latest round (with a warning)
-    and gets a marker; folders sharing tiles may thus share a ledger file.
+    Marker written after every recorded round: the ledger file that continues this dataset, its
+    number of rounds and head hash. A ledger file that is deleted, truncated, edited or replaced
+    by an older copy then raises :class:`LedgerError` instead of starting again from epsilon = 0.
+    A folder without a marker whose tiles have trained before continues the ledger file of their
+    latest round (with a warning); folders sharing tiles may thus share a ledger file.
 
-Updates (rounds, resets) hold an exclusive lock on ``LEDGER_DIR/.lock`` and
-check that nothing counting for the dataset changed since it was opened.
+Updates hold an exclusive lock on ``LEDGER_DIR/.lock`` and check that nothing counting for the
+dataset changed since it was opened.
 
-Identity
---------
-Privacy is spent by tiles, so tiles, not lab names or folders, carry it. A
-tile's hash is the SHA-256 of the SHA-256 digests of its image file and of
-its mask file (the pairs :func:`~napari_feddp.training.find_pairs` lists);
-each round also stores the hashes of the images alone, so that re-painting a
-mask does not make an image fresh. Opening a ledger for a dataset reads every
-ledger file under ``LEDGER_DIR``, whatever lab label it was written under: a
-round counts for a tile now present if it trained on that tile or its image,
-unless a reset released that round for that tile. Rounds recorded without a
-dataset folder carry no tile hashes; they count for every tile of a dataset
-with the same fingerprint (and, without a dataset folder, the fingerprint is
-the only identity there is).
+Identity and epsilon
+--------------------
+Privacy is spent by tiles, so tiles, not lab names or folders, carry it. A tile's hash is the
+SHA-256 of the SHA-256 digests of its image and mask files; rounds also store the image hashes
+alone, so that re-painting a mask does not make an image fresh. Every ledger file under
+``LEDGER_DIR`` counts, whatever lab label it was written under: a round counts for a tile now
+present if it trained on that tile or its image, unless a reset released it for that tile.
+Rounds recorded without a dataset folder count for every tile of a dataset with the same
+fingerprint. A tile's privacy loss composes the histories of all rounds that included it; the
+dataset's epsilon is the maximum over its tiles, and a budget check adds the next round to each.
+Renaming the lab, re-keying, adding tiles or deleting ``.feddp`` therefore never lowers the
+epsilon of trained tiles; starting again is :func:`reset_ledger`, which is logged.
 
-Epsilon
--------
-Sample-level DP protects each tile separately: a tile's privacy loss is the
-composition of the accountant histories of all rounds that included it. The
-dataset's epsilon is the worst case, the maximum over its tiles; a budget
-check adds the next round (which samples every tile) to each tile's history.
-A tile never trained on has spent nothing, but the maximum still includes
-the dataset's old tiles. Renaming the lab, re-keying, adding tiles or
-deleting ``.feddp`` therefore never lowers the epsilon of trained tiles;
-starting again is :func:`reset_ledger`, which is logged.
-
-Threat model: this detects accidents and casual edits. Someone who can rewrite
-both the ledger directory and the dataset folder consistently can still forge
-history; for that, the federation server should also keep the epsilon each
-client reports per round.
+Threat model: this detects accidents and casual edits. Someone who can rewrite both the ledger
+directory and the dataset folder consistently can still forge history; for that, the federation
+server should also keep the epsilon each client reports per round.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -70,10 +47,11 @@ import math
 import re
 import uuid
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, NamedTuple
 
 from .._atomic import write_atomic
 from ..models.checkpoint import file_sha256
@@ -96,42 +74,15 @@ History = list[tuple[float, float, int]]
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """One recorded local training round.
+    """One recorded local training round (see :meth:`PrivacyLedger.record_round`).
 
-    Attributes
-    ----------
-    index : int
-        1-based position in its ledger file.
-    round_id : int, str or None
-        Caller's label, e.g. the federated server round.
-    fingerprint : str
-        Dataset fingerprint the round trained on.
-    noise_multiplier, sample_rate : float
-        DP-SGD parameters of the round (of its first history entry).
-    steps : int
-        Noisy optimizer steps in the round.
-    history : list of (float, float, int)
-        The round's accountant history.
-    epsilon_round : float
-        Epsilon of this round alone.
-    epsilon : float
-        Worst-case epsilon over the dataset's tiles after this round, at ``delta``.
-    delta : float
-        The ledger's delta.
-    epsilon_max : float or None
-        Budget in force when the round was recorded.
-    n_examples : int or None
-        Dataset size (DP samples) of the round.
-    timestamp : str
-        UTC time of recording, ISO 8601.
-    meta : dict
-        Caller's extra JSON data.
-    hash : str
-        This record's chain hash.
-    lab_id : str
-        Lab label the round was recorded under (informational).
-    tiles : tuple of str
-        Content hashes of the tiles the round trained on (empty without a dataset folder).
+    ``index`` is its 1-based position in its ledger file, ``round_id`` the caller's label (e.g.
+    the server round); ``noise_multiplier`` and ``sample_rate`` are those of the first entry of
+    the round's accountant ``history``. ``epsilon_round`` is the epsilon of this round alone,
+    ``epsilon`` the worst case over the dataset's tiles after it, both at ``delta``;
+    ``epsilon_max`` the budget in force, ``n_examples`` the dataset size, ``lab_id`` the label it
+    was recorded under (informational), ``tiles`` the content hashes of the tiles it trained on
+    (empty without a dataset folder), ``hash`` its chain hash.
     """
 
     index: int
@@ -155,30 +106,8 @@ class RoundRecord:
 
 @dataclass(frozen=True)
 class ResetRecord:
-    """One deliberate reset of a dataset's privacy budget (see :func:`reset_ledger`).
-
-    Attributes
-    ----------
-    index : int
-        1-based position in ``resets.jsonl``.
-    timestamp : str
-        UTC time of the reset, ISO 8601.
-    reason, operator : str
-        Why, and who.
-    dataset : str
-        The dataset folder at the time of the reset.
-    tiles : tuple of str
-        Content hashes of the tiles released.
-    rounds : tuple of str
-        Hashes of the round records released for those tiles.
-    epsilon : float
-        Worst-case epsilon the tiles had spent, at ``delta``.
-    delta : float
-        Delta of ``epsilon``.
-    accountant : str
-        Mechanism of ``epsilon``.
-    hash : str
-        This record's chain hash.
+    """One deliberate reset (see :func:`reset_ledger`): the content hashes of the ``tiles`` released,
+    the hashes of the ``rounds`` released for them, and the worst-case ``epsilon`` they had spent.
     """
 
     index: int
@@ -196,19 +125,7 @@ class ResetRecord:
 
 @dataclass(frozen=True)
 class TileSpending:
-    """Privacy spent by one tile of a dataset.
-
-    Attributes
-    ----------
-    name : str
-        File stem of the tile in the dataset folder.
-    hash : str
-        Content hash of the tile.
-    n_rounds : int
-        Rounds that count for this tile.
-    epsilon : float
-        Epsilon of the composed history of those rounds.
-    """
+    """Privacy spent by one tile: file stem, content hash, rounds that count, their composed epsilon."""
 
     name: str
     hash: str
@@ -218,26 +135,8 @@ class TileSpending:
 
 @dataclass(frozen=True)
 class PrivacyReport:
-    """Read-only summary of what a dataset has spent (see :func:`privacy_report`).
-
-    Attributes
-    ----------
-    ledger_dir, dataset_dir : Path
-        Where the ledgers and the dataset are.
-    epsilon : float
-        Worst case over the tiles, at ``delta``.
-    delta : float
-        Delta of every epsilon here.
-    accountant : str
-        Opacus mechanism used.
-    rounds : list of RoundRecord
-        Rounds that count for at least one tile, oldest first.
-    tiles : list of TileSpending
-        One entry per tile, in dataset order.
-    resets : list of ResetRecord
-        Resets that released tiles of this dataset.
-    ledger_file : Path or None
-        Ledger file that continues this dataset, if any.
+    """What a dataset has spent (see :func:`privacy_report`): ``epsilon`` is the worst case over the
+    ``tiles``; ``rounds`` count for at least one tile (oldest first); ``resets`` released some of them.
     """
 
     ledger_dir: Path
@@ -249,9 +148,6 @@ class PrivacyReport:
     tiles: list[TileSpending]
     resets: list[ResetRecord]
     ledger_file: Path | None
-
-
-# --------------------------------------------------------------------------- accounting helpers
 
 
 def compose(history: Sequence[Sequence[float]], more: Sequence[Sequence[float]]) -> History:
@@ -298,28 +194,11 @@ def _check_step_args(noise_multiplier: float, sample_rate: float, steps: int) ->
         raise ValueError(f"steps: expected a non-negative integer, received {steps!r}")
 
 
-# --------------------------------------------------------------------------- tile identity
-
-
 def tile_hashes(dataset_dir: str | Path) -> dict[str, tuple[str, str]]:
-    """Content hashes of a dataset's tiles.
+    """Tile name -> ``(tile_hash, image_hash)`` of a dataset folder (raises like :func:`find_pairs`).
 
-    Parameters
-    ----------
-    dataset_dir : str or Path
-        Folder with ``images/`` and ``masks/``.
-
-    Returns
-    -------
-    dict
-        Tile name (file stem) -> ``(tile_hash, image_hash)``: ``image_hash`` is
-        the SHA-256 of the image file, ``tile_hash`` the SHA-256 of the image's
-        and the mask's SHA-256 digests. File names do not count.
-
-    Raises
-    ------
-    DatasetError
-        Like :func:`~napari_feddp.training.find_pairs`.
+    ``image_hash`` is the SHA-256 of the image file, ``tile_hash`` the SHA-256 of the image's and
+    the mask's SHA-256 digests; file names do not count.
     """
     out: dict[str, tuple[str, str]] = {}
     for pair in find_pairs(dataset_dir):
@@ -328,8 +207,7 @@ def tile_hashes(dataset_dir: str | Path) -> dict[str, tuple[str, str]]:
     return out
 
 
-@dataclass(frozen=True)
-class _Unit:
+class _Unit(NamedTuple):
     """What DP protects: one tile, or the whole dataset when no folder is known."""
 
     name: str
@@ -357,11 +235,7 @@ def _record_keys(record: dict[str, Any]) -> frozenset[str]:
                      + [f"fingerprint:{record.get('fingerprint')}"])
 
 
-# --------------------------------------------------------------------------- what the ledger directory says
-
-
-@dataclass(frozen=True)
-class _Store:
+class _Store(NamedTuple):
     """Everything read (and verified) from a ledger directory."""
 
     ledgers: dict[str, list[dict[str, Any]]]
@@ -375,13 +249,11 @@ def _read_store(ledger_dir: Path) -> _Store:
             if not path.name.startswith("."):
                 ledgers[path.relative_to(ledger_dir).as_posix()] = _load_chain(path, resets=False)
     resets_path = ledger_dir / RESETS_FILE
-    resets = _load_chain(resets_path, resets=True) if resets_path.exists() else []
-    return _Store(ledgers, resets)
+    return _Store(ledgers, _load_chain(resets_path, resets=True) if resets_path.exists() else [])
 
 
-@dataclass(frozen=True)
-class _Spending:
-    """The rounds that count for each unit of a dataset."""
+class _Spending(NamedTuple):
+    """The rounds that count for each unit of a dataset: ``(ledger file, record)`` and indices per unit."""
 
     rounds: tuple[tuple[str, dict[str, Any]], ...]
     per_unit: tuple[tuple[int, ...], ...]
@@ -390,10 +262,7 @@ class _Spending:
         return tuple(tuple(self.rounds[i][1]["hash"] for i in members) for members in self.per_unit)
 
     def history(self, members: Sequence[int]) -> History:
-        out: History = []
-        for i in sorted(members):
-            out = compose(out, self.rounds[i][1]["history"])
-        return out
+        return compose([], [entry for i in sorted(members) for entry in self.rounds[i][1]["history"]])
 
     def worst(self, mechanism: str, delta: float, more: Sequence[Sequence[float]] = ()) -> tuple[float, History]:
         """Largest epsilon over the units (with ``more`` added to each) and the history behind it."""
@@ -402,22 +271,14 @@ class _Spending:
         for members in sorted({frozenset(m) for m in self.per_unit}, key=lambda m: (-len(m), sorted(m))):
             if not any(members <= other for other in kept):
                 kept.append(members)
-        worst_epsilon, worst_history = -1.0, []
-        for members in kept:
-            history = compose(self.history(members), more)
-            epsilon = epsilon_of(mechanism, history, delta)
-            if epsilon > worst_epsilon:
-                worst_epsilon, worst_history = epsilon, history
-        return max(worst_epsilon, 0.0), worst_history
+        histories = [compose(self.history(members), more) for members in kept]
+        epsilon, history = max(((epsilon_of(mechanism, h, delta), h) for h in histories), key=lambda e: e[0],
+                               default=(0.0, []))
+        return max(epsilon, 0.0), history
 
 
 def _spending(units: tuple[_Unit, ...], store: _Store, fingerprint: str) -> _Spending:
-    released: list[set[str]] = [set() for _ in units]
-    for reset in store.resets:
-        keys = _record_keys(reset)
-        for i, unit in enumerate(units):
-            if unit.keys & keys:
-                released[i].update(reset["rounds"])
+    released = [set().union(*(r["rounds"] for r in store.resets if unit.keys & _record_keys(r))) for unit in units]
     candidates = sorted(((record["timestamp"], name, record["index"], record)
                          for name, records in store.ledgers.items() for record in records[1:]),
                         key=lambda entry: entry[:3])
@@ -431,63 +292,40 @@ def _spending(units: tuple[_Unit, ...], store: _Store, fingerprint: str) -> _Spe
         seen.add(record["hash"])
         keys = _record_keys(record)
         untiled = not record.get("tiles") and record.get("fingerprint") == fingerprint
-        hits = [i for i, unit in enumerate(units)
-                if (untiled or unit.keys & keys) and record["hash"] not in released[i]]
+        hits = [i for i, unit in enumerate(units) if (untiled or unit.keys & keys) and record["hash"] not in released[i]]
+        for i in hits:
+            per_unit[i].append(len(rounds))
         if hits:
-            for i in hits:
-                per_unit[i].append(len(rounds))
             rounds.append((name, record))
     return _Spending(tuple(rounds), tuple(tuple(m) for m in per_unit))
 
 
-@dataclass(frozen=True)
-class _Opened:
+class _Opened(NamedTuple):
     store: _Store
     spending: _Spending
     chain: str | None
     repair_marker: bool
 
 
-def _open_dataset(ledger_dir: Path, units: tuple[_Unit, ...], fingerprint: str, marker_path: Path | None,
-                  dataset_dir: Path | None, *, warn: bool) -> _Opened:
-    """Read the ledger directory for a dataset and find the ledger file that continues it."""
+def _open_dataset(ledger_dir: Path, units: tuple[_Unit, ...], fingerprint: str, dataset_dir: Path | None, *,
+                  warn: bool) -> _Opened:
+    """Read the ledger directory for a dataset, find the ledger file that continues it, check its marker."""
     store = _read_store(ledger_dir)
     spending = _spending(units, store, fingerprint)
+    marker_path = _marker_path(dataset_dir)
     marker = _read_marker(marker_path)
-    if marker is not None:
-        chain, repair = _check_marker(ledger_dir, store, spending, marker, marker_path, dataset_dir, warn=warn)
-        return _Opened(store, spending, chain, repair)
-    if not spending.rounds:
-        return _Opened(store, spending, None, False)
-    chain = spending.rounds[-1][0]
-    if marker_path is not None and warn:
-        warnings.warn(
-            f"dataset {dataset_dir} holds tiles that trained before ({len(spending.rounds)} round(s), latest in "
-            f"ledger {ledger_dir / chain}) but has no marker {marker_path} (deleted, or tiles copied from another "
-            f"folder); continuing that ledger and writing the marker",
-            stacklevel=3,
-        )
-    return _Opened(store, spending, chain, marker_path is not None)
-
-
-def _read_marker(path: Path | None) -> dict[str, Any] | None:
-    if path is None or not path.exists():
-        return None
-    try:
-        marker = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(marker, dict) or not isinstance(marker.get("ledger_file"), str):
-            raise ValueError("no 'ledger_file'")
-        if not _LEDGER_FILE_PATTERN.match(marker["ledger_file"]):
-            raise ValueError(f"ledger_file {marker['ledger_file']!r} is not '<lab>/<16 hex digits>.jsonl'")
-        int(marker["rounds"]), str(marker["head"])
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        raise LedgerError(f"ledger marker {path} is unreadable or was edited ({exc}); restore it from a backup") from exc
-    return marker
-
-
-def _check_marker(ledger_dir: Path, store: _Store, spending: _Spending, marker: dict[str, Any],
-                  marker_path: Path | None, dataset_dir: Path | None, *, warn: bool) -> tuple[str, bool]:
-    """Check the marker against its ledger file; return that file and whether the marker needs rewriting."""
+    if marker is None:
+        if not spending.rounds:
+            return _Opened(store, spending, None, False)
+        chain = spending.rounds[-1][0]
+        if marker_path is not None and warn:
+            warnings.warn(
+                f"dataset {dataset_dir} holds tiles that trained before ({len(spending.rounds)} round(s), latest in "
+                f"ledger {ledger_dir / chain}) but has no marker {marker_path} (deleted, or tiles copied from another "
+                f"folder); continuing that ledger and writing the marker",
+                stacklevel=3,
+            )
+        return _Opened(store, spending, chain, marker_path is not None)
     chain, rounds, head = marker["ledger_file"], int(marker["rounds"]), str(marker["head"])
     path = ledger_dir / chain
     if chain not in store.ledgers:
@@ -511,13 +349,26 @@ def _check_marker(ledger_dir: Path, store: _Store, spending: _Spending, marker: 
             f"privacy ledger {path} has {n_rounds} rounds, marker {marker_path} only {rounds} (an interrupted "
             f"write, or rounds recorded from another folder holding some of these tiles); keeping the ledger "
             f"(more privacy spent) and updating the marker",
-            stacklevel=4,
+            stacklevel=3,
         )
-    return chain, n_rounds > rounds
+    return _Opened(store, spending, chain, n_rounds > rounds)
 
 
-def _marker_path(dataset_dir: Path) -> Path:
-    return dataset_dir / MARKER_DIR / MARKER_FILE
+def _marker_path(dataset_dir: Path | None) -> Path | None:
+    return None if dataset_dir is None else dataset_dir / MARKER_DIR / MARKER_FILE
+
+
+def _read_marker(path: Path | None) -> dict[str, Any] | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(marker, dict) or not _LEDGER_FILE_PATTERN.match(str(marker.get("ledger_file"))):
+            raise ValueError(f"ledger_file {marker['ledger_file']!r} is not '<lab>/<16 hex digits>.jsonl'")
+        int(marker["rounds"]), str(marker["head"])
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise LedgerError(f"ledger marker {path} is unreadable or was edited ({exc}); restore it from a backup") from exc
+    return marker
 
 
 def _parameters(opened: _Opened, delta: float | None, accountant: str | None) -> tuple[float, str]:
@@ -529,61 +380,42 @@ def _parameters(opened: _Opened, delta: float | None, accountant: str | None) ->
             accountant or str(genesis.get("accountant", "rdp")))
 
 
-# --------------------------------------------------------------------------- ledger
-
-
 class PrivacyLedger:
     """Persistent privacy accounting of a lab's dataset, tile by tile, across rounds, runs and lab names.
 
     Parameters
     ----------
     path_dir : str or Path
-        The lab's ledger directory (kept outside the dataset; back it up).
-        Every ledger file in it counts, whatever lab label it was written under.
+        The lab's ledger directory (outside the dataset; back it up). Every ledger file in it
+        counts, whatever lab label it was written under.
     lab_id : str
-        Label of the lab (letters, digits, ``.``, ``_``, ``-``): names the
-        folder of a new ledger file and is stored with each round. It does not
-        decide which rounds count.
+        Label of the lab (letters, digits, ``.``, ``_``, ``-``): names the folder of a new ledger
+        file and is stored with each round; it does not decide which rounds count.
     dataset_fingerprint : str
         :func:`~napari_feddp.training.dataset_fingerprint` of the dataset now.
     dataset_dir : str, Path or None
-        The dataset folder: its tiles are hashed (the identity of privacy
-        spending) and it receives the ``.feddp`` marker. Strongly recommended:
-        without it the whole dataset is one unit identified by its fingerprint,
-        and a deleted ledger cannot be detected.
-    delta : float or None
-        Delta at which epsilon is reported. ``None``: the delta of the dataset's
-        ledger file, or :data:`DEFAULT_DELTA` for a new one. A value different
-        from the recorded one raises :class:`LedgerError`.
-    accountant : {"rdp", "prv"} or None
-        Opacus accounting mechanism; ``None``: recorded one, or ``"rdp"``.
+        The dataset folder: its tiles are hashed and it receives the ``.feddp`` marker. Without
+        it the whole dataset is one unit identified by its fingerprint, and a deleted ledger
+        cannot be detected.
+    delta, accountant : float, {"rdp", "prv"} or None
+        Delta at which epsilon is reported and Opacus mechanism; default those of the dataset's
+        ledger file, else :data:`DEFAULT_DELTA` and ``"rdp"``. Both are fixed for a ledger's life.
 
     Raises
     ------
     LedgerError
-        If the marker says the dataset has trained but its ledger file is
-        missing, if a hash chain under ``path_dir`` is broken, if the ledger
-        and the marker disagree (ledger truncated or restored from an old copy),
-        or if delta or accountant differ from the recorded ones.
+        If the dataset's ledger file is missing, a hash chain is broken, the ledger and the marker
+        disagree, or delta or accountant differ from the recorded ones.
     DatasetError
         If ``dataset_dir`` is not a valid dataset folder.
     """
 
-    def __init__(
-        self,
-        path_dir: str | Path,
-        lab_id: str,
-        dataset_fingerprint: str,
-        *,
-        dataset_dir: str | Path | None = None,
-        delta: float | None = None,
-        accountant: str | None = None,
-    ) -> None:
+    def __init__(self, path_dir: str | Path, lab_id: str, dataset_fingerprint: str, *,
+                 dataset_dir: str | Path | None = None, delta: float | None = None,
+                 accountant: str | None = None) -> None:
         if not isinstance(lab_id, str) or not _LAB_PATTERN.match(lab_id):
-            raise ValueError(
-                f"lab_id: expected 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
-                f"received {lab_id!r}"
-            )
+            raise ValueError(f"lab_id: expected 1-64 letters, digits, '.', '_' or '-' (starting with a letter or "
+                             f"digit), received {lab_id!r}")
         if not isinstance(dataset_fingerprint, str) or not dataset_fingerprint:
             raise ValueError(f"dataset_fingerprint: expected a non-empty string, received {dataset_fingerprint!r}")
         _check_delta(delta)
@@ -592,16 +424,21 @@ class PrivacyLedger:
         self.fingerprint = dataset_fingerprint
         self.dataset_dir = Path(dataset_dir) if dataset_dir is not None else None
         self._units = _dataset_units(self.dataset_dir, dataset_fingerprint)
-        opened = _open_dataset(self.ledger_dir, self._units, self.fingerprint, self.marker_path,
-                               self.dataset_dir, warn=True)
+        opened = _open_dataset(self.ledger_dir, self._units, self.fingerprint, self.dataset_dir, warn=True)
         self._chain = opened.chain or f"{lab_id}/{uuid.uuid4().hex[:16]}.jsonl"
         self._records: list[dict[str, Any]] = opened.store.ledgers.get(self._chain, [])
         self._spending = opened.spending
-        self._settle_parameters(opened, delta, accountant)
+        genesis = self._records[0] if self._records else {}
+        if genesis and delta is not None and float(delta) != float(genesis["delta"]):
+            raise LedgerError(
+                f"ledger {self.path} reports epsilon at delta={genesis['delta']:g}; received delta={delta:g}. "
+                f"Delta is fixed for the life of a ledger"
+            )
+        if genesis and accountant is not None and accountant != genesis["accountant"]:
+            raise LedgerError(f"ledger {self.path} uses the {genesis['accountant']!r} accountant; received {accountant!r}")
+        self.delta, self.mechanism = _parameters(opened, delta, accountant)
         if opened.repair_marker:
             self._write_marker()
-
-    # ------------------------------------------------------------------ properties
 
     @property
     def ledger_id(self) -> str:
@@ -616,7 +453,7 @@ class PrivacyLedger:
     @property
     def marker_path(self) -> Path | None:
         """The marker in the dataset folder, or ``None`` without ``dataset_dir``."""
-        return None if self.dataset_dir is None else _marker_path(self.dataset_dir)
+        return _marker_path(self.dataset_dir)
 
     @property
     def n_rounds(self) -> int:
@@ -651,26 +488,14 @@ class PrivacyLedger:
                 f"to {after:.3f} at delta={self.delta:g} (worst case over {len(self._units)} tile(s), "
                 f"{self.n_rounds} earlier round(s)), above the budget epsilon_max={epsilon_max:g} "
                 f"(ledgers in {self.ledger_dir})",
-                epsilon_spent=spent,
-                epsilon_next=after,
-                epsilon_max=float(epsilon_max),
+                epsilon_spent=spent, epsilon_next=after, epsilon_max=float(epsilon_max),
             )
         return after
 
-    # ------------------------------------------------------------------ recording
-
-    def record_round(
-        self,
-        *,
-        noise_multiplier: float,
-        sample_rate: float,
-        steps: int,
-        history: Sequence[Sequence[float]] | None = None,
-        n_examples: int | None = None,
-        round_id: Any = None,
-        epsilon_max: float | None = None,
-        meta: dict[str, Any] | None = None,
-    ) -> RoundRecord:
+    def record_round(self, *, noise_multiplier: float, sample_rate: float, steps: int,
+                     history: Sequence[Sequence[float]] | None = None, n_examples: int | None = None,
+                     round_id: Any = None, epsilon_max: float | None = None,
+                     meta: dict[str, Any] | None = None) -> RoundRecord:
         """Append a round on every tile of the dataset to the ledger (atomically) and update the marker.
 
         Parameters
@@ -678,11 +503,10 @@ class PrivacyLedger:
         noise_multiplier, sample_rate, steps
             DP-SGD parameters and number of noisy steps of the round.
         history : sequence of (sigma, q, steps) or None
-            The round's own accountant history (e.g. ``privacy_engine.accountant.history``
-            of a fresh engine); default ``[(noise_multiplier, sample_rate, steps)]``.
-            Its step count must equal ``steps``.
+            The round's own accountant history (e.g. that of a fresh Opacus engine); default
+            ``[(noise_multiplier, sample_rate, steps)]``. Its step count must equal ``steps``.
         n_examples, round_id, epsilon_max, meta
-            Stored for the record; ``meta`` must be JSON-serialisable.
+            Stored with the record; ``meta`` must be JSON-serialisable.
 
         Returns
         -------
@@ -700,9 +524,24 @@ class PrivacyLedger:
             raise ValueError(f"history: expected {steps} steps in total to match 'steps', received {round_history}")
         with _locked(self.ledger_dir / ".lock"):
             store = self._check_unchanged_on_disk()
-            records = self._records or [self._genesis()]
-            record = self._round_record(records, round_history, noise_multiplier, sample_rate, steps,
-                                        n_examples, round_id, epsilon_max, meta)
+            records = self._records or [_seal({
+                "format": LEDGER_FORMAT, "kind": "genesis", "lab_id": self.lab_id, "ledger_id": self.ledger_id,
+                "accountant": self.mechanism, "delta": self.delta, "created": _now(), "prev": _GENESIS_PREV,
+            })]
+            epsilon, worst_history = self._spending.worst(self.mechanism, self.delta, round_history)
+            payload = {
+                "format": LEDGER_FORMAT, "kind": "round", "index": len(records), "round_id": round_id,
+                "lab_id": self.lab_id, "fingerprint": self.fingerprint, **_unit_fields(self._units),
+                "noise_multiplier": float(noise_multiplier), "sample_rate": float(sample_rate), "steps": int(steps),
+                "history": round_history, "accountant_state": {"mechanism": self.mechanism, "history": worst_history},
+                "epsilon_round": epsilon_of(self.mechanism, round_history, self.delta), "epsilon": epsilon,
+                "delta": self.delta, "epsilon_max": None if epsilon_max is None else float(epsilon_max),
+                "n_examples": n_examples, "timestamp": _now(), "meta": meta or {}, "prev": records[-1]["hash"],
+            }
+            try:
+                record = _seal(json.loads(json.dumps(payload, allow_nan=False)))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"round record: expected JSON-serialisable round_id and meta, {exc}") from exc
             records = records + [record]
             write_atomic(self.path, "".join(_canonical(r) + "\n" for r in records))
             self._records = records
@@ -710,31 +549,6 @@ class PrivacyLedger:
                                        self.fingerprint)
             self._write_marker()
         return _round_from_dict(record)
-
-    # ------------------------------------------------------------------ internals
-
-    def _genesis(self) -> dict[str, Any]:
-        return _seal({
-            "format": LEDGER_FORMAT, "kind": "genesis", "lab_id": self.lab_id, "ledger_id": self.ledger_id,
-            "accountant": self.mechanism, "delta": self.delta, "created": _now(), "prev": _GENESIS_PREV,
-        })
-
-    def _round_record(self, records, round_history, noise_multiplier, sample_rate, steps,
-                      n_examples, round_id, epsilon_max, meta) -> dict[str, Any]:
-        epsilon, worst_history = self._spending.worst(self.mechanism, self.delta, round_history)
-        payload = {
-            "format": LEDGER_FORMAT, "kind": "round", "index": len(records), "round_id": round_id,
-            "lab_id": self.lab_id, "fingerprint": self.fingerprint, **_unit_fields(self._units),
-            "noise_multiplier": float(noise_multiplier), "sample_rate": float(sample_rate), "steps": int(steps),
-            "history": round_history, "accountant_state": {"mechanism": self.mechanism, "history": worst_history},
-            "epsilon_round": epsilon_of(self.mechanism, round_history, self.delta), "epsilon": epsilon,
-            "delta": self.delta, "epsilon_max": None if epsilon_max is None else float(epsilon_max),
-            "n_examples": n_examples, "timestamp": _now(), "meta": meta or {}, "prev": records[-1]["hash"],
-        }
-        try:
-            return _seal(json.loads(json.dumps(payload, allow_nan=False)))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"round record: expected JSON-serialisable round_id and meta, {exc}") from exc
 
     def _check_unchanged_on_disk(self) -> _Store:
         store = _read_store(self.ledger_dir)
@@ -744,29 +558,14 @@ class PrivacyLedger:
                 f"another process recorded the first round of this dataset (lab {self.lab_id!r}) after this "
                 f"ledger was opened; reopen the ledger so both rounds are counted"
             )
-        on_disk = store.ledgers.get(self._chain, [])
-        if [r["hash"] for r in on_disk] != [r["hash"] for r in self._records] or now.signature() != \
-                self._spending.signature():
+        on_disk = [r["hash"] for r in store.ledgers.get(self._chain, [])]
+        if on_disk != [r["hash"] for r in self._records] or now.signature() != self._spending.signature():
             raise LedgerError(
                 f"ledger {self.path} changed on disk since it was opened ({len(now.rounds)} round(s) of these tiles "
                 f"there, {self.n_rounds} here): another process is training on these tiles, a reset was "
                 f"recorded, or a file was edited; reopen the ledger"
             )
         return store
-
-    def _settle_parameters(self, opened: _Opened, delta: float | None, accountant: str | None) -> None:
-        if self._records:
-            genesis = self._records[0]
-            if delta is not None and float(delta) != float(genesis["delta"]):
-                raise LedgerError(
-                    f"ledger {self.path} reports epsilon at delta={genesis['delta']:g}; received delta={delta:g}. "
-                    f"Delta is fixed for the life of a ledger"
-                )
-            if accountant is not None and accountant != genesis["accountant"]:
-                raise LedgerError(
-                    f"ledger {self.path} uses the {genesis['accountant']!r} accountant; received {accountant!r}"
-                )
-        self.delta, self.mechanism = _parameters(opened, delta, accountant)
 
     def _write_marker(self) -> None:
         if self.marker_path is None or len(self._records) < 2:
@@ -779,51 +578,28 @@ class PrivacyLedger:
         write_atomic(self.marker_path, json.dumps(marker, indent=2, sort_keys=True) + "\n")
 
 
-# --------------------------------------------------------------------------- reports and resets
-
-
 def privacy_report(ledger_dir: str | Path, dataset_dir: str | Path, *, delta: float | None = None,
                    accountant: str | None = None) -> PrivacyReport:
     """What a dataset's tiles have spent, read from a ledger directory without writing anything.
 
-    Parameters
-    ----------
-    ledger_dir : str or Path
-        The lab's ledger directory.
-    dataset_dir : str or Path
-        The dataset folder.
-    delta : float or None
-        Delta of the reported epsilons; default that of the dataset's ledger
-        file, else :data:`DEFAULT_DELTA`.
-    accountant : {"rdp", "prv"} or None
-        Mechanism; default that of the dataset's ledger file, else ``"rdp"``.
-
-    Returns
-    -------
-    PrivacyReport
-
-    Raises
-    ------
-    LedgerError
-        As :class:`PrivacyLedger` does for missing or tampered ledgers.
-    DatasetError
-        If ``dataset_dir`` is not a valid dataset folder.
+    ``delta`` and ``accountant`` default to those of the dataset's ledger file, else
+    :data:`DEFAULT_DELTA` and ``"rdp"``. Raises :class:`LedgerError` as :class:`PrivacyLedger`
+    does for missing or tampered ledgers, ``DatasetError`` for an invalid dataset folder.
     """
     ledger_dir, dataset_dir = Path(ledger_dir), Path(dataset_dir)
     _check_delta(delta)
     fingerprint = dataset_fingerprint(dataset_dir)
     units = _dataset_units(dataset_dir, fingerprint)
-    opened = _open_dataset(ledger_dir, units, fingerprint, _marker_path(dataset_dir), dataset_dir, warn=False)
+    opened = _open_dataset(ledger_dir, units, fingerprint, dataset_dir, warn=False)
     delta, mechanism = _parameters(opened, delta, accountant)
     spending = opened.spending
-    tiles = [TileSpending(unit.name, unit.hash, len(members),
-                          epsilon_of(mechanism, spending.history(members), delta))
+    tiles = [TileSpending(unit.name, unit.hash, len(members), epsilon_of(mechanism, spending.history(members), delta))
              for unit, members in zip(units, spending.per_unit)]
     unit_keys = frozenset().union(*(u.keys for u in units))
-    resets = [_reset_from_dict(r) for r in opened.store.resets if _record_keys(r) & unit_keys]
     return PrivacyReport(
         ledger_dir=ledger_dir, dataset_dir=dataset_dir, epsilon=spending.worst(mechanism, delta)[0], delta=delta,
-        accountant=mechanism, rounds=[_round_from_dict(r) for _, r in spending.rounds], tiles=tiles, resets=resets,
+        accountant=mechanism, rounds=[_round_from_dict(r) for _, r in spending.rounds], tiles=tiles,
+        resets=[_reset_from_dict(r) for r in opened.store.resets if _record_keys(r) & unit_keys],
         ledger_file=ledger_dir / opened.chain if opened.chain else None,
     )
 
@@ -831,29 +607,10 @@ def privacy_report(ledger_dir: str | Path, dataset_dir: str | Path, *, delta: fl
 def reset_ledger(ledger_dir: str | Path, dataset_dir: str | Path, *, reason: str, operator: str = "") -> ResetRecord:
     """Deliberately start the privacy budget of a dataset's tiles again from zero, and log it.
 
-    Appends a ``reset`` record to ``LEDGER_DIR/resets.jsonl`` (hash-chained,
-    written atomically) naming the tiles released, the rounds released for
-    them and the epsilon they had spent. Later ledgers opened on these tiles
-    no longer count those rounds; rounds recorded afterwards count as usual.
-    Nothing is deleted: the ledger files and the dataset marker stay as they
-    are, so the history remains auditable.
-
-    Parameters
-    ----------
-    ledger_dir : str or Path
-        The lab's ledger directory.
-    dataset_dir : str or Path
-        The dataset folder whose current tiles are released.
-    reason : str
-        Why the budget starts again (e.g. "new patient cohort, tiles re-scanned");
-        required.
-    operator : str
-        Who decided it.
-
-    Returns
-    -------
-    ResetRecord
-        The logged record.
+    Appends a ``reset`` record (time, ``reason``, ``operator``, the tiles released, the rounds
+    released for them and the epsilon they had spent) to ``LEDGER_DIR/resets.jsonl``. Later
+    ledgers opened on these tiles no longer count those rounds. Nothing is deleted, so the
+    history remains auditable.
 
     Raises
     ------
@@ -871,13 +628,13 @@ def reset_ledger(ledger_dir: str | Path, dataset_dir: str | Path, *, reason: str
     fingerprint = dataset_fingerprint(dataset_dir)
     units = _dataset_units(dataset_dir, fingerprint)
     with _locked(ledger_dir / ".lock"):
-        opened = _open_dataset(ledger_dir, units, fingerprint, _marker_path(dataset_dir), dataset_dir, warn=False)
+        opened = _open_dataset(ledger_dir, units, fingerprint, dataset_dir, warn=False)
         spending = opened.spending
         if not spending.rounds:
             raise ValueError(f"dataset {dataset_dir} has spent no privacy budget in {ledger_dir}: nothing to reset")
         delta, mechanism = _parameters(opened, None, None)
         trained = [unit for unit, members in zip(units, spending.per_unit) if members]
-        released = sorted({spending.rounds[i][1]["hash"] for members in spending.per_unit for i in members})
+        released = sorted(record["hash"] for _, record in spending.rounds)
         previous = opened.store.resets
         record = _seal({
             "format": LEDGER_FORMAT, "kind": "reset", "index": len(previous) + 1, "timestamp": _now(),
@@ -886,8 +643,7 @@ def reset_ledger(ledger_dir: str | Path, dataset_dir: str | Path, *, reason: str
             "epsilon": spending.worst(mechanism, delta)[0], "delta": delta, "accountant": mechanism,
             "prev": previous[-1]["hash"] if previous else _GENESIS_PREV,
         })
-        records = previous + [record]
-        write_atomic(ledger_dir / RESETS_FILE, "".join(_canonical(r) + "\n" for r in records))
+        write_atomic(ledger_dir / RESETS_FILE, "".join(_canonical(r) + "\n" for r in [*previous, record]))
     return _reset_from_dict(record)
 
 
@@ -916,32 +672,26 @@ def _load_chain(path: Path, *, resets: bool) -> list[dict[str, Any]]:
         raise LedgerError(f"{what} {path} is unreadable ({exc})") from exc
     records: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
-        records.append(_verify_line(path, number, line, records, what, resets))
+        where = f"{what} {path} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LedgerError(f"{where}: not valid JSON ({exc}); the file was edited or damaged") from exc
+        if not isinstance(record, dict) or record.get("hash") != _digest(record):
+            raise LedgerError(f"{where}: hash mismatch; the record was edited after it was written")
+        kind = "reset" if resets else ("round" if records else "genesis")
+        if record.get("prev") != (records[-1]["hash"] if records else _GENESIS_PREV) or record.get("kind") != kind:
+            raise LedgerError(f"{where}: broken chain (expected a {kind} record after the previous one); "
+                              f"records were removed, reordered or inserted")
+        index = len(records) + 1 if resets else len(records)
+        if kind != "genesis" and record.get("index") != index:
+            raise LedgerError(f"{where}: expected index {index}, found {record.get('index')}")
+        if kind != "genesis" and not _well_formed(record, resets):
+            raise LedgerError(f"{where}: malformed {kind} record (tile hashes, rounds or history)")
+        records.append(record)
     if not records and not resets:
         raise LedgerError(f"privacy ledger {path} is empty; expected a genesis record")
     return records
-
-
-def _verify_line(path: Path, number: int, line: str, previous: list[dict[str, Any]], what: str,
-                 resets: bool) -> dict[str, Any]:
-    where = f"{what} {path} line {number}"
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise LedgerError(f"{where}: not valid JSON ({exc}); the file was edited or damaged") from exc
-    if not isinstance(record, dict) or record.get("hash") != _digest(record):
-        raise LedgerError(f"{where}: hash mismatch; the record was edited after it was written")
-    expected_prev = previous[-1]["hash"] if previous else _GENESIS_PREV
-    expected_kind = "reset" if resets else ("round" if previous else "genesis")
-    if record.get("prev") != expected_prev or record.get("kind") != expected_kind:
-        raise LedgerError(f"{where}: broken chain (expected a {expected_kind} record after the previous one); "
-                          f"records were removed, reordered or inserted")
-    expected_index = len(previous) + 1 if resets else len(previous)
-    if expected_kind != "genesis" and record.get("index") != expected_index:
-        raise LedgerError(f"{where}: expected index {expected_index}, found {record.get('index')}")
-    if expected_kind != "genesis" and not _well_formed(record, resets):
-        raise LedgerError(f"{where}: malformed {expected_kind} record (tile hashes, rounds or history)")
-    return record
 
 
 def _well_formed(record: dict[str, Any], resets: bool) -> bool:
@@ -969,7 +719,7 @@ def _from_dict(cls: type, record: dict[str, Any], **converted: Any) -> Any:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 @contextlib.contextmanager
