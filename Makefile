@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.feddp-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench fuzz clean
 
 $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt scripts/bootstrap.sh
 	bash scripts/bootstrap.sh
@@ -25,6 +25,13 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[benchmarks]"
 	$(PY) benchmarks/open_slide.py
+
+# Structured mutations of the sample slides; each must end in a clear SlideError or a valid
+# read, within its time bound. Prints cases tried and failures (exit status 1 on any failure).
+FUZZ_CASES ?= 2000
+FUZZ_SEED ?= 0
+fuzz: $(STAMP)
+	$(PY) scripts/fuzz_slides.py --cases $(FUZZ_CASES) --seed $(FUZZ_SEED)
 
 clean:
 	rm -rf $(VENV) build dist demo-output .pytest_cache

@@ -27,8 +27,12 @@ def napari_get_reader(path: str | list[str]) -> Callable | None:
 
     Vendor formats (.svs, .ndpi, .scn, .bif) are always claimed, so that a
     corrupt file gets our clear error. A generic ``.tif``/``.tiff`` is claimed
-    only when it is an RGB slide or one of our label exports; anything else
-    (stacks, float images, non-TIFF data) is declined for other readers.
+    when it is an RGB slide or one of our label exports, and when it is a TIFF
+    too damaged to read or declaring sizes beyond the slide limits: its error
+    is shown rather than the file passed to a reader that could hang or run
+    out of memory on it. Anything else (stacks, float images, non-TIFF data)
+    is declined for other readers. Opening is checked against the limits
+    first, so this answers in well under a second whatever the file declares.
     """
     if isinstance(path, list):
         if len(path) != 1:

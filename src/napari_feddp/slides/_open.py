@@ -7,6 +7,10 @@ tiles it touches, on several threads. A small per-slide LRU of decoded tiles
 JPEG 2000 tiles that are slow to decode, from paying for decoding twice.
 Levels the file lacks (a large image stored at one resolution) are computed
 from level 0 with dask, chunk by chunk.
+
+Every size the file declares is checked against :mod:`._limits` before any of
+this is built, and every failure, at open or when a tile is read later,
+reaches the caller as :class:`SlideError` naming the file.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import logging
 import math
 import operator
 import os
-import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,8 +28,9 @@ import numpy as np
 import tifffile
 import zarr
 from zarr.experimental.cache_store import CacheStore
-from zarr.storage import MemoryStore
+from zarr.storage import MemoryStore, WrapperStore
 
+from ._limits import MAX_ASSOCIATED_PIXELS, LimitError, StackLimitError, check_directories, check_levels
 from ._metadata import read_slide_metadata
 from ._pyramid import lazy_pyramid
 
@@ -169,8 +173,20 @@ class Slide:
                 f"{self.path.name if self.path else 'the image'} has no associated image {name!r}; "
                 f"it has: {', '.join(sorted(self.associated)) or 'none'}"
             )
-        with tifffile.TiffFile(self.path) as tif:
-            return tif.series[self.associated[key]].asarray()
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                series = tif.series[self.associated[key]]
+                pixels = math.prod(series.shape[:-1]) if series.shape[-1:] in ((3,), (4,)) else math.prod(series.shape)
+                if pixels > MAX_ASSOCIATED_PIXELS:
+                    raise SlideError(
+                        f"Cannot read the {key} image of {self.path.name}: it declares {pixels:,} pixels "
+                        f"(at most {MAX_ASSOCIATED_PIXELS:,})"
+                    )
+                return series.asarray()
+        except SlideError:
+            raise
+        except Exception as exc:
+            raise SlideError(f"Cannot read the {key} image of {self.path.name}: {_reason(exc)}") from exc
 
     def close(self) -> None:
         """Release the file handle (arrays become unreadable)."""
@@ -218,19 +234,37 @@ def open_slide(path: str | os.PathLike) -> Slide:
     with _TiffProblems() as problems:
         try:
             tif = tifffile.TiffFile(path)
-        except (tifffile.TiffFileError, ValueError, OSError, struct.error) as exc:
-            raise SlideError(f"Cannot open {path.name}: not a readable TIFF-based slide ({exc})") from exc
+        except Exception as exc:  # TiffFileError, struct.error, OSError, MemoryError, OverflowError, ...
+            raise SlideError(f"Cannot open {path.name}: not a readable TIFF-based slide ({_reason(exc)})") from exc
         try:
+            problems.check(path)
+            # Bounded walk first: tifffile's series parsing grows faster than
+            # linearly with the number of directories a file declares.
+            check_directories(tif)
             tif.series  # noqa: B018 - parse the directory chain now, while problems are recorded
-            if problems.messages:
-                raise SlideError(
-                    f"Cannot open {path.name}: the file is truncated or corrupt "
-                    f"({problems.messages[0]})"
-                )
+            problems.check(path)
             return _open_tiff(path, tif)
-        except Exception:
+        except Exception as exc:
             tif.close()
-            raise
+            if isinstance(exc, SlideError):
+                raise
+            if isinstance(exc, StackLimitError):
+                raise NotASlideError(f"{path.name} is not a slide: {exc}") from exc
+            if isinstance(exc, LimitError):
+                raise SlideError(f"Cannot open {path.name}: {exc}") from exc
+            # whatever else a damaged file makes tifffile, imagecodecs, zarr or numpy raise
+            raise SlideError(f"Cannot open {path.name}: the file is damaged ({_reason(exc)})") from exc
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _reason(exc: BaseException) -> str:
+    """``exc`` as one short line for a message: its type and text."""
+    text = _one_line(str(exc))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class _TiffProblems(logging.Handler):
@@ -244,6 +278,13 @@ class _TiffProblems(logging.Handler):
         message = record.getMessage()
         if record.levelno >= logging.ERROR or any(w in message for w in ("invalid", "offset", "corrupt")):
             self.messages.append(message)
+
+    def check(self, path: Path) -> None:
+        """Raise :class:`SlideError` with the first problem recorded, if any."""
+        if self.messages:
+            raise SlideError(
+                f"Cannot open {path.name}: the file is truncated or corrupt ({_one_line(self.messages[0])})"
+            )
 
     def __enter__(self) -> _TiffProblems:
         logging.getLogger("tifffile").addHandler(self)
@@ -259,12 +300,13 @@ def _open_tiff(path: Path, tif: tifffile.TiffFile) -> Slide:
     main_index, associated = _choose_series(tif)
     series = tif.series[main_index]
     kind, axes_order = _classify(series, path)
+    check_levels(series.levels)
     for level in series.levels:
-        for page in level.pages:
+        for page in level:
             if page is not None:
                 _check_readable(path, tif, page)
 
-    store = series.aszarr()
+    store = _NamedErrors(series.aszarr(), path.name)
     if TILE_CACHE_BYTES > 0:
         store = CacheStore(store, cache_store=MemoryStore(), max_size=TILE_CACHE_BYTES)
     group = zarr.open(store, mode="r")
@@ -276,6 +318,40 @@ def _open_tiff(path: Path, tif: tifffile.TiffFile) -> Slide:
     meta = read_slide_metadata(tif, series.pages[0] if series.pages else tif.pages[0])
     return Slide(levels, mpp=meta.mpp, path=path, vendor=meta.vendor, objective_power=meta.objective_power,
                  kind=kind, associated=associated, pyramid_in_file=pyramid_in_file, _tif=tif)
+
+
+class _NamedErrors(WrapperStore):
+    """tifffile's store, raising :class:`SlideError` naming the file when a tile cannot be read.
+
+    A file can be damaged after it was opened (truncated, overwritten) or hold
+    tiles that do not decode; napari, the segmentation engine and the computed
+    levels all read through here.
+    """
+
+    def __init__(self, store: Any, name: str) -> None:
+        super().__init__(store)
+        self._name = name
+
+    def _with_store(self, store: Any) -> _NamedErrors:
+        return type(self)(store, self._name)
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        try:
+            return await self._store.get(key, prototype, byte_range)
+        except SlideError:
+            raise
+        except Exception as exc:
+            raise SlideError(f"Cannot read {self._name}: {_describe_chunk(key)} is damaged ({_reason(exc)})") from exc
+
+
+def _describe_chunk(key: str) -> str:
+    """``'1/3.5.0'`` (level/row.column.sample) as words."""
+    level, _, index = key.rpartition("/")
+    parts = index.split(".")
+    if len(parts) >= 2 and all(p.isdigit() for p in parts):
+        where = f"the tile in row {parts[0]}, column {parts[1]}"
+        return f"{where} of level {level}" if level.isdigit() else where
+    return f"the data at {key!r}"
 
 
 def _as_dask(array: Any) -> da.Array:
