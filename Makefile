@@ -32,6 +32,7 @@ FUZZ_CASES ?= 2000
 FUZZ_SEED ?= 0
 fuzz: $(STAMP)
 	$(PY) scripts/fuzz_slides.py --cases $(FUZZ_CASES) --seed $(FUZZ_SEED)
+	FUZZ_CHECKPOINT_CASES=$(FUZZ_CASES) $(PY) -m pytest -q -p no:cacheprovider tests/models/test_fuzz_checkpoints.py
 
 clean:
 	rm -rf $(VENV) build dist demo-output .pytest_cache

@@ -213,3 +213,18 @@ def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path, cmu1_path, tiny_
     assert err.splitlines()[-1].startswith("napari-feddp segment: error: cannot write the outputs, none was kept")
     assert "File too large" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("gigabytes", [1.0, 1.2])
+def test_running_out_of_memory_is_one_line_and_leaves_no_output(tmp_path, cmu1_path, gigabytes):
+    out = tmp_path / "m.ome.tif"
+    # An address-space limit, as a small VM or a cluster job's memory limit imposes.
+    limit = (f"import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, ({int(gigabytes * 2**30)},) * 2)\n"
+             "from napari_feddp.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", limit, "segment", str(cmu1_path), "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    err = done.stderr.strip()
+    assert done.returncode == 3 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == ("napari-feddp segment: error: out of memory; close other programs, "
+                                    "or segment a --region or with a smaller --batch-size")
+    assert list(tmp_path.iterdir()) == []

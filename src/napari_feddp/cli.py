@@ -44,13 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, FileNotFoundError, ValueError) as exc:
         print(f"napari-feddp {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except MemoryError as exc:
-        from .segmentation import CLI_CONTROLS, user_message
-
-        print(f"napari-feddp {args.command}: error: {user_message(exc, CLI_CONTROLS)}", file=sys.stderr)
-        return 3
     except OSError as exc:  # disk full, permission, a file removed under the run
         print(f"napari-feddp {args.command}: error: {exc}", file=sys.stderr)
+        return 3
+    except (MemoryError, RuntimeError) as exc:
+        from .segmentation import CLI_CONTROLS, is_out_of_memory, user_message
+
+        if not is_out_of_memory(exc):
+            raise
+        print(f"napari-feddp {args.command}: error: {user_message(exc, CLI_CONTROLS)}", file=sys.stderr)
         return 3
 
 

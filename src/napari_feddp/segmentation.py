@@ -93,9 +93,26 @@ class SegmentationInputError(ValueError):
     """A setting the user chose cannot work; the message says which control to change."""
 
 
+# How running out of memory shows besides MemoryError: torch's allocator, oneDNN (no memory for a
+# convolution's kernel), and threads that cannot start.
+_OUT_OF_MEMORY = re.compile(r"can't allocate memory|cannot allocate memory|out of memory|could not create a primitive"
+                            r"|can't start new thread", re.I)
+
+
+def is_out_of_memory(error: BaseException | str) -> bool:
+    """Whether ``error``, or an error it arose from, is the machine running out of memory."""
+    seen: set[int] = set()
+    while isinstance(error, BaseException) and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and _OUT_OF_MEMORY.search(str(error))):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def user_message(error: BaseException | str, controls: Controls) -> str:
     """The text of ``error`` with every Python-parameter hint replaced by ``controls``' words."""
-    if isinstance(error, MemoryError):
+    if is_out_of_memory(error):
         return f"out of memory; close other programs, or {controls.smaller_run}"
     text = str(error)
     for pattern, control in _HINTS:

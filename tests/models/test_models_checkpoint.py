@@ -249,14 +249,15 @@ def test_weights_of_another_dtype_are_refused(saved, dtype):
     _assert_checkpoint_error(weights_path, str(weights_path), "another dtype", "'head.weight'", "torch.float32")
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_weights_are_refused(saved, value):
+@pytest.mark.parametrize(("value", "words"), [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"),
+                                              (3e38, "beyond ±10000")])
+def test_non_finite_or_absurd_weights_are_refused(saved, value, words):
     weights_path, _ = saved
     state = safetensors.torch.load_file(weights_path)
-    state["head.bias"][0] = value
+    state["head.bias"][0] = value  # 3e38 is finite, but overflows every activation after it
     safetensors.torch.save_file(state, weights_path)
     _rehash(weights_path)
-    _assert_checkpoint_error(weights_path, str(weights_path), "NaN or infinite", "'head.bias'")
+    _assert_checkpoint_error(weights_path, str(weights_path), words, "'head.bias'")
 
 
 def test_a_huge_architecture_is_refused_before_any_memory_is_allocated(saved):

@@ -28,6 +28,9 @@ from .card import MAX_CARD_BYTES, ModelCard, ModelCardError
 WEIGHTS_SUFFIX = ".safetensors"
 CARD_SUFFIX = ".json"
 _LISTED_NAMES = 5  # how many offending tensor names an error message shows
+#: Largest weight magnitude a checkpoint may hold. Trained GroupNorm U-Nets stay within a few units
+#: (the bundled model: 1.1); far larger values are corruption or forgery and overflow to NaN output.
+MAX_ABS_WEIGHT = 1e4
 
 
 class CheckpointError(ValueError):
@@ -35,12 +38,10 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Return ``(weights_path, card_path)`` for a checkpoint.
+    """``(weights_path, card_path)`` of a checkpoint named by either file or their common stem.
 
-    ``path`` may name the weights file, the card file, or the common stem
-    without suffix: ``run/model``, ``run/model.json`` and
-    ``run/model.safetensors`` all give ``run/model.safetensors`` and
-    ``run/model.json``. Any other suffix is kept as part of the stem
+    ``run/model``, ``run/model.json`` and ``run/model.safetensors`` all give
+    ``run/model.safetensors`` and ``run/model.json``; any other suffix is part of the stem
     (``model.v2`` -> ``model.v2.safetensors``).
     """
     path = Path(path)
@@ -52,29 +53,25 @@ def checkpoint_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, card: ModelCard) -> Path:
-    """Write ``model``'s weights and ``card`` as a checkpoint pair.
+    """Write ``model``'s weights and ``card`` as a checkpoint pair, each file atomically.
 
-    Each file is written to a temporary name and moved into place with
-    ``os.replace``, so readers never see a half-written file. Weights are
-    written first: if the process dies between the two writes, the old card's
+    Weights are written first: if the process dies between the two writes, the old card's
     hash no longer matches and loading fails loudly rather than mixing runs.
 
     Parameters
     ----------
     path : str or os.PathLike
-        Checkpoint location, with ``.safetensors``, ``.json`` or no suffix.
-        Missing parent folders are created.
+        Checkpoint location, with ``.safetensors``, ``.json`` or no suffix; missing folders are created.
     model : torch.nn.Module
-        Network matching ``card.architecture``. Wrappers (Opacus
-        ``GradSampleModule``, ``DataParallel``, ``torch.compile``) are unwrapped.
+        Network matching ``card.architecture``; training wrappers (Opacus, ``DataParallel``,
+        ``torch.compile``) are unwrapped.
     card : ModelCard
-        Card to store. It is not modified; the stored copy has
-        ``weights_sha256`` and ``tensors`` (name -> shape) filled in.
+        Stored with ``weights_sha256`` and ``tensors`` (name -> shape) filled in; not modified.
 
     Returns
     -------
     pathlib.Path
-        Path of the written ``.safetensors`` file.
+        The written ``.safetensors`` file.
 
     Raises
     ------
@@ -82,7 +79,8 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, card: ModelC
         If the model does not match the card's architecture or a file cannot be written.
     """
     weights_path, card_path = checkpoint_paths(path)
-    state = _state_to_save(_unwrap(model))
+    # clone(): safetensors refuses tensors that share storage with another tensor.
+    state = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in _unwrap(model).state_dict().items()}
     _check_model_matches_card(state, card, weights_path)
 
     payload = safetensors.torch.save(state, metadata={"format": "pt"})
@@ -115,14 +113,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
-    # clone(): safetensors refuses tensors that share storage with another tensor.
-    return {
-        name: tensor.detach().to("cpu").contiguous().clone()
-        for name, tensor in model.state_dict().items()
-    }
-
-
 def _check_model_matches_card(state: Mapping[str, torch.Tensor], card: ModelCard, weights_path: Path) -> None:
     try:
         reference = build_model(card)
@@ -140,12 +130,7 @@ def _check_model_matches_card(state: Mapping[str, torch.Tensor], card: ModelCard
 
 
 def read_card(path: str | os.PathLike[str]) -> ModelCard:
-    """Read and validate only the model card of a checkpoint.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        Checkpoint location, with ``.safetensors``, ``.json`` or no suffix.
+    """Read and validate only the model card of a checkpoint (``path``: either half, or their stem).
 
     Raises
     ------
@@ -171,10 +156,8 @@ def read_card(path: str | os.PathLike[str]) -> ModelCard:
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
-    """Load a checkpoint written by :func:`save_checkpoint`.
-
-    The network is built from the card, never from the weights file, and the
-    weights are read with ``safetensors`` only (no pickle, no code execution).
+    """Load a checkpoint written by :func:`save_checkpoint`: the network is built from the card and
+    the weights are read with ``safetensors`` only (no pickle, no code execution).
 
     Parameters
     ----------
@@ -193,12 +176,10 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     Raises
     ------
     CheckpointError
-        If the card or weights file is missing, the card is invalid or describes
-        a network larger than :data:`~napari_feddp.models.build.MAX_PARAMETERS`,
-        the weights file's SHA-256 differs from the card's ``weights_sha256``,
-        it is truncated or corrupt, its tensors do not match the architecture
-        (missing/unexpected names, wrong shapes, other dtypes), or a weight is
-        not finite.
+        If either file is missing, the card is invalid or describes a network larger than
+        :data:`~napari_feddp.models.build.MAX_PARAMETERS`, the weights' SHA-256 differs from the
+        card's, the file is corrupt, or its tensors do not match the architecture (names, shapes,
+        dtypes) or are not finite.
     """
     weights_path, card_path = checkpoint_paths(path)
     card = read_card(card_path)
@@ -211,7 +192,13 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     except ModelCardError as exc:
         raise CheckpointError(f"{card_path}: cannot build the model: {exc}") from exc
 
-    state = _read_weights(weights_path)
+    try:
+        # Always to CPU first: a device error must not be reported as a corrupt file.
+        state = safetensors.torch.load_file(weights_path, device="cpu")
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{weights_path}: not a readable safetensors file (truncated or corrupt?): {exc}"
+        ) from exc
     expected = model.state_dict()
     problem = _state_mismatch(_shapes(expected), _shapes(state)) or _wrong_values(expected, state)
     if problem:
@@ -221,16 +208,6 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         )
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), card
-
-
-def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
-    try:
-        # Always to CPU first: a device error must not be reported as a corrupt file.
-        return safetensors.torch.load_file(weights_path, device="cpu")
-    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"{weights_path}: not a readable safetensors file (truncated or corrupt?): {exc}"
-        ) from exc
 
 
 def _verify_sha256(weights_path: Path, card_path: Path, card: ModelCard) -> None:
@@ -276,10 +253,13 @@ def _wrong_values(expected: Mapping[str, torch.Tensor], found: Mapping[str, torc
               for name, tensor in expected.items() if found[name].dtype != tensor.dtype]
     if dtypes:
         return f"{len(dtypes)} tensor(s) of another dtype: {'; '.join(dtypes[:_LISTED_NAMES])}"
-    not_finite = sorted(name for name, tensor in found.items()
-                        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()))
+    floating = {name: tensor for name, tensor in found.items() if tensor.is_floating_point()}
+    not_finite = sorted(name for name, tensor in floating.items() if not bool(torch.isfinite(tensor).all()))
     if not_finite:
         return f"{len(not_finite)} tensor(s) hold NaN or infinite values {_listed(not_finite)}"
+    too_large = sorted(name for name, tensor in floating.items() if float(tensor.abs().max()) > MAX_ABS_WEIGHT)
+    if too_large:
+        return f"{len(too_large)} tensor(s) hold values beyond ±{MAX_ABS_WEIGHT:g} {_listed(too_large)}"
     return None
 
 
