@@ -10,9 +10,9 @@ from flwr.app import ConfigRecord, Error, MetricRecord, RecordDict
 
 from napari_feddp.federation.strategy import (
     GuardedStrategy,
+    array_spec,
     build_strategy,
     check_arrays,
-    array_spec,
 )
 
 from .conftest import array_record, instruction, reply, tiny_settings, train_reply

@@ -14,6 +14,7 @@ parses arguments and prints.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import tempfile
@@ -31,19 +32,10 @@ def add_parser(subparsers) -> None:
         help="federated, differentially private training with Flower (certs, keys, serve, run, join, demo)",
         description="Train one model across labs with Flower; no image leaves a lab.",
     )
-    parser.set_defaults(func=lambda args: _help(parser))
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
     sub = parser.add_subparsers(dest="federation_command", metavar="SUBCOMMAND")
-    _add_certs(sub)
-    _add_keys(sub)
-    _add_serve(sub)
-    _add_run(sub)
-    _add_join(sub)
-    _add_demo(sub)
-
-
-def _help(parser) -> int:
-    parser.print_help()
-    return 2
+    for add in (_add_certs, _add_keys, _add_serve, _add_run, _add_join, _add_demo):
+        add(sub)
 
 
 # --------------------------------------------------------------------------- shared options
@@ -70,21 +62,31 @@ def _settings(args, checkpoint_dir: Path):
         raise CommandError(option_errors(RunSettings, exc)) from None
 
 
-def _insecure_warning(args) -> None:
+@contextlib.contextmanager
+def _session(args):
+    """``kill`` runs the same cleanup as Ctrl-C; ``--insecure`` is warned about once, here, not per process."""
+    from ..federation.processes import InsecureModeWarning, signals_raise_keyboard_interrupt
+
     if getattr(args, "insecure", False):
-        print(
-            "WARNING: --insecure: traffic is NOT encrypted and SuperNodes are NOT "
-            "authenticated. Use only for local debugging.",
-            file=sys.stderr,
-        )
+        print("WARNING: --insecure: traffic is NOT encrypted and SuperNodes are NOT authenticated. "
+              "Use only for local debugging.", file=sys.stderr)  # fmt: skip
+    with signals_raise_keyboard_interrupt(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", InsecureModeWarning)
+        yield
+
+
+def _check_budget(budget: float, whose: str) -> None:
+    if budget < 0:
+        raise CommandError("--epsilon-budget must be >= 0 (0: unlimited)")
+    if budget == 0:
+        print(f"WARNING: --epsilon-budget 0: {whose} privacy budget is UNLIMITED; epsilon keeps growing with every "
+              "round trained.", file=sys.stderr)  # fmt: skip
 
 
 def _print_round(row: dict) -> None:
     from ..federation.demo import round_details, table_row
 
-    print(table_row(row), flush=True)
-    for line in round_details(row):
-        print(line, flush=True)
+    print("\n".join([table_row(row), *round_details(row)]), flush=True)
 
 
 def _report(outcome) -> None:
@@ -109,10 +111,10 @@ def _add_certs(sub) -> None:
 
 
 def run_certs(args) -> int:
-    from ..federation.certs import DEFAULT_SERVER_HOSTS, create_pilot_pki
+    from ..federation.certs import create_pilot_pki
 
     try:
-        pki = create_pilot_pki(args.out, hosts=args.hosts or DEFAULT_SERVER_HOSTS, days=args.days)
+        pki = create_pilot_pki(args.out, hosts=args.hosts or (), days=args.days)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     print(f"CA certificate (give to every lab): {pki.ca.cert}")
@@ -169,19 +171,14 @@ def _add_serve(sub) -> None:
 def run_serve(args) -> int:
     from ..federation.certs import load_pilot_pki
     from ..federation.coordinator import Coordinator
-    from ..federation.processes import InsecureModeWarning, signals_raise_keyboard_interrupt
 
-    _insecure_warning(args)
     if not args.pki and not args.insecure:
         raise CommandError("--pki is required (create it with 'federation certs'), or pass --insecure")
     pki = load_pilot_pki(args.pki) if args.pki else None
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="feddp-superlink-"))
-    coordinator = Coordinator(
-        workdir, pki, insecure=args.insecure, host=args.host, port=args.port,
-        public_keys={lab: Path(key) for lab, key in args.register},
-    )
-    with signals_raise_keyboard_interrupt(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", InsecureModeWarning)  # _insecure_warning said it
+    coordinator = Coordinator(workdir, pki, insecure=args.insecure, host=args.host, port=args.port,
+                              public_keys={lab: Path(key) for lab, key in args.register})
+    with _session(args):
         try:
             coordinator.start()
             print(f"labs dial {coordinator.fleet_address} (Fleet API only, "
@@ -228,15 +225,12 @@ def run_run(args) -> int:
     from ..federation.coordinator import FederationRunError, read_connection, submit_run
     from ..federation.demo import table_header
     from ..federation.flwr_cli import FlowerCli, FlowerCliError, write_flower_config
-    from ..federation.processes import signals_raise_keyboard_interrupt
 
-    _insecure_warning(args)
     checkpoint_dir = Path(args.checkpoint_dir)
     settings = _settings(args, checkpoint_dir)
     workdir = Path(tempfile.mkdtemp(prefix="feddp-run-"))
     if args.connection:
-        conn = read_connection(args.connection)
-        cli = FlowerCli(Path(conn["flwr_home"]))
+        cli = FlowerCli(Path(read_connection(args.connection)["flwr_home"]))
     else:
         if not args.superlink:
             raise CommandError("give --connection DIR (from 'federation serve') or --superlink HOST:PORT")
@@ -244,7 +238,7 @@ def run_run(args) -> int:
             raise CommandError("--ca CA.pem is required unless --insecure")
         cli = FlowerCli(workdir / "flwr-home")
         write_flower_config(cli.flwr_home, args.superlink, root_cert=args.ca, insecure=args.insecure)
-    with signals_raise_keyboard_interrupt():
+    with _session(args):
         try:
             if args.no_follow:
                 run_id = submit_run(cli, settings, workdir / "app", follow=False)
@@ -264,6 +258,7 @@ def run_run(args) -> int:
 
 def _add_join(sub) -> None:
     from ..federation.lab import CONNECT_TIMEOUT
+    from ..federation.settings import NodeSettings, add_options
 
     p = sub.add_parser("join", help="connect this lab's dataset to a federation (runs a SuperNode)")
     p.add_argument("--superlink", required=True, help="HOST:PORT the coordinator gave (its Fleet gateway)")
@@ -281,57 +276,36 @@ def _add_join(sub) -> None:
                    help="seconds to wait for the coordinator to accept this lab before giving up "
                         f"(default {CONNECT_TIMEOUT:g})")
     p.add_argument("--insecure", action="store_true", help="plain text, no authentication (debug only)")
-    _add_policy_options(p)
-    p.set_defaults(func=run_join)
-
-
-def _add_policy_options(parser) -> None:
-    from ..federation.settings import NodeSettings, add_options
-
-    add_options(parser.add_argument_group(
+    add_options(p.add_argument_group(
         "lab privacy policy", "what any run may ask of this lab; a run outside it is declined before training"),
         NodeSettings)
+    p.set_defaults(func=run_join)
 
 
 def policy_from_args(args) -> dict:
     """NodeSettings policy fields from the join options."""
     from ..federation.settings import NodeSettings, options_of
 
-    if args.epsilon_budget == 0:
-        print("WARNING: --epsilon-budget 0: this lab's privacy budget is UNLIMITED; epsilon keeps "
-              "growing with every round it trains.", file=sys.stderr)
-    elif args.epsilon_budget < 0:
-        raise CommandError("--epsilon-budget must be >= 0 (0: unlimited)")
+    _check_budget(args.epsilon_budget, "this lab's")
     return options_of(NodeSettings, args)
 
 
 def run_join(args) -> int:
     from ..federation.lab import CoordinatorUnreachable, LabNode
-    from ..federation.processes import FederationProcessError, InsecureModeWarning, signals_raise_keyboard_interrupt
+    from ..federation.processes import FederationProcessError
 
-    _insecure_warning(args)
     if not args.insecure and not (args.ca and args.key):
         raise CommandError("--ca and --key are required unless --insecure")
     if args.connect_timeout <= 0:
         raise CommandError("--connect-timeout must be > 0 seconds")
     policy = policy_from_args(args)
-    node = LabNode(
-        superlink=args.superlink,
-        ca=Path(args.ca) if args.ca else None,
-        key=Path(args.key) if args.key else None,
-        dataset=Path(args.dataset),
-        lab=args.lab,
-        epsilon_budget=policy.pop("max_epsilon"),
-        policy=policy,
-        ledger_dir=args.ledger_dir,
-        eval_dataset=args.eval_dataset,
-        model_store=args.model_store,
-        workdir=Path(args.workdir) if args.workdir else None,
-        insecure=args.insecure,
-        connect_timeout=args.connect_timeout,
-    )
-    with signals_raise_keyboard_interrupt(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", InsecureModeWarning)  # _insecure_warning said it
+    node = LabNode(superlink=args.superlink, ca=Path(args.ca) if args.ca else None,
+                   key=Path(args.key) if args.key else None, dataset=Path(args.dataset), lab=args.lab,
+                   epsilon_budget=policy.pop("max_epsilon"), policy=policy, ledger_dir=args.ledger_dir,
+                   eval_dataset=args.eval_dataset, model_store=args.model_store,
+                   workdir=Path(args.workdir) if args.workdir else None, insecure=args.insecure,
+                   connect_timeout=args.connect_timeout)  # fmt: skip
+    with _session(args):
         try:
             try:
                 node.settings()
@@ -344,8 +318,7 @@ def run_join(args) -> int:
             last = None
             while True:
                 status = node.status()
-                line = f"status: {status.describe()}"
-                if line != last:
+                if (line := f"status: {status.describe()}") != last:
                     print(line, flush=True)
                     last = line
                 if status.state in status.FINAL:
@@ -393,15 +366,11 @@ def run_demo(args) -> int:
     from ..federation.coordinator import FederationRunError
     from ..federation.demo import prepare_demo_labs, table_header
     from ..federation.pilot import LocalFederation
-    from ..federation.processes import FederationProcessError, InsecureModeWarning, signals_raise_keyboard_interrupt
+    from ..federation.processes import FederationProcessError
 
-    _insecure_warning(args)
     if args.clients < 1:
         raise CommandError("--clients must be at least 1")
-    if args.epsilon_budget == 0:
-        print("WARNING: --epsilon-budget 0: every lab's privacy budget is UNLIMITED.", file=sys.stderr)
-    elif args.epsilon_budget < 0:
-        raise CommandError("--epsilon-budget must be >= 0 (0: unlimited)")
+    _check_budget(args.epsilon_budget, "every lab's")
     if args.min_clients == 0:
         args.min_clients = args.clients
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="feddp-demo-"))
@@ -409,18 +378,13 @@ def run_demo(args) -> int:
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else workdir / "checkpoints"
     settings = _settings(args, checkpoint_dir)
     print(f"checkpoints and model cards go to {checkpoint_dir.resolve()}", flush=True)
-    with signals_raise_keyboard_interrupt(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", InsecureModeWarning)  # _insecure_warning said it
+    with _session(args):
         try:
-            labs, source = prepare_demo_labs(
-                workdir / "data", args.clients, data=args.data,
-                tiles=args.tiles, epsilon_budget=args.epsilon_budget,
-            )
+            labs, source = prepare_demo_labs(workdir / "data", args.clients, data=args.data, tiles=args.tiles,
+                                             epsilon_budget=args.epsilon_budget)  # fmt: skip
             for lab in labs:  # the demo's labs accept the mode the demo asks for
                 lab.policy = {"accept_dp_modes": args.dp_mode}
-            if source != "synthetic" and args.source_mpp == 0.25:
-                pass  # MoNuSeg is scanned at 0.25 µm/px, the default
-            elif source == "synthetic":
+            if source == "synthetic":  # a dataset keeps --source-mpp (MoNuSeg: 0.25 µm/px, the default)
                 settings = settings.replace(source_mpp=settings.mpp)
             print(f"demo: {args.clients} labs ({source} tiles), {args.rounds} rounds, dp-mode "
                   f"{args.dp_mode}, {'PLAIN TEXT' if args.insecure else 'TLS + node authentication'}")

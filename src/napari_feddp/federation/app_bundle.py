@@ -50,16 +50,7 @@ def render_pyproject(settings: RunSettings, version: str | None = None) -> str:
 
 
 def write_app_dir(directory: str | os.PathLike, settings: RunSettings) -> Path:
-    """Create (or overwrite) the app directory; return its path.
-
-    Parameters
-    ----------
-    directory : path
-        Target directory; only ``pyproject.toml`` is written there.
-    settings : RunSettings
-        Becomes ``[tool.flwr.app.config]`` (``flwr run --run-config`` can still
-        override single keys).
-    """
+    """Write ``directory/pyproject.toml`` with ``settings`` as ``[tool.flwr.app.config]``; return ``directory``."""
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     (path / "pyproject.toml").write_text(render_pyproject(settings))

@@ -26,8 +26,8 @@ task still runs in a new process, as with Flower's own process isolation.
 
 from __future__ import annotations
 
+import contextlib
 import io
-import json
 import os
 import sys
 import time
@@ -36,6 +36,7 @@ import zipfile
 from pathlib import Path
 
 from .app_bundle import APP_NAME, APP_PUBLISHER, CLIENT_APP_REF, SERVER_APP_REF
+from .checkpoints import append_jsonl
 
 #: Environment variable naming the lab's local history file (JSON lines).
 HISTORY_ENV = "NAPARI_FEDDP_HISTORY_FILE"
@@ -55,32 +56,17 @@ def installed_version() -> str:
 
 
 def check_fab(content: bytes, *, version: str | None = None) -> dict:
-    """Accept the bundle only if it is this package's own app; return its pyproject.
-
-    Parameters
-    ----------
-    content : bytes
-        The FAB (zip) as received from the SuperNode.
-    version : str, optional
-        Required ``[project] version`` (default: the installed version).
-
-    Raises
-    ------
-    UntrustedAppError
-        With the first reason the bundle is refused.
-    """
+    """Accept the FAB (zip) only if it is this package's own app for ``version`` (default: the installed one);
+    return its pyproject, else raise UntrustedAppError with the first reason it is refused."""
     version = installed_version() if version is None else version
     try:
         archive = zipfile.ZipFile(io.BytesIO(content))
         names = [info.filename for info in archive.infolist() if not info.is_dir()]
     except (zipfile.BadZipFile, ValueError) as exc:
         raise UntrustedAppError(f"the app bundle is not a valid FAB ({exc})") from None
-    extra = sorted(set(names) - ALLOWED_FILES)
-    if extra:
-        raise UntrustedAppError(
-            f"the app bundle carries files of its own ({', '.join(extra[:5])}); this lab runs only "
-            "the ClientApp of its installed napari-feddp, whose bundle holds nothing but pyproject.toml"
-        )
+    if extra := sorted(set(names) - ALLOWED_FILES):
+        raise UntrustedAppError(f"the app bundle carries files of its own ({', '.join(extra[:5])}); this lab runs only "
+                                "the ClientApp of its installed napari-feddp, whose bundle holds nothing but pyproject.toml")
     if "pyproject.toml" not in names:
         raise UntrustedAppError("the app bundle has no pyproject.toml")
     try:
@@ -90,20 +76,15 @@ def check_fab(content: bytes, *, version: str | None = None) -> dict:
     project = pyproject.get("project", {})
     app = pyproject.get("tool", {}).get("flwr", {}).get("app", {})
     components = app.get("components", {})
-    expected = {
-        "publisher": (app.get("publisher"), APP_PUBLISHER),
-        "name": (project.get("name"), APP_NAME),
-        "clientapp": (components.get("clientapp"), CLIENT_APP_REF),
-        "serverapp": (components.get("serverapp"), SERVER_APP_REF),
-    }
+    expected = {"publisher": (app.get("publisher"), APP_PUBLISHER), "name": (project.get("name"), APP_NAME),
+                "clientapp": (components.get("clientapp"), CLIENT_APP_REF),
+                "serverapp": (components.get("serverapp"), SERVER_APP_REF)}  # fmt: skip
     for field, (got, want) in expected.items():
         if got != want:
             raise UntrustedAppError(f"the app bundle's {field} is {got!r}, not napari-feddp's {want!r}")
     if project.get("version") != version:
-        raise UntrustedAppError(
-            f"the app bundle is napari-feddp {project.get('version')!r}, this lab runs {version!r}: "
-            "coordinator and labs must install the same version"
-        )
+        raise UntrustedAppError(f"the app bundle is napari-feddp {project.get('version')!r}, this lab runs {version!r}: "
+                                "coordinator and labs must install the same version")
     if project.get("dependencies"):
         raise UntrustedAppError("the app bundle declares dependencies; napari-feddp's declares none")
     return pyproject
@@ -112,15 +93,9 @@ def check_fab(content: bytes, *, version: str | None = None) -> dict:
 def record_refusal(reason: str) -> None:
     """Say why on stderr (the lab's ClientApp log) and in the lab's local history."""
     print(f"napari-feddp: refused the run's app bundle: {reason}", file=sys.stderr, flush=True)
-    path = os.environ.get(HISTORY_ENV)
-    if not path:
-        return
-    row = {"time": time.time(), "event": "refused-app", "reason": reason}
-    try:
-        with open(Path(path).expanduser(), "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
-    except OSError:
-        pass
+    if path := os.environ.get(HISTORY_ENV):
+        with contextlib.suppress(OSError):
+            append_jsonl(path, {"time": time.time(), "event": "refused-app", "reason": reason})
 
 
 def install_pin() -> None:

@@ -1,4 +1,4 @@
-"""Global-model checkpoints and the round log the ServerApp writes.
+"""Global-model checkpoints and the round log the ServerApp writes; JSON-lines logs.
 
 Layout of ``checkpoint-dir``::
 
@@ -18,34 +18,58 @@ out and the problem recorded in :attr:`CheckpointWriter.problems`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from pathlib import Path
-
-from flwr.app import ArrayRecord
+from typing import TYPE_CHECKING
 
 from .._atomic import write_atomic
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
 
 ROUNDS_FILE = "rounds.jsonl"
 SUMMARY_FILE = "summary.json"
 EVALUATION_FILE = "evaluation.json"
 
 
+def append_jsonl(path: str | os.PathLike, row: dict) -> None:
+    """Append ``row`` to a JSON-lines file (its folder is created)."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row, default=str) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The rows of a JSON-lines file, oldest first (none if it is missing; a line being written is skipped)."""
+    try:
+        lines = Path(path).expanduser().read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in lines:
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
+
+
+def read_json(directory, name: str) -> dict | None:
+    """A JSON file of the checkpoint directory, or None."""
+    try:
+        return json.loads((Path(directory) / name).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 class CheckpointWriter:
-    """Write checkpoints and logs into one directory.
+    """Write checkpoints and logs into ``directory`` (None or "": every method is a no-op).
 
-    Parameters
-    ----------
-    directory : path or None
-        None (or "") disables writing; all methods become no-ops.
-    settings : RunSettings
-        For model construction and the model card.
-
-    Attributes
-    ----------
-    problems : dict
-        ``{checkpoint name: message}`` for every checkpoint whose card needed a
-        correction or could not be written.
+    ``settings`` (RunSettings) builds the model and its card. :attr:`problems`
+    maps each checkpoint whose card needed a correction or could not be
+    written to the reason.
     """
 
     def __init__(self, directory, settings) -> None:
@@ -54,45 +78,18 @@ class CheckpointWriter:
         self.problems: dict[str, str] = {}
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            rounds = self.directory / ROUNDS_FILE
-            if rounds.exists():
-                rounds.unlink()
+            (self.directory / ROUNDS_FILE).unlink(missing_ok=True)
 
-    @property
-    def enabled(self) -> bool:
-        """True if a directory was given."""
-        return self.directory is not None
+    def save_model(self, name: str, arrays: ArrayRecord, *, strict: bool = False, **provenance) -> Path | None:
+        """Save ``arrays`` as ``<name>.safetensors`` + ``<name>.json``; return the ``.safetensors`` file.
 
-    def save_model(
-        self, name: str, arrays: ArrayRecord, *, strict: bool = False, **provenance
-    ) -> Path | None:
-        """Save ``arrays`` as ``<name>.safetensors`` + ``<name>.json``.
-
-        Parameters
-        ----------
-        name : str
-            File name without suffix.
-        arrays : ArrayRecord
-            Global model weights.
-        strict : bool
-            Raise when the card or checkpoint cannot be written, instead of
-            recording the problem and returning None. For checkpoints that carry
-            no lab-reported figures, where a failure is a configuration error.
-        **provenance
-            ``round``, ``federated_rounds``, ``epsilon``, ``metrics`` (see
-            :func:`napari_feddp.federation.local.model_card`). An epsilon that is
-            not a valid privacy claim (finite, in ``(0, 1e6]``) is left out of
-            the card and recorded in :attr:`problems`.
-
-        Returns
-        -------
-        pathlib.Path or None
-            The ``.safetensors`` file; None if writing is disabled or failed.
-
-        Raises
-        ------
-        napari_feddp.models.CheckpointError, napari_feddp.models.ModelCardError
-            Only with ``strict``.
+        ``provenance`` (``round``, ``federated_rounds``, ``epsilon``, ``metrics``)
+        goes into the card (:func:`napari_feddp.federation.local.model_card`);
+        an epsilon that is not a valid privacy claim (finite, in ``(0, 1e6]``)
+        is left out and recorded in :attr:`problems`. A card or checkpoint
+        that cannot be written is recorded there too and None returned, unless
+        ``strict`` (checkpoints without lab-reported figures, where a failure
+        is a configuration error): then CheckpointError or ModelCardError is raised.
         """
         if self.directory is None:
             return None
@@ -104,15 +101,12 @@ class CheckpointWriter:
 
         epsilon = provenance.get("epsilon")
         if epsilon is not None and valid_epsilon(epsilon) is None:
-            self.problems[name] = (
-                f"epsilon {epsilon!r} is not a valid privacy claim; card written without epsilon"
-            )
+            self.problems[name] = f"epsilon {epsilon!r} is not a valid privacy claim; card written without epsilon"
             provenance["epsilon"] = None
         try:
             model = build_model(self.settings)
             model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-            card = model_card(self.settings, **provenance)
-            return save_checkpoint(self.directory / name, model, card)
+            return save_checkpoint(self.directory / name, model, model_card(self.settings, **provenance))
         except (ModelCardError, CheckpointError) as exc:
             if strict:
                 raise
@@ -121,11 +115,8 @@ class CheckpointWriter:
 
     def append_round(self, report: dict) -> None:
         """Append one round record to ``rounds.jsonl``."""
-        if self.directory is None:
-            return
-        with open(self.directory / ROUNDS_FILE, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(report, default=str) + "\n")
-            handle.flush()
+        if self.directory is not None:
+            append_jsonl(self.directory / ROUNDS_FILE, report)
 
     def write_evaluation(self, evaluation: dict | None) -> None:
         """Write ``evaluation.json``."""
@@ -137,30 +128,3 @@ class CheckpointWriter:
         if self.directory is not None:
             summary = {"status": status, "updated": time.time(), **fields}
             write_atomic(self.directory / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
-
-
-def read_rounds(directory) -> list[dict]:
-    """Round records written so far (empty if none)."""
-    path = Path(directory) / ROUNDS_FILE
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line being written
-    return rows
-
-
-def read_json(directory, name: str) -> dict | None:
-    """A JSON file of the checkpoint directory, or None."""
-    path = Path(directory) / name
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None

@@ -20,7 +20,7 @@ clips the update before it is sent (client-level DP with
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -31,14 +31,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from .local import (
-    DeclineRound,
-    LocalRequest,
-    build_model,
-    default_evaluate,
-    default_train,
-    load_function,
-)
+from .checkpoints import append_jsonl
+from .local import DeclineRound, LocalRequest, build_model, default_evaluate, default_train, load_function
 from .policy import policy_refusal
 from .settings import NodeSettings, RunSettings
 from .strategy import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, REASON_KEY
@@ -50,11 +44,11 @@ def _config(msg: Message) -> ConfigRecord:
     return msg.content.config_records.get(CONFIG_KEY) or ConfigRecord()
 
 
-def _is_decline(reply: Message) -> bool:
-    if reply.has_error():
-        return False
-    metrics = reply.content.metric_records.get(METRICS_KEY)
-    return metrics is not None and float(metrics.get("declined", 0) or 0) == 1.0
+def _record(node: NodeSettings, server_round: int, event: str, **fields) -> None:
+    """Append a local-only record to the lab's history (Federation widget, ``join``); never sent."""
+    if node.history_file:
+        with contextlib.suppress(OSError):  # the history is a convenience, never a reason to fail a round
+            append_jsonl(node.history_file, {"time": time.time(), "round": server_round, "event": event, **fields})
 
 
 def update_clipping_mod(msg: Message, context: Context, call_next) -> Message:
@@ -80,7 +74,8 @@ def update_clipping_mod(msg: Message, context: Context, call_next) -> Message:
 
     def run_and_capture(message: Message, ctx: Context) -> Message:
         reply = call_next(message, ctx)
-        if _is_decline(reply):
+        metrics = None if reply.has_error() else reply.content.metric_records.get(METRICS_KEY)
+        if metrics is not None and float(metrics.get("declined", 0) or 0) == 1.0:
             declined.append(reply)
             return Message(Error(code=0, reason="declined"), reply_to=message)
         return reply
@@ -89,73 +84,27 @@ def update_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     return declined[0] if declined else clipped
 
 
-def _settings(context: Context) -> tuple[RunSettings, NodeSettings]:
-    """Run and lab settings; DeclineRound if the run config is invalid or outside the lab's policy."""
+def _prepare(msg: Message, context: Context) -> LocalRequest:
+    """The lab's request for this message; DeclineRound if the run config is invalid or outside the lab's policy."""
     node = NodeSettings.from_node_config(context.node_config)
     try:
         settings = RunSettings.from_run_config(context.run_config)
     except (ValueError, TypeError) as exc:
         raise DeclineRound(f"invalid run config: {exc}"[:200]) from None
-    refusal = policy_refusal(settings, node)
-    if refusal:
+    if refusal := policy_refusal(settings, node):
         raise DeclineRound(refusal[:200])
-    return settings, node
-
-
-def _prepare(msg: Message, context: Context) -> LocalRequest:
-    settings, node = _settings(context)
     torch.set_num_threads(max(1, int(node.threads)))
     model = build_model(settings)
-    arrays = msg.content.array_records[ARRAYS_KEY]
-    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    model.load_state_dict(msg.content.array_records[ARRAYS_KEY].to_torch_state_dict(), strict=True)
     config = _config(msg)
-    overrides = {k: config[k] for k in ("learning-rate",) if k in config}
-    return LocalRequest(
-        model=model,
-        settings=settings,
-        node=node,
-        server_round=int(config.get("server-round", 0)),
-        train_overrides=overrides,
-    )
+    return LocalRequest(model=model, settings=settings, node=node, server_round=int(config.get("server-round", 0)),
+                        train_overrides={k: config[k] for k in ("learning-rate",) if k in config})  # fmt: skip
 
 
 def _scalars(values: dict[str, float | int | None]) -> dict[str, float | int]:
     """Keep finite scalars only (a NaN Dice on an empty crop is dropped)."""
-    out: dict[str, float | int] = {}
-    for key, value in values.items():
-        if value is None or isinstance(value, bool):
-            continue
-        if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
-            out[key] = value
-    return out
-
-
-def _history(request: LocalRequest, record: dict) -> None:
-    """Append a local-only record for the Federation widget (never sent)."""
-    _append_history(request.node.history_file, request.server_round, record)
-
-
-def _append_history(path: str, server_round: int, record: dict) -> None:
-    if not path:
-        return
-    row = {"time": time.time(), "round": server_round, **record}
-    try:
-        target = Path(path).expanduser()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
-    except OSError:
-        pass  # the widget's log is a convenience, never a reason to fail a round
-
-
-def _decline_reply(msg: Message, decline: DeclineRound) -> Message:
-    content = RecordDict(
-        {
-            METRICS_KEY: MetricRecord(decline.metrics()),
-            REASON_KEY: ConfigRecord({REASON_KEY: decline.reason[:200]}),
-        }
-    )
-    return Message(content=content, reply_to=msg)
+    return {key: value for key, value in values.items() if not isinstance(value, bool)
+            and (isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)))}  # fmt: skip
 
 
 @app.train(mods=[update_clipping_mod])
@@ -167,36 +116,21 @@ def train(msg: Message, context: Context) -> Message:
     """
     try:
         request = _prepare(msg, context)
-    except DeclineRound as decline:
-        node = NodeSettings.from_node_config(context.node_config)
-        server_round = int(_config(msg).get("server-round", 0))
-        _append_history(node.history_file, server_round,
-                        {"event": "declined", "reason": decline.reason, **decline.metrics()})  # fmt: skip
-        return _decline_reply(msg, decline)
-    train_fn = load_function(request.node.train_fn) if request.node.train_fn else default_train
-    _history(request, {"event": "training"})
-    try:
+        train_fn = load_function(request.node.train_fn) if request.node.train_fn else default_train
+        _record(request.node, request.server_round, "training")
         update = train_fn(request)
     except DeclineRound as decline:
-        _history(request, {"event": "declined", "reason": decline.reason, **decline.metrics()})
-        return _decline_reply(msg, decline)
-    metrics = _scalars(
-        {
-            "num-examples": int(update.num_examples),
-            "unit-weight": 1.0,
-            "train-loss": float(update.loss),
-            "train-dice": float(update.dice),
-            "epsilon": None if update.epsilon is None else float(update.epsilon),
-            "delta": None if update.delta is None else float(update.delta),
-            "steps": int(update.steps),
-        }
-    )
-    _history(request, {"event": "trained", **metrics})
+        _record(NodeSettings.from_node_config(context.node_config), int(_config(msg).get("server-round", 0)),
+                "declined", reason=decline.reason, **decline.metrics())  # fmt: skip
+        reason = ConfigRecord({REASON_KEY: decline.reason[:200]})
+        return Message(RecordDict({METRICS_KEY: MetricRecord(decline.metrics()), REASON_KEY: reason}), reply_to=msg)
+    metrics = _scalars({"num-examples": int(update.num_examples), "unit-weight": 1.0, "train-loss": float(update.loss),
+                        "train-dice": float(update.dice), "steps": int(update.steps),
+                        "epsilon": None if update.epsilon is None else float(update.epsilon),
+                        "delta": None if update.delta is None else float(update.delta)})  # fmt: skip
+    _record(request.node, request.server_round, "trained", **metrics)
     state = {k: v.detach().cpu() for k, v in request.model.state_dict().items()}
-    content = RecordDict(
-        {ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: MetricRecord(metrics)}
-    )
-    return Message(content=content, reply_to=msg)
+    return Message(RecordDict({ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
 
 def keep_global_model(request: LocalRequest, run_id: int, epsilon: float | None) -> Path:
@@ -221,27 +155,16 @@ def keep_global_model(request: LocalRequest, run_id: int, epsilon: float | None)
     from .promotion import PromotionDecision, check_promotion, current_default
 
     store = Path(request.node.model_store).expanduser() if request.node.model_store else model_store()
-    card = model_card(
-        request.settings,
-        round=request.server_round,
-        federated_rounds=request.server_round,
-        epsilon=epsilon,
-    )
+    card = model_card(request.settings, round=request.server_round, federated_rounds=request.server_round,
+                      epsilon=epsilon)  # fmt: skip
     try:
         decision = check_promotion(request.model, current_default(store), request, card=card)
     except Exception as exc:
         decision = PromotionDecision(False, f"promotion check failed: {str(exc)[:160]}")
     folder = store if decision.promoted else store / REFUSED_FOLDER
     path = save_checkpoint(folder / f"federation-{run_id}", request.model, card)
-    _history(
-        request,
-        {
-            "event": "model-promoted" if decision.promoted else "model-refused",
-            "reason": decision.reason[:200],
-            "candidate_dice": decision.candidate_score,
-            "current_dice": decision.current_score,
-        },
-    )
+    _record(request.node, request.server_round, "model-promoted" if decision.promoted else "model-refused",
+            reason=decision.reason[:200], candidate_dice=decision.candidate_score, current_dice=decision.current_score)
     return path
 
 
@@ -253,32 +176,24 @@ def evaluate(msg: Message, context: Context) -> Message:
     global model in its local model store (:func:`keep_global_model`); it
     becomes the lab's default model only if it passes the lab's own check.
     """
+    config = _config(msg)
     try:
         request = _prepare(msg, context)
     except DeclineRound as decline:
-        node = NodeSettings.from_node_config(context.node_config)
-        _append_history(node.history_file, int(_config(msg).get("server-round", 0)),
-                        {"event": "declined", "reason": decline.reason})  # fmt: skip
+        _record(NodeSettings.from_node_config(context.node_config), int(config.get("server-round", 0)), "declined",
+                reason=decline.reason)  # fmt: skip
         return Message(Error(code=0, reason=f"declined: {decline.reason}"[:200]), reply_to=msg)
-    config = _config(msg)
     final = bool(config.get("final", False))
-    _history(request, {"event": "evaluating"})
+    _record(request.node, request.server_round, "evaluating")
     if final:
         epsilon = config.get("epsilon")
         try:
             keep_global_model(request, context.run_id, float(epsilon) if epsilon is not None else None)
         except Exception as exc:
-            _history(request, {"event": "store-failed", "reason": str(exc)[:200]})
-    eval_fn = load_function(request.node.eval_fn) if request.node.eval_fn else default_evaluate
-    result = eval_fn(request)
-    metrics = _scalars(
-        {
-            "num-examples": int(result.num_examples),
-            "eval-loss": float(result.loss),
-            "dice": float(result.dice),
-            "jaccard": float(result.jaccard),
-            "pixel-accuracy": float(result.pixel_accuracy),
-        }
-    )
-    _history(request, {"event": "evaluated", "final": final, **metrics})
-    return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+            _record(request.node, request.server_round, "store-failed", reason=str(exc)[:200])
+    result = (load_function(request.node.eval_fn) if request.node.eval_fn else default_evaluate)(request)
+    metrics = _scalars({"num-examples": int(result.num_examples), "eval-loss": float(result.loss),
+                        "dice": float(result.dice), "jaccard": float(result.jaccard),
+                        "pixel-accuracy": float(result.pixel_accuracy)})  # fmt: skip
+    _record(request.node, request.server_round, "evaluated", final=final, **metrics)
+    return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)

@@ -20,8 +20,8 @@ from pathlib import Path
 from .._atomic import write_atomic
 from .app_bundle import write_app_dir
 from .certs import PilotPKI
-from .checkpoints import EVALUATION_FILE, ROUNDS_FILE, SUMMARY_FILE, read_json, read_rounds
-from .flwr_cli import FlowerCli, FlowerCliError, write_flower_config
+from .checkpoints import EVALUATION_FILE, ROUNDS_FILE, SUMMARY_FILE, read_json, read_jsonl
+from .flwr_cli import FlowerCli, write_flower_config
 from .processes import (
     ADDRESS_IN_USE,
     LOOPBACK,
@@ -62,11 +62,10 @@ def superlink_argv(port: int, pki: PilotPKI | None, *, superexec_secret: str | P
 
     One HTTP(S) port serves the Fleet, Control and Runtime APIs, so it never
     leaves loopback: labs reach the Fleet API through the gateway
-    (:mod:`.gateway`). ``--isolation process`` with a SuperExec secret means
-    only the coordinator's own SuperExec, holding that secret, can pick up a
-    ServerApp. ``pki=None`` means ``--insecure`` (and no SuperNode
-    authentication, which needs TLS). Runtime dependency installation is
-    disabled: apps use this environment.
+    (:mod:`.gateway`). ``--isolation process`` with a SuperExec secret: only
+    the coordinator's own SuperExec can pick up a ServerApp. ``pki=None``
+    means ``--insecure`` (and no SuperNode authentication, which needs TLS).
+    Apps use this environment: runtime dependency installation is disabled.
     """
     argv = [flower_executable("flower-superlink"), "--host", LOOPBACK, "--port", str(port)]
     if pki is None:
@@ -88,25 +87,15 @@ class Coordinator:
     * ``flower-superexec`` runs the ServerApp; it authenticates to the
       SuperLink's Runtime API with a shared secret (mode 0600, new at every
       start), so no other process can take the task.
-    * the gateway (:mod:`.gateway`) listens on ``host:port`` and forwards the
-      Fleet API only; :attr:`fleet_address` is what labs dial.
+    * the gateway (:mod:`.gateway`) listens on ``host:port`` (port None: a free
+      one) and forwards the Fleet API only; :attr:`fleet_address` is what labs
+      dial, which the certificate of ``pki`` must name.
 
-    Parameters
-    ----------
-    workdir : path
-        ``superlink/`` (logs, the secret, the SuperLink's Flower home), ``cli-home/``, ``connection.json``.
-    pki : PilotPKI or None
-        CA and SuperLink certificate (no lab keys).
-    insecure : bool
-        Plain text, no node authentication (explicit opt-in, warns).
-    host, port : str, int
-        Public address of the gateway (port None: a free one); the certificate
-        must name the address labs dial.
-    public_keys : dict
-        ``{lab name: public key path}`` registered at start (keys the labs
-        made themselves with ``federation keys``).
-    ready_timeout : float
-        Seconds to wait for each process.
+    ``workdir`` receives ``superlink/`` (logs, the secret, the SuperLink's
+    Flower home), ``cli-home/`` and ``connection.json``. ``public_keys``
+    (``{lab: public key path}``, keys the labs made with ``federation keys``)
+    are registered at start. ``insecure``: plain text, no node authentication
+    (explicit opt-in, warns). ``ready_timeout``: seconds to wait for each process.
     """
 
     workdir: Path
@@ -133,44 +122,37 @@ class Coordinator:
         """``HOST:PORT`` labs dial (the gateway; Fleet API only)."""
         return f"{LOOPBACK if self.host in ('0.0.0.0', '') else self.host}:{self.port}"
 
-    @property
-    def secret_path(self) -> Path:
-        """The SuperExec shared secret."""
-        return self.workdir / "superlink" / "secrets" / "superexec.secret"
-
     def start(self) -> Coordinator:
         """Start SuperLink, SuperExec and gateway, write the CLI config, register every known lab."""
+        from .gateway import gateway_argv
+
         self.workdir = Path(self.workdir).resolve()
         if self.pki is None and not self.insecure:
             raise ValueError("a PKI (federation certs) is required unless insecure=True")
         if self.insecure:
             warn_insecure("SuperLink")
         pki = None if self.insecure else self.pki
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        write_secret(self.secret_path)
+        ca = None if pki is None else pki.ca.cert
+        secret = write_secret(self.workdir / "superlink" / "secrets" / "superexec.secret")
         env = flower_env(self.workdir / "superlink" / "flwr-home")
         self.superlink, self.internal_port = self._start_listening(
-            "superlink", "superlink.log", lambda port: superlink_argv(port, pki, superexec_secret=self.secret_path),
-            env, LOOPBACK)  # fmt: skip
-        self.superexec = ManagedProcess(
-            "superexec (serverapp)",
-            superexec_argv(self.address, root_cert=None if pki is None else pki.ca.cert, secret=self.secret_path),
-            self.workdir / "superlink" / "superexec.log", env, self.workdir,
-        ).start()  # fmt: skip
-        from .gateway import gateway_argv
-
-        tls = {} if pki is None else {"certfile": pki.server.cert, "keyfile": pki.server.key, "ca_cert": pki.ca.cert}
+            "superlink", "superlink.log", lambda port: superlink_argv(port, pki, superexec_secret=secret), env, LOOPBACK)
+        self.superexec = ManagedProcess("superexec (serverapp)", superexec_argv(self.address, root_cert=ca, secret=secret),
+                                        self.workdir / "superlink" / "superexec.log", env, self.workdir).start()
+        tls = {} if pki is None else {"certfile": pki.server.cert, "keyfile": pki.server.key, "ca_cert": ca}
         self.gateway, self.port = self._start_listening(
             "fleet gateway", "gateway.log", lambda port: gateway_argv(self.host, port, self.address, **tls),
             flower_env(), self.host or LOOPBACK, fixed_port=self.port)  # fmt: skip
         self.cli = FlowerCli(self.workdir / "cli-home")
-        write_flower_config(self.cli.flwr_home, self.address, root_cert=None if pki is None else pki.ca.cert,
-                            insecure=self.insecure)  # fmt: skip
+        write_flower_config(self.cli.flwr_home, self.address, root_cert=ca, insecure=self.insecure)
         if pki is not None and self.public_keys:
             # Each registration is a `flwr` process: run them side by side.
             with ThreadPoolExecutor(max_workers=min(4, len(self.public_keys))) as pool:
                 list(pool.map(lambda item: self.register(item[1], item[0]), self.public_keys.items()))
-        self.write_connection()
+        connection = {"fleet_address": self.fleet_address, "control_address": self.address,
+                      "ca": None if ca is None else str(ca), "insecure": self.insecure,
+                      "flwr_home": str(self.cli.flwr_home), "labs": self.registered}  # fmt: skip
+        write_atomic(self.workdir / CONNECTION_FILE, json.dumps(connection, indent=2) + "\n")
         return self
 
     def _start_listening(self, name: str, log: str, argv: Callable[[int], list[str]], env: dict, host: str,
@@ -189,18 +171,6 @@ class Coordinator:
                     raise
         raise FederationProcessError(f"{name}: no free port")
 
-    def write_connection(self) -> Path:
-        """Write ``connection.json`` (addresses, CA, Flower home, registered labs)."""
-        connection = {
-            "fleet_address": self.fleet_address,
-            "control_address": self.address,
-            "ca": None if self.insecure else str(self.pki.ca.cert),
-            "insecure": self.insecure,
-            "flwr_home": str(self.cli.flwr_home),
-            "labs": self.registered,
-        }
-        return write_atomic(self.workdir / CONNECTION_FILE, json.dumps(connection, indent=2) + "\n")
-
     def register(self, public_key: str | Path, name: str) -> int:
         """Register a lab's public key; return its SuperNode id."""
         assert self.cli is not None, "start() first"
@@ -213,9 +183,8 @@ class Coordinator:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the gateway, the SuperExec (and any ServerApp), then the SuperLink."""
-        for process in (self.gateway, self.superexec, self.superlink):
-            if process is not None:
-                process.stop(timeout)
+        for process in filter(None, (self.gateway, self.superexec, self.superlink)):
+            process.stop(timeout)
 
 
 def read_connection(directory: str | Path) -> dict:
@@ -229,36 +198,14 @@ def read_connection(directory: str | Path) -> dict:
 # --------------------------------------------------------------------------- runs
 
 
-def submit_run(
-    cli: FlowerCli,
-    settings: RunSettings,
-    app_dir: str | Path,
-    *,
-    follow: bool = True,
-    timeout: float = 24 * 3600,
-    on_round: Callable[[dict], None] | None = None,
-    on_poll: Callable[[], None] | None = None,
-    alive: Callable[[], bool] | None = None,
-    poll: float = 0.5,
-) -> RunOutcome | int:
-    """Start the FedDP run with ``flwr run``; optionally follow it to the end.
+def submit_run(cli: FlowerCli, settings: RunSettings, app_dir: str | Path, *, follow: bool = True,
+               **follow_options) -> RunOutcome | int:
+    """Start the FedDP run with ``flwr run``; return its id, or with ``follow`` its :class:`RunOutcome`.
 
-    Parameters
-    ----------
-    cli : FlowerCli
-        Connection to the SuperLink.
-    settings : RunSettings
-        Must have ``checkpoint_dir`` (on the SuperLink's machine).
-    app_dir : path
-        Where the generated Flower App (pyproject.toml) is written.
-    follow : bool
-        Wait and report rounds (needs ``checkpoint_dir`` readable from here).
-    timeout, on_round, on_poll, alive, poll
-        See :func:`wait_for_run`.
-
-    Returns
-    -------
-    RunOutcome, or the run id when not following.
+    ``settings.checkpoint_dir`` (on the SuperLink's machine; readable from
+    here to follow) loses the files of an earlier run. The generated Flower
+    App (pyproject.toml) is written to ``app_dir``. ``follow_options`` go to
+    :func:`wait_for_run`.
     """
     checkpoint_dir = Path(settings.checkpoint_dir).resolve()
     settings = settings.replace(checkpoint_dir=str(checkpoint_dir))
@@ -269,8 +216,7 @@ def submit_run(
     run_id = cli.start_run(write_app_dir(app_dir, settings))
     if not follow:
         return run_id
-    return wait_for_run(cli, run_id, checkpoint_dir, timeout=timeout, on_round=on_round, on_poll=on_poll,
-                        alive=alive, poll=poll, started=started)  # fmt: skip
+    return wait_for_run(cli, run_id, checkpoint_dir, started=started, **follow_options)
 
 
 def wait_for_run(
@@ -278,45 +224,34 @@ def wait_for_run(
     run_id: int,
     checkpoint_dir: Path,
     *,
-    timeout: float,
+    timeout: float = 24 * 3600,
     on_round: Callable[[dict], None] | None = None,
     on_poll: Callable[[], None] | None = None,
     alive: Callable[[], bool] | None = None,
     poll: float = 0.5,
     started: float | None = None,
-    status_every: float = 10.0,
 ) -> RunOutcome:
     """Follow a run through its checkpoint directory and ``flwr list`` until it ends.
 
     The ServerApp's ``summary.json`` is read every ``poll`` seconds (cheap);
-    ``flwr list`` is asked every ``status_every`` seconds, which catches a
-    ServerApp that died before writing a summary.
-
-    Parameters
-    ----------
-    timeout : float
-        Seconds before the run is stopped and FederationRunError raised.
-    on_round : callable, optional
-        Called with each new ``rounds.jsonl`` record as it appears.
-    on_poll : callable, optional
-        Called on every poll (tests use it to kill a node mid-round).
-    alive : callable, optional
-        False when the SuperLink is gone (the run then fails at once).
-    started : float, optional
-        ``time.monotonic()`` when the run was submitted.
+    ``flwr list`` is asked every 10 s, which catches a ServerApp that died
+    before writing a summary. ``on_round`` is called with each new
+    ``rounds.jsonl`` record, ``on_poll`` on every poll (tests kill a node
+    mid-round with it); ``alive`` returns False when the SuperLink is gone;
+    ``started`` is the ``time.monotonic()`` of the submission.
 
     Raises
     ------
     FederationRunError
-        If the run fails, does not complete in time, or the SuperLink dies.
-        Ctrl-C stops the run before it propagates.
+        If the run fails, does not finish within ``timeout`` seconds (it is
+        then stopped), or the SuperLink dies. Ctrl-C stops the run before it propagates.
     """
     started = time.monotonic() if started is None else started
     seen, last_status, status = 0, 0.0, "running"
 
     def emit_rounds() -> list[dict]:
         nonlocal seen
-        rows = read_rounds(checkpoint_dir)
+        rows = read_jsonl(checkpoint_dir / ROUNDS_FILE)
         for row in rows[seen:]:
             if on_round is not None:
                 on_round(row)
@@ -333,7 +268,7 @@ def wait_for_run(
                 status = f"finished:{summary['status']}"
                 break
             now = time.monotonic()
-            if now - last_status > status_every:
+            if now - last_status > 10.0:
                 last_status = now
                 status = str(cli.run_info(run_id).get("status", ""))
                 if status.startswith("finished"):
@@ -355,8 +290,5 @@ def wait_for_run(
                          checkpoint_dir=checkpoint_dir, seconds=time.monotonic() - started)  # fmt: skip
     if not (summary and summary.get("status") == "completed"):
         detail = (summary or {}).get("error") or f"flwr status {status}"
-        logs = ""
-        with contextlib.suppress(FlowerCliError):
-            logs = cli.logs(run_id)[-3000:]
-        raise FederationRunError(f"run {run_id} did not complete: {detail}\n{logs}".rstrip())
+        raise FederationRunError(f"run {run_id} did not complete: {detail}\n{cli.logs(run_id)[-3000:]}".rstrip())
     return outcome

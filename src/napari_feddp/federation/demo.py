@@ -12,34 +12,10 @@ from pathlib import Path
 import numpy as np
 
 
-def make_synthetic_lab(
-    directory: str | Path,
-    *,
-    n_tiles: int = 4,
-    size: int = 64,
-    seed: int = 0,
-    nuclei: tuple[int, int] = (4, 9),
-) -> Path:
-    """Write ``n_tiles`` image/mask PNG pairs to ``directory/images`` and ``/masks``.
-
-    Parameters
-    ----------
-    directory : path
-        Lab dataset folder (created).
-    n_tiles : int
-        Number of tiles.
-    size : int
-        Tile edge in pixels.
-    seed : int
-        Generator seed (use a different one per lab).
-    nuclei : (int, int)
-        Range of the number of nuclei per tile.
-
-    Returns
-    -------
-    Path
-        ``directory``.
-    """
+def make_synthetic_lab(directory: str | Path, *, n_tiles: int = 4, size: int = 64, seed: int = 0,
+                       nuclei: tuple[int, int] = (4, 9)) -> Path:
+    """Write ``n_tiles`` image/mask PNG pairs of ``size`` pixels, with ``nuclei`` (a range) nuclei each, to
+    ``directory/images`` and ``/masks``; return ``directory``. Use a different ``seed`` per lab."""
     from PIL import Image
 
     root = Path(directory)
@@ -74,88 +50,40 @@ def table_header() -> str:
     return "  ".join(name.rjust(width) for name, width in _COLUMNS)
 
 
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def table_row(report: dict) -> str:
     """One line of the per-round table from a ``rounds.jsonl`` record."""
-    values = {
-        "round": report.get("round"),
-        "accepted": len(report.get("accepted", [])),
-        "rejected": len(report.get("rejected", {})),
-        "declined": len(report.get("declined", {})),
-        "failed": len(report.get("failed", {})),
-        "examples": report.get("num_examples"),
-        "loss": report.get("train_loss"),
-        "dice": report.get("train_dice"),
-        "epsilon": report.get("epsilon_max"),
-        "seconds": report.get("seconds"),
-    }
-    cells = []
-    for name, width in _COLUMNS:
-        digits = 1 if name == "seconds" else 3
-        cells.append(_fmt(values[name], digits).rjust(width))
-    line = "  ".join(cells)
-    if not report.get("aggregated", False):
-        line += "  (global model unchanged)"
-    return line
+    values = [report.get("round"), *(len(report.get(kind) or ()) for kind in ("accepted", "rejected", "declined", "failed")),
+              report.get("num_examples"), report.get("train_loss"), report.get("train_dice"), report.get("epsilon_max"),
+              report.get("seconds")]  # fmt: skip
+    cells = ["-" if value is None else f"{value:.{1 if name == 'seconds' else 3}f}" if isinstance(value, float)
+             else str(value) for value, (name, _) in zip(values, _COLUMNS)]  # fmt: skip
+    line = "  ".join(cell.rjust(width) for cell, (_, width) in zip(cells, _COLUMNS))
+    return line if report.get("aggregated", False) else line + "  (global model unchanged)"
 
 
 def round_details(report: dict) -> list[str]:
     """Indented lines explaining rejected, declined and failed nodes."""
-    lines = []
-    for kind in ("rejected", "declined", "failed"):
-        for node, reason in (report.get(kind) or {}).items():
-            lines.append(f"        node {node} {kind}: {reason}")
-    return lines
+    return [f"        node {node} {kind}: {reason}" for kind in ("rejected", "declined", "failed")
+            for node, reason in (report.get(kind) or {}).items()]  # fmt: skip
 
 
 def evaluation_line(evaluation: dict | None) -> str:
     """Summary of the final federated evaluation."""
     if not evaluation or not evaluation.get("metrics"):
         return "final evaluation: no results"
-    metrics = evaluation["metrics"]
-    parts = [f"{k}={v:.3f}" for k, v in sorted(metrics.items())]
-    return (
-        f"final evaluation on {evaluation.get('nodes', 0)} node(s), "
-        f"{evaluation.get('num_examples', 0)} crops: " + ", ".join(parts)
-    )
+    parts = ", ".join(f"{k}={v:.3f}" for k, v in sorted(evaluation["metrics"].items()))
+    return f"final evaluation on {evaluation.get('nodes', 0)} node(s), {evaluation.get('num_examples', 0)} crops: {parts}"
 
 
-def prepare_demo_labs(
-    directory: str | Path,
-    n_labs: int,
-    *,
-    data: str | Path | None = None,
-    tiles: int = 4,
-    tile_size: int = 96,
-    epsilon_budget: float = 0.0,
-):
-    """Lab specifications for the demo and a word on where their tiles come from.
+def prepare_demo_labs(directory: str | Path, n_labs: int, *, data: str | Path | None = None, tiles: int = 4,
+                      tile_size: int = 96, epsilon_budget: float = 0.0):
+    """The demo's labs (:class:`~.pilot.LabSpec`, each with ``epsilon_budget``) and ``"synthetic"`` or the data folder.
 
-    Parameters
-    ----------
-    directory : path
-        Where the lab folders are created.
-    n_labs : int
-    data : path, optional
-        A dataset folder (``images/``, ``masks/``) split across the labs by TCGA site, or
-        a folder with ``train/`` and ``test/`` such folders (as MoNuSeg): ``train/`` is split
-        for training and ``test/`` gives each lab its held-out tiles. None: synthetic tiles.
-    tiles, tile_size : int
-        Synthetic tiles per lab and their size.
-    epsilon_budget : float
-        Every lab's privacy budget.
-
-    Returns
-    -------
-    (list of LabSpec, str)
-        The labs and ``"synthetic"`` or the data folder.
+    ``data`` is a dataset folder (``images/``, ``masks/``) split across the
+    labs by TCGA site, or a folder with ``train/`` and ``test/`` such folders
+    (as MoNuSeg): ``train/`` is split for training and ``test/`` gives each lab
+    its held-out tiles. Without it every lab gets ``tiles`` synthetic tiles of
+    ``tile_size`` pixels. The lab folders are made in ``directory``.
     """
     from .pilot import LabSpec
     from .sites import split_folder

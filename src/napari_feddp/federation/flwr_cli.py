@@ -28,7 +28,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .processes import flower_env, flower_executable
+from .processes import absolute, flower_env, flower_executable
 
 CONNECTION_NAME = "feddp"
 
@@ -37,60 +37,27 @@ class FlowerCliError(RuntimeError):
     """A ``flwr`` command failed or printed something unexpected."""
 
 
-def write_flower_config(
-    flwr_home: str | os.PathLike,
-    address: str,
-    *,
-    root_cert: str | os.PathLike | None,
-    insecure: bool = False,
-    name: str = CONNECTION_NAME,
-) -> Path:
-    """Write ``config.toml`` with one SuperLink connection, made the default.
+def write_flower_config(flwr_home: str | os.PathLike, address: str, *, root_cert: str | os.PathLike | None,
+                        insecure: bool = False) -> Path:
+    """Write ``flwr_home/config.toml`` with one default SuperLink connection to ``address``; return the file.
 
-    Parameters
-    ----------
-    flwr_home : path
-        The ``FLWR_HOME`` directory (created).
-    address : str
-        ``host:port`` of the SuperLink.
-    root_cert : path or None
-        CA certificate; required unless ``insecure``.
-    insecure : bool
-        Plain-text connection (explicit opt-in).
-    name : str
-        Connection name.
-
-    Returns
-    -------
-    Path
-        The written file.
+    ``root_cert`` (the CA certificate) is required unless ``insecure`` (plain
+    text, explicit opt-in).
     """
     import tomli_w
 
     if not insecure and root_cert is None:
         raise ValueError("root_cert is required for a TLS connection")
-    connection = {"address": address}
-    connection.update({"insecure": True} if insecure else {"root-certificates": str(Path(root_cert).resolve())})
-    home = Path(flwr_home)
-    home.mkdir(parents=True, exist_ok=True)
-    path = home / "config.toml"
-    path.write_text(tomli_w.dumps({"superlink": {"default": name, name: connection}}))
+    connection = {"address": address, **({"insecure": True} if insecure else {"root-certificates": absolute(root_cert)})}
+    path = Path(flwr_home) / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps({"superlink": {"default": CONNECTION_NAME, CONNECTION_NAME: connection}}))
     return path
 
 
 @dataclass
 class FlowerCli:
-    """Run ``flwr`` sub-commands against one SuperLink connection.
-
-    Parameters
-    ----------
-    flwr_home : path
-        Private ``FLWR_HOME`` that holds ``config.toml``.
-    connection : str
-        Connection name in that file.
-    timeout : float
-        Seconds per command.
-    """
+    """Run ``flwr`` sub-commands (``timeout`` seconds each) against the connection in ``flwr_home/config.toml``."""
 
     flwr_home: Path
     connection: str = CONNECTION_NAME
@@ -108,26 +75,18 @@ class FlowerCli:
             raise FlowerCliError(f"flwr {' '.join(args)} timed out after {self.timeout} s") from exc
         if not json_output:
             if done.returncode != 0:
-                raise FlowerCliError(
-                    f"flwr {' '.join(args)} failed ({done.returncode}): {done.stderr or done.stdout}"
-                )
+                raise FlowerCliError(f"flwr {' '.join(args)} failed ({done.returncode}): {done.stderr or done.stdout}")
             return done.stdout
         payload = _parse_json(done.stdout)
         if done.returncode != 0 or payload is None or not payload.get("success", False):
-            detail = (payload or {}).get("error-message") if payload else None
-            raise FlowerCliError(
-                f"flwr {' '.join(args)} failed (exit {done.returncode}): "
-                f"{detail or (done.stderr.strip() or done.stdout.strip())[-2000:]}"
-            )
+            detail = (payload or {}).get("error-message") or (done.stderr.strip() or done.stdout.strip())[-2000:]
+            raise FlowerCliError(f"flwr {' '.join(args)} failed (exit {done.returncode}): {detail}")
         return payload
 
     def register_node(self, public_key: str | os.PathLike, name: str | None = None) -> int:
         """Register a SuperNode public key; return the node id."""
-        args = ["supernode", "register", str(public_key), self.connection]
-        if name:
-            args += ["--name", name]
-        payload = self._run(args)
-        return int(payload["node-id"])
+        name_args = ["--name", name] if name else []
+        return int(self._run(["supernode", "register", str(public_key), self.connection, *name_args])["node-id"])
 
     def list_nodes(self) -> list[dict]:
         """``flwr supernode list`` entries."""

@@ -31,31 +31,17 @@ FLEET_PREFIX = "/v1/fleet/"
 #: Largest request body accepted (model weights travel in chunks far below this).
 MAX_BODY_BYTES = 256 * 1024 * 1024
 #: Request headers not forwarded (hop-by-hop, or recomputed by the client).
-_DROP_REQUEST = frozenset(
-    {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "upgrade",
-     "proxy-authorization", "te", "trailer"}
-)
+_DROP_REQUEST = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "upgrade",
+                           "proxy-authorization", "te", "trailer"})  # fmt: skip
 #: Response headers not copied back.
-_DROP_RESPONSE = frozenset(
-    {"content-length", "connection", "keep-alive", "transfer-encoding", "server", "date"}
-)
+_DROP_RESPONSE = frozenset({"content-length", "connection", "keep-alive", "transfer-encoding", "server", "date"})
 
 
 def create_app(upstream: str, *, ca_cert: str | Path | None, timeout: float = 300.0):
-    """ASGI application forwarding Fleet calls to ``upstream``.
+    """Starlette (ASGI) app forwarding Fleet calls to the SuperLink at ``upstream`` (``HOST:PORT`` on loopback).
 
-    Parameters
-    ----------
-    upstream : str
-        ``HOST:PORT`` of the SuperLink (on loopback).
-    ca_cert : path or None
-        CA that signed the SuperLink's certificate; None: plain HTTP upstream.
-    timeout : float
-        Seconds per forwarded request.
-
-    Returns
-    -------
-    starlette.applications.Starlette
+    ``ca_cert`` signed the SuperLink's certificate (None: plain HTTP upstream);
+    ``timeout`` is in seconds per forwarded request.
     """
     import httpx
     from starlette.applications import Starlette
@@ -93,22 +79,12 @@ def create_app(upstream: str, *, ca_cert: str | Path | None, timeout: float = 30
         yield
         await client.aclose()
 
-    return Starlette(
-        routes=[Route("/{path:path}", forward, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])],
-        exception_handlers={404: not_found, 405: not_found},
-        lifespan=lifespan,
-    )
+    return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])],
+                     exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)  # fmt: skip
 
 
-def gateway_argv(
-    listen_host: str,
-    listen_port: int,
-    upstream: str,
-    *,
-    certfile: str | Path | None,
-    keyfile: str | Path | None,
-    ca_cert: str | Path | None,
-) -> list[str]:
+def gateway_argv(listen_host: str, listen_port: int, upstream: str, *, certfile: str | Path | None,
+                 keyfile: str | Path | None, ca_cert: str | Path | None) -> list[str]:
     """Command line of the gateway process (TLS unless every TLS file is None)."""
     argv = [sys.executable, "-m", __name__, "--host", listen_host, "--port", str(listen_port),
             "--upstream", upstream]  # fmt: skip
@@ -119,10 +95,8 @@ def gateway_argv(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m napari_feddp.federation.gateway",
-        description="Expose only Flower's Fleet API of a SuperLink on loopback.",
-    )
+    parser = argparse.ArgumentParser(prog="python -m napari_feddp.federation.gateway",
+                                     description="Expose only Flower's Fleet API of a SuperLink on loopback.")
     parser.add_argument("--host", required=True, help="address labs dial")
     parser.add_argument("--port", required=True, type=int)
     parser.add_argument("--upstream", required=True, help="HOST:PORT of the SuperLink")
@@ -138,16 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(args.upstream, ca_cert=args.ca)
     print(f"Fleet gateway on {args.host}:{args.port} -> {args.upstream} "
           f"({'TLS' if args.certfile else 'PLAIN TEXT'})", flush=True)  # fmt: skip
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        ssl_certfile=args.certfile,
-        ssl_keyfile=args.keyfile,
-        log_level="warning",
-        access_log=False,
-        server_header=False,
-    )
+    uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.certfile, ssl_keyfile=args.keyfile,
+                log_level="warning", access_log=False, server_header=False)
     return 0
 
 

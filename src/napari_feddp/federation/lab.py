@@ -1,18 +1,17 @@
 """The lab side: this lab's SuperNode and its SuperExec as child processes, and their status.
 
 Used by ``napari-feddp federation join``, the napari Federation widget and
-:class:`~napari_feddp.federation.pilot.LocalFederation`. :class:`LabNode`
-never runs Flower in the caller's process (the SuperNode installs signal
-handlers and blocks): it starts ``flower-supernode`` and the
-``flower-superexec`` that runs its ClientApps, each ClientApp through the app
-pin (:mod:`.app_pin`). :meth:`LabNode.status` reads the lab's local history
-(``history.jsonl``, written by the ClientApps and the app pin). Nothing here
-needs Qt.
+:class:`~napari_feddp.federation.pilot.LocalFederation`. Flower never runs in
+the caller's process (the SuperNode installs signal handlers and blocks):
+:class:`LabNode` starts ``flower-supernode`` and the ``flower-superexec`` that
+runs its ClientApps, each through the app pin (:mod:`.app_pin`).
+:meth:`LabNode.status` reads the lab's local history (``history.jsonl``,
+written by the ClientApps and the app pin). Nothing here needs Qt.
 """
 
 from __future__ import annotations
 
-import json
+import itertools
 import os
 import re
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 import tomli_w
 
 from .._atomic import write_atomic
+from .checkpoints import append_jsonl, read_jsonl
 from .processes import (
     LOOPBACK,
     FederationProcessError,
@@ -33,6 +33,7 @@ from .processes import (
     flower_env,
     flower_executable,
     superexec_argv,
+    tls_args,
     warn_insecure,
     write_secret,
 )
@@ -48,40 +49,26 @@ _FAILURE = re.compile(r"attempt failed|error|refused|certificate|handshake", re.
 # Flower's (and Uvicorn's) "LEVEL :   text" prefix.
 _LEVEL = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*")
 _ERROR = re.compile(r"^(?:ERROR|CRITICAL)\s*:")
+_NODE_ID = re.compile(r"SuperNode ID:\s*(\d+)")
+#: History events that end a run for this lab: the verdict on the final model.
+_VERDICTS = ("model-promoted", "model-refused", "store-failed")
 
 
-def strip_ansi(text: str) -> str:
-    """``text`` without ANSI escape sequences (colours, cursor moves)."""
-    return _ANSI.sub("", text)
+def _log_lines(log: str) -> list[str]:
+    """Non-empty lines of a Flower log without colour codes or the command line it starts with."""
+    return [line.rstrip() for line in _ANSI.sub("", log).splitlines() if line.strip() and not line.startswith("$ ")]
 
 
 def log_excerpt(log: str, lines: int = 6) -> str:
-    """The part of a Flower log that says what went wrong, readable in one message.
+    """What a Flower log says went wrong, in at most ``lines`` lines without Flower's level prefixes.
 
-    Parameters
-    ----------
-    log : str
-        Whole log text.
-    lines : int
-        How many lines to keep at most.
-
-    Returns
-    -------
-    str
-        The last ``ERROR`` entry with its continuation lines (Flower explains
-        an exit code over several lines, then logs its shutdown), else the last
-        non-empty lines; without colour codes, Flower's level prefix or the
-        command line the log starts with.
+    The last ``ERROR`` entry with its continuation lines (Flower explains an
+    exit code over several lines, then logs its shutdown), else the last lines.
     """
-    rows = [line.rstrip() for line in strip_ansi(log).splitlines() if line.strip() and not line.startswith("$ ")]
-    errors = [i for i, line in enumerate(rows) if _ERROR.match(line)]
-    if errors:
-        entry = [rows[errors[-1]]]
-        for line in rows[errors[-1] + 1:]:
-            if _LEVEL.match(line):
-                break
-            entry.append(line)
-        rows = entry[:lines]
+    rows = _log_lines(log)
+    if errors := [i for i, line in enumerate(rows) if _ERROR.match(line)]:
+        after = itertools.takewhile(lambda line: not _LEVEL.match(line), rows[errors[-1] + 1:])
+        rows = [rows[errors[-1]], *after][:lines]
     return "\n".join(_LEVEL.sub("", line).strip() for line in rows[-lines:])
 
 
@@ -91,20 +78,12 @@ class CoordinatorUnreachable(FederationProcessError):
 
 @dataclass
 class LabStatus:
-    """What the lab's SuperNode is doing.
+    """What the lab's SuperNode is doing: ``state``, the ``round`` of the last message and a ``message``.
 
-    Attributes
-    ----------
-    state : str
-        ``stopped``, ``connecting``, ``unreachable`` (no connection to the
-        coordinator within the connect timeout), ``waiting``, ``training``,
-        ``evaluating``, ``declined``, ``refused`` (a run's app bundle was not
-        this lab's napari-feddp), ``finished`` (the run's final evaluation is
-        done) or ``error``.
-    round : int or None
-        Round of the last message received.
-    message : str
-        Human-readable detail (error text, decline reason).
+    ``state`` is ``stopped``, ``connecting``, ``unreachable`` (no connection to
+    the coordinator within the connect timeout), ``waiting``, ``training``,
+    ``evaluating``, ``declined``, ``refused`` (a run's app bundle was not this
+    lab's napari-feddp), ``finished`` (the run's final evaluation is done) or ``error``.
     """
 
     state: str
@@ -115,73 +94,43 @@ class LabStatus:
     FINAL = ("stopped", "unreachable", "error")
 
     def describe(self) -> str:
-        """One line for a person: the state, the round and the detail.
-
-        Returns
-        -------
-        str
-            For example ``"round 4: declined - next round would reach epsilon
-            9.0 > budget 8.0"`` or ``"run finished (round 5): the final model
-            was not adopted: ..."``.
-        """
-        at = "" if self.round is None else f"round {self.round}: "
-        detail = self.message
-        if self.state == "connecting":
-            return "connecting to the coordinator…"
-        if self.state == "unreachable":
-            return detail or "cannot reach the coordinator"
-        if self.state == "waiting":
-            done = "" if self.round is None else f" (last: round {self.round})"
-            return f"waiting for the next round{done}"
-        if self.state in ("training", "evaluating"):
-            return f"{at}{self.state}"
-        if self.state == "declined":
-            return f"{at}declined - {detail or 'outside this lab policy'}"
-        if self.state == "refused":
-            return f"refused a run: its app bundle is not this lab's napari-feddp ({detail})"
-        if self.state == "finished":
-            where = "" if self.round is None else f" (round {self.round})"
-            return f"run finished{where}" + (f"; {detail}" if detail else "")
-        if self.state == "error":
-            return f"error: {detail}" if detail else "error"
-        return self.state + (f": {detail}" if detail else "")
+        """One line for a person, e.g. ``"round 4: declined - next round would reach epsilon 9.0 > budget 8.0"``."""
+        at, detail = "" if self.round is None else f"round {self.round}: ", self.message
+        return {
+            "connecting": "connecting to the coordinator…",
+            "unreachable": detail or "cannot reach the coordinator",
+            "waiting": "waiting for the next round" + ("" if self.round is None else f" (last: round {self.round})"),
+            "training": f"{at}training",
+            "evaluating": f"{at}evaluating",
+            "declined": f"{at}declined - {detail or 'outside this lab policy'}",
+            "refused": f"refused a run: its app bundle is not this lab's napari-feddp ({detail})",
+            "finished": "run finished" + ("" if self.round is None else f" (round {self.round})")
+                        + (f"; {detail}" if detail else ""),
+            "error": f"error: {detail}" if detail else "error",
+        }.get(self.state, self.state + (f": {detail}" if detail else ""))  # fmt: skip
 
 
-_NODE_ID = re.compile(r"SuperNode ID:\s*(\d+)")
-#: History events that end a run for this lab: the verdict on the final model.
-_VERDICTS = ("model-promoted", "model-refused", "store-failed")
+def supernode_argv(superlink: str, runtime_port: int, *, root_cert: str | os.PathLike | None,
+                   private_key: str | os.PathLike | None, superexec_secret: str | os.PathLike,
+                   node_config: str | os.PathLike) -> list[str]:
+    """Command line of ``flower-supernode`` (Flower 1.42); ``root_cert=None`` means ``--insecure``.
 
-
-def supernode_argv(
-    superlink: str,
-    runtime_port: int,
-    *,
-    root_cert: str | os.PathLike | None,
-    private_key: str | os.PathLike | None,
-    superexec_secret: str | os.PathLike,
-    node_config: str | os.PathLike,
-) -> list[str]:
-    """Command line of ``flower-supernode`` (Flower 1.42).
-
-    ``root_cert=None`` means ``--insecure``. ``runtime_port`` is the SuperNode's
-    own Runtime API, on loopback. ``--isolation process`` with a SuperExec
-    secret: only the lab's own SuperExec (which runs ClientApps through the app
-    pin) can pick up its tasks. ``node_config`` is a TOML file (the lab's
-    settings and policy).
+    Its Runtime API listens on loopback (``runtime_port``). ``--isolation
+    process`` with a SuperExec secret: only the lab's own SuperExec (which runs
+    ClientApps through the app pin) can pick up its tasks. ``node_config`` is a
+    TOML file (the lab's settings and policy).
     """
     argv = [flower_executable("flower-supernode"), "--superlink", superlink, "--host", LOOPBACK,
-            "--port", str(runtime_port), "--isolation", "process",
-            "--superexec-auth-secret-file", absolute(superexec_secret), "--node-config", absolute(node_config)]  # fmt: skip
-    argv += ["--insecure"] if root_cert is None else ["--root-certificates", absolute(root_cert)]
+            "--port", str(runtime_port), "--isolation", "process", "--superexec-auth-secret-file",
+            absolute(superexec_secret), "--node-config", absolute(node_config), *tls_args(root_cert)]  # fmt: skip
     return argv + ([] if private_key is None else ["--auth-supernode-private-key", absolute(private_key)])
 
 
 def status_from_history(history: list[dict]) -> LabStatus:
     """What a joined lab is doing, from its local history (``history.jsonl`` rows, oldest first).
 
-    The ClientApps record ``training``, ``trained``, ``declined``,
-    ``evaluating``, ``evaluated`` and the verdict on a run's final model; the
-    app pin records ``refused-app``.
+    The ClientApps record ``training``, ``trained``, ``declined``, ``evaluating``,
+    ``evaluated`` and the verdict on a run's final model; the app pin ``refused-app``.
     """
     if not history:
         return LabStatus("waiting")
@@ -227,23 +176,18 @@ class LabNode:
         The lab's other privacy-policy fields of
         :class:`~napari_feddp.federation.settings.NodeSettings`
         (``accept_dp_modes``, ``max_delta``, ``min_noise_multiplier``, ...).
-    ledger_dir, eval_dataset, model_store, train_fn, eval_fn : str
+    ledger_dir, eval_dataset, model_store, train_fn, eval_fn, threads
         See :class:`~napari_feddp.federation.settings.NodeSettings`.
     workdir : path, optional
-        Logs, Flower home, secret, node config and history (default: a new
-        temporary directory).
+        Logs, Flower home, secret, node config and history (default: a new temporary directory).
     insecure : bool
         Plain text (explicit opt-in, warns).
-    threads : int
-        Torch threads of each ClientApp.
     connect_timeout : float
         Seconds after :meth:`start` within which the coordinator must accept
-        the SuperNode; later :meth:`status` reports ``unreachable``
-        (default :data:`CONNECT_TIMEOUT`; 0: :meth:`status` keeps reporting
-        ``connecting``).
+        the SuperNode, else :meth:`status` reports ``unreachable`` (0: it keeps
+        reporting ``connecting``).
     extra_env : mapping, optional
-        Extra environment of the lab's processes (e.g. ``PYTHONPATH`` for a
-        ``train_fn``).
+        Extra environment of the lab's processes (e.g. ``PYTHONPATH`` for a ``train_fn``).
     """
 
     superlink: str
@@ -282,11 +226,6 @@ class LabNode:
         """Local JSON-lines history written by the ClientApps and the app pin."""
         return self.workdir / "history.jsonl"
 
-    @property
-    def secret_path(self) -> Path:
-        """The SuperExec shared secret of this node (mode 0600)."""
-        return self.workdir / "secrets" / "superexec.secret"
-
     def settings(self) -> NodeSettings:
         """The node config passed to the SuperNode."""
         from .policy import accepted_dp_modes
@@ -298,8 +237,7 @@ class LabNode:
             lab=self.lab, data_dir=resolved(self.dataset), ledger_dir=resolved(self.ledger_dir),
             max_epsilon=float(self.epsilon_budget), eval_dir=resolved(self.eval_dataset),
             model_store=resolved(self.model_store), history_file=str(self.history_file), threads=self.threads,
-            train_fn=self.train_fn, eval_fn=self.eval_fn, **self.policy,
-        )  # fmt: skip
+            train_fn=self.train_fn, eval_fn=self.eval_fn, **self.policy)  # fmt: skip
         accepted_dp_modes(settings)  # an unknown mode fails here, not in the first round
         return settings
 
@@ -314,19 +252,11 @@ class LabNode:
         return write_atomic(self.workdir / "node-config.toml", tomli_w.dumps(self.settings().to_node_config()))
 
     def start(self, wait: bool = True, timeout: float | None = None) -> LabNode:
-        """Start the SuperNode and its SuperExec; with ``wait`` until the coordinator accepted the node.
+        """Start the SuperNode and its SuperExec; with ``wait`` block until the coordinator accepted the node
+        (:meth:`wait_joined`, within ``timeout``), else return at once and follow :meth:`status`.
 
         Every ClientApp the SuperExec starts runs through the app pin: the
-        pinned ``flwr-clientapp`` (:func:`.app_pin.write_launcher`) is first
-        on its ``PATH``.
-
-        Parameters
-        ----------
-        wait : bool
-            Block until the coordinator accepted the node (see
-            :meth:`wait_joined`), else return at once and follow :meth:`status`.
-        timeout : float, optional
-            Seconds to wait (default: ``connect_timeout``).
+        pinned ``flwr-clientapp`` (:func:`.app_pin.write_launcher`) is first on its ``PATH``.
         """
         from .app_pin import HISTORY_ENV, write_launcher
 
@@ -337,21 +267,20 @@ class LabNode:
         node_config = self.write_node_config()
         if self.insecure:
             warn_insecure(f"SuperNode {self.lab}")
-        write_secret(self.secret_path)
+        secret = write_secret(self.workdir / "secrets" / "superexec.secret")
         self.runtime_port, self.node_id = find_free_port(), None
         env = flower_env(self.workdir / "flwr-home", self.extra_env)
         log = self.workdir / f"{self.lab}.log"
         self._log_offset = log.stat().st_size if log.exists() else 0
         self.process = ManagedProcess(f"supernode {self.lab}", supernode_argv(
             self.superlink, self.runtime_port, root_cert=None if self.insecure else self.ca,
-            private_key=None if self.insecure else self.key, superexec_secret=self.secret_path,
+            private_key=None if self.insecure else self.key, superexec_secret=secret,
             node_config=node_config), log, env, self.workdir).start()  # fmt: skip
         pinned = write_launcher(self.workdir / "bin").parent
-        clientapp_env = {**env, "PATH": f"{pinned}{os.pathsep}{env['PATH']}", HISTORY_ENV: str(self.history_file)}
+        env = {**env, "PATH": f"{pinned}{os.pathsep}{env['PATH']}", HISTORY_ENV: str(self.history_file)}
         self.superexec = ManagedProcess(
-            f"superexec {self.lab}",
-            superexec_argv(f"{LOOPBACK}:{self.runtime_port}", root_cert=None, secret=self.secret_path),
-            self.workdir / f"{self.lab}-clientapps.log", clientapp_env, self.workdir).start()  # fmt: skip
+            f"superexec {self.lab}", superexec_argv(f"{LOOPBACK}:{self.runtime_port}", root_cert=None, secret=secret),
+            self.workdir / f"{self.lab}-clientapps.log", env, self.workdir).start()  # fmt: skip
         self.started_at = time.monotonic()
         if wait:
             self.wait_joined(timeout)
@@ -372,22 +301,16 @@ class LabNode:
         """The SuperNode id once the coordinator accepted the node (then recorded as ``joined``), else None."""
         if self.node_id is None and (match := _NODE_ID.search(self._log())):
             self.node_id = int(match.group(1))
-            self.history_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.history_file, "a", encoding="utf-8") as history:
-                history.write(json.dumps({"time": time.time(), "event": "joined", "node": self.node_id}) + "\n")
+            append_jsonl(self.history_file, {"time": time.time(), "event": "joined", "node": self.node_id})
         return self.node_id
 
     def wait_joined(self, timeout: float | None = None) -> int:
         """Block until the coordinator accepted the node; return its SuperNode id.
 
-        Raises
-        ------
-        CoordinatorUnreachable
-            If no connection was made within ``timeout`` (default
-            ``connect_timeout``); the node is stopped.
-        FederationProcessError
-            If the SuperNode exits first (e.g. its key is not registered); the
-            message carries the end of its log without colour codes.
+        Raises CoordinatorUnreachable without a connection within ``timeout``
+        (default ``connect_timeout``), FederationProcessError with the end of
+        its log if the SuperNode exits first (e.g. its key is not registered);
+        either way the node is stopped.
         """
         deadline = time.monotonic() + (timeout or self.connect_timeout or CONNECT_TIMEOUT)
         while self.joined() is None:
@@ -404,16 +327,12 @@ class LabNode:
         return self.node_id
 
     def unreachable_message(self, waited: float | None = None) -> str:
-        """``cannot reach coordinator at HOST:PORT (why)``, with the SuperNode's last failed attempt.
-
-        ``waited``: seconds waited (default: since :meth:`start`).
-        """
+        """``cannot reach coordinator at HOST:PORT (why)`` after ``waited`` seconds (default: since :meth:`start`),
+        with the SuperNode's last failed attempt."""
         if waited is None:
             waited = 0.0 if self.started_at is None else time.monotonic() - self.started_at
         why = f"no connection after {waited:.0f} s"
-        attempts = [_LEVEL.sub("", line).strip() for line in strip_ansi(self._log()).splitlines()
-                    if _FAILURE.search(line) and not line.startswith("$ ")]  # fmt: skip
-        if attempts:
+        if attempts := [_LEVEL.sub("", line).strip() for line in _log_lines(self._log()) if _FAILURE.search(line)]:
             # "Connection attempt failed, retrying in 1.57 seconds": the retry no longer happens.
             why += f"; {attempts[-1].split(', retrying')[0]}"
         return f"cannot reach coordinator at {self.superlink} ({why})"
@@ -424,35 +343,21 @@ class LabNode:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Leave: the SuperNode deactivates itself at the SuperLink, then its SuperExec (and ClientApp) stop."""
-        for process in (self.process, self.superexec):
-            if process is not None:
-                process.stop(timeout)
+        for process in filter(None, (self.process, self.superexec)):
+            process.stop(timeout)
 
     def kill(self) -> None:
         """Crash the node: SIGKILL the SuperNode, its SuperExec and a running ClientApp."""
-        for process in (self.process, self.superexec):
-            if process is not None:
-                process.kill()
+        for process in filter(None, (self.process, self.superexec)):
+            process.kill()
 
     def history(self) -> list[dict]:
         """Local records (``joined``, ``training``, ``trained``, ``declined``, ``evaluated``, ...), oldest first."""
-        if not self.history_file.exists():
-            return []
-        rows = []
-        for line in self.history_file.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return rows
+        return read_jsonl(self.history_file)
 
     def status(self) -> LabStatus:
-        """Current state: the SuperNode process, whether it joined, then the lab's history.
-
-        Everything after joining (round, declines and their reasons, a refused
-        app bundle, the end of a run) comes from the history the ClientApps
-        and the app pin record in this lab (:func:`status_from_history`).
-        """
+        """Current state: the SuperNode process, whether it joined, then the lab's history
+        (:func:`status_from_history`: rounds, declines, a refused app bundle, the end of a run)."""
         if self.process is None:
             return LabStatus("stopped")
         if not self.is_running():

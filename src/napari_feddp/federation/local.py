@@ -31,57 +31,30 @@ from .settings import NodeSettings, RunSettings
 class DeclineRound(Exception):
     """The lab declines this round; nothing was trained, no budget was spent.
 
-    Parameters
-    ----------
-    reason : str
-        Short, non-identifying reason sent to the server (no paths, no data).
-    epsilon, epsilon_next, epsilon_max : float, optional
-        Privacy budget figures reported with the decline.
+    ``reason`` is sent to the server: short and non-identifying (no paths, no
+    data); so are the privacy-budget figures reported with it.
     """
 
-    def __init__(
-        self,
-        reason: str,
-        *,
-        epsilon: float | None = None,
-        epsilon_next: float | None = None,
-        epsilon_max: float | None = None,
-    ) -> None:
+    def __init__(self, reason: str, *, epsilon: float | None = None, epsilon_next: float | None = None,
+                 epsilon_max: float | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.epsilon = epsilon
-        self.epsilon_next = epsilon_next
-        self.epsilon_max = epsilon_max
+        self.figures = {"epsilon": epsilon, "epsilon-next": epsilon_next, "epsilon-max": epsilon_max}
 
     def metrics(self) -> dict[str, float]:
         """Scalar figures for the reply (``declined`` = 1)."""
-        out = {"declined": 1.0}
-        for key, value in (
-            ("epsilon", self.epsilon),
-            ("epsilon-next", self.epsilon_next),
-            ("epsilon-max", self.epsilon_max),
-        ):
-            if value is not None and math.isfinite(value):
-                out[key] = float(value)
-        return out
+        finite = {k: float(v) for k, v in self.figures.items() if v is not None and math.isfinite(v)}
+        return {"declined": 1.0, **finite}
 
 
 @dataclass
 class LocalRequest:
     """Everything a local train/eval function gets.
 
-    Attributes
-    ----------
-    model : torch.nn.Module
-        The global model (weights already loaded); train it in place.
-    settings : RunSettings
-        Run-wide settings (same for every lab).
-    node : NodeSettings
-        This lab's settings (data folder, ledger, budget).
-    server_round : int
-        Current round (1-based).
-    train_overrides : dict
-        Extra settings from the server's round config (e.g. ``learning-rate``).
+    ``model`` is the global model (weights loaded; train it in place),
+    ``settings`` the run's (the same for every lab), ``node`` this lab's,
+    ``server_round`` 1-based; ``train_overrides`` come from the server's round
+    config (e.g. ``learning-rate``).
     """
 
     model: nn.Module
@@ -95,16 +68,9 @@ class LocalRequest:
 class LocalUpdate:
     """Scalar summary of a local training round (weights travel separately).
 
-    Attributes
-    ----------
-    num_examples : int
-        Training items (FedAvg weight).
-    loss, dice : float
-        Mean training loss and pooled training Dice (indicative only).
-    epsilon, delta : float, optional
-        Cumulative privacy spent by this lab's dataset (``sample`` mode).
-    steps : int
-        Optimizer steps taken.
+    ``num_examples`` is the FedAvg weight; ``loss`` and ``dice`` are indicative
+    training figures; ``epsilon`` and ``delta`` the cumulative privacy spent by
+    this lab's dataset (``sample`` mode).
     """
 
     num_examples: int
@@ -131,13 +97,7 @@ EvalFn = Callable[[LocalRequest], LocalEvaluation]
 
 
 def load_function(reference: str) -> Callable:
-    """Import ``"package.module:function"``.
-
-    Raises
-    ------
-    ValueError
-        If the reference is malformed or the attribute is not callable.
-    """
+    """Import ``"package.module:function"`` (ValueError if malformed or not callable)."""
     module_name, _, attr = reference.partition(":")
     if not module_name or not attr:
         raise ValueError(f"expected 'module:function', received {reference!r}")
@@ -160,18 +120,8 @@ def build_model(settings: RunSettings) -> nn.Module:
 
 
 def model_card(settings: RunSettings, **provenance):
-    """Model card of the run's global model.
-
-    Parameters
-    ----------
-    settings : RunSettings
-    **provenance
-        ``federated_rounds``, ``round``, ``epsilon``, ``metrics`` ...
-
-    Returns
-    -------
-    napari_feddp.models.ModelCard
-    """
+    """:class:`~napari_feddp.models.ModelCard` of the run's global model (``provenance``: ``federated_rounds``,
+    ``round``, ``epsilon``, ``metrics``)."""
     from ..models import default_card
 
     epsilon = provenance.get("epsilon")
@@ -200,17 +150,9 @@ def _dataset(request: LocalRequest, mode: str):
     folder = node.data_dir if mode == "train" else (node.eval_dir or node.data_dir)
     if not folder:
         raise ValueError("node setting 'data-dir' is empty: this lab has no dataset configured")
-    return SegmentationDataset(
-        folder,
-        crop_size=settings.crop_size,
-        mode=mode,
-        source_mpp=settings.source_mpp,
-        target_mpp=settings.mpp,
-        n_classes=settings.n_classes,
-        normalization=(IMAGENET_MEAN, IMAGENET_STD),
-        augment=mode == "train",
-        seed=None,
-    )
+    return SegmentationDataset(folder, crop_size=settings.crop_size, mode=mode, source_mpp=settings.source_mpp,
+                               target_mpp=settings.mpp, n_classes=settings.n_classes,
+                               normalization=(IMAGENET_MEAN, IMAGENET_STD), augment=mode == "train", seed=None)
 
 
 def ledger_dir(node: NodeSettings) -> Path:
@@ -226,19 +168,6 @@ def ledger_dir(node: NodeSettings) -> Path:
     return feddp_home() / "ledger"
 
 
-def _ledger(request: LocalRequest):
-    from ..training import PrivacyLedger, dataset_fingerprint
-
-    node = request.node
-    return PrivacyLedger(
-        ledger_dir(node),
-        node.lab,
-        dataset_fingerprint(node.data_dir),
-        dataset_dir=node.data_dir,
-        delta=node.max_delta,
-    )
-
-
 # --------------------------------------------------------------------------- defaults
 
 
@@ -248,41 +177,34 @@ def default_train(request: LocalRequest) -> LocalUpdate:
     ``sample`` mode: DP-SGD with the lab's persistent ledger, accounted at the
     lab's own delta (``max-delta`` of its policy, which the run's delta may not
     exceed); a round that would exceed the lab's ``max-epsilon``, or a dataset
-    too large for that delta, raises :class:`DeclineRound` before any training. ``update`` and ``none`` modes train without per-sample noise
-    (in ``update`` mode the ClientApp clips the update and the server adds noise).
+    too large for that delta, raises :class:`DeclineRound` before any training.
+    ``update`` and ``none`` modes train without per-sample noise (in ``update``
+    mode the ClientApp clips the update and the server adds noise).
     """
-    from ..training import BudgetExceededError, train_local
+    from ..training import BudgetExceededError, PrivacyLedger, dataset_fingerprint, train_local
 
     settings, node = request.settings, request.node
     overrides = request.train_overrides or {}
     dataset = _dataset(request, "train")
     private = settings.dp_mode == "sample"
+    ledger = None
     if private:
         from .policy import delta_refusal
 
-        refusal = delta_refusal(node.max_delta, len(dataset))
-        if refusal:
+        if refusal := delta_refusal(node.max_delta, len(dataset)):
             raise DeclineRound(refusal)
+        ledger = PrivacyLedger(ledger_dir(node), node.lab, dataset_fingerprint(node.data_dir),
+                               dataset_dir=node.data_dir, delta=node.max_delta)  # fmt: skip
     config = settings.train_config(node, learning_rate=overrides.get("learning-rate"))
-    ledger = _ledger(request) if private else None
     try:
         result = train_local(request.model, dataset, config, ledger=ledger, round_id=request.server_round)
     except BudgetExceededError as exc:
         raise DeclineRound(
             f"next round would reach epsilon {_epsilon(exc.epsilon_next)} > budget {_epsilon(exc.epsilon_max)}",
-            epsilon=exc.epsilon_spent,
-            epsilon_next=exc.epsilon_next,
-            epsilon_max=exc.epsilon_max,
-        ) from None
+            epsilon=exc.epsilon_spent, epsilon_next=exc.epsilon_next, epsilon_max=exc.epsilon_max) from None
     request.model.load_state_dict(result.state_dict)
-    return LocalUpdate(
-        num_examples=int(result.n_examples),
-        loss=float(result.loss),
-        dice=float(result.dice),
-        epsilon=result.epsilon,
-        delta=result.delta,
-        steps=int(result.steps),
-    )
+    return LocalUpdate(num_examples=int(result.n_examples), loss=float(result.loss), dice=float(result.dice),
+                       epsilon=result.epsilon, delta=result.delta, steps=int(result.steps))
 
 
 def _epsilon(value: float) -> str:
@@ -295,16 +217,7 @@ def default_evaluate(request: LocalRequest) -> LocalEvaluation:
     from ..training import evaluate
 
     dataset = _dataset(request, "sliding")
-    scores = evaluate(
-        request.model,
-        dataset,
-        batch_size=request.settings.batch_size,
-        n_classes=request.settings.n_classes,
-    )
-    return LocalEvaluation(
-        num_examples=int(scores.get("n_items", len(dataset))),
-        loss=float(scores["loss"]),
-        dice=float(scores["dice"]),
-        jaccard=float(scores["jaccard"]),
-        pixel_accuracy=float(scores["pixel_accuracy"]),
-    )
+    scores = evaluate(request.model, dataset, batch_size=request.settings.batch_size, n_classes=request.settings.n_classes)
+    return LocalEvaluation(num_examples=int(scores.get("n_items", len(dataset))), loss=float(scores["loss"]),
+                           dice=float(scores["dice"]), jaccard=float(scores["jaccard"]),
+                           pixel_accuracy=float(scores["pixel_accuracy"]))

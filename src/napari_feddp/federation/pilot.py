@@ -29,28 +29,14 @@ from .settings import RunSettings
 
 @dataclass
 class LabSpec:
-    """One simulated lab.
+    """One simulated lab: the :class:`~.lab.LabNode` options of a lab named ``name``.
 
-    Attributes
-    ----------
-    name : str
-        Lab name (also its SuperNode key name).
-    data_dir : path
-        Folder with ``images/`` and ``masks/``.
-    max_epsilon : float
-        Privacy budget (0: unlimited).
-    train_fn, eval_fn : str
-        Optional ``module:function`` replacements of the local steps.
-    extra_env : mapping, optional
-        Extra environment for the lab's processes (e.g. ``PYTHONPATH``).
-    register : bool
-        Register the lab's public key with the SuperLink (False simulates an
-        unknown lab, which the SuperLink must refuse).
-    eval_dir : path, optional
-        Held-out tiles for the final evaluation (default: ``data_dir``).
-    policy : mapping, optional
-        Lab privacy-policy fields of :class:`NodeSettings` (e.g.
-        ``{"accept_dp_modes": "sample,none"}``).
+    ``data_dir`` holds ``images/`` and ``masks/``; ``eval_dir`` the held-out
+    tiles (default: ``data_dir``); ``max_epsilon`` is its privacy budget (0:
+    unlimited) and ``policy`` the other policy fields of
+    :class:`~.settings.NodeSettings` (e.g. ``{"accept_dp_modes": "sample,none"}``).
+    ``register=False`` leaves its public key unregistered: an unknown lab,
+    which the SuperLink must refuse.
     """
 
     name: str
@@ -68,28 +54,11 @@ class LabSpec:
 class LocalFederation:
     """A coordinator and one lab node per :class:`LabSpec` on loopback, as a context manager.
 
-    Parameters
-    ----------
-    workdir : path, optional
-        Logs, Flower homes, PKI, app directory. Default: a temporary directory
-        removed on exit (kept when ``keep_workdir``).
-    labs : list of LabSpec
-    insecure : bool
-        Plain text, no node authentication (explicit opt-in, warns).
-    pki_dir : path, optional
-        Existing PKI from ``federation certs`` (default: created in workdir).
-    ledger_dir : path, optional
-        Root of the labs' privacy ledgers (default: ``workdir/ledgers``).
-    threads : int
-        Torch threads per ClientApp.
-    ready_timeout : float
-        Seconds to wait for each process to be ready.
-
-    Attributes
-    ----------
-    coordinator : Coordinator
-    supernodes : dict of str to LabNode
-        The lab nodes by lab name (``workdir/supernodes/<lab>``).
+    ``workdir`` (default: a temporary directory, removed on exit unless
+    ``keep_workdir``) holds logs, Flower homes, the PKI (unless ``pki_dir``
+    names one from ``federation certs``), the labs' ledgers (unless
+    ``ledger_dir``) and the lab nodes (:attr:`supernodes`, by lab name).
+    ``insecure``: plain text, no node authentication (explicit opt-in, warns).
     """
 
     workdir: Path | None = None
@@ -133,10 +102,9 @@ class LocalFederation:
             raise ValueError(f"lab names must be unique: {names}")
         if not self.insecure:
             self.pki = load_pilot_pki(self.pki_dir) if self.pki_dir is not None else create_pilot_pki(self.workdir / "pki")
-            self.lab_keys = {lab.name: self._lab_keys(lab.name) for lab in self.labs}
         self.coordinator = Coordinator(
             self.workdir / "coordinator", self.pki, insecure=self.insecure, ready_timeout=self.ready_timeout,
-            public_keys={lab.name: self.lab_keys[lab.name].public_key for lab in self.labs
+            public_keys={lab.name: self._lab_keys(lab.name).public_key for lab in self.labs
                          if lab.register and not self.insecure},
         ).start()  # fmt: skip
         for lab in self.labs:
@@ -147,37 +115,28 @@ class LocalFederation:
 
     def _lab_keys(self, lab: str) -> NodeKeyPair:
         """The lab's own key pair, made in the lab's folder (only the public key is registered)."""
-        keys = self.workdir / "labs" / lab / "keys"
-        if (keys / f"{lab}.key").exists():
-            return NodeKeyPair(lab=lab, private_key=keys / f"{lab}.key", public_key=keys / f"{lab}.pub")
-        return create_node_keys(keys, lab)
+        if lab not in self.lab_keys:
+            keys = self.workdir / "labs" / lab / "keys"
+            self.lab_keys[lab] = (NodeKeyPair(lab, keys / f"{lab}.key", keys / f"{lab}.pub")
+                                  if (keys / f"{lab}.key").exists() else create_node_keys(keys, lab))  # fmt: skip
+        return self.lab_keys[lab]
 
     def register(self, lab: str) -> int:
         """Register ``lab``'s public key (the lab makes its key pair if needed); return its node id."""
-        if lab not in self.lab_keys:
-            self.lab_keys[lab] = self._lab_keys(lab)
-        return self.coordinator.register(self.lab_keys[lab].public_key, lab)
+        return self.coordinator.register(self._lab_keys(lab).public_key, lab)
 
     def add_node(self, lab: LabSpec, *, wait: bool = True, register: bool | None = None) -> LabNode:
-        """Register (if ``lab.register``) and start the node of ``lab``.
+        """Register (if ``lab.register``, unless ``register`` says otherwise) and start the node of ``lab``.
 
-        Parameters
-        ----------
-        lab : LabSpec
-        wait : bool
-            Wait until the coordinator accepted the node
-            (:class:`FederationProcessError` if it refuses it).
-        register : bool, optional
-            Override ``lab.register`` (False: already registered).
+        With ``wait`` until the coordinator accepted the node
+        (:class:`FederationProcessError` if it refuses it).
         """
         validate_lab_name(lab.name)
         key = None
         if not self.insecure:
             if lab.register if register is None else register:
                 self.register(lab.name)
-            elif lab.name not in self.lab_keys:
-                self.lab_keys[lab.name] = self._lab_keys(lab.name)
-            key = self.lab_keys[lab.name].private_key
+            key = self._lab_keys(lab.name).private_key
         node = LabNode(
             superlink=self.coordinator.fleet_address, ca=None if self.insecure else self.pki.ca.cert, key=key,
             dataset=Path(lab.data_dir), lab=lab.name, epsilon_budget=float(lab.max_epsilon), policy=dict(lab.policy),
@@ -201,30 +160,17 @@ class LocalFederation:
             shutil.rmtree(self._tempdir, ignore_errors=True)
             self._tempdir = None
 
-    def run(
-        self,
-        settings: RunSettings,
-        *,
-        timeout: float = 900.0,
-        on_round: Callable[[dict], None] | None = None,
-        on_poll: Callable[[], None] | None = None,
-        poll: float = 0.5,
-    ) -> RunOutcome:
-        """Start a run with ``flwr run`` and wait for it (:func:`~.coordinator.submit_run`).
+    def run(self, settings: RunSettings, *, timeout: float = 900.0, on_round: Callable[[dict], None] | None = None,
+            on_poll: Callable[[], None] | None = None) -> RunOutcome:
+        """Start a run with ``flwr run`` and follow it (:func:`~.coordinator.wait_for_run`).
 
-        An empty ``settings.checkpoint_dir`` becomes ``workdir/checkpoints``;
-        ``on_poll`` is called on every poll (tests use it to kill a node
-        mid-round).
-
-        Raises
-        ------
-        FederationRunError
-            If the run fails, does not complete in time, or the SuperLink dies.
+        An empty ``settings.checkpoint_dir`` becomes ``workdir/checkpoints``.
+        FederationRunError if the run fails, does not complete in time, or the SuperLink dies.
         """
         if not settings.checkpoint_dir:
             settings = settings.replace(checkpoint_dir=str(self.workdir / "checkpoints"))
         return submit_run(self.cli, settings, self.workdir / "app", timeout=timeout, on_round=on_round,
-                          on_poll=on_poll, alive=self.coordinator.is_running, poll=poll)  # fmt: skip
+                          on_poll=on_poll, alive=self.coordinator.is_running)  # fmt: skip
 
 
 __all__ = ["FederationProcessError", "FederationRunError", "LabSpec", "LocalFederation", "RunOutcome"]

@@ -47,19 +47,9 @@ def model_parameters(settings: RunSettings) -> int:
 
 
 def policy_refusal(settings: RunSettings, node: NodeSettings) -> str | None:
-    """Why this lab declines the run, or None if the run is within the lab's policy.
+    """Why this lab (``node``, its policy included) declines the run the coordinator asks for, or None.
 
-    Parameters
-    ----------
-    settings : RunSettings
-        What the coordinator asks for.
-    node : NodeSettings
-        The lab's settings, including its policy.
-
-    Returns
-    -------
-    str or None
-        A short reason naming the setting, what was asked and the lab's limit.
+    The reason names the setting, what was asked and the lab's limit.
     """
     modes = accepted_dp_modes(node)
     if settings.dp_mode not in modes:
@@ -68,28 +58,19 @@ def policy_refusal(settings: RunSettings, node: NodeSettings) -> str | None:
         if settings.target_delta > node.max_delta:
             return f"lab policy: target-delta {settings.target_delta:g} is above this lab's maximum {node.max_delta:g}"
         if settings.noise_multiplier < node.min_noise_multiplier:
-            return (
-                f"lab policy: noise-multiplier {settings.noise_multiplier:g} is below this lab's minimum "
-                f"{node.min_noise_multiplier:g}"
-            )
-    limits = (
-        ("crop-size", settings.crop_size, node.max_crop_size),
-        ("batch-size", settings.batch_size, node.max_batch_size),
-        ("max-steps", settings.max_steps, node.max_steps_per_round),
-    )
-    for key, asked, limit in limits:
+            return (f"lab policy: noise-multiplier {settings.noise_multiplier:g} is below this lab's minimum "
+                    f"{node.min_noise_multiplier:g}")  # fmt: skip
+    for key, asked, limit in (("crop-size", settings.crop_size, node.max_crop_size),
+                              ("batch-size", settings.batch_size, node.max_batch_size),
+                              ("max-steps", settings.max_steps, node.max_steps_per_round)):
         if asked > limit:
             return f"lab policy: {key} {asked} is above this lab's limit {limit}"
     if settings.max_steps == 0 and settings.local_epochs > node.max_local_epochs:
         return f"lab policy: local-epochs {settings.local_epochs} is above this lab's limit {node.max_local_epochs}"
     if settings.model_depth > 8 or settings.model_base_width > 4096:
         return f"lab policy: model depth {settings.model_depth} / width {settings.model_base_width} is out of range"
-    parameters = model_parameters(settings)
-    if parameters > node.max_model_parameters:
-        return (
-            f"lab policy: the model has {parameters:,} parameters, above this lab's limit "
-            f"{node.max_model_parameters:,}"
-        )
+    if (parameters := model_parameters(settings)) > node.max_model_parameters:
+        return f"lab policy: the model has {parameters:,} parameters, above this lab's limit {node.max_model_parameters:,}"
     return None
 
 

@@ -76,13 +76,9 @@ class InsecureModeWarning(UserWarning):
 
 def warn_insecure(what: str) -> None:
     """Warn that ``what`` runs without TLS, as explicitly requested (``--insecure``)."""
-    warnings.warn(
-        f"{what} runs WITHOUT TLS (--insecure): model updates and credentials "
-        "travel in plain text and SuperNode authentication is off. Use only for "
-        "local debugging on 127.0.0.1.",
-        InsecureModeWarning,
-        stacklevel=3,
-    )
+    warnings.warn(f"{what} runs WITHOUT TLS (--insecure): model updates and credentials travel in plain text and "
+                  "SuperNode authentication is off. Use only for local debugging on 127.0.0.1.",
+                  InsecureModeWarning, stacklevel=3)  # fmt: skip
 
 
 def find_free_port(host: str = LOOPBACK) -> int:
@@ -93,23 +89,14 @@ def find_free_port(host: str = LOOPBACK) -> int:
 
 
 def flower_executable(name: str) -> str:
-    """Absolute path of a Flower console script (``flwr``, ``flower-supernode``, ...) of this environment.
-
-    Raises
-    ------
-    FileNotFoundError
-        If the executable is neither next to ``sys.executable`` nor on PATH.
-    """
+    """Absolute path of a Flower console script (``flwr``, ``flower-supernode``, ...) of this environment."""
     candidate = Path(sys.executable).parent / name
     if candidate.is_file() and os.access(candidate, os.X_OK):
         return str(candidate)
-    found = shutil.which(name)
-    if found:
+    if found := shutil.which(name):
         return found
-    raise FileNotFoundError(
-        f"{name} not found next to {sys.executable} or on PATH; install flwr>=1.42 "
-        "in the same environment as napari-feddp"
-    )
+    raise FileNotFoundError(f"{name} not found next to {sys.executable} or on PATH; install flwr>=1.42 "
+                            "in the same environment as napari-feddp")
 
 
 def flower_env(flwr_home: str | os.PathLike | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -120,8 +107,7 @@ def flower_env(flwr_home: str | os.PathLike | None = None, extra: Mapping[str, s
     executables by name), loopback excluded from proxies, ``FLWR_HOME`` set to
     ``flwr_home`` and the ``extra`` variables on top.
     """
-    env = dict(os.environ)
-    env.update(FLOWER_ENV_DEFAULTS)
+    env = {**os.environ, **FLOWER_ENV_DEFAULTS}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     no_proxy = [p for p in env.get("NO_PROXY", "").split(",") if p]
     no_proxy += [host for host in (LOOPBACK, "localhost") if host not in no_proxy]
@@ -137,6 +123,16 @@ def absolute(path: str | os.PathLike) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+def write_private(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` readable by this user only (mode 0600); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
+        handle.write(data)
+    path.chmod(0o600)
+    return path
+
+
 def write_secret(path: str | os.PathLike) -> Path:
     """Write 32 fresh random bytes to ``path`` (mode 0600, folder 0700); return the path.
 
@@ -144,24 +140,20 @@ def write_secret(path: str | os.PathLike) -> Path:
     API with an HMAC keyed by it, so no other process can take a ServerApp or
     ClientApp task.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.parent.chmod(0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(secrets.token_bytes(32))
-    path.chmod(0o600)
-    return path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.chmod(0o700)
+    return write_private(path, secrets.token_bytes(32))
+
+
+def tls_args(root_cert: str | os.PathLike | None) -> list[str]:
+    """``--root-certificates CA`` of a Flower client process, or ``--insecure`` when ``root_cert`` is None."""
+    return ["--insecure"] if root_cert is None else ["--root-certificates", absolute(root_cert)]
 
 
 def superexec_argv(runtime_address: str, *, root_cert: str | os.PathLike | None, secret: str | os.PathLike) -> list[str]:
-    """Command line of ``flower-superexec`` for a SuperLink's or SuperNode's Runtime API.
-
-    ``root_cert=None`` means a plain-text Runtime API (a SuperNode's, on loopback).
-    """
-    argv = [flower_executable("flower-superexec"), "--runtime-api-address", runtime_address,
-            "--superexec-auth-secret-file", absolute(secret)]  # fmt: skip
-    return argv + (["--insecure"] if root_cert is None else ["--root-certificates", absolute(root_cert)])
+    """Command line of ``flower-superexec`` for a SuperLink's or SuperNode's Runtime API."""
+    return [flower_executable("flower-superexec"), "--runtime-api-address", runtime_address,
+            "--superexec-auth-secret-file", absolute(secret), *tls_args(root_cert)]  # fmt: skip
 
 
 def _alive(process: psutil.Process) -> bool:
@@ -180,18 +172,8 @@ _REGISTRY_LOCK = threading.Lock()
 class ManagedProcess:
     """A child process with its own session, a log file and cleanup of its whole tree.
 
-    Parameters
-    ----------
-    name : str
-        Short label used in messages (``superlink``, ``supernode lab-a``).
-    argv : list of str
-        Command; ``argv[0]`` must be an absolute executable path.
-    log_path : path
-        File that receives stdout and stderr (appended).
-    env : mapping, optional
-        Environment; defaults to :func:`flower_env`.
-    cwd : path, optional
-        Working directory.
+    ``name`` labels messages, ``argv[0]`` is an absolute executable, stdout and
+    stderr are appended to ``log_path``; ``env`` defaults to :func:`flower_env`.
     """
 
     name: str
@@ -213,11 +195,9 @@ class ManagedProcess:
             argv = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *argv]
         with open(self.log_path, "ab", buffering=0) as log:
             log.write(f"$ {' '.join(self.argv)}\n".encode())
-            self.popen = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=dict(self.env) if self.env is not None else flower_env(),
-                cwd=str(self.cwd) if self.cwd else None, start_new_session=True, close_fds=True,
-            )  # fmt: skip
+            self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                          env=dict(self.env) if self.env is not None else flower_env(),
+                                          cwd=self.cwd, start_new_session=True, close_fds=True)  # fmt: skip
         self._tree = {}
         with _REGISTRY_LOCK:
             _REGISTRY.add(self)
@@ -234,7 +214,6 @@ class ManagedProcess:
         return self.popen.poll() if self.popen else None
 
     def is_running(self) -> bool:
-        """True between start and exit."""
         return self.popen is not None and self.popen.poll() is None
 
     def read_log(self) -> str:
@@ -249,13 +228,8 @@ class ManagedProcess:
         return "\n".join(self.read_log().splitlines()[-lines:])
 
     def wait_port(self, host: str, port: int, timeout: float) -> None:
-        """Block until ``host:port`` accepts connections while the process runs.
-
-        Raises
-        ------
-        FederationProcessError
-            If the process exits first or the port stays closed for ``timeout`` seconds.
-        """
+        """Block until ``host:port`` accepts connections; FederationProcessError if the process exits first
+        or the port stays closed for ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
@@ -268,11 +242,8 @@ class ManagedProcess:
             time.sleep(0.1)
 
     def tree(self) -> list[psutil.Process]:
-        """The process and every descendant seen so far that still runs.
-
-        Descendants are remembered: once their parent is gone they are
-        re-parented and no longer found through it.
-        """
+        """The process and every descendant seen so far that still runs (remembered: once their parent is
+        gone they are re-parented and no longer found through it)."""
         if self.is_running():
             with contextlib.suppress(psutil.Error):
                 main = psutil.Process(self.popen.pid)
@@ -305,11 +276,7 @@ class ManagedProcess:
         return self.popen.returncode
 
     def kill(self) -> None:
-        """SIGKILL the process and every known descendant at once.
-
-        This is what a crash looks like to the federation (no goodbye to the
-        SuperLink); :meth:`stop` calls it for leftovers.
-        """
+        """SIGKILL the process and every known descendant at once: a crash, no goodbye to the SuperLink."""
         if self.popen is None:
             return
         for process in self.tree():

@@ -73,20 +73,12 @@ MAX_NUCLEUS_FRACTION = 0.60
 
 @dataclass(frozen=True)
 class PromotionDecision:
-    """Outcome of :func:`check_promotion`.
+    """Outcome of :func:`check_promotion`: whether the candidate may become the lab's default, and why.
 
-    Attributes
-    ----------
-    promoted : bool
-        True when the candidate may become the lab's default model.
-    reason : str
-        One line saying why (kept in the lab's local history, never sent).
-    candidate_score, current_score : float or None
-        Foreground Dice of the candidate and of the current default on the
-        lab's held-out tiles; None when not measured.
-    nucleus_fraction : float or None
-        Fraction of the sample crop's tissue predicted as nucleus by the
-        candidate, when the sample check ran.
+    ``reason`` stays in the lab's local history, never sent. The scores are the
+    foreground Dice of the candidate and of the current default on the lab's
+    held-out tiles, ``nucleus_fraction`` the candidate's on the sample crop's
+    tissue; None when not measured.
     """
 
     promoted: bool
@@ -103,32 +95,19 @@ def current_default(store: str | Path) -> Path | None:
     return latest_federated_checkpoint(Path(store)) or bundled_checkpoint()
 
 
-def check_promotion(
-    candidate: nn.Module,
-    current: str | Path | None,
-    request: LocalRequest,
-    *,
-    card=None,
-) -> PromotionDecision:
-    """Decide whether ``candidate`` may replace the lab's default model.
+def check_promotion(candidate: nn.Module, current: str | Path | None, request: LocalRequest, *,
+                    card=None) -> PromotionDecision:
+    """Decide whether ``candidate`` (the federation's final model, not modified) may replace the lab's default.
 
     Parameters
     ----------
-    candidate : torch.nn.Module
-        The federation's final model. Not modified (its train/eval mode is restored).
     current : path or None
-        Checkpoint of the lab's current default (see :func:`current_default`);
-        None when the lab has none.
+        Checkpoint of the lab's current default (:func:`current_default`), None when the lab has none.
     request : LocalRequest
-        The lab's settings: ``node.eval_dir`` (held-out tiles),
-        ``node.promotion_margin``, and the run settings the candidate was built with.
+        The lab's settings (``node.eval_dir``: held-out tiles,
+        ``node.promotion_margin``) and the run settings the candidate was built with.
     card : ModelCard, optional
-        The candidate's card (default: the run's card,
-        :func:`napari_feddp.federation.local.model_card`).
-
-    Returns
-    -------
-    PromotionDecision
+        The candidate's card (default: the run's, :func:`napari_feddp.federation.local.model_card`).
 
     Raises
     ------
@@ -141,8 +120,7 @@ def check_promotion(
     margin = float(request.node.promotion_margin)
     if not math.isfinite(margin):
         raise ValueError(f"promotion-margin: expected a finite number, received {margin!r}")
-    problem = _non_finite(candidate, card)
-    if problem:
+    if problem := _non_finite(candidate, card):
         return PromotionDecision(False, problem)
     if not request.node.eval_dir:
         return _sample_check(candidate, card, "no held-out tiles (eval-dir)")
@@ -154,27 +132,16 @@ def check_promotion(
     missed = [name for name, value in zip(card.class_names, scores["dice_per_class"]) if value <= 0]
     if missed:
         versus = "" if current_dice is None else f", current {current_dice:.3f}"
-        return PromotionDecision(
-            False,
-            f"predicts no correct {', '.join(missed)} pixel on the held-out tiles "
-            f"(Dice {candidate_dice:.3f}{versus})",
-            candidate_score=candidate_dice,
-            current_score=current_dice,
-        )
+        return PromotionDecision(False, f"predicts no correct {', '.join(missed)} pixel on the held-out tiles "
+                                 f"(Dice {candidate_dice:.3f}{versus})", candidate_dice, current_dice)  # fmt: skip
     if current_dice is None:
         decision = _sample_check(candidate, card, baseline)
-        return PromotionDecision(
-            decision.promoted,
-            f"held-out Dice {candidate_dice:.3f}; {decision.reason}",
-            candidate_score=candidate_dice,
-            nucleus_fraction=decision.nucleus_fraction,
-        )
+        return PromotionDecision(decision.promoted, f"held-out Dice {candidate_dice:.3f}; {decision.reason}",
+                                 candidate_dice, nucleus_fraction=decision.nucleus_fraction)  # fmt: skip
     promoted = candidate_dice >= current_dice - margin
-    relation = ">=" if promoted else "<"
-    reason = (
-        f"held-out Dice {candidate_dice:.3f} {relation} current {current_dice:.3f} - margin {margin:.3f}"
-    )
-    return PromotionDecision(promoted, reason, candidate_score=candidate_dice, current_score=current_dice)
+    reason = (f"held-out Dice {candidate_dice:.3f} {'>=' if promoted else '<'} current {current_dice:.3f} "
+              f"- margin {margin:.3f}")  # fmt: skip
+    return PromotionDecision(promoted, reason, candidate_dice, current_dice)
 
 
 # --------------------------------------------------------------------------- checks
@@ -216,21 +183,8 @@ def _sample_check(model: nn.Module, card, why: str) -> PromotionDecision:
 
 
 def nucleus_fraction(model: nn.Module, card) -> tuple[float, int]:
-    """Segment the sample crop with ``model`` and measure its output on tissue.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-    card : ModelCard
-        Pixel size, tile size and normalisation the model expects.
-
-    Returns
-    -------
-    fraction : float
-        Fraction of tissue pixels labelled with any foreground class.
-    n_labels : int
-        Number of distinct labels predicted on tissue.
-    """
+    """Segment the sample crop with ``model`` as its ``card`` says; return the fraction of tissue pixels
+    labelled with any foreground class and the number of distinct labels predicted on tissue."""
     from ..inference import run_to_completion, segment_slide
     from ..segmentation import spec_from_card
     from ..training.pseudo_labels import stained
@@ -238,9 +192,8 @@ def nucleus_fraction(model: nn.Module, card) -> tuple[float, int]:
     image, mpp = sample_crop()
     spec = spec_from_card(card, model)
     # CPU and full precision: the thresholds were measured that way.
-    result = run_to_completion(
-        segment_slide(image, model, spec, tissue=False, mpp=mpp, device="cpu", mixed_precision=False)
-    )
+    result = run_to_completion(segment_slide(image, model, spec, tissue=False, mpp=mpp, device="cpu",
+                                             mixed_precision=False))  # fmt: skip
     labels = np.asarray(result.labels[:])[stained(image)]
     if labels.size == 0:
         return 0.0, 0
@@ -249,10 +202,7 @@ def nucleus_fraction(model: nn.Module, card) -> tuple[float, int]:
 
 @functools.lru_cache(maxsize=1)
 def sample_crop() -> tuple[np.ndarray, float]:
-    """The fixed tissue crop (:data:`SAMPLE_CROP`) of the bundled slide and its µm per pixel.
-
-    The array is read-only (it is shared between calls).
-    """
+    """The fixed tissue crop (:data:`SAMPLE_CROP`) of the bundled slide, read-only (shared), and its µm per pixel."""
     from .._sample_data import sample_slide_path
     from ..slides import open_slide
 
@@ -273,16 +223,10 @@ def _held_back_scores(model: nn.Module, card, request: LocalRequest) -> dict:
 
     multiple = int(getattr(model, "size_multiple", 1))
     tile = max(multiple, card.input.tile_size - card.input.tile_size % multiple)
-    dataset = SegmentationDataset(
-        request.node.eval_dir,
-        crop_size=tile,
-        mode="sliding",
-        source_mpp=request.settings.source_mpp,
-        target_mpp=card.input.mpp,
-        n_classes=card.n_classes,
-        normalization=(card.input.normalization.mean, card.input.normalization.std),
-        augment=False,
-    )
+    dataset = SegmentationDataset(request.node.eval_dir, crop_size=tile, mode="sliding",
+                                  source_mpp=request.settings.source_mpp, target_mpp=card.input.mpp,
+                                  n_classes=card.n_classes, augment=False,
+                                  normalization=(card.input.normalization.mean, card.input.normalization.std))
     return evaluate(model, dataset, batch_size=request.settings.batch_size, n_classes=card.n_classes)
 
 

@@ -47,15 +47,13 @@ def initial_arrays(settings: RunSettings) -> tuple[ArrayRecord, int]:
         from ..models import load_checkpoint
 
         model, card = load_checkpoint(settings.resume_from)
-        expected = build_model(settings).state_dict()
-        got = model.state_dict()
-        if {k: tuple(v.shape) for k, v in got.items()} != {
-            k: tuple(v.shape) for k, v in expected.items()
-        }:
-            raise ValueError(
-                f"resume-from {settings.resume_from}: its architecture "
-                f"{card.architecture.params} does not match this run's {settings.unet_params}"
-            )
+
+        def shapes(module) -> dict:
+            return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+        if shapes(model) != shapes(build_model(settings)):
+            raise ValueError(f"resume-from {settings.resume_from}: its architecture {card.architecture.params} "
+                             f"does not match this run's {settings.unet_params}")
         done = int(card.provenance.round or card.provenance.federated_rounds or 0)
     else:
         torch.manual_seed(settings.seed)
@@ -79,28 +77,12 @@ def update_dp_epsilon(settings: RunSettings, releases: int) -> float | None:
     return float(epsilon_of("rdp", history, settings.target_delta))
 
 
-def run_federation(
-    grid: Grid,
-    settings: RunSettings,
-    writer: CheckpointWriter | None = None,
-    strategy: GuardedStrategy | None = None,
-) -> tuple[ArrayRecord, GuardedStrategy]:
-    """Run all training rounds and the final evaluation.
+def run_federation(grid: Grid, settings: RunSettings, writer: CheckpointWriter | None = None,
+                   strategy: GuardedStrategy | None = None) -> tuple[ArrayRecord, GuardedStrategy]:
+    """Run all training rounds and the final evaluation; return the final weights and the strategy (its reports).
 
-    Parameters
-    ----------
-    grid : Grid
-        Flower grid of the run.
-    settings : RunSettings
-    writer : CheckpointWriter, optional
-        Checkpoint and log writer (default: from ``settings.checkpoint_dir``).
-    strategy : GuardedStrategy, optional
-        Default: :func:`~napari_feddp.federation.strategy.build_strategy`.
-
-    Returns
-    -------
-    (ArrayRecord, GuardedStrategy)
-        Final global weights and the strategy (with per-round reports).
+    ``writer`` defaults to one for ``settings.checkpoint_dir``, ``strategy`` to
+    :func:`~napari_feddp.federation.strategy.build_strategy`'s.
     """
     writer = writer or CheckpointWriter(settings.checkpoint_dir, settings)
     arrays, done = initial_arrays(settings)
@@ -116,10 +98,8 @@ def run_federation(
         log(logging.INFO, "[ROUND %d/%d]", server_round, last_round)
         config = ConfigRecord({"learning-rate": float(settings.learning_rate)})
         messages = strategy.configure_train(server_round, arrays, config, grid)
-        replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
-        new_arrays, metrics = strategy.aggregate_train(server_round, replies)
-        if new_arrays is not None:
-            arrays = new_arrays
+        new_arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages, timeout=settings.round_timeout))
+        arrays = arrays if new_arrays is None else new_arrays
         report = strategy.reports[server_round]
         report.seconds = time.monotonic() - started
         if settings.dp_mode == "update" and report.aggregated:
@@ -132,51 +112,28 @@ def run_federation(
         if round_epsilon is not None:
             epsilon = max(epsilon or 0.0, round_epsilon)
         elif report.epsilon_max is not None:
-            report.note = "; ".join(
-                filter(None, [report.note, f"epsilon {report.epsilon_max!r} ignored (not a valid claim)"])
-            )
-        round_metrics = {}
-        if report.train_dice is not None:
-            round_metrics["train_dice"] = report.train_dice
-        path = writer.save_model(
-            f"round-{server_round:03d}",
-            arrays,
-            round=server_round,
-            federated_rounds=server_round,
-            epsilon=epsilon,
-            metrics=round_metrics,
-        )
-        row = report.to_dict()
-        row["checkpoint"] = str(path) if path else None
-        problem = writer.problems.get(f"round-{server_round:03d}")
-        if problem:
+            report.note = "; ".join(filter(None, [report.note, f"epsilon {report.epsilon_max!r} ignored (not a valid claim)"]))
+        name = f"round-{server_round:03d}"
+        path = writer.save_model(name, arrays, round=server_round, federated_rounds=server_round, epsilon=epsilon,
+                                 metrics={} if report.train_dice is None else {"train_dice": report.train_dice})
+        row = {**report.to_dict(), "checkpoint": str(path) if path else None}
+        if problem := writer.problems.get(name):
             row["checkpoint_problem"] = problem
         writer.append_round(row)
-        log(
-            logging.INFO,
-            "Round %d: %d accepted, %d rejected, %d declined, %d failed, aggregated=%s",
-            server_round, len(report.accepted), len(report.rejected),
-            len(report.declined), len(report.failed), report.aggregated,
-        )  # fmt: skip
+        log(logging.INFO, "Round %d: %d accepted, %d rejected, %d declined, %d failed, aggregated=%s", server_round,
+            len(report.accepted), len(report.rejected), len(report.declined), len(report.failed), report.aggregated)
     evaluation_metrics = {}
     if settings.final_evaluation:
         config = ConfigRecord({"final": True})
         if epsilon is not None:
             config["epsilon"] = float(epsilon)
         messages = strategy.configure_evaluate(last_round, arrays, config, grid)
-        replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
-        strategy.aggregate_evaluate(last_round, replies)
+        strategy.aggregate_evaluate(last_round, grid.send_and_receive(messages, timeout=settings.round_timeout))
         writer.write_evaluation(strategy.evaluation)
         if strategy.evaluation:
             evaluation_metrics = strategy.evaluation.get("metrics", {})
-    writer.save_model(
-        "final",
-        arrays,
-        round=last_round,
-        federated_rounds=last_round,
-        epsilon=epsilon,
-        metrics=evaluation_metrics,
-    )
+    writer.save_model("final", arrays, round=last_round, federated_rounds=last_round, epsilon=epsilon,
+                      metrics=evaluation_metrics)
     return arrays, strategy
 
 
@@ -189,18 +146,9 @@ def main(grid: Grid, context: Context) -> None:
     try:
         _, strategy = run_federation(grid, settings, writer)
     except BaseException as exc:
-        writer.write_summary(
-            "failed",
-            run_id=context.run_id,
-            error=f"{type(exc).__name__}: {exc}",
-            traceback=traceback.format_exc()[-4000:],
-        )
+        writer.write_summary("failed", run_id=context.run_id, error=f"{type(exc).__name__}: {exc}",
+                             traceback=traceback.format_exc()[-4000:])
         raise
     extra = {"checkpoint_problems": writer.problems} if writer.problems else {}
-    writer.write_summary(
-        "completed",
-        run_id=context.run_id,
-        rounds=len(strategy.reports),
-        evaluation=strategy.evaluation,
-        **extra,
-    )
+    writer.write_summary("completed", run_id=context.run_id, rounds=len(strategy.reports),
+                         evaluation=strategy.evaluation, **extra)
