@@ -1,29 +1,14 @@
 """Segment a cohort of slides on a Dask cluster: one task per slide, resumable (no Qt).
 
-Each slide is one :mod:`dask.distributed` task that runs the same steps as
-``napari-feddp segment`` (:func:`~napari_feddp.segmentation.open_image`,
-:func:`~napari_feddp.nuclei.segment_nuclei`, the label, table and GeoJSON
-writers) and writes into its own folder ``OUT/<slide stem>/``:
-
-* ``<stem>.ome.tif`` — one label per nucleus (pyramidal OME-TIFF);
-* ``<stem>.csv`` — one row per nucleus (:data:`napari_feddp.measure.COLUMNS`);
-* ``<stem>.geojson`` — one QuPath detection per nucleus, with its measurements;
-* ``done.json`` — the done-marker: model sha256, settings, the slide's size and
-  modification time, the outputs' sizes and the slide's summary. It is written
-  last and atomically, so its presence means the outputs are complete.
-
-A slide whose marker matches the run (same model file, same settings, same
-slide file, outputs present with the recorded sizes) is skipped; anything else
-in its folder is replaced. The outputs appear all together or not at all, so
-a run that is killed leaves each slide either complete or without a marker, and
-the next run continues from there. A slide that fails (unreadable, corrupt,
-no tissue) fails alone: its error goes into ``OUT/cohort.csv``, one row per
-slide (:data:`COLUMNS`), rewritten atomically after every slide.
-
-Workers load the model once per process (a cache keyed by the weights'
-sha256) and share the machine's cores between them: each worker's PyTorch
-uses ``cores / workers on its host`` threads, and on a host with several GPUs
-the workers are spread over them.
+Each slide's task runs the steps of ``napari-feddp segment`` and writes
+``OUT/<stem>/<stem>.ome.tif``, ``.csv`` and ``.geojson`` together, then the
+done-marker ``done.json`` (model sha256, result settings, the slide file's size
+and modification time, the outputs' sizes, the slide's row), atomically and
+last. A slide whose marker matches the run is skipped; anything else in its
+folder is replaced, so a killed run leaves each slide complete or without a
+marker. A slide that fails does so alone; ``OUT/cohort.csv`` (:data:`COLUMNS`)
+is rewritten after every slide. Workers load the model once per process and
+share their host's cores (and GPUs).
 """
 
 from __future__ import annotations
@@ -59,12 +44,9 @@ COLUMNS = ("slide", "status", "nuclei", "density_per_mm2", "tissue_area_mm2", "m
            "seconds", "error")
 #: Statuses in ``cohort.csv``.
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
-#: Memory one worker is given room for when the worker count is chosen (a
-#: worker holds the model, a batch of tiles and a window of labels; the sample
-#: slide peaks at about 0.6 GiB, large slides stay on disk).
+#: Memory one worker is given room for when the worker count is chosen (the
+#: sample slide peaks at about 0.6 GiB; large slides stay on disk).
 WORKER_MEMORY = 2 * 2**30
-#: File endings a slide's stem is taken without (longest first).
-_DOUBLE_SUFFIXES = (".ome.tiff", ".ome.tif")
 
 logger = logging.getLogger(__name__)
 
@@ -73,22 +55,9 @@ class CohortError(ValueError):
     """The cohort cannot be run as given (no slides, a bad manifest, two slides with one stem)."""
 
 
-# --------------------------------------------------------------------------- what to run
-
-
 @dataclass(frozen=True)
 class SlideJob:
-    """One slide of a cohort.
-
-    Attributes
-    ----------
-    slide : str
-        Absolute path of the slide file.
-    out_dir : str
-        Its output folder, ``OUT/<stem>``.
-    mpp : float or None
-        µm per level-0 pixel overriding the file's (``--mpp``, or the manifest's ``mpp`` column).
-    """
+    """One slide (absolute path), its output folder ``OUT/<stem>`` and the µm per pixel overriding the file's."""
 
     slide: str
     out_dir: str
@@ -107,20 +76,16 @@ class SlideJob:
 
 @dataclass(frozen=True)
 class Settings:
-    """Run settings shared by every slide; those in :attr:`RESULT_FIELDS` change the outputs."""
+    """Run settings shared by every slide; ``all_tiles`` and ``overlap`` change the outputs."""
 
     all_tiles: bool = False
     overlap: float = 0.25
     batch_size: int = 8
     device: str = "auto"
 
-    #: Settings a finished slide must have been made with to be skipped.
-    RESULT_FIELDS = ("all_tiles", "overlap")
-
     def result_settings(self, mpp: float | None) -> dict:
-        values = {name: getattr(self, name) for name in self.RESULT_FIELDS}
-        values["mpp"] = mpp
-        return values
+        """What a finished slide must have been made with to be skipped."""
+        return {"all_tiles": self.all_tiles, "overlap": self.overlap, "mpp": mpp}
 
 
 @dataclass(frozen=True)
@@ -133,9 +98,9 @@ class ModelRef:
 
 
 def slide_stem(path: str | os.PathLike) -> str:
-    """The slide's file name without its ending (``a.ome.tif`` -> ``a``, ``b.svs`` -> ``b``)."""
+    """The file name without its ending (``a.ome.tif`` -> ``a``, ``b.svs`` -> ``b``)."""
     name = Path(path).name
-    for ending in _DOUBLE_SUFFIXES:
+    for ending in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(ending):
             return name[: -len(ending)]
     return Path(name).stem
@@ -144,14 +109,8 @@ def slide_stem(path: str | os.PathLike) -> str:
 def read_manifest(path: str | os.PathLike) -> list[tuple[str, float | None]]:
     """Slides listed in a CSV manifest, with their pixel size when it gives one.
 
-    The manifest has a header row with a ``slide`` (or ``path``) column and,
-    optionally, an ``mpp`` column (µm per level-0 pixel, empty to use the
-    file's). Relative paths are relative to the manifest's folder; other
-    columns are ignored.
-
-    Returns
-    -------
-    list of (str, float or None)
+    The header names a ``slide`` (or ``path``) column, relative to the
+    manifest's folder, and optionally an ``mpp`` column (empty: the file's).
 
     Raises
     ------
@@ -174,15 +133,13 @@ def read_manifest(path: str | os.PathLike) -> list[tuple[str, float | None]]:
             if not value:
                 continue
             mpp_text = (row.get(fields["mpp"]) or "").strip() if "mpp" in fields else ""
-            mpp = None
-            if mpp_text:
-                try:
-                    mpp = float(mpp_text)
-                except ValueError:
-                    mpp = -1.0
-                if not (math.isfinite(mpp) and mpp > 0):
-                    raise CohortError(f"{path}, line {line}: mpp: expected a positive number of µm per pixel, "
-                                      f"received {mpp_text!r}")
+            try:
+                mpp = float(mpp_text) if mpp_text else None
+            except ValueError:
+                mpp = math.nan
+            if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+                raise CohortError(f"{path}, line {line}: mpp: expected a positive number of µm per pixel, "
+                                  f"received {mpp_text!r}")
             slide = Path(value).expanduser()
             slides.append((str(slide if slide.is_absolute() else path.parent / slide), mpp))
     return slides
@@ -206,7 +163,7 @@ def plan_jobs(slides: Iterable[tuple[str | os.PathLike, float | None]], out_dir:
             what = "is listed twice" if by_stem[stem] == slide else f"and {by_stem[stem]} share the name {stem!r}"
             raise CohortError(f"{slide} {what}: each slide needs its own output folder {out_dir / stem}")
         by_stem[stem] = slide
-        jobs.append(SlideJob(slide=str(slide), out_dir=str(out_dir / stem), mpp=own_mpp if own_mpp else mpp))
+        jobs.append(SlideJob(slide=str(slide), out_dir=str(out_dir / stem), mpp=own_mpp or mpp))
     if not jobs:
         raise CohortError("expected at least one slide, received none")
     return jobs
@@ -218,11 +175,7 @@ def model_ref(choice: str | os.PathLike | None = None) -> ModelRef:
     from .models.store import resolve_checkpoint
 
     path = resolve_checkpoint(choice).absolute()
-    card = read_card(path.with_suffix(".json"))
-    return ModelRef(path=str(path), name=card.name, sha256=file_sha256(path).hex())
-
-
-# --------------------------------------------------------------------------- done-markers
+    return ModelRef(path=str(path), name=read_card(path).name, sha256=file_sha256(path).hex())
 
 
 def _slide_fingerprint(path: str | os.PathLike) -> dict:
@@ -233,46 +186,20 @@ def _slide_fingerprint(path: str | os.PathLike) -> dict:
 def finished_row(job: SlideJob, model: ModelRef, settings: Settings) -> dict | None:
     """The slide's ``cohort.csv`` row (status ``skipped``) when its outputs are complete for this run.
 
-    Complete means: the done-marker exists and names the same model sha256,
-    the same result settings and the same slide file (size and modification
-    time), and every output it lists has the size it recorded.
+    Complete means: the done-marker names the same model sha256, result
+    settings and slide file (size and modification time), and every output it
+    lists has the size it recorded.
     """
-    row = _marker_row(job, model, settings)
-    if row is not None:
-        row.update(status=SKIPPED)
-    return row
-
-
-def _marker_row(job: SlideJob, model: ModelRef, settings: Settings) -> dict | None:
-    """The row the done-marker recorded (status ``done``), when it is complete for this run."""
     try:
         marker = json.loads((Path(job.out_dir) / MARKER).read_text(encoding="utf-8"))
-        if (marker["model_sha256"] != model.sha256
-                or marker["settings"] != json.loads(json.dumps(settings.result_settings(job.mpp)))
+        if (marker["model_sha256"] != model.sha256 or marker["settings"] != settings.result_settings(job.mpp)
                 or marker["slide_file"] != _slide_fingerprint(job.slide)):
             return None
-        for name, size in marker["outputs"].items():
-            if (Path(job.out_dir) / name).stat().st_size != size:
-                return None
-        row = dict(marker["row"])
+        if any((Path(job.out_dir) / name).stat().st_size != size for name, size in marker["outputs"].items()):
+            return None
+        return {**marker["row"], "slide": job.slide, "status": SKIPPED, "error": ""}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    row.update(slide=job.slide, error="")
-    return row
-
-
-def _clear_slide_folder(job: SlideJob) -> Path:
-    """Remove the marker, outputs, temporaries and intermediate stores a previous run may have left."""
-    folder = Path(job.out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MARKER).unlink(missing_ok=True)  # first: from here on the outputs are not complete
-    for output in job.outputs().values():
-        output.unlink(missing_ok=True)
-    for leftover in folder.iterdir():
-        if leftover.name.startswith(".") and leftover.name.endswith((".tmp", ".partial")):
-            leftover.unlink(missing_ok=True)
-    shutil.rmtree(folder / WORK, ignore_errors=True)
-    return folder
 
 
 # --------------------------------------------------------------------------- one slide (runs on a worker)
@@ -294,29 +221,21 @@ def cached_model(model: ModelRef):
     from .segmentation import load_model
 
     with _MODELS_LOCK:
-        loaded = _MODELS.get(model.sha256)
-        if loaded is None:
+        if model.sha256 not in _MODELS:
             found = file_sha256(model.path).hex()
             if found != model.sha256:
                 raise CheckpointError(f"{model.path} changed since the run started (sha256 {found}, "
                                       f"expected {model.sha256})")
-            loaded = _MODELS[model.sha256] = load_model(model.path)
-        return loaded
+            _MODELS[model.sha256] = load_model(model.path)
+        return _MODELS[model.sha256]
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Where each worker runs: ``address -> (index among its host's workers, workers on the host)``."""
-
-    workers: dict[str, tuple[int, int]]
-
-    @classmethod
-    def of(cls, client) -> Placement:
-        hosts: dict[str, list[str]] = {}
-        for address, info in client.scheduler_info(n_workers=-1)["workers"].items():
-            hosts.setdefault(info.get("host", address), []).append(address)
-        return cls({address: (index, len(peers)) for peers in hosts.values()
-                    for index, address in enumerate(sorted(peers))})
+def _placement(client) -> dict[str, tuple[int, int]]:
+    """Worker address -> (its index among its host's workers, workers on that host)."""
+    hosts: dict[str, list[str]] = {}
+    for address, info in client.scheduler_info(n_workers=-1)["workers"].items():
+        hosts.setdefault(info.get("host", address), []).append(address)
+    return {address: (index, len(peers)) for peers in hosts.values() for index, address in enumerate(sorted(peers))}
 
 
 def _usable_cores() -> int:
@@ -326,7 +245,7 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _use_worker_share(placement: Placement | None, device: str) -> str:
+def _use_worker_share(placement: dict | None, device: str) -> str:
     """Set this process's PyTorch threads to its share of the host; return the device to run on."""
     import torch
 
@@ -335,7 +254,7 @@ def _use_worker_share(placement: Placement | None, device: str) -> str:
         from distributed import get_worker
 
         worker = get_worker()
-        index, peers = (placement.workers if placement else {}).get(worker.address, (0, 1))
+        index, peers = (placement or {}).get(worker.address, (0, 1))
         nthreads = max(1, int(worker.state.nthreads))
     except ValueError:  # not on a worker: the whole machine is ours
         pass
@@ -345,25 +264,13 @@ def _use_worker_share(placement: Placement | None, device: str) -> str:
     return device
 
 
-def segment_slide_job(job: SlideJob, model: ModelRef, settings: Settings,
-                      placement: Placement | None = None) -> dict:
+def segment_slide_job(job: SlideJob, model: ModelRef, settings: Settings, placement: dict | None = None) -> dict:
     """Segment one slide into its folder and write its done-marker; the task each worker runs.
 
-    Never raises for a problem with the slide: the returned row says
-    ``failed`` with the error instead, so that one slide fails alone.
-
-    Parameters
-    ----------
-    job : SlideJob
-    model : ModelRef
-    settings : Settings
-    placement : Placement, optional
-        The cluster's workers, to share cores and GPUs between those on a host.
-
-    Returns
-    -------
-    dict
-        The slide's ``cohort.csv`` row (:data:`COLUMNS`).
+    Returns the slide's ``cohort.csv`` row (:data:`COLUMNS`). Never raises for
+    a problem with the slide: the row says ``failed`` with the error instead.
+    ``placement`` (worker address -> index on its host, workers on the host)
+    shares cores and GPUs between the workers of a host.
     """
     from .segmentation import CLI_CONTROLS, user_message
 
@@ -371,28 +278,27 @@ def segment_slide_job(job: SlideJob, model: ModelRef, settings: Settings,
     row = {"slide": job.slide, "model": model.name, "model_sha256": model.sha256}
     folder = Path(job.out_dir)
     try:
-        _clear_slide_folder(job)
+        # What a previous run left: the marker first, from here on the outputs are not complete.
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MARKER).unlink(missing_ok=True)
+        for stale in [*job.outputs().values(), *folder.glob(".*.tmp"), *folder.glob(".*.partial")]:
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(folder / WORK, ignore_errors=True)
         device = _use_worker_share(placement, settings.device)
         loaded = cached_model(model)
-        # On a thread of its own: dask computes the slide's arrays (tile reads, thumbnails,
-        # label pyramids) with its threaded scheduler in this process, whereas from a Dask
-        # task's thread it would send them back to the cluster as tasks.
+        # On a thread of its own: dask computes the slide's arrays with its threaded scheduler
+        # in this process, whereas from a Dask task's thread it would send them to the cluster.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="feddp-slide") as pool:
             summary, outputs = pool.submit(_segment_into, job, loaded, settings, device).result()
         row.update(status=DONE, nuclei=summary["nuclei"], density_per_mm2=summary["density_per_mm2"],
                    tissue_area_mm2=summary["tissue_area_mm2"], seconds=round(time.perf_counter() - start, 2),
                    error="")
         marker = {
-            "slide": job.slide,
-            "slide_file": _slide_fingerprint(job.slide),
-            "model": model.name,
-            "model_path": model.path,
-            "model_sha256": model.sha256,
+            "slide": job.slide, "slide_file": _slide_fingerprint(job.slide),
+            "model": model.name, "model_path": model.path, "model_sha256": model.sha256,
             "settings": settings.result_settings(job.mpp),
             "outputs": {path.name: path.stat().st_size for path in outputs.values()},
-            "summary": summary,
-            "row": row,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "summary": summary, "row": row, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_atomic(folder / MARKER, json.dumps(marker, indent=2))  # last: the outputs are complete
         return row
@@ -407,13 +313,9 @@ def segment_slide_job(job: SlideJob, model: ModelRef, settings: Settings,
 
 def _segment_into(job: SlideJob, loaded, settings: Settings, device: str) -> tuple[dict, dict[str, Path]]:
     """Segment ``job``'s slide and write its outputs together; returns the summary and the outputs."""
+    from .inference import run_to_completion
     from .nuclei import segment_nuclei, write_nuclei
-    from .segmentation import (
-        CLI_CONTROLS,
-        check_pixel_size,
-        is_field_of_view,
-        open_image,
-    )
+    from .segmentation import CLI_CONTROLS, check_pixel_size, is_field_of_view, open_image
 
     if Path(job.slide).is_dir():
         raise ValueError(f"{job.slide} is a folder, not a slide file")
@@ -421,20 +323,13 @@ def _segment_into(job: SlideJob, loaded, settings: Settings, device: str) -> tup
     try:
         if slide.kind != "rgb":
             raise ValueError(f"{Path(job.slide).name} is a label image, not a slide")
-        mpp = check_pixel_size(slide, loaded, job.mpp, CLI_CONTROLS)
-        generator = segment_nuclei(
+        run = segment_nuclei(
             slide, loaded, tissue=not (settings.all_tiles or is_field_of_view(slide)),
-            batch_size=settings.batch_size, overlap=settings.overlap, device=device, mpp=mpp,
+            batch_size=settings.batch_size, overlap=settings.overlap, device=device,
+            mpp=check_pixel_size(slide, loaded, job.mpp, CLI_CONTROLS),
             out=Path(job.out_dir) / WORK / "classes.zarr", overwrite=True,
         )
-        while True:
-            try:
-                next(generator)
-            except StopIteration as stop:
-                nuclei = stop.value
-                break
-        if not nuclei.complete:
-            raise RuntimeError("the segmentation stopped before the end")
+        nuclei = run_to_completion(run, allow_partial=True)  # nothing cancels it
         outputs = job.outputs()
         write_nuclei(nuclei, loaded, Path(job.slide).name, **outputs)
         return dict(nuclei.summary), outputs
@@ -449,10 +344,8 @@ def default_workers(slides: int | None = None) -> int:
     """Workers for a local cluster: one per GPU, else one per core (two per worker from 4 cores on).
 
     Capped by the available memory (:data:`WORKER_MEMORY` each) and by the
-    number of slides. Small slides spend much of their time outside the
-    model (opening, tissue detection, nucleus labelling, writing), which one
-    thread does; several processes overlap that, and PyTorch's threads split
-    the cores between them.
+    number of slides. Several processes overlap what a slide spends outside the
+    model (opening, tissue detection, labelling, writing, all on one thread).
     """
     import psutil
     import torch
@@ -461,11 +354,9 @@ def default_workers(slides: int | None = None) -> int:
         count = torch.cuda.device_count()
     else:
         cores = _usable_cores()
-        count = cores if cores < 4 else cores // 2
-        count = min(count, max(1, psutil.virtual_memory().available // WORKER_MEMORY))
-    if slides:
-        count = min(count, slides)
-    return max(1, int(count))
+        count = min(cores if cores < 4 else cores // 2,
+                    max(1, psutil.virtual_memory().available // WORKER_MEMORY))
+    return max(1, int(min(count, slides or count)))
 
 
 @contextlib.contextmanager
@@ -478,8 +369,7 @@ def cohort_client(scheduler: str | None = None, workers: int | None = None,
     scheduler : str, optional
         Address of a running scheduler (``tcp://host:8786``); its cluster is left running.
     workers : int, optional
-        Worker processes of the local cluster (default :func:`default_workers`).
-        Each runs one slide at a time (one Dask thread; PyTorch gets its own).
+        Worker processes of the local cluster (default :func:`default_workers`), one Dask thread each.
     dashboard_address : str
         Where the local cluster serves its dashboard (needs ``bokeh``).
     """
@@ -491,7 +381,8 @@ def cohort_client(scheduler: str | None = None, workers: int | None = None,
         return
     # Worker processes inherit an ignored SIGINT: a terminal's Ctrl-C reaches the whole process
     # group, and only this process should act on it (cancel, then close the cluster in order).
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _in_main_thread() else None
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
     try:
         cluster = LocalCluster(n_workers=workers or default_workers(), threads_per_worker=1, processes=True,
                                dashboard_address=dashboard_address, silence_logs=logging.ERROR)
@@ -503,10 +394,6 @@ def cohort_client(scheduler: str | None = None, workers: int | None = None,
             yield client
     finally:
         cluster.close()
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
 
 
 def dashboard_link(client) -> str:
@@ -534,9 +421,7 @@ def write_cohort_csv(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
 def _cell(value) -> str:
     if value is None:
         return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 @dataclass
@@ -566,12 +451,11 @@ def run_cohort(
 ) -> CohortResult:
     """Segment every slide not yet done for this model and settings, one task per slide on ``client``.
 
-    ``OUT/cohort.csv`` is rewritten after every slide, so it always lists the
-    slides finished so far. When interrupted (``KeyboardInterrupt``) the
-    tasks are cancelled and the exception propagates; slides already finished
-    keep their outputs and markers. A slide already running on a worker that
-    lives on (a cluster of one's own) finishes and is kept; closing a local
-    cluster ends its workers, and such a slide has no marker.
+    ``OUT/cohort.csv`` is rewritten after every slide. When interrupted
+    (``KeyboardInterrupt``) the tasks are cancelled and the exception
+    propagates; finished slides keep their outputs and markers. A slide
+    already running on a worker that lives on (a cluster of one's own)
+    finishes and is kept.
 
     Parameters
     ----------
@@ -596,9 +480,12 @@ def run_cohort(
     table = Path(out_dir) / COHORT_CSV
     rows: dict[int, dict] = {}
 
+    def result() -> CohortResult:
+        return CohortResult([rows[i] for i in sorted(rows)], table)
+
     def record(index: int, row: dict) -> None:
         rows[index] = row
-        write_cohort_csv(table, [rows[i] for i in sorted(rows)])
+        write_cohort_csv(table, result().rows)
         if on_row is not None:
             on_row(row)
 
@@ -609,13 +496,12 @@ def run_cohort(
             pending.append(index)
         else:
             record(index, row)
-    write_cohort_csv(table, [rows[i] for i in sorted(rows)])
+    write_cohort_csv(table, result().rows)
     if not pending:
-        return CohortResult([rows[i] for i in sorted(rows)], table)
+        return result()
     if client is None:
         raise ValueError(f"client: expected a distributed.Client to segment {len(pending)} slides, received None")
-    run_id = uuid.uuid4().hex[:8]
-    placement = Placement.of(client)
+    run_id, placement = uuid.uuid4().hex[:8], _placement(client)
     futures = {
         client.submit(segment_slide_job, jobs[i], model, settings, placement,
                       key=f"segment-{jobs[i].stem}-{run_id}", pure=False, priority=len(jobs) - i): i
@@ -637,9 +523,8 @@ def run_cohort(
         # Slides whose marker was written before their result reached us are done all the same.
         with contextlib.suppress(OSError):
             for index in sorted(set(futures.values()) - set(rows)):
-                row = _marker_row(jobs[index], model, settings)
+                row = finished_row(jobs[index], model, settings)
                 if row is not None:
-                    record(index, row)
+                    record(index, {**row, "status": DONE})
         raise
-    return CohortResult([rows[i] for i in sorted(rows)], table)
-
+    return result()

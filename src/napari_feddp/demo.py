@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from pathlib import Path
 WIDGETS = ("Segment", "Federation", "Add to training set", "Slide info")
 
 
-def build_viewer(show: bool):
+def build_viewer(show: bool = True):
+    """The sample slide in a napari viewer, with the FedDP widgets docked."""
     import napari
 
     from ._sample_data import sample_slide_path
@@ -41,14 +41,15 @@ def build_viewer(show: bool):
 def segment_sample(out_dir: Path):
     """Segment the sample slide's nuclei with the default model; write OME-TIFF, CSV and GeoJSON.
 
-    Returns ``(nuclei, loaded model)``, or ``(None, None)`` when no model is available.
+    Returns the :class:`~napari_feddp.nuclei.Nuclei` and the loaded model, or ``(None, None)``
+    when no model is available.
     """
+    import pandas as pd
+
     from ._sample_data import sample_slide_path
-    from .export import write_nuclei_geojson, write_ome_labels
     from .inference import run_to_completion
-    from .measure import write_csv
     from .models.store import NoModelError
-    from .nuclei import describe_summary, segment_nuclei
+    from .nuclei import describe_summary, segment_nuclei, write_nuclei
     from .segmentation import load_model
     from .slides import open_slide
 
@@ -60,33 +61,16 @@ def segment_sample(out_dir: Path):
     slide = open_slide(sample_slide_path())
     print(f"Segmenting {slide.path.name} with {loaded.card.name} ({loaded.path.name})…")
     nuclei = run_to_completion(segment_nuclei(slide, loaded), allow_partial=True)  # nothing cancels it
+    outputs = {kind: out_dir / f"nuclei.{kind}" for kind in ("ome.tif", "csv", "geojson")}
+    count = write_nuclei(nuclei, loaded, slide.path.name, labels=outputs["ome.tif"], csv=outputs["csv"],
+                         geojson=outputs["geojson"])["geojson"]
     result = nuclei.segmentation
-    mask = write_ome_labels(out_dir / "nuclei.ome.tif", nuclei.labels, mpp=result.mpp, name="nuclei")
-    table = write_csv(nuclei.table, out_dir / "nuclei.csv")
-    geojson, count = write_nuclei_geojson(out_dir / "nuclei.geojson", nuclei.labels, table=nuclei.table,
-                                          class_color=loaded.class_colors[1], downsample=result.downsample)
-    print(f"Wrote {mask}, {table} and {geojson} ({count} nuclei, {result.tiles_done} tiles, "
+    print(f"Wrote {', '.join(map(str, outputs.values()))} ({count} nuclei, {result.tiles_done} tiles, "
           f"{result.elapsed_seconds:.1f} s + {nuclei.elapsed_seconds:.1f} s for labelling and measuring)")
-    print_measurements(nuclei)
+    with pd.option_context("display.width", 160, "display.max_columns", None, "display.precision", 3):
+        print(pd.DataFrame(nuclei.table).head(5).to_string(index=False))
     print(f"Summary: {describe_summary(nuclei.summary)}")
     return nuclei, loaded
-
-
-def print_measurements(nuclei, rows: int = 5) -> None:
-    """Print the first ``rows`` of the measurement table."""
-    import pandas as pd
-
-    with pd.option_context("display.width", 160, "display.max_columns", None, "display.precision", 3):
-        print(pd.DataFrame(nuclei.table).head(rows).to_string(index=False))
-
-
-def add_result_layer(viewer, nuclei, loaded):
-    """Show the nuclei over the slide: one colour per nucleus, measurements as the layer's features."""
-    kwargs = nuclei.layer_kwargs()
-    kwargs["name"] = f"nuclei ({loaded.card.name})"
-    if nuclei.segmentation.mpp is not None:
-        kwargs["units"] = ("micrometer", "micrometer")
-    return viewer.add_labels(nuclei.pyramid, multiscale=len(nuclei.pyramid) > 1, **kwargs)
 
 
 def run_headless(out_dir: Path) -> Path:
@@ -96,25 +80,29 @@ def run_headless(out_dir: Path) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     nuclei, loaded = segment_sample(out_dir)
-    viewer = build_viewer(show=True)  # shown on the virtual display only
+    viewer = build_viewer()  # shown on the virtual display only
     viewer.window.resize(1600, 1000)
+
+    def screenshot(path: Path) -> None:
+        for _ in range(20):  # let Qt lay out the docked widgets and draw first
+            QApplication.processEvents()
+        imsave(path, viewer.screenshot(canvas_only=True, flash=False), check_contrast=False)
+
     try:
         layer = viewer.layers[0]
         print(f"Opened {layer.name}: {layer.data[0].shape[1]} x {layer.data[0].shape[0]} px, "
               f"{len(layer.data)} levels, {layer.scale[-1]:.3f} µm/px")
-        if nuclei is not None:
-            add_result_layer(viewer, nuclei, loaded)
-        for _ in range(20):  # let Qt lay out the docked widgets first
-            QApplication.processEvents()
         target = out_dir / ("overlay.png" if nuclei is not None else "slide-canvas.png")
-        imsave(target, viewer.screenshot(canvas_only=True, flash=False), check_contrast=False)
+        if nuclei is not None:  # one colour per nucleus, the measurements as the layer's features
+            kwargs = {**nuclei.layer_kwargs(), "name": f"nuclei ({loaded.card.name})"}
+            if nuclei.segmentation.mpp is not None:
+                kwargs["units"] = ("micrometer", "micrometer")
+            viewer.add_labels(nuclei.pyramid, multiscale=len(nuclei.pyramid) > 1, **kwargs)
+        screenshot(target)
         if nuclei is not None:  # a close-up where individual nuclei are visible
             viewer.scene.camera.center = (0, 1400 * layer.scale[0], 1100 * layer.scale[1])
             viewer.scene.camera.zoom *= 6
-            for _ in range(20):
-                QApplication.processEvents()
-            imsave(out_dir / "overlay-zoom.png", viewer.screenshot(canvas_only=True, flash=False),
-                   check_contrast=False)
+            screenshot(out_dir / "overlay-zoom.png")
     finally:
         viewer.close()
     print(f"Wrote {target}")
@@ -130,16 +118,18 @@ def virtual_display(width: int = 1680, height: int = 1050):
             "No display and no Xvfb: install it (Debian/Ubuntu: apt-get install xvfb) "
             "or run on a machine with a screen."
         )
-    display = next(n for n in range(99, 400) if not Path(f"/tmp/.X11-unix/X{n}").exists()
-                   and not Path(f"/tmp/.X{n}-lock").exists())
-    proc = subprocess.Popen([xvfb, f":{display}", "-screen", "0", f"{width}x{height}x24", "-nolisten", "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # -displayfd: Xvfb picks a free display and writes its number once it accepts clients.
+    read, write = os.pipe()
+    proc = subprocess.Popen([xvfb, "-displayfd", str(write), "-screen", "0", f"{width}x{height}x24",
+                             "-nolisten", "tcp"], pass_fds=(write,), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    os.close(write)
+    old = os.environ.get("DISPLAY")
     try:
-        for _ in range(100):
-            if Path(f"/tmp/.X11-unix/X{display}").exists():
-                break
-            time.sleep(0.05)
-        old = os.environ.get("DISPLAY")
+        with os.fdopen(read) as numbers:
+            display = numbers.readline().strip()
+        if not display:
+            raise RuntimeError(f"Xvfb did not start (exit status {proc.wait(timeout=10)})")
         os.environ["DISPLAY"] = f":{display}"
         yield
     finally:
@@ -165,11 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if has_display and not args.headless:
         import napari
 
-        viewer = build_viewer(show=True)
-        dock = viewer.window.dock_widgets.get("Segment (napari-feddp)")
-        segment = getattr(dock, "widget", lambda: None)() if dock is not None else None
-        if segment is not None and hasattr(segment, "run"):
-            segment.run()  # the default model, in a worker thread: the viewer stays live
+        viewer = build_viewer()
+        _, segment = viewer.window.add_plugin_dock_widget("napari-feddp", "Segment")  # the docked one
+        segment.run()  # the default model, in a worker thread: the viewer stays live
         napari.run()
         return 0
     if not has_display:

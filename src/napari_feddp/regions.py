@@ -23,14 +23,8 @@ _SCAN_ROWS = 256
 
 @dataclass(frozen=True)
 class PolygonRegion:
-    """One or more polygons, each a sequence of closed rings (exterior, then holes).
-
-    Attributes
-    ----------
-    rings : tuple of numpy.ndarray
-        ``(N, 2)`` float ``(y, x)`` vertices of every ring, exteriors and holes
-        alike: the even-odd rule makes a ring inside another a hole.
-    """
+    """Polygons as closed rings: ``(N, 2)`` float ``(y, x)`` vertices of every ring, exteriors and
+    holes alike (the even-odd rule makes a ring inside another a hole)."""
 
     rings: tuple[np.ndarray, ...]
 
@@ -53,46 +47,23 @@ class PolygonRegion:
         (ymin, xmin), (ymax, xmax) = points.min(axis=0), points.max(axis=0)
         return (math.floor(ymin), math.floor(xmin), math.ceil(ymax), math.ceil(xmax))
 
-    def mask(
-        self,
-        shape: tuple[int, int],
-        *,
-        downsample: tuple[float, float] = (1.0, 1.0),
-        origin: tuple[int, int] = (0, 0),
-    ) -> np.ndarray:
-        """Boolean mask of the grid pixels whose centre lies inside the region.
+    def mask(self, shape: tuple[int, int], *, downsample: tuple[float, float] = (1.0, 1.0),
+             origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+        """Boolean ``(height, width)`` mask of the grid pixels whose centre lies inside the region.
 
-        Parameters
-        ----------
-        shape : (int, int)
-            ``(height, width)`` of the mask.
-        downsample : (float, float)
-            ``(y, x)`` level-0 pixels per grid pixel (a label map's downsample).
-        origin : (int, int)
-            ``(row, col)`` of the mask's first pixel in the grid, so that a
-            window of a large label map can be masked on its own.
+        ``downsample`` is the ``(y, x)`` level-0 pixels per grid pixel (a label map's), ``origin``
+        the ``(row, col)`` of the mask's first pixel in the grid (a window of a large map).
         """
         dy, dx = downsample
         # Grid pixel (i, j) has its centre at level-0 ((i + 0.5) dy, (j + 0.5) dx):
         # in grid units, with centres on integers, a vertex v becomes v / d - 0.5.
-        rings = [
-            np.column_stack([r[:, 0] / dy - 0.5 - origin[0], r[:, 1] / dx - 0.5 - origin[1]])
-            for r in self.rings
-        ]
-        return rasterise(rings, shape)
+        return rasterise([np.column_stack([r[:, 0] / dy - 0.5 - origin[0], r[:, 1] / dx - 0.5 - origin[1]])
+                          for r in self.rings], shape)
 
 
 def ellipse_polygon(corners: np.ndarray, n_vertices: int = 128) -> np.ndarray:
-    """Polygon approximating the ellipse inscribed in a (possibly rotated) box.
-
-    Parameters
-    ----------
-    corners : numpy.ndarray
-        ``(4, 2)`` corners of the bounding box in order, as napari stores an
-        ellipse shape.
-    n_vertices : int
-        Vertices of the returned ``(n_vertices, 2)`` polygon.
-    """
+    """``(n_vertices, 2)`` polygon approximating the ellipse inscribed in a (possibly rotated) box,
+    given by its ``(4, 2)`` corners in order (as napari stores an ellipse shape)."""
     corners = np.asarray(corners, dtype=float)
     centre = corners.mean(axis=0)
     half_u, half_v = (corners[1] - corners[0]) / 2, (corners[3] - corners[0]) / 2
@@ -140,25 +111,11 @@ def rasterise(rings: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray
 
 
 def mask_outside(labels, region: PolygonRegion, downsample: tuple[float, float]) -> int:
-    """Set the pixels of a label map outside ``region`` to 0, chunk by chunk.
+    """Set the pixels of a writable ``(H, W)`` label map outside ``region`` to 0, chunk by chunk;
+    returns how many labelled pixels were cleared.
 
-    Only the chunks overlapping the region's bounding box are read: beyond it
-    the map must already be 0, as the engine leaves everything outside the
-    rectangle it was given.
-
-    Parameters
-    ----------
-    labels : zarr.Array or numpy.ndarray
-        ``(H, W)`` writable label map whose pixel ``(i, j)`` covers level-0
-        pixels ``[i dy, (i + 1) dy) x [j dx, (j + 1) dx)``.
-    region : PolygonRegion
-    downsample : (float, float)
-        ``(dy, dx)`` of the label map.
-
-    Returns
-    -------
-    int
-        Labelled pixels that were cleared.
+    Pixel ``(i, j)`` covers level-0 pixels ``[i dy, (i + 1) dy) x [j dx, (j + 1) dx)`` with
+    ``(dy, dx) = downsample``.
     """
     height, width = (int(s) for s in labels.shape)
     chunk_h, chunk_w = (int(c) for c in getattr(labels, "chunks", None) or (1024, 1024))

@@ -20,24 +20,15 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..evaluation import evaluate_folder
-    from ..models import CheckpointError
-    from ..segmentation import CLI_CONTROLS, OutputPathError, check_output_path, load_model, user_message
-    from ..training.errors import DatasetError
+    from ..segmentation import check_output_path, load_model
     from . import CommandError
 
     if args.mpp is not None and args.mpp <= 0:
         raise CommandError(f"--mpp: expected a positive number, received {args.mpp}")
-    try:
-        # Before scoring, which can take minutes: the scores must have somewhere to go.
-        out = check_output_path(args.json_out, "--json")
-    except OutputPathError as exc:
-        raise CommandError(str(exc)) from None
-    try:
-        loaded = load_model(args.model)
-        report = evaluate_folder(args.data, loaded, mpp=args.mpp, names=args.only,
-                                 batch_size=args.batch_size, device=args.device)
-    except (CheckpointError, DatasetError) as exc:
-        raise CommandError(user_message(exc, CLI_CONTROLS)) from None
+    # Before scoring, which can take minutes: the scores must have somewhere to go.
+    out = check_output_path(args.json_out, "--json")
+    report = evaluate_folder(args.data, load_model(args.model), mpp=args.mpp, names=args.only,
+                             batch_size=args.batch_size, device=args.device)
     try:
         out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     except OSError as exc:

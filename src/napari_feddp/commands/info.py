@@ -18,9 +18,5 @@ def run(args) -> int:
     slide = open_slide(args.slide)
     meta = slide.metadata()
     slide.close()
-    if args.json:
-        print(json.dumps(meta, indent=2))
-        return 0
-    for key, value in meta.items():
-        print(f"{key:>18}: {value}")
+    print(json.dumps(meta, indent=2) if args.json else "\n".join(f"{key:>18}: {value}" for key, value in meta.items()))
     return 0

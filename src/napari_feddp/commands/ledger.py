@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
         help="show the privacy budget a dataset has spent, or deliberately reset it (show, reset)",
         description="Privacy ledger of a lab: epsilon is tracked per tile (by content), whatever the lab's name.",
     )
-    parser.set_defaults(func=lambda args: _help(parser))
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
     sub = parser.add_subparsers(dest="ledger_command", metavar="SUBCOMMAND")
 
     show = sub.add_parser("show", help="print epsilon spent, the rounds that count and each tile's epsilon")
@@ -46,11 +46,6 @@ def _add_common(parser) -> None:
     parser.add_argument("--ledger-dir", default="", help="privacy ledger folder (default: $FEDDP_HOME/ledger, "
                         "$FEDDP_HOME being the per-user data folder unless set)")
     parser.add_argument("--dataset", required=True, help="dataset folder with images/ and masks/")
-
-
-def _help(parser) -> int:
-    parser.print_help()
-    return 2
 
 
 def _ledger_dir(args) -> Path:

@@ -9,7 +9,6 @@ slide's summary: nucleus count, density per mm² of tissue, median area.
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -47,26 +46,13 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def default_csv_path(out: Path) -> Path:
-    """``NAME.csv`` next to ``NAME.ome.tif`` (or ``NAME.ome.tiff``)."""
-    name = out.name
-    for ending in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(ending):
-            return out.with_name(name[: -len(ending)] + ".csv")
-    return out.with_suffix(".csv")
-
-
 def run(args) -> int:
     from .._atomic import OutputBusyError, exclusive
-    from ..segmentation import (
-        OutputPathError,
-        check_output_paths,
-        open_image,
-        region_from_argument,
-    )
-    from ..slides import SlideError
+    from ..cohort import slide_stem
+    from ..segmentation import check_output_paths, open_image, region_from_argument
     from . import CommandError
 
+    # Bad input raises CommandError, or a ValueError / FileNotFoundError that names it: one line, exit 2 either way.
     out = Path(args.out)
     for what, path in (("--out", out), ("--classes-out", args.classes_out)):
         if path is not None and not Path(path).name.lower().endswith((".ome.tif", ".ome.tiff")):
@@ -76,27 +62,18 @@ def run(args) -> int:
         raise CommandError(f"--mpp: expected a positive number of µm per pixel, received {args.mpp}")
     if args.no_csv and args.csv:
         raise CommandError("--csv and --no-csv: expected one of them, received both")
-    csv_path = None if args.no_csv else (args.csv or default_csv_path(out))
+    csv_path = None if args.no_csv else (args.csv or out.with_name(slide_stem(out) + ".csv"))
     # Every output is checked before the model or the slide is read: a run must
     # not take minutes and then fail to save its result.
-    try:
-        outputs = check_output_paths({"--out": out, "--csv": csv_path, "--geojson": args.geojson,
-                                      "--classes-out": args.classes_out}, inputs=[args.slide])
-    except OutputPathError as exc:
-        raise CommandError(str(exc)) from None
+    outputs = check_output_paths({"--out": out, "--csv": csv_path, "--geojson": args.geojson,
+                                  "--classes-out": args.classes_out}, inputs=[args.slide])
     existing = [f"{what} {path}" for what, path in outputs.items() if path.exists()]
     if existing and not args.overwrite:
         raise CommandError(f"{', '.join(existing)}: already exists; give --overwrite to replace it")
-    try:
-        region = region_from_argument(args.region) if args.region else None
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
+    region = region_from_argument(args.region) if args.region else None
     if Path(args.slide).is_dir():
         raise CommandError(f"{args.slide} is a folder, not a slide file")
-    try:
-        slide = open_image(args.slide)
-    except (SlideError, FileNotFoundError) as exc:
-        raise CommandError(str(exc)) from None
+    slide = open_image(args.slide)
     try:
         # Held from the first tile to the last file: a second run on the same outputs is refused at once.
         with exclusive(outputs.values()):
@@ -108,69 +85,33 @@ def run(args) -> int:
 
 
 def _segment(args, slide, outputs: dict, region) -> int:
-    """Segment an opened slide and write ``outputs``; returns the exit status."""
-    from ..inference import InferenceError
-    from ..models import CheckpointError
+    """Segment an opened slide, write ``outputs`` and print what was written; returns the exit status."""
+    from ..inference import InferenceError, run_to_completion
     from ..models.store import describe_model
-    from ..nuclei import describe_summary, segment_nuclei
-    from ..segmentation import (
-        CLI_CONTROLS,
-        SegmentationInputError,
-        check_pixel_size,
-        is_field_of_view,
-        load_model,
-        user_message,
-    )
+    from ..nuclei import describe_summary, segment_nuclei, write_nuclei
+    from ..segmentation import CLI_CONTROLS, check_pixel_size, is_field_of_view, load_model, user_message
     from . import CommandError
 
     if slide.kind != "rgb":
         raise CommandError(f"{Path(args.slide).name} is a label image, not a slide")
-    try:
-        loaded = load_model(args.model)
-    except CheckpointError as exc:
-        raise CommandError(user_message(exc, CLI_CONTROLS)) from None
+    loaded = load_model(args.model)
     print(f"model: {describe_model(loaded.path).description}\n       {loaded.path}", flush=True)
-    try:
-        mpp = check_pixel_size(slide, loaded, args.mpp, CLI_CONTROLS)
-    except SegmentationInputError as exc:
-        raise CommandError(str(exc)) from None
+    mpp = check_pixel_size(slide, loaded, args.mpp, CLI_CONTROLS)
     bar = _ProgressBar(enabled=not args.quiet)
     try:
-        generator = segment_nuclei(
-            slide, loaded, region=region, tissue=not (args.all_tiles or is_field_of_view(slide)),
-            batch_size=args.batch_size, overlap=args.overlap, device=args.device, cancel=threading.Event(),
-            mpp=mpp,
-        )
-        while True:
-            try:
-                bar.update(next(generator))
-            except StopIteration as stop:
-                nuclei = stop.value
-                break
+        run = segment_nuclei(slide, loaded, region=region, tissue=not (args.all_tiles or is_field_of_view(slide)),
+                             batch_size=args.batch_size, overlap=args.overlap, device=args.device, mpp=mpp)
+        nuclei = run_to_completion(run, allow_partial=True, callback=bar.update)  # nothing cancels it
     except (InferenceError, ValueError) as exc:
         raise CommandError(user_message(exc, CLI_CONTROLS)) from None
     finally:
         bar.close()
-    written = _write_outputs(outputs, nuclei, loaded, Path(args.slide).name)
-    _report(outputs, nuclei, written, describe_summary)
-    return 0
-
-
-def _write_outputs(outputs: dict, nuclei, loaded, slide_name: str) -> dict:
-    """Write every requested output, all or none; returns what each writer returned, by option."""
-    from ..nuclei import write_nuclei
-    from . import CommandError
-
     options = {"labels": "--out", "csv": "--csv", "geojson": "--geojson", "classes": "--classes-out"}
-    try:
-        written = write_nuclei(nuclei, loaded, slide_name, **{kind: outputs.get(option)
-                                                                for kind, option in options.items()})
+    try:  # all or none
+        written = write_nuclei(nuclei, loaded, Path(args.slide).name,
+                               **{kind: outputs.get(option) for kind, option in options.items()})
     except OSError as exc:
         raise CommandError(f"cannot write the outputs, none was kept: {exc}") from None
-    return {options[kind]: value for kind, value in written.items()}
-
-
-def _report(outputs: dict, nuclei, written: dict, describe_summary) -> None:
     result, mpp = nuclei.segmentation, nuclei.segmentation.mpp
     print(f"nuclei: {describe_summary(nuclei.summary)}")
     print(f"labels: {outputs['--out']} (one id per nucleus; {result.labels.shape[1]} x {result.labels.shape[0]} px "
@@ -180,10 +121,11 @@ def _report(outputs: dict, nuclei, written: dict, describe_summary) -> None:
     if "--csv" in outputs:
         print(f"measurements: {outputs['--csv']} ({nuclei.count} rows)")
     if "--geojson" in outputs:
-        print(f"objects: {outputs['--geojson']} ({written['--geojson']} nucleus polygons with measurements, "
+        print(f"objects: {outputs['--geojson']} ({written['geojson']} nucleus polygons with measurements, "
               "level-0 pixel coordinates)")
     if "--classes-out" in outputs:
         print(f"classes: {outputs['--classes-out']} (the model's class map)")
+    return 0
 
 
 class _ProgressBar:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .card import CARD_FORMAT_VERSION, Architecture, ClassInfo, ModelCard, ModelCardError, now_iso
+from .card import CARD_FORMAT_VERSION, ClassInfo, ModelCard, ModelCardError, now_iso
 from .unet import UNet
 
 # Registry name -> factory taking the card's architecture.params as kwargs.
@@ -54,17 +54,7 @@ def register_architecture(name: str, factory: Callable[..., nn.Module]) -> None:
 
 
 def build_model(card: ModelCard) -> nn.Module:
-    """Build the untrained network that ``card.architecture`` describes.
-
-    Parameters
-    ----------
-    card : ModelCard
-        Card whose ``architecture.name`` is registered in :data:`ARCHITECTURES`.
-
-    Returns
-    -------
-    torch.nn.Module
-        Freshly initialised network (train mode, CPU).
+    """The untrained network (train mode, CPU) that ``card.architecture`` describes.
 
     Raises
     ------
@@ -92,7 +82,12 @@ def parameter_count(card: ModelCard) -> int:
 
 
 def _construct(card: ModelCard) -> nn.Module:
-    factory = _factory_for(card.architecture)
+    factory = ARCHITECTURES.get(card.architecture.name)
+    if factory is None:
+        raise ModelCardError(
+            f"model card field 'architecture.name': expected one of {sorted(ARCHITECTURES)}, "
+            f"received {card.architecture.name!r}"
+        )
     try:
         return factory(**card.architecture.params)
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -100,16 +95,6 @@ def _construct(card: ModelCard) -> nn.Module:
             f"model card field 'architecture.params': expected arguments accepted by "
             f"{card.architecture.name!r}, received {card.architecture.params!r} ({exc})"
         ) from exc
-
-
-def _factory_for(architecture: Architecture) -> Callable[..., nn.Module]:
-    factory = ARCHITECTURES.get(architecture.name)
-    if factory is None:
-        raise ModelCardError(
-            f"model card field 'architecture.name': expected one of {sorted(ARCHITECTURES)}, "
-            f"received {architecture.name!r}"
-        )
-    return factory
 
 
 def _check_tile_size(model: nn.Module, tile_size: int) -> None:
@@ -141,7 +126,6 @@ def default_card(
     Parameters
     ----------
     name, description, training_data : str
-        Card name, free-text description, and a note on the training data.
     mpp : float
         Microns per pixel the model expects (0.5 ≈ 20x objective).
     tile_size : int

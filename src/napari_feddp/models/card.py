@@ -128,17 +128,8 @@ class Normalization:
 
 @dataclass(config=_CONFIG)
 class InputSpec:
-    """What the model expects to be fed.
-
-    Attributes
-    ----------
-    mpp : float
-        Microns per pixel the model was trained at; slides must be resampled to it.
-    tile_size : int
-        Edge length in pixels of the square tiles used for training and inference.
-    normalization : Normalization
-        Per-channel mean and std applied after scaling pixels to [0, 1].
-    """
+    """What the model expects: µm per pixel (slides are resampled to it), square tile edge in
+    pixels, and the normalisation applied after scaling pixels to [0, 1]."""
 
     mpp: _Positive
     tile_size: Annotated[_Int, Field(ge=1)]
@@ -149,10 +140,9 @@ class InputSpec:
 class Privacy:
     """Differential-privacy guarantee of the weights.
 
-    ``dp_mode`` is ``"sample"`` (DP-SGD, per-sample clipping), ``"update"``
-    (client-level DP on federated updates) or ``"none"``. ``epsilon``/``delta``
-    may be ``None`` with a DP mode when the budget has not been accounted yet,
-    and must be ``None`` when ``dp_mode == "none"``.
+    ``dp_mode`` is ``"sample"`` (DP-SGD, per-sample clipping), ``"update"`` (client-level DP on
+    federated updates) or ``"none"`` (then ``epsilon`` and ``delta`` must be None; with a DP
+    mode they are None until the budget is accounted).
     """
 
     epsilon: _Positive | None = None
@@ -201,20 +191,12 @@ def now_iso() -> str:
 
 @dataclass(config=_CONFIG, kw_only=True)
 class ModelCard:
-    """Description of a segmentation model checkpoint.
+    """Description of a segmentation model checkpoint, fields in the order of the JSON file.
 
-    Fields are in the order of the JSON file. Nested fields accept either their
-    dataclass or the equivalent plain ``dict``/``list`` (as in the JSON
-    layout); both are validated and stored as dataclasses. ``weights_sha256``
-    and ``tensors`` are filled by :func:`napari_feddp.models.save_checkpoint`.
-
-    Raises
-    ------
-    pydantic.ValidationError
-        (a ``ValueError``) If any field is missing, of the wrong type, out of
-        range, or inconsistent with another field (e.g. number of classes
-        versus the architecture's ``n_classes``). :meth:`from_dict` and
-        :meth:`from_json` raise :class:`ModelCardError` instead.
+    Nested fields accept their dataclass or the plain ``dict``/``list`` of the JSON layout.
+    ``weights_sha256`` and ``tensors`` are filled by :func:`napari_feddp.models.save_checkpoint`.
+    A bad field raises ``pydantic.ValidationError`` (a ``ValueError``); :meth:`from_dict` and
+    :meth:`from_json` raise :class:`ModelCardError` instead.
     """
 
     format_version: Annotated[_Int, Field(ge=1), _check(

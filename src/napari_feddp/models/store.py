@@ -1,15 +1,9 @@
 """Where models come from: a file the user picks, the federation's latest, or the bundled default.
 
-The lab's local model store (``$FEDDP_HOME/models``, default the per-user data
-folder, ``~/.local/share/napari-feddp/models`` on Linux) receives the federation's global model
-after each run; the Segment widget and ``napari-feddp segment`` use the newest
-one by default, then the model bundled with the package. A global model that
-fails the lab's own check (:mod:`napari_feddp.federation.promotion`) is kept
-under ``<store>/refused/`` instead, where it is never a default.
-
-:func:`available_models` lists what a user can pick (received models newest
-first, then the bundled one) with what each card says: name, date, privacy
-budget and test metrics, so that the model in use is always named.
+The lab's model store (``$FEDDP_HOME/models``) receives the federation's global model after each
+run; the newest one is the default, then the model bundled with the package. A global model that
+fails the lab's check (:mod:`napari_feddp.federation.promotion`) is kept under
+``<store>/refused/``, where it is never a default.
 """
 
 from __future__ import annotations
@@ -119,25 +113,10 @@ def resolve_checkpoint(choice: str | os.PathLike | None = None) -> Path:
 class ModelInfo:
     """A model the user can choose, with what its card says about it.
 
-    Attributes
-    ----------
-    path : pathlib.Path
-        The ``.safetensors`` file (its ``.json`` card lies next to it).
-    source : {"received", "bundled", "file"}
-        Received from a federation into the lab's store, shipped with the
-        package, or any other checkpoint file.
-    name : str or None
-        The card's model name; None when the card cannot be read.
-    created : str or None
-        The card's ISO 8601 creation time.
-    epsilon, delta : float or None
-        Differential-privacy budget of the weights (None: no DP or not accounted).
-    dp_mode : str or None
-        ``"sample"``, ``"update"`` or ``"none"``.
-    metrics : dict of str to float
-        The card's metrics; keys starting with ``test_`` are held-out test scores.
-    problem : str or None
-        Why the card cannot be read, when it cannot; the model then cannot be used.
+    ``source`` is ``"received"`` (the lab's store), ``"bundled"`` or ``"file"``; ``name``,
+    ``created``, ``epsilon``, ``delta``, ``dp_mode`` and ``metrics`` (``test_*``: held-out
+    scores) come from the card, and ``problem`` says why the card cannot be read (the model
+    then cannot be used).
     """
 
     path: Path
@@ -192,19 +171,9 @@ class ModelInfo:
 
 
 def describe_model(path: str | os.PathLike, source: str | None = None) -> ModelInfo:
-    """What a checkpoint's card says, for showing which model is in use.
+    """What a checkpoint's card says (``problem`` set instead of raising when it cannot be read).
 
-    Parameters
-    ----------
-    path : str or os.PathLike
-        Either half of a checkpoint pair (or their common stem).
-    source : {"received", "bundled", "file"}, optional
-        Where it comes from; by default worked out from its folder.
-
-    Returns
-    -------
-    ModelInfo
-        With ``problem`` set, instead of raising, when the card cannot be read.
+    ``path`` is either half of the pair; ``source`` is worked out from its folder unless given.
     """
     weights, card_path = checkpoint_paths(path)
     if source is None:
@@ -230,19 +199,9 @@ def describe_model(path: str | os.PathLike, source: str | None = None) -> ModelI
 def available_models(store: Path | None = None) -> list[ModelInfo]:
     """Every model a user can choose without browsing for a file.
 
-    The complete checkpoints in the lab's store root, newest first (the order
-    :func:`latest_federated_checkpoint` uses), then the bundled model; so with
-    a usable store the first entry is what :func:`resolve_checkpoint` picks
-    when given nothing. Models under ``<store>/refused/`` are not listed.
-
-    Parameters
-    ----------
-    store : pathlib.Path, optional
-        Model store to list (default :func:`model_store`).
-
-    Returns
-    -------
-    list of ModelInfo
+    The complete checkpoints in the store's own folder (default :func:`model_store`), newest
+    first, then the bundled model: the first entry is what :func:`resolve_checkpoint` picks when
+    given nothing. Models under ``<store>/refused/`` are not listed.
     """
     models = [describe_model(path, "received") for path in _received(store or model_store())]
     bundled = bundled_checkpoint()

@@ -35,15 +35,7 @@ class ConvBlock(nn.Sequential):
     The convolutions have no bias because GroupNorm's shift makes it redundant.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        *,
-        groups: int,
-        activation: str,
-        dropout: float,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, *, groups: int, activation: str, dropout: float) -> None:
         layers: list[nn.Module] = []
         for block_in in (in_channels, out_channels):
             layers += [
@@ -125,17 +117,10 @@ class UNet(nn.Module):
         upsampling: str = "bilinear",
     ) -> None:
         super().__init__()
-        _check_config(in_channels, n_classes, depth, base_width, groups, dropout, activation, upsampling)
-        self._config: dict[str, Any] = {
-            "in_channels": in_channels,
-            "n_classes": n_classes,
-            "depth": depth,
-            "base_width": base_width,
-            "groups": groups,
-            "dropout": float(dropout),
-            "activation": activation,
-            "upsampling": upsampling,
-        }
+        config = {"in_channels": in_channels, "n_classes": n_classes, "depth": depth, "base_width": base_width,
+                  "groups": groups, "dropout": dropout, "activation": activation, "upsampling": upsampling}
+        _check_config(config)
+        self._config: dict[str, Any] = {**config, "dropout": float(dropout)}
         widths = [base_width * 2**level for level in range(depth)]
         block = {"groups": groups, "activation": activation, "dropout": dropout}
 
@@ -192,42 +177,25 @@ class UNet(nn.Module):
             raise ValueError(
                 f"UNet with depth={self._config['depth']} needs height and width that are "
                 f"multiples of {multiple}, received {height}x{width}; pad or crop the tile "
-                f"(e.g. to {_round_up(height, multiple)}x{_round_up(width, multiple)})"
+                f"(e.g. to {-(-height // multiple) * multiple}x{-(-width // multiple) * multiple})"
             )
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def _check_config(
-    in_channels: int,
-    n_classes: int,
-    depth: int,
-    base_width: int,
-    groups: int,
-    dropout: float,
-    activation: str,
-    upsampling: str,
-) -> None:
+def _check_config(config: dict[str, Any]) -> None:
     """Raise ValueError naming the first bad constructor argument."""
-    for name, value in (
-        ("in_channels", in_channels),
-        ("n_classes", n_classes),
-        ("depth", depth),
-        ("base_width", base_width),
-        ("groups", groups),
-    ):
+    for name in ("in_channels", "n_classes", "depth", "base_width", "groups"):
+        value = config[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"UNet {name}: expected a positive integer, received {value!r}")
-    if base_width % groups:
+    if config["base_width"] % config["groups"]:
         raise ValueError(
-            f"UNet base_width: expected a multiple of groups={groups} (GroupNorm splits "
-            f"channels evenly into groups), received {base_width}"
+            f"UNet base_width: expected a multiple of groups={config['groups']} (GroupNorm splits "
+            f"channels evenly into groups), received {config['base_width']}"
         )
+    dropout = config["dropout"]
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"UNet dropout: expected a number in [0, 1), received {dropout!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"UNet activation: expected one of {ACTIVATIONS}, received {activation!r}")
-    if upsampling not in UPSAMPLINGS:
-        raise ValueError(f"UNet upsampling: expected one of {UPSAMPLINGS}, received {upsampling!r}")
+    if config["activation"] not in ACTIVATIONS:
+        raise ValueError(f"UNet activation: expected one of {ACTIVATIONS}, received {config['activation']!r}")
+    if config["upsampling"] not in UPSAMPLINGS:
+        raise ValueError(f"UNet upsampling: expected one of {UPSAMPLINGS}, received {config['upsampling']!r}")

@@ -1,35 +1,14 @@
 """Segment dock widget: run the model over a slide in a worker thread, show one label per nucleus.
 
-All the work happens in :mod:`napari_feddp.nuclei`, :mod:`napari_feddp.segmentation`
-and :mod:`napari_feddp.inference`; this widget collects the choices, runs the
-core's progress generator (the model's run, then labelling and measuring the
-nuclei) in napari's ``thread_worker`` (so the viewer stays responsive and
-Cancel works between batches and windows) and shows the nuclei as a Labels
-layer aligned with the slide: one colour per nucleus, the measurements as the
-layer's ``features`` (napari's status bar shows them under the cursor) and the
-slide's summary in the status line.
-
-Region
-    ``tissue``, ``current view``, ``whole slide``, or any Shapes layer: its
-    selected shapes (all of them when none is selected) that are polygons,
-    rectangles or ellipses. The engine segments their bounding box and every
-    label pixel whose centre is outside them is set to 0.
-
-Correcting the result
-    napari paints only single-scale layers, so the result is shown as one
-    in-memory numpy layer whenever it fits in
-    :data:`~napari_feddp.segmentation.EDITABLE_MAX_PIXELS` label pixels (about
-    67 megapixels of uint32 nucleus ids, 256 MiB): the whole map, or for a
-    region only the region's part (its ``metadata["origin"]`` says where it
-    lies, and the writer saves it in place over the slide). This covers the
-    bundled sample and regions up to 8192 label pixels a side. The brush paints
-    a new nucleus id (the largest plus one) unless another is picked; saved to
-    the training set, every non-zero id counts as nucleus. A larger result stays on
-    disk as a multiscale layer, which napari cannot paint; **Correct current
-    view** then copies the visible part (at most
-    :data:`~napari_feddp.segmentation.WINDOW_MAX_SIDE` pixels a side) into an
-    editable layer whose every stroke, fill and undo is written back into the
-    result, so saving the multiscale layer saves the corrections.
+The work is the core's (:func:`napari_feddp.nuclei.segment_nuclei`); this widget collects the
+choices, drives the core's progress generator in napari's ``thread_worker`` (the viewer stays
+live, Cancel works between batches and windows) and adds the nuclei as a Labels layer aligned
+with the slide, with the measurements as ``features`` and the summary in the status line.
+Region: ``tissue``, ``current view``, ``whole slide``, or a Shapes layer's (selected) polygons,
+rectangles and ellipses. A result of at most ``EDITABLE_MAX_PIXELS`` label pixels (the region's
+part only, placed by ``metadata["origin"]``) is one numpy layer napari's brush can paint; a
+larger one stays on disk, multiscale, and **Correct current view** copies the visible part into
+an editable layer whose edits are written back into it.
 """
 
 from __future__ import annotations
@@ -107,9 +86,14 @@ class SegmentWidget(Container):
                      self.batch_size, self.overlap, self.run_button, self.cancel_button, self.correct_button,
                      self.progress, self.status])
         wrap_message_label(self.status)
-        self._fit_model_picker()
+        # A combo box is as wide as its longest entry by default; model lines are long.
+        from qtpy.QtWidgets import QComboBox
+
+        self.model_source.native.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.model_source.native.setMinimumContentsLength(18)
         self.pixel_size.native.setDecimals(4)
-        self._show_default_model()
+        self.refresh_models()
         self._on_image(self.image.value)
         self.model_source.changed.connect(self._on_model_source)
         self.image.changed.connect(self._on_image)
@@ -141,32 +125,6 @@ class SegmentWidget(Container):
         self._models = {str(info.path): info for info in available_models()}
         return [(info.description, path) for path, info in self._models.items()] + [(MODEL_FILE, MODEL_FILE)]
 
-    def _fit_model_picker(self) -> None:
-        # A combo box is as wide as its longest entry by default; model lines are long.
-        from qtpy.QtWidgets import QComboBox
-
-        native = self.model_source.native
-        native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        native.setMinimumContentsLength(18)
-
-    def _show_default_model(self) -> None:
-        """Select what ``resolve_checkpoint(None)`` uses, unless the user picked a model."""
-        from ..models.store import NoModelError, resolve_checkpoint
-
-        if self._model_picked:
-            return
-        try:
-            default = str(resolve_checkpoint(None))
-        except NoModelError:
-            default = MODEL_FILE
-        self._listing_models = True
-        try:
-            if default in self._models or default == MODEL_FILE:
-                self.model_source.value = default
-        finally:
-            self._listing_models = False
-        self._describe_model_choice()
-
     def _describe_model_choice(self) -> None:
         value = self.model_source.value
         self.checkpoint.visible = value == MODEL_FILE
@@ -181,7 +139,10 @@ class SegmentWidget(Container):
         self.refresh_models()
 
     def refresh_models(self) -> None:
-        """List the models as the store holds them now; keep the user's pick, else show the default."""
+        """List the models as the store holds them now; keep the user's pick, else select the default
+        (what ``resolve_checkpoint(None)`` uses)."""
+        from ..models.store import NoModelError, resolve_checkpoint
+
         picked = self.model_source.value if self._model_picked else None
         self._listing_models = True
         try:
@@ -192,12 +153,16 @@ class SegmentWidget(Container):
             native.clear()
             native.blockSignals(False)
             self.model_source.reset_choices()
-            if picked is not None and picked in self.model_source.choices:
+            self._model_picked = picked in self.model_source.choices
+            if not self._model_picked:
+                try:
+                    picked = str(resolve_checkpoint(None))
+                except NoModelError:
+                    picked = MODEL_FILE
+            if picked in self.model_source.choices:
                 self.model_source.value = picked
         finally:
             self._listing_models = False
-        self._model_picked = picked is not None and picked in self.model_source.choices
-        self._show_default_model()
         self._describe_model_choice()
 
     def _on_model_source(self, value: str) -> None:
@@ -212,18 +177,11 @@ class SegmentWidget(Container):
             f"from the slide ({mpp:.4g})" if mpp else "none in the file: set it"
         )
 
-    def _model_choice(self) -> str | None:
-        if self.model_source.value == MODEL_FILE:
-            path = Path(self.checkpoint.value)
-            if not path.name or path.is_dir():
-                raise ValueError("choose a checkpoint file (.safetensors with its .json card)")
-            return str(path)
-        return self.model_source.value
-
     def run(self, *_):
         """Start a segmentation in a worker thread; returns the worker (or None on bad input)."""
         from napari.qt.threading import create_worker
 
+        from ..models.store import describe_model
         from ..nuclei import segment_nuclei
         from ..segmentation import WIDGET_CONTROLS, check_pixel_size, is_field_of_view, load_model, user_message
 
@@ -234,7 +192,13 @@ class SegmentWidget(Container):
             return None
         self.refresh_models()  # a model received since the list was made (the default, unless one was picked)
         try:
-            loaded = load_model(self._model_choice())
+            model = self.model_source.value
+            if model == MODEL_FILE:
+                path = Path(self.checkpoint.value)
+                if not path.name or path.is_dir():
+                    raise ValueError("choose a checkpoint file (.safetensors with its .json card)")
+                model = str(path)
+            loaded = load_model(model)
             source, layer_mpp = _engine_source(layer)
             override = float(self.pixel_size.value) or None  # 0 means "the file's own"
             mpp = check_pixel_size(source, loaded, override or layer_mpp, WIDGET_CONTROLS)
@@ -254,7 +218,8 @@ class SegmentWidget(Container):
             self._set_status(user_message(exc, WIDGET_CONTROLS), error=True)
             return None
         self._loaded, self._layer = loaded, layer
-        self._model_title = _model_title(loaded.path)
+        info = describe_model(loaded.path)
+        self._model_title = f"{info.title} ({info.source}, {info.privacy_text})"
         # Connected here, errors reach _on_error only (not also re-raised into Qt's event loop).
         worker = create_worker(lambda: (yield from generator), _start_thread=False, _connect={
             "yielded": self._on_progress, "returned": self._on_result,
@@ -301,10 +266,9 @@ class SegmentWidget(Container):
         kwargs = nuclei.layer_kwargs("pixel")
         level0_scale = np.asarray(layer.scale[-2:], dtype=float)
         kwargs["scale"] = tuple(np.multiply(kwargs["scale"], level0_scale))
-        kwargs["translate"] = tuple(np.multiply(kwargs["translate"], level0_scale))
+        kwargs["translate"] = tuple(np.multiply(kwargs["translate"], level0_scale) + layer.translate[-2:])
         if _layer_in_microns(layer):
             kwargs["units"] = ("micrometer", "micrometer")
-        kwargs["translate"] = tuple(np.add(kwargs["translate"], layer.translate[-2:]))
         kwargs["metadata"].update(model=str(self._loaded.path), model_card=self._loaded.card.to_dict())
         box = editable_box(result, self.editable_max_pixels)
         if box is not None:  # one numpy array: napari's brush, fill and eraser work on it
@@ -351,7 +315,6 @@ class SegmentWidget(Container):
             metadata={**layer.metadata, "origin": list(window.origin)},
             name=f"{layer.name} correction",
         )
-
         edit.selected_label = layer.selected_label  # a new nucleus, as in the result layer
 
         def write_back(*_):
@@ -379,14 +342,6 @@ class SegmentWidget(Container):
 
     def _set_status(self, text: str, error: bool = False) -> None:
         show_message(self.status, text, error=error)
-
-
-def _model_title(path) -> str:
-    """Short name of a model for the status line: file, card name, source and epsilon."""
-    from ..models.store import describe_model
-
-    info = describe_model(path)
-    return f"{info.title} ({info.source}, {info.privacy_text})"
 
 
 def _layer_mpp(layer) -> float | None:

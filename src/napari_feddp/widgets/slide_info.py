@@ -45,9 +45,7 @@ class SlideInfoWidget(QWidget):
         self.info = QLabel()
         self.info.setWordWrap(True)
         self.show_associated = QPushButton("Show label && macro images…")
-        self.show_associated.setToolTip(
-            "Slide labels and macro photographs can show patient identifiers."
-        )
+        self.show_associated.setToolTip("Slide labels and macro photographs can show patient identifiers.")
         self.show_associated.clicked.connect(self._on_show_associated)
         layout = QVBoxLayout(self)
         layout.addWidget(self.info)
@@ -79,31 +77,22 @@ class SlideInfoWidget(QWidget):
             return last
         return slides[0] if len(slides) == 1 else None
 
-    def _active_meta(self) -> dict | None:
-        layer = self.slide_layer()
-        return None if layer is None else layer.metadata.get("feddp")
-
-    def _refresh(self, event=None) -> None:
+    def _refresh(self, *_) -> None:
         layer = self.slide_layer()
         meta = None if layer is None else layer.metadata.get("feddp")
         text = slide_info_text(meta)
         self.info.setText(text if layer is None else f"Slide: {layer.name}\n{text}")
         self.show_associated.setEnabled(bool(meta and meta.get("associated_images")))
 
-    def _on_show_associated(self, checked: bool = False, *, confirm: bool = True) -> int:
-        meta = self._active_meta()
+    def _on_show_associated(self, *_) -> int:
+        layer = self.slide_layer()
+        meta = None if layer is None else layer.metadata.get("feddp")
         if not meta or not meta.get("associated_images"):
             return 0
-        if confirm:
-            answer = QMessageBox.question(
-                self,
-                "Show label and macro images?",
-                "Label and macro images can show patient names or identifiers.\n"
-                "Show them anyway?",
-            )
-            if answer != QMessageBox.StandardButton.Yes:
-                return 0
-        return self.add_associated_layers(meta["path"])
+        answer = QMessageBox.question(self, "Show label and macro images?",
+                                      "Label and macro images can show patient names or identifiers.\n"
+                                      "Show them anyway?")
+        return self.add_associated_layers(meta["path"]) if answer == QMessageBox.StandardButton.Yes else 0
 
     def add_associated_layers(self, path: str) -> int:
         """Add the slide's associated pictures as layers; returns how many."""
