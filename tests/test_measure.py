@@ -77,7 +77,7 @@ def test_tiled_measurements_equal_whole_image_measurements():
                         shape=labels.shape)] = n
     rgb = rng.integers(0, 255, (200, 260, 3), dtype=np.uint8)
     whole = measure_nuclei(labels, 0.5, rgb=rgb, origin_um=(5.0, 7.0))
-    tiled = measure_nuclei_tiled(labels, 0.5, read_rgb=lambda t, l, b, r: rgb[t:b, l:r], origin_um=(5.0, 7.0),
+    tiled = measure_nuclei_tiled(labels, 0.5, read_rgb=lambda top, left, bottom, right: rgb[top:bottom, left:right], origin_um=(5.0, 7.0),
                                  window=50, halo_um=10.0)
     assert tiled["label"].tolist() == whole["label"].tolist()  # every nucleus once, seams included
     for column in COLUMNS[1:]:

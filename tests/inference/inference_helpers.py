@@ -7,15 +7,9 @@ so a missing data set can never make the suite pass by skipping.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
-import pytest
 import torch
 from torch import nn
-
-from tests.conftest import require_data as shared_data  # noqa: E402 - one lookup for all tests
 
 CMU_SMALL = "slides/CMU-1-Small-Region.svs"
 

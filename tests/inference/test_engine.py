@@ -24,11 +24,11 @@ from napari_feddp.inference import (
     Progress,
     SegmentationResult,
     TissueMask,
+    _output,
     grid_starts,
     run_to_completion,
     segment_slide,
 )
-from napari_feddp.inference import _output
 
 SPEC = InferenceSpec(tile_size=128)
 
@@ -396,7 +396,8 @@ class _WrongOutput(torch.nn.Module):
     ("make", "spec", "message"),
     [
         (lambda x: torch.zeros(x.shape[0], 2, 64, 64), SPEC, r"expected logits of shape \(4, C, 128, 128\), received \(4, 2, 64, 64\)"),
-        (lambda x: torch.zeros(x.shape[0], 3, 128, 128), InferenceSpec(tile_size=128, n_classes=2), r"\(4, 2, 128, 128\), received \(4, 3, 128, 128\)"),
+        (lambda x: torch.zeros(x.shape[0], 3, 128, 128), InferenceSpec(tile_size=128, n_classes=2),
+         r"\(4, 2, 128, 128\), received \(4, 3, 128, 128\)"),
         (lambda x: torch.zeros(2, 128, 128), SPEC, r"received \(2, 128, 128\)"),
         (lambda x: (torch.zeros(x.shape[0], 2, 128, 128),), SPEC, "received tuple"),
     ],

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from inference_helpers import paste_tissue, white_image
 
 from napari_feddp.inference import InferenceError, TissueMask, detect_tissue, tissue_mask
 from napari_feddp.inference import tissue as tissue_module
 from napari_feddp.slides import Slide
-
-from inference_helpers import paste_tissue, white_image
 
 
 def test_real_slide_mask_covers_tissue_not_glass(cmu_slide):

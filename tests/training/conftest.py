@@ -6,7 +6,6 @@ Data under ``<repo>/../shared/data`` is located by :func:`shared_data`, which
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,6 @@ from PIL import Image
 from torch import nn
 
 # One lookup for all tests: skips without the data, fails when FEDDP_REQUIRE_DATA=1.
-from ..conftest import require_data as shared_data  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

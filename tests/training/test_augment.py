@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from napari_feddp.training import Augmentation, SegmentationDataset
-from napari_feddp.training.augment import hed_to_rgb, rgb_to_hed, random_flip_rotate
+from napari_feddp.training.augment import hed_to_rgb, random_flip_rotate, rgb_to_hed
 
 
 def _encoded_pair(rng):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -52,7 +52,7 @@ def select_device(device: str | torch.device = "auto") -> torch.device:
     return chosen
 
 
-def autocast(device: torch.device, enabled: bool = True) -> ContextManager:
+def autocast(device: torch.device, enabled: bool = True) -> AbstractContextManager:
     """Mixed precision for the forward pass: bfloat16 (or float16) on CUDA only.
 
     CPU and MPS run in float32, where reduced precision is slower or unsupported

@@ -18,7 +18,7 @@ rounding), which the tests check.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
