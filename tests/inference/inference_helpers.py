@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tests.conftest import require_data as shared_data  # noqa: F401 - one data lookup for all tests
+
 CMU_SMALL = "slides/CMU-1-Small-Region.svs"
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 # One lookup for all tests: skips without the data, fails when FEDDP_REQUIRE_DATA=1.
+from ..conftest import require_data as shared_data  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
