@@ -200,6 +200,7 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_writes(tmp_p
     assert open_slide(out).kind == "labels"
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path, cmu1_path, tiny_checkpoint):
     out = tmp_path / "m.ome.tif"
     # The file-size limit makes every write past 4 KiB fail with EFBIG, as a full disk fails with ENOSPC.
@@ -215,6 +216,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path, cmu1_path, tiny_
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gigabytes", [1.0, 1.2])
 def test_running_out_of_memory_is_one_line_and_leaves_no_output(tmp_path, cmu1_path, gigabytes):
     out = tmp_path / "m.ome.tif"

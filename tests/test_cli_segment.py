@@ -16,6 +16,7 @@ from napari_feddp.slides import open_slide
 from ._slide_factory import write_pyramid
 
 
+@pytest.mark.slow
 def test_segment_writes_aligned_labels_and_geojson(tmp_path, cmu1_path, tiny_checkpoint, capsys):
     out, geo = tmp_path / "mask.ome.tif", tmp_path / "objects.geojson"
     rc = main(["segment", str(cmu1_path), "--out", str(out), "--model", str(tiny_checkpoint),
@@ -44,6 +45,7 @@ def test_segment_region_only(tmp_path, cmu1_path, tiny_checkpoint):
     assert not outside.any()
 
 
+@pytest.mark.slow
 def test_entry_point_runs(tmp_path, cmu1_path, tiny_checkpoint):
     result = subprocess.run(
         [sys.executable, "-m", "napari_feddp.cli", "segment", str(cmu1_path), "--out", str(tmp_path / "m.ome.tif"),

@@ -11,6 +11,8 @@ import json
 import os
 import random
 
+import pytest
+
 from scripts.fuzz_slides import SHARED_SLIDES, check_file, derived_seeds, mutate, read_layout, run_fuzz
 
 from .conftest import require_data
@@ -20,6 +22,7 @@ BUDGET_SECONDS = 40
 CASES = 1500
 
 
+@pytest.mark.slow
 def test_fuzzed_slides_end_in_slide_error_or_a_valid_result():
     if os.environ.get("FEDDP_REQUIRE_DATA") == "1":
         for name in SHARED_SLIDES:

@@ -49,6 +49,7 @@ def _save_selected(viewer, layer, path) -> None:
     assert [str(p) for p in written] == [str(path)]
 
 
+@pytest.mark.slow
 def test_small_result_is_editable_saved_reopened_and_resaved(qtbot, sample_and_widget, tmp_path):
     viewer, widget = sample_and_widget
     result_layer = _segment(qtbot, widget)
@@ -79,6 +80,7 @@ def test_small_result_is_editable_saved_reopened_and_resaved(qtbot, sample_and_w
     np.testing.assert_array_equal(tifffile.imread(again), result_layer.data)
 
 
+@pytest.mark.slow
 def test_large_result_is_corrected_through_a_window(qtbot, sample_and_widget, tmp_path):
     viewer, widget = sample_and_widget
     widget.editable_max_pixels = 1_000_000  # with this limit the sample's 6.6 MP result counts as large

@@ -19,6 +19,7 @@ def widget_with_slide(make_napari_viewer, cmu1_path, tiny_checkpoint):
     return viewer, docked_segment_widget(viewer, tiny_checkpoint)
 
 
+@pytest.mark.slow
 def test_run_adds_aligned_labels_layer(qtbot, widget_with_slide):
     viewer, widget = widget_with_slide
     assert widget.image.value is viewer.layers[0]

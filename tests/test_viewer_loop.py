@@ -129,6 +129,7 @@ def paint_correction(layer, box: tuple[int, int, int, int], label: int = 1, brus
     return changed
 
 
+@pytest.mark.slow
 def test_sample_to_dp_training_step(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path, artefacts):
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(*WINDOW_SIZE)

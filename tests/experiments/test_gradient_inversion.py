@@ -174,6 +174,7 @@ def monuseg_crop():
 PUBLIC_MEAN_RGB = (0.5945, 0.4267, 0.6214)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start", ["mean-colour", "noise"])
 def test_tiny_attack_recovers_without_dp_and_not_with_dp(monuseg_crop, start):
     images, masks = monuseg_crop

@@ -23,6 +23,8 @@ from napari_feddp.federation.processes import ManagedProcess, find_free_port
 
 from .conftest import wait_for_line, wait_no_processes
 
+pytestmark = pytest.mark.slow  # real Flower processes
+
 # Until napari_feddp.cli registers the module itself, add it here (idempotent).
 CLI = (
     "import sys; from napari_feddp import cli\n"

@@ -17,6 +17,8 @@ from napari_feddp.widgets.federation import FederationWidget
 
 from .conftest import tiny_settings, wait_no_processes
 
+pytestmark = pytest.mark.slow  # real Flower processes
+
 
 @pytest.mark.slow
 def test_widget_joins_trains_and_leaves(make_napari_viewer, qtbot, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import safetensors.torch
 import torch
 from flwr.app import ArrayRecord
 
@@ -18,7 +19,7 @@ from napari_feddp.federation.promotion import (
     current_default,
 )
 from napari_feddp.federation.settings import NodeSettings
-from napari_feddp.models import load_checkpoint, save_checkpoint
+from napari_feddp.models import CheckpointError, load_checkpoint, read_card, save_checkpoint
 from napari_feddp.models.store import bundled_checkpoint, model_store, resolve_checkpoint
 
 from .conftest import context, instruction, tiny_settings
@@ -103,8 +104,11 @@ def test_poisoned_1e30_model_is_refused_and_the_default_is_unchanged(
     assert resolve_checkpoint(None) == previous
     refused = model_store() / "refused" / "federation-1.safetensors"
     assert refused.is_file() and refused.with_suffix(".json").is_file()
-    kept, card = load_checkpoint(refused)
-    assert card.provenance.round == 2 and float(kept.head.bias.detach()[0]) == pytest.approx(1e30)
+    # Kept for inspection, and loading it is refused too.
+    assert read_card(refused).provenance.round == 2
+    assert float(safetensors.torch.load_file(refused)["head.bias"][0]) == pytest.approx(1e30)
+    with pytest.raises(CheckpointError, match=r"beyond ±10000"):
+        load_checkpoint(refused)
     record = [r for r in history(tmp_path) if r["event"].startswith("model-")]
     assert len(record) == 1 and record[0]["event"] == "model-refused"
     assert "non-finite" in record[0]["reason"]

@@ -24,6 +24,7 @@ def _run(env_value: str | None) -> str:
                           check=True).stdout.strip()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_applied_once_on_glibc_and_off_on_request():
     assert _run(None) == "True True"
