@@ -32,6 +32,17 @@ def cmu1_path() -> Path:
     return require_data("slides/CMU-1-Small-Region.svs")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test, restored after: the test machines share a couple of cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def isolated_feddp_home(tmp_path_factory, monkeypatch):
     """Every test gets an empty lab data folder (model store, ledgers)."""

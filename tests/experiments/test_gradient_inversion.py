@@ -26,12 +26,7 @@ from ..conftest import require_data
 NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _smooth_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:

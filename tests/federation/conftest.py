@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 
 from napari_feddp.federation.demo import make_synthetic_lab
@@ -23,12 +22,8 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The test machine is shared: keep torch on one core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _torch_on_one_thread(one_torch_thread):
+    """Every test in this folder."""
 
 
 def tiny_settings(**changes) -> RunSettings:

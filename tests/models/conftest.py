@@ -7,13 +7,8 @@ from napari_feddp.models import build_model, default_card
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # The test machines share a couple of cores; more threads only add contention.
-    # Restored afterwards so other test folders keep their own setting.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _torch_on_one_thread(one_torch_thread):
+    """Every test in this folder."""
 
 
 @pytest.fixture

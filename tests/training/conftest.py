@@ -19,12 +19,8 @@ from ..conftest import require_data as shared_data  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machine is shared: keep torch on one core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _torch_on_one_thread(one_torch_thread):
+    """Every test in this folder."""
 
 
 def synthetic_tile(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
