@@ -429,6 +429,25 @@ def analyse(rounds: list[dict], clients: list[dict], checkpoint_dir: Path, watch
     }
 
 
+def secure_summary(plain: list[dict], secure: list[dict]) -> dict:
+    """Secure aggregation against plain rounds of the same federation: ``secagg_round_overhead`` is the
+    median secure round time over the median plain round time (target 1.3); per-round figures as for plain."""
+    if not secure:
+        return {}
+    plain_median = statistics.median(r["round_seconds"] for r in plain)
+    secure_median = statistics.median(r["round_seconds"] for r in secure)
+    ratio = secure_median / plain_median
+    keep = ("round", "round_seconds", "slowest_client_train_seconds", "round_overhead", "overhead_seconds", "accepted")
+    return {
+        "secagg_round_overhead": round(ratio, 4),
+        "secagg_round_overhead_target": 1.3,
+        "secagg_target_met": ratio <= 1.3,
+        "secure_round_seconds_median": round(secure_median, 3),
+        "secure_round_overhead": round(statistics.median(r["round_overhead"] for r in secure), 4),
+        "secure_per_round": [{k: r[k] for k in keep} for r in secure],
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny UNet, ~5 s training, 1 round")
@@ -436,6 +455,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train-seconds", type=float, default=None,
                         help="target local training time per round, one lab alone (default 30; quick 5)")
     parser.add_argument("--labs", type=int, default=3)
+    parser.add_argument("--plain-only", action="store_true", help="skip the rounds with secure aggregation")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--keep-workdir", action="store_true")
     args = parser.parse_args(argv)
@@ -487,13 +507,24 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     with LocalFederation(workdir=workdir / "fed", labs=labs, threads=1, keep_workdir=True) as fed:
         startup = time.monotonic() - t0
-        print(f"federation up in {startup:.1f} s; running {rounds} round(s)", flush=True)
+        print(f"federation up in {startup:.1f} s; running {rounds} round(s) in the clear", flush=True)
         logs = {name: node.process.log_path for name, node in fed.supernodes.items()}
         with LogWatcher(logs) as watcher:
-            outcome = fed.run(settings, timeout=600.0 + rounds * 20 * target,
+            outcome = fed.run(settings.replace(secure_aggregation="off"), timeout=600.0 + rounds * 20 * target,
                               on_round=lambda r: print(f"  round {r['round']}: {r['seconds']:.1f} s", flush=True))
+        split = time.time()
+        secure = None
+        if not args.plain_only:
+            print(f"running {rounds} round(s) with secure aggregation (SecAgg+)", flush=True)
+            secure = fed.run(settings.replace(secure_aggregation="on"), timeout=600.0 + rounds * 30 * target,
+                             on_round=lambda r: print(f"  round {r['round']}: {r['seconds']:.1f} s", flush=True))
     clients = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    analysis = analyse(outcome.rounds, clients, outcome.checkpoint_dir, watcher)
+    analysis = analyse(outcome.rounds, [c for c in clients if c["train_start"] < split], outcome.checkpoint_dir,
+                       watcher)
+    secure_rounds = []
+    if secure is not None:
+        secure_rounds = analyse(secure.rounds, [c for c in clients if c["train_start"] >= split],
+                                secure.checkpoint_dir)["per_round"]
     sizes = model_sizes(settings)
     imports = import_seconds()
 
@@ -509,6 +540,7 @@ def main(argv=None) -> int:
         "round_overhead_max": round(max(overheads), 4) if overheads else None,
         "round_overhead_target": 1.25,
         "target_met": bool(overheads) and statistics.median(overheads) <= 1.25,
+        **secure_summary(per_round, secure_rounds),
         "round_seconds_median": _median([r["round_seconds"] for r in per_round]),
         "slowest_client_train_seconds_median": _median([r["slowest_client_train_seconds"] for r in per_round]),
         "overhead_seconds_median": _median([r["overhead_seconds"] for r in per_round]),
@@ -540,6 +572,8 @@ def main(argv=None) -> int:
             "run_seconds": round(outcome.seconds, 2),
         },
         "definitions": {
+            "secagg_round_overhead": "median ServerApp round time with secure aggregation (SecAgg+: setup, "
+            "key sharing, training with masking, unmasking) / the same without it, in one federation",
             "round_overhead": "ServerApp round time (rounds.jsonl 'seconds') / max over labs of the "
             "wall time of default_train/train_local measured inside each ClientApp process in that "
             "round (3 labs share 2 cores); median over rounds",
@@ -557,8 +591,9 @@ def main(argv=None) -> int:
         import shutil
 
         shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps({k: result[k] for k in (
-        "round_overhead", "round_overhead_max", "round_seconds_median",
+    print(json.dumps({k: result.get(k) for k in (
+        "round_overhead", "round_overhead_max", "round_seconds_median", "secagg_round_overhead",
+        "secure_round_seconds_median", "secure_round_overhead",
         "slowest_client_train_seconds_median", "overhead_seconds_median",
         "bytes_sent_per_client_per_round", "model_float32_bytes", "bytes_ratio_to_model",
         "phases_median_seconds", "critical_path_median_seconds")}, indent=2))

@@ -184,9 +184,16 @@ def attacked(tmp_path_factory):
         }
         result["rogue_homes"] = {name: home for name, (_, home) in rogues.items()}
 
-        # A malicious lab among four: 2 rounds with the default (mean) aggregation.
+        # A malicious lab among four: 2 rounds with the mean, in the clear (the server checks every
+        # update) and with secure aggregation (the server sees only the sum; each coordinate is bounded).
         result["poisoned"] = fed.run(
-            tiny_settings(min_clients=4, num_rounds=2, round_timeout=90.0, checkpoint_dir=str(root / "poisoned")),
+            tiny_settings(min_clients=4, num_rounds=2, round_timeout=90.0, checkpoint_dir=str(root / "poisoned"),
+                          secure_aggregation="off"),
+            timeout=400,
+        )
+        result["poisoned_secure"] = fed.run(
+            tiny_settings(min_clients=4, num_rounds=2, round_timeout=90.0, final_evaluation=False,
+                          checkpoint_dir=str(root / "poisoned-secure")),
             timeout=400,
         )
         result["stores"] = {name: sorted(p.name for p in (fed.workdir / "model-stores" / name).glob("*"))
@@ -306,6 +313,16 @@ def test_a_poisoning_lab_cannot_take_over_the_global_model(attacked):
     model, _ = load_checkpoint(run.checkpoint_dir / "final.safetensors")
     weights = np.concatenate([p.detach().numpy().ravel() for p in model.parameters()])
     assert np.all(np.isfinite(weights)) and np.abs(weights).max() < 100
+
+
+def test_under_secure_aggregation_a_poisoning_lab_moves_each_weight_by_a_bounded_amount(attacked):
+    run = attacked["poisoned_secure"]
+    assert [r["aggregation"] for r in run.rounds] == ["secure-mean"] * 2 and all(r["aggregated"] for r in run.rounds)
+    start, _ = load_checkpoint(run.checkpoint_dir / "round-000.safetensors")
+    final, _ = load_checkpoint(run.checkpoint_dir / "final.safetensors")
+    bound = tiny_settings().secure_clipping_range * len(run.rounds)  # every coordinate of the mean is within it
+    moved = max(float((p - q).abs().max()) for p, q in zip(final.parameters(), start.parameters(), strict=True))
+    assert 0 < moved <= bound + 1e-4
 
 
 def test_a_model_that_fails_the_labs_check_never_becomes_its_default(attacked):

@@ -9,83 +9,18 @@ from collections.abc import Iterable
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
-from napari_feddp.federation import client_app, server_app
+from napari_feddp.federation import server_app
 from napari_feddp.federation.checkpoints import CheckpointWriter
-from napari_feddp.federation.demo import make_synthetic_lab
-from napari_feddp.federation.settings import NodeSettings
 from napari_feddp.models import CheckpointError, load_checkpoint
 
-from .conftest import HERE, tiny_settings
-
-
-class InProcessGrid(Grid):
-    """A Grid whose 'SuperNodes' are ClientApp calls in this process."""
-
-    def __init__(self, contexts: dict[int, Context]):
-        self.contexts = contexts
-        self.sent: list[Message] = []
-
-    def set_run(self, run) -> None:  # pragma: no cover - not used
-        pass
-
-    @property
-    def run(self):  # pragma: no cover - not used
-        return None
-
-    def create_message(self, *args, **kwargs):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> list[Message]:
-        replies = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = message.object_id
-            self.sent.append(message)
-            context = self.contexts[message.metadata.dst_node_id]
-            context.run_config = dict(self._run_config)
-            replies.append(client_app.app(message, context))
-        return replies
-
-
-@pytest.fixture
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 9, 1, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
-
-def make_grid(tmp_path, settings, **lab_changes) -> InProcessGrid:
-    contexts = {}
-    for node_id, name in ((101, "a"), (102, "b"), (103, "c")):
-        node = NodeSettings(
-            lab=name,
-            data_dir=str(make_synthetic_lab(tmp_path / name, n_tiles=4, size=32, seed=node_id)),
-            ledger_dir=str(tmp_path / "ledgers"),
-            model_store=str(tmp_path / "store" / name),
-            # No budget: these tests follow rounds and resumes, not declines.
-            **{"max_epsilon": 0.0, **lab_changes.get(name, {})},
-        )
-        contexts[node_id] = Context(run_id=9, node_id=node_id, node_config=node.to_node_config(),
-                                    state=RecordDict(), run_config={})
-    grid = InProcessGrid(contexts)
-    grid._run_config = settings.to_run_config()
-    return grid
+from .conftest import HERE, InProcessGrid, make_grid, tiny_settings
 
 
 def test_rounds_checkpoints_and_final_evaluation(tmp_path, task_identity, monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))
-    settings = tiny_settings(checkpoint_dir=str(tmp_path / "ckpt"))
+    # In the clear, so that the server's own checks of each update are what is tested.
+    settings = tiny_settings(checkpoint_dir=str(tmp_path / "ckpt"), secure_aggregation="off")
     grid = make_grid(tmp_path, settings, c={"train_fn": "fault_trainers:nan_update"})
     context = Context(run_id=9, node_id=1, node_config={}, state=RecordDict(),
                       run_config=settings.to_run_config())
@@ -107,7 +42,7 @@ def test_rounds_checkpoints_and_final_evaluation(tmp_path, task_identity, monkey
 
     # Resume: weights of round 2 are the start, rounds continue at 3.
     resumed = tiny_settings(num_rounds=1, final_evaluation=False, checkpoint_dir=str(tmp_path / "ckpt2"),
-                            resume_from=str(ckpt / "final.safetensors"))
+                            resume_from=str(ckpt / "final.safetensors"), secure_aggregation="off")
     grid._run_config = resumed.to_run_config()
     server_app.main(grid, Context(run_id=10, node_id=1, node_config={}, state=RecordDict(),
                                   run_config=resumed.to_run_config()))
@@ -130,7 +65,7 @@ def test_a_failing_run_says_why_in_its_summary(tmp_path, task_identity):
 
 
 class ScriptedGrid(InProcessGrid):
-    """A Grid whose labs answer with scripted replies (real Flower Messages, no training).
+    """A Grid whose labs answer with scripted replies in the clear (real Flower Messages, no training).
 
     ``epsilons`` maps node id to the epsilon that lab reports with its update.
     """
@@ -158,7 +93,7 @@ class ScriptedGrid(InProcessGrid):
 
 @pytest.mark.parametrize("epsilon", [0.0, -0.74, float("nan")])
 def test_labs_reporting_an_impossible_epsilon_are_rejected_and_the_run_completes(tmp_path, task_identity, epsilon):
-    settings = tiny_settings(checkpoint_dir=str(tmp_path / "ckpt"))
+    settings = tiny_settings(checkpoint_dir=str(tmp_path / "ckpt"), secure_aggregation="off")
     grid = ScriptedGrid({101: epsilon, 102: epsilon, 103: epsilon})
     server_app.main(grid, Context(run_id=9, node_id=1, node_config={}, state=RecordDict(),
                                   run_config=settings.to_run_config()))
@@ -179,7 +114,7 @@ def test_labs_reporting_an_impossible_epsilon_are_rejected_and_the_run_completes
 
 
 def test_one_lab_with_a_negative_epsilon_leaves_the_others_and_the_card_intact(tmp_path, task_identity):
-    settings = tiny_settings(checkpoint_dir=str(tmp_path / "ckpt"), final_evaluation=False)
+    settings = tiny_settings(checkpoint_dir=str(tmp_path / "ckpt"), final_evaluation=False, secure_aggregation="off")
     writer = CheckpointWriter(settings.checkpoint_dir, settings)
     _, strategy = server_app.run_federation(ScriptedGrid({101: 1.5, 102: 2.0, 103: -0.74}), settings, writer)
     for report in strategy.reports.values():

@@ -12,7 +12,9 @@ Loaded by ``flwr-clientapp`` inside each lab's SuperNode as
    ``unit-weight``, ``delta``, ``steps``). No image, mask, per-sample value or
    file path leaves the lab.
 
-With ``dp-mode = "update"`` the server's round config carries
+In a secure-aggregation round, :func:`~.secure.secure_aggregation_mod` runs
+Flower's SecAgg+ protocol around training and the weights leave the lab only
+as a masked update. With ``dp-mode = "update"`` the server's round config carries
 ``clipping_norm`` and Flower's :func:`~flwr.clientapp.mod.fixedclipping_mod`
 clips the update before it is sent (client-level DP with
 ``DifferentialPrivacyClientSideFixedClipping`` on the server).
@@ -34,6 +36,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from .checkpoints import append_jsonl
 from .local import DeclineRound, LocalRequest, build_model, default_evaluate, default_train, load_function
 from .policy import policy_refusal
+from .secure import is_secure_round, secure_aggregation_mod
 from .settings import NodeSettings, RunSettings
 from .strategy import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, REASON_KEY
 
@@ -107,7 +110,7 @@ def _scalars(values: dict[str, float | int | None]) -> dict[str, float | int]:
             and (isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)))}  # fmt: skip
 
 
-@app.train(mods=[update_clipping_mod])
+@app.train(mods=[secure_aggregation_mod, update_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on the lab's data; reply with weights + scalars.
 
@@ -115,6 +118,8 @@ def train(msg: Message, context: Context) -> Message:
     declined before anything is built or trained.
     """
     try:
+        if NodeSettings.from_node_config(context.node_config).require_secure_aggregation and not is_secure_round(msg):
+            raise DeclineRound("lab policy: this lab sends its update only inside a secure sum (SecAgg+) of 3 or more labs")
         request = _prepare(msg, context)
         train_fn = load_function(request.node.train_fn) if request.node.train_fn else default_train
         _record(request.node, request.server_round, "training")

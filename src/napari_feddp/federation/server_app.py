@@ -11,6 +11,9 @@ Loaded by ``flwr-serverapp`` (started by the SuperLink's SuperExec) as
   clipped) and FedAvg them (or take their coordinate-wise median / trimmed
   mean; uniform weights with client-level DP, where Flower's
   ``DifferentialPrivacyClientSideFixedClipping`` adds Gaussian noise),
+* with secure aggregation (on by default with 3 or more labs,
+  :mod:`~napari_feddp.federation.secure`) the round runs through Flower's
+  SecAgg+ stages instead, and only the mean of the labs' updates is seen,
 * a checkpoint (safetensors + model card) and a ``rounds.jsonl`` line per round;
   a card value that cannot be written is recorded in the round line, it does
   not stop the run,
@@ -25,12 +28,13 @@ import time
 import traceback
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from .checkpoints import CheckpointWriter
 from .local import build_model
+from .secure import SecureRound, secure_aggregation_on
 from .settings import RunSettings
 from .strategy import GuardedStrategy, build_strategy, valid_epsilon
 
@@ -78,16 +82,21 @@ def update_dp_epsilon(settings: RunSettings, releases: int) -> float | None:
 
 
 def run_federation(grid: Grid, settings: RunSettings, writer: CheckpointWriter | None = None,
-                   strategy: GuardedStrategy | None = None) -> tuple[ArrayRecord, GuardedStrategy]:
+                   strategy: GuardedStrategy | None = None,
+                   context: Context | None = None) -> tuple[ArrayRecord, GuardedStrategy]:
     """Run all training rounds and the final evaluation; return the final weights and the strategy (its reports).
 
     ``writer`` defaults to one for ``settings.checkpoint_dir``, ``strategy`` to
-    :func:`~napari_feddp.federation.strategy.build_strategy`'s.
+    :func:`~napari_feddp.federation.strategy.build_strategy`'s; ``context`` is
+    the ServerApp's (secure aggregation keeps its protocol state there).
     """
     writer = writer or CheckpointWriter(settings.checkpoint_dir, settings)
+    context = context or Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     arrays, done = initial_arrays(settings)
     strategy = strategy or build_strategy(settings, arrays)
     strategy.summary()
+    secure = secure_aggregation_on(settings)
+    log(logging.INFO, "Secure aggregation (SecAgg+): %s", "on" if secure else "off")
     # Nothing lab-reported is in the first card: a failure is the operator's to see.
     writer.save_model(f"round-{done:03d}", arrays, strict=True, round=done, federated_rounds=done)
     epsilon = None
@@ -97,8 +106,14 @@ def run_federation(grid: Grid, settings: RunSettings, writer: CheckpointWriter |
         started = time.monotonic()
         log(logging.INFO, "[ROUND %d/%d]", server_round, last_round)
         config = ConfigRecord({"learning-rate": float(settings.learning_rate)})
-        messages = strategy.configure_train(server_round, arrays, config, grid)
-        new_arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages, timeout=settings.round_timeout))
+        messages = list(strategy.configure_train(server_round, arrays, config, grid))
+        if secure:
+            strategy.forget_train(server_round)
+            new_arrays, strategy.reports[server_round] = SecureRound(settings, len(messages)).run(
+                grid, context, server_round, arrays, messages)
+        else:
+            new_arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages,
+                                                                                       timeout=settings.round_timeout))
         arrays = arrays if new_arrays is None else new_arrays
         report = strategy.reports[server_round]
         report.seconds = time.monotonic() - started
@@ -144,7 +159,7 @@ def main(grid: Grid, context: Context) -> None:
     writer = CheckpointWriter(settings.checkpoint_dir, settings)
     writer.write_summary("running", run_id=context.run_id, settings=settings.to_run_config())
     try:
-        _, strategy = run_federation(grid, settings, writer)
+        _, strategy = run_federation(grid, settings, writer, context=context)
     except BaseException as exc:
         writer.write_summary("failed", run_id=context.run_id, error=f"{type(exc).__name__}: {exc}",
                              traceback=traceback.format_exc()[-4000:])

@@ -142,6 +142,12 @@ class RunSettings(_FlatConfig):
         "mean", "mean: weighted FedAvg; median / trimmed-mean: coordinate-wise (unweighted) with 4 or more "
         "updates, else FedAvg; only mean with dp-mode update", cli=True)
     trim_fraction: float = _setting(0.25, "fraction cut from each tail by trimmed-mean", cli=True, gt=0, lt=0.5)
+    secure_aggregation: Literal["auto", "on", "off"] = _setting(
+        "auto", "SecAgg+: the coordinator learns only the sum of the labs' updates; auto: on with min-clients 3 "
+        "or more and aggregation mean", cli=True)
+    secure_clipping_range: float = _setting(
+        1.0, "secure aggregation: bound on every coordinate of a lab's weighted update before quantization",
+        cli=True, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunSettings:
@@ -154,6 +160,13 @@ class RunSettings(_FlatConfig):
             # mean of clipped updates; a median or trimmed mean has another one.
             raise ValueError(f"aggregation {self.aggregation!r} cannot be used with dp-mode 'update' "
                              "(its noise calibration assumes a mean); use aggregation 'mean'")
+        if self.secure_aggregation == "on":
+            if self.min_clients < 3:
+                raise ValueError(f"secure-aggregation 'on' needs min-clients 3 or more, received {self.min_clients}: "
+                                 "in a sum of two updates each lab can subtract its own and read the other's")
+            if self.aggregation != "mean":
+                raise ValueError(f"aggregation {self.aggregation!r} cannot be used with secure-aggregation 'on' "
+                                 "(the coordinator only learns a sum); use aggregation 'mean'")
         multiple = 2 ** (self.model_depth - 1)
         if self.crop_size % multiple:
             raise ValueError(f"crop-size {self.crop_size} must be a multiple of {multiple} for model-depth "
@@ -235,6 +248,9 @@ class NodeSettings(_FlatConfig):
     max_local_epochs: int = _setting(5, "most local epochs a round may ask for", cli=True, ge=0)
     max_crop_size: int = _setting(512, "largest training crop a run may ask for", cli=True, ge=0)
     max_batch_size: int = _setting(64, "largest batch a run may ask for", cli=True, ge=0)
+    require_secure_aggregation: bool = _setting(
+        False, "decline rounds that would send this lab's update to the coordinator in the clear (not inside a "
+        "SecAgg+ sum of 3 or more labs)", cli=True)
 
     @classmethod
     def from_node_config(cls, config: Mapping[str, Any]) -> NodeSettings:

@@ -343,6 +343,10 @@ class GuardedStrategy(Strategy):
         self._outgoing[("train", server_round)] = messages
         return messages
 
+    def forget_train(self, server_round: int) -> None:
+        """Drop the remembered training messages of a round aggregated elsewhere (secure aggregation)."""
+        self._outgoing.pop(("train", server_round), None)
+
     def _check_reply(self, msg: Message, metrics: MetricRecord | None) -> str | None:
         content = msg.content
         if len(content.array_records) != 1 or ARRAYS_KEY not in content.array_records:
