@@ -19,6 +19,7 @@ LABELS = {
     "feddp-eps1": "FedDP sample-level, ε=1",
     "feddp-eps3": "FedDP sample-level, ε=3",
     "feddp-eps8": "FedDP sample-level, ε=8",
+    "feddp-dist-eps8": "FedDP distributed noise, ε=8",
     "feddp-eps16": "FedDP sample-level, ε=16 (privacy-cost sweep)",
     "feddp-eps32": "FedDP sample-level, ε=32 (privacy-cost sweep)",
     "feddp-clip": "FedDP machinery, clipping only (diagnostic, no privacy)",

@@ -34,18 +34,23 @@ from .hospitals import HOSPITALS, prepare_hospitals
 
 #: Every setting the runner knows, in table order.
 SETTINGS = ("pretrained", "centralized", "local", "fedavg", "feddp-eps1", "feddp-eps3", "feddp-eps8",
-            "feddp-eps16", "feddp-eps32", "feddp-clip", "feddp-update")
+            "feddp-eps16", "feddp-eps32", "feddp-clip", "feddp-update", "feddp-dist-eps8")
 DP_EPSILONS = {"feddp-eps1": 1.0, "feddp-eps3": 3.0, "feddp-eps8": 8.0, "feddp-eps16": 16.0, "feddp-eps32": 32.0}
 #: Diagnostic: the sample-level DP-SGD machinery (per-sample clipping, Poisson sampling, the
 #: ledger) with a negligible noise multiplier, i.e. no privacy. Its gap to FedAvg is what
 #: clipping and sampling cost; the rest of a DP setting's gap is the noise.
 CLIP_ONLY_NOISE = 1e-4
 #: Settings trained with sample-level DP-SGD (their own ``Budget.for_sample_dp``).
-SAMPLE_DP = (*DP_EPSILONS, "feddp-clip")
+SAMPLE_DP = (*DP_EPSILONS, "feddp-clip", "feddp-dist-eps8")
 #: Run only when asked for (``--settings``): the privacy-cost sweep past the grid's epsilons,
 #: which measures what budget FedDP needs to come within 1 Dice point of FedAvg, and the
 #: clipping-only diagnostic.
-SWEEP_ONLY = ("feddp-eps16", "feddp-eps32", "feddp-clip")
+SWEEP_ONLY = ("feddp-eps16", "feddp-eps32", "feddp-clip", "feddp-dist-eps8")
+#: Distributed DP noise at epsilon 8: one DP-SGD step per round over all hospitals, each adding
+#: its share of the noise under secure aggregation (``dp-noise distributed``). The same lab-steps,
+#: sample rate and steps per hospital as ``feddp-eps8``, hence the same noise multiplier; run
+#: in one process (:mod:`experiments.inprocess`: one round per step).
+DISTRIBUTED = {"feddp-dist-eps8": 8.0}
 #: What ``run_grid`` runs when no settings are given.
 GRID = tuple(s for s in SETTINGS if s not in SWEEP_ONLY)
 
@@ -234,19 +239,7 @@ def train_federated(folders: dict[str, Path], budget: Budget, *, dp_mode: str, n
     from napari_feddp.federation.pilot import LocalFederation
 
     if dp_mode == "sample":
-        # A DP-SGD dataset is bound to the privacy ledger that first used it (a marker in
-        # DIR/.feddp), so a second run on the same folder would (rightly) be refused. Each
-        # experiment run is a separate hypothetical deployment: give it its own folders,
-        # linking the same images/ and masks/.
-        fresh = {}
-        for h in budget.hospitals:
-            fresh[h] = out / "data" / h
-            fresh[h].mkdir(parents=True, exist_ok=True)
-            for sub in ("images", "masks", "instances"):
-                link = fresh[h] / sub
-                if not link.exists() and (Path(folders[h]) / sub).is_dir():
-                    link.symlink_to(Path(folders[h]).resolve() / sub, target_is_directory=True)
-        folders = fresh
+        folders = _ledger_folders(budget, folders, out)
     labs = hospital_labs(budget.hospitals, folders, dp_mode, epsilon_budget)
     settings = budget.settings.replace(
         min_clients=len(labs), min_updates=len(labs), dp_mode=dp_mode,
@@ -266,6 +259,49 @@ def train_federated(folders: dict[str, Path], budget: Budget, *, dp_mode: str, n
         raise RuntimeError(f"{name}: no round was aggregated (failed: {first.get('failed')}, "
                            f"declined: {first.get('declined')})")
     return outcome.checkpoint_dir / "final.safetensors", outcome.rounds
+
+
+def train_distributed(folders: dict[str, Path], budget: Budget, *, noise: float, epsilon_budget: float, seed: int,
+                      out: Path, name: str, init: Path | None = None) -> tuple[Path, list[dict]]:
+    """A distributed-noise run in one process: ``rounds x local_steps`` rounds of one DP-SGD step each."""
+    from napari_feddp.federation.settings import NodeSettings
+
+    from .inprocess import run_in_process
+
+    folders = _ledger_folders(budget, folders, out)
+    steps = budget.settings.num_rounds * budget.settings.max_steps
+    settings = budget.settings.replace(
+        num_rounds=steps, max_steps=1, min_clients=len(budget.hospitals), min_updates=len(budget.hospitals),
+        dp_mode="sample", dp_noise="distributed", secure_aggregation="on", noise_multiplier=noise,
+        source_mpp=budget.settings.mpp, seed=seed, checkpoint_dir=str(out / "checkpoints"), model_name=name,
+        final_evaluation=False, resume_from=str(Path(init).resolve()) if init is not None else "")
+    labs = [NodeSettings(lab=h, data_dir=str(folders[h]), ledger_dir=str(out / "ledgers"), max_epsilon=epsilon_budget,
+                         accept_dp_modes="sample", min_noise_multiplier=0.0, max_noise_split=len(budget.hospitals),
+                         model_store=str(out / "stores" / h), threads=max(1, os.cpu_count() or 1))
+            for h in budget.hospitals]  # fmt: skip
+    _, strategy = run_in_process(settings, labs, run_id=seed + 1)
+    rounds = [report.to_dict() for _, report in sorted(strategy.reports.items())]
+    if not any(r["aggregated"] for r in rounds):
+        raise RuntimeError(f"{name}: no round was aggregated ({rounds[0].get('note')})")
+    return Path(settings.checkpoint_dir) / "final.safetensors", rounds
+
+
+def _ledger_folders(budget: Budget, folders: dict[str, Path], out: Path) -> dict[str, Path]:
+    """Each hospital's images/, masks/ and instances/ linked into a folder of this run.
+
+    A DP-SGD dataset is bound to the privacy ledger that first used it (a marker in DIR/.feddp),
+    so a second run on the same folder would (rightly) be refused. Each experiment run is a
+    separate hypothetical deployment.
+    """
+    fresh = {}
+    for h in budget.hospitals:
+        fresh[h] = out / "data" / h
+        fresh[h].mkdir(parents=True, exist_ok=True)
+        for sub in ("images", "masks", "instances"):
+            link = fresh[h] / sub
+            if not link.exists() and (Path(folders[h]) / sub).is_dir():
+                link.symlink_to(Path(folders[h]).resolve() / sub, target_is_directory=True)
+    return fresh
 
 
 def hospital_labs(hospitals, folders: dict[str, Path], dp_mode: str, epsilon_budget: float) -> list:
@@ -337,8 +373,14 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
             # aggregate of clipped client updates (Flower's client-side fixed clipping).
             dp_mode = "update"
             update_noise = noise_for_epsilon(8.0, min(n_examples.values()), budget.settings)
-        ckpt, rounds = train_federated(folders, budget, dp_mode=dp_mode, noise=noise, update_noise=update_noise,
-                                       epsilon_budget=eps_budget, seed=seed, out=work, name=setting, init=init)
+        if setting in DISTRIBUTED:
+            dp_mode, eps_budget = "sample", DISTRIBUTED[setting]
+            noise = noise_for_epsilon(eps_budget, min(n_examples.values()), budget.settings)
+            ckpt, rounds = train_distributed(folders, budget, noise=noise, epsilon_budget=eps_budget, seed=seed,
+                                             out=work, name=setting, init=init)
+        else:
+            ckpt, rounds = train_federated(folders, budget, dp_mode=dp_mode, noise=noise, update_noise=update_noise,
+                                           epsilon_budget=eps_budget, seed=seed, out=work, name=setting, init=init)
         # The clipping-only diagnostic gives no guarantee: the accountant's astronomical epsilon
         # for its negligible noise is not a privacy claim, so none is recorded.
         guarantee = dp_mode != "none" and setting != "feddp-clip"
@@ -359,6 +401,10 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
                       delta=budget.settings.target_delta if guarantee else None,
                       epsilon_unit=(None if not guarantee else "patch (sample-level)" if dp_mode == "sample" else
                                     "hospital (client-level, no client sampling)"))
+    if setting in DISTRIBUTED:
+        record.update(dp_noise="distributed", noise_split=len(budget.hospitals),
+                      threat_model="every hospital honest in every sum; the coordinator follows SecAgg+ "
+                                   "(docs/privacy.md, distributed noise)")
     record["seconds"] = round(time.monotonic() - started, 1)
     path = out / f"{setting}-s{seed}.json"
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -6,22 +6,17 @@ per process; a run uses a 2-level, 8-channel UNet on 32-pixel crops.
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from napari_feddp.federation import client_app
+from experiments.inprocess import InProcessGrid
 from napari_feddp.federation.demo import make_synthetic_lab
 from napari_feddp.federation.settings import NodeSettings, RunSettings
 
@@ -169,58 +164,6 @@ def joined_lab(tmp_path):
     node.process.kill()
 
 
-class InProcessGrid(Grid):
-    """A Grid whose 'SuperNodes' are ClientApp calls in this process."""
-
-    def __init__(self, contexts: dict[int, Context]):
-        self.contexts = contexts
-        self.sent: list[Message] = []
-        self.received: list[Message] = []
-        self.unreachable: set[int] = set()  # nodes the SuperLink reports as gone
-
-    def set_run(self, run) -> None:  # pragma: no cover - not used
-        pass
-
-    @property
-    def run(self):  # pragma: no cover - not used
-        return None
-
-    def create_message(self, *args, **kwargs):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> list[Message]:
-        replies = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = message.object_id
-            self.sent.append(message)
-            context = self.contexts[message.metadata.dst_node_id]
-            context.run_config = dict(self._run_config)
-            # Each node gets its own copy, as over the network (SecAgg+ sends one content to all).
-            content = recorddict_from_proto(recorddict_to_proto(message.content))
-            received = Message(content, metadata=copy.deepcopy(message.metadata))
-            if message.metadata.dst_node_id in self.unreachable:
-                replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"),
-                                       reply_to=received))
-                continue
-            try:
-                answer = client_app.app(received, context)
-            except Exception as exc:  # what a SuperNode sends when its ClientApp raises
-                answer = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc)}:<'{exc}'>"),
-                                 reply_to=received)
-            self.received.append(answer)
-            replies.append(answer)
-        return replies
-
-
 @pytest.fixture
 def task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 9, 1, 1
@@ -242,6 +185,4 @@ def make_grid(tmp_path, settings, labs: str = "abc", **lab_changes) -> InProcess
         )
         contexts[node_id] = Context(run_id=9, node_id=node_id, node_config=node.to_node_config(),
                                     state=RecordDict(), run_config={})
-    grid = InProcessGrid(contexts)
-    grid._run_config = settings.to_run_config()
-    return grid
+    return InProcessGrid(contexts, settings.to_run_config())

@@ -31,7 +31,7 @@ SHIFTED = {"train_fn": "fault_trainers:shifted_update"}
 
 def _run(tmp_path, grid, settings, rounds=1):
     settings = settings.replace(num_rounds=rounds, final_evaluation=False, checkpoint_dir=str(tmp_path / "ckpt"))
-    grid._run_config = settings.to_run_config()
+    grid.run_config = settings.to_run_config()
     initial, _ = server_app.initial_arrays(settings)
     context = Context(run_id=9, node_id=1, node_config={}, state=RecordDict(), run_config=settings.to_run_config())
     arrays, strategy = server_app.run_federation(grid, settings, CheckpointWriter(settings.checkpoint_dir, settings),

@@ -43,7 +43,7 @@ def test_rounds_checkpoints_and_final_evaluation(tmp_path, task_identity, monkey
     # Resume: weights of round 2 are the start, rounds continue at 3.
     resumed = tiny_settings(num_rounds=1, final_evaluation=False, checkpoint_dir=str(tmp_path / "ckpt2"),
                             resume_from=str(ckpt / "final.safetensors"), secure_aggregation="off")
-    grid._run_config = resumed.to_run_config()
+    grid.run_config = resumed.to_run_config()
     server_app.main(grid, Context(run_id=10, node_id=1, node_config={}, state=RecordDict(),
                                   run_config=resumed.to_run_config()))
     start, _ = load_checkpoint(tmp_path / "ckpt2" / "round-002")

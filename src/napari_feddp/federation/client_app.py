@@ -27,7 +27,6 @@ import math
 import time
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
@@ -96,6 +95,8 @@ def _prepare(msg: Message, context: Context) -> LocalRequest:
         raise DeclineRound(f"invalid run config: {exc}"[:200]) from None
     if refusal := policy_refusal(settings, node):
         raise DeclineRound(refusal[:200])
+    import torch  # here, not at import: the SecAgg+ stages that do not train start faster without it
+
     torch.set_num_threads(max(1, int(node.threads)))
     model = build_model(settings)
     model.load_state_dict(msg.content.array_records[ARRAYS_KEY].to_torch_state_dict(), strict=True)
@@ -118,8 +119,13 @@ def train(msg: Message, context: Context) -> Message:
     declined before anything is built or trained.
     """
     try:
-        if NodeSettings.from_node_config(context.node_config).require_secure_aggregation and not is_secure_round(msg):
-            raise DeclineRound("lab policy: this lab sends its update only inside a secure sum (SecAgg+) of 3 or more labs")
+        if not is_secure_round(msg):
+            if NodeSettings.from_node_config(context.node_config).require_secure_aggregation:
+                raise DeclineRound("lab policy: this lab sends its update only inside a secure sum (SecAgg+) of 3 or "
+                                   "more labs")  # fmt: skip
+            if context.run_config.get("dp-noise") == "distributed":
+                raise DeclineRound("a distributed-noise update carries only a share of the noise: sent only inside a "
+                                   "secure sum")  # fmt: skip
         request = _prepare(msg, context)
         train_fn = load_function(request.node.train_fn) if request.node.train_fn else default_train
         _record(request.node, request.server_round, "training")

@@ -22,10 +22,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .settings import NodeSettings, RunSettings
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class DeclineRound(Exception):
@@ -178,10 +180,14 @@ def default_train(request: LocalRequest) -> LocalUpdate:
     lab's own delta (``max-delta`` of its policy, which the run's delta may not
     exceed); a round that would exceed the lab's ``max-epsilon``, or a dataset
     too large for that delta, raises :class:`DeclineRound` before any training.
+    With ``dp-noise = distributed`` the round is one DP-SGD step that is not
+    applied: the weights sent are the global model plus the lab's noisy
+    gradient sum, with the lab's share of the noise (the server sums the
+    shares under secure aggregation and applies the step).
     ``update`` and ``none`` modes train without per-sample noise (in ``update``
     mode the ClientApp clips the update and the server adds noise).
     """
-    from ..training import BudgetExceededError, PrivacyLedger, dataset_fingerprint, train_local
+    from ..training import BudgetExceededError, PrivacyLedger, dataset_fingerprint, private_gradient_sum, train_local
 
     settings, node = request.settings, request.node
     overrides = request.train_overrides or {}
@@ -197,7 +203,14 @@ def default_train(request: LocalRequest) -> LocalUpdate:
                                dataset_dir=node.data_dir, delta=node.max_delta)  # fmt: skip
     config = settings.train_config(node, learning_rate=overrides.get("learning-rate"))
     try:
-        result = train_local(request.model, dataset, config, ledger=ledger, round_id=request.server_round)
+        if settings.dp_noise == "distributed":
+            total, result = private_gradient_sum(request.model, dataset, config, noise_share=settings.noise_share,
+                                                 ledger=ledger, round_id=request.server_round)  # fmt: skip
+            # The update this lab sends (weights minus the global model) is its noisy gradient sum.
+            state = request.model.state_dict()
+            result.state_dict = {name: value + total[name] if name in total else value for name, value in state.items()}
+        else:
+            result = train_local(request.model, dataset, config, ledger=ledger, round_id=request.server_round)
     except BudgetExceededError as exc:
         raise DeclineRound(
             f"next round would reach epsilon {_epsilon(exc.epsilon_next)} > budget {_epsilon(exc.epsilon_max)}",

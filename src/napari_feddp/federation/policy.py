@@ -60,6 +60,9 @@ def policy_refusal(settings: RunSettings, node: NodeSettings) -> str | None:
         if settings.noise_multiplier < node.min_noise_multiplier:
             return (f"lab policy: noise-multiplier {settings.noise_multiplier:g} is below this lab's minimum "
                     f"{node.min_noise_multiplier:g}")  # fmt: skip
+        if settings.dp_noise == "distributed" and settings.noise_labs > node.max_noise_split:
+            return (f"lab policy: distributed noise split over {settings.noise_labs} labs; this lab accepts at most "
+                    f"{node.max_noise_split}")  # fmt: skip
     for key, asked, limit in (("crop-size", settings.crop_size, node.max_crop_size),
                               ("batch-size", settings.batch_size, node.max_batch_size),
                               ("max-steps", settings.max_steps, node.max_steps_per_round)):

@@ -35,7 +35,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -58,6 +58,8 @@ MIN_SECURE_LABS = 3
 #: leaves room for the sum of 256 labs without overflow.
 QUANTIZATION_RANGE = 2**24
 MODULUS_RANGE = 2**32
+#: Seconds between two polls for the labs' replies in a SecAgg+ stage.
+POLL_SECONDS = 0.2
 #: How a lab's error reply says it sat the round out.
 DECLINED = "declined: "
 
@@ -67,6 +69,19 @@ def secure_aggregation_on(settings: RunSettings) -> bool:
     if settings.secure_aggregation == "auto":
         return settings.min_clients >= MIN_SECURE_LABS and settings.aggregation == "mean"
     return settings.secure_aggregation == "on"
+
+
+def clipping_range(settings: RunSettings) -> float:
+    """Bound on every coordinate of a lab's update before quantization.
+
+    ``secure-clipping-range``; with distributed noise at least twice the batch times the clipping
+    norm plus 12 standard deviations of the lab's noise share, so that no noise is ever cut off
+    (cutting a lab's noise before the sum would void the sum's privacy argument).
+    """
+    if settings.dp_noise == "distributed":
+        tail = (2 * settings.batch_size + 12 * settings.noise_share) * settings.max_grad_norm
+        return max(float(settings.secure_clipping_range), tail)
+    return float(settings.secure_clipping_range)
 
 
 def reconstruction_threshold(labs: int) -> int:
@@ -119,12 +134,13 @@ class SecureRound(SecAggPlusWorkflow):
     colluding with the server can unmask a lab.
     """
 
-    def __init__(self, settings: RunSettings, labs: int) -> None:
+    def __init__(self, settings: RunSettings, labs: int, server_optimizer: ServerOptimizer | None = None) -> None:
         super().__init__(num_shares=labs, reconstruction_threshold=reconstruction_threshold(labs),
-                         max_weight=1.0, clipping_range=float(settings.secure_clipping_range),
+                         max_weight=1.0, clipping_range=clipping_range(settings),
                          quantization_range=QUANTIZATION_RANGE, modulus_range=MODULUS_RANGE,
                          timeout=settings.round_timeout)  # fmt: skip
         self.settings = settings
+        self.server_optimizer = server_optimizer
         self._contents: dict[int, RecordDict] = {}
         self.error_replies: dict[str, str] = {}
 
@@ -161,7 +177,7 @@ class SecureRound(SecAggPlusWorkflow):
         collector = _Collector(grid, context.run_id, sampled)
         legacy = LegacyContext(context, strategy=collector, client_manager=SimpleClientManager())
         legacy.state = RecordDict({MAIN_CONFIGS_RECORD: _round_config(server_round), MAIN_PARAMS_RECORD: ArrayRecord()})
-        self(_ErrorRecordingGrid(grid, self.error_replies), legacy)
+        self(_RoundGrid(grid, self.error_replies), legacy)
         finished = {int(proxy.node_id) for proxy, _ in collector.results}
         for node in (str(n) for n in sampled if n not in finished):
             reason = self.error_replies.get(node, "dropped out of secure aggregation")
@@ -196,6 +212,17 @@ class SecureRound(SecAggPlusWorkflow):
         if [a.shape for a in collector.mean] != [tuple(global_arrays[n].numpy().shape) for n in names]:
             return _skip(report, "the secure sum does not have the model's shapes")
         mean = dict(zip(names, collector.mean, strict=True))
+        if self.settings.dp_noise == "distributed":
+            # Each lab sent its noisy gradient sum; the sum over labs carries the full noise. Their mean over
+            # the expected batch is the noisy mean gradient, which the server's optimizer applies.
+            if self.server_optimizer is None:
+                raise ValueError("distributed-noise rounds need the server's optimizer")
+            if len(results) < self.settings.noise_labs:
+                return _skip(report, f"{len(results)} labs finished, {self.settings.noise_labs} needed for the noise")
+            gradient = {n: d / self.settings.batch_size for n, d in mean.items()}
+            arrays = self.server_optimizer.step(global_arrays, gradient)
+            report.aggregated = True
+            return arrays, report
         if self.settings.dp_mode == "update":  # client-level DP: Gaussian noise on the mean of clipped updates
             std = float(compute_stdv(self.settings.update_noise_multiplier, self.settings.update_clipping_norm,
                                      len(results)))  # fmt: skip
@@ -215,6 +242,38 @@ class SecureRound(SecAggPlusWorkflow):
         return arrays, report
 
 
+class ServerOptimizer:
+    """The server's Adam for distributed-noise rounds: it applies the noisy mean gradient of each round.
+
+    Post-processing of what secure aggregation releases, so it costs no privacy. Its state lives
+    for one run (a resumed run starts a fresh one).
+    """
+
+    def __init__(self, settings: RunSettings) -> None:
+        import torch
+
+        self.settings = settings
+        self._params: dict[str, torch.nn.Parameter] = {}
+        self._optimizer = None
+
+    def step(self, arrays: ArrayRecord, gradient: dict[str, np.ndarray]) -> ArrayRecord:
+        """``arrays`` moved one Adam step along ``gradient`` (per array name)."""
+        import torch
+
+        if self._optimizer is None:
+            self._params = {n: torch.nn.Parameter(torch.from_numpy(arrays[n].numpy().copy())) for n in gradient}
+            self._optimizer = torch.optim.Adam(self._params.values(), lr=self.settings.learning_rate)
+        with torch.no_grad():
+            for name, parameter in self._params.items():
+                parameter.copy_(torch.from_numpy(arrays[name].numpy()))
+                parameter.grad = torch.from_numpy(np.asarray(gradient[name], dtype=np.float32))
+        self._optimizer.step()
+        new = {n: Array(np.ascontiguousarray(arrays[n].numpy())) for n in arrays}
+        for name, parameter in self._params.items():
+            new[name] = Array(parameter.detach().numpy().copy())
+        return ArrayRecord(new)
+
+
 def _round_config(server_round: int):
     from flwr.app import ConfigRecord
 
@@ -232,22 +291,34 @@ def _float_names(arrays: ArrayRecord) -> list[str]:
     return [name for name in arrays if arrays[name].numpy().dtype.kind == "f"]
 
 
-class _ErrorRecordingGrid(Grid):
-    """The round's Grid, keeping each lab's error reply (why it dropped out) for the round report."""
+class _RoundGrid(Grid):
+    """The round's Grid for the SecAgg+ stages.
+
+    It polls for replies every :data:`POLL_SECONDS` instead of Flower's 3 s
+    (the protocol adds three exchanges to a round), and keeps each lab's error
+    reply (why it dropped out) for the round report.
+    """
 
     def __init__(self, grid: Grid, errors: dict[str, str]) -> None:
         self._grid = grid
         self._errors = errors
 
-    def __getattr__(self, name):
-        return getattr(self._grid, name)
-
     def send_and_receive(self, messages, *, timeout=None):
-        sent = {}
         messages = list(messages)
-        replies = self._grid.send_and_receive(messages, timeout=timeout)
-        for message in messages:
-            sent[message.metadata.message_id] = message.metadata.dst_node_id
+        try:
+            pending = set(self._grid.push_messages(messages))
+        except NotImplementedError:  # a Grid without push/pull (labs in this process)
+            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        else:
+            replies = []
+            deadline = time.monotonic() + (timeout if timeout is not None else math.inf)
+            while pending and time.monotonic() < deadline:
+                arrived = list(self._grid.pull_messages(pending))
+                replies += arrived
+                pending -= {reply.metadata.reply_to_message_id for reply in arrived}
+                if pending:
+                    time.sleep(POLL_SECONDS)
+        sent = {message.metadata.message_id: message.metadata.dst_node_id for message in messages}
         for reply in replies:
             if reply.has_error():
                 node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
@@ -255,7 +326,7 @@ class _ErrorRecordingGrid(Grid):
                 self._errors[str(node)] = reason if reason.startswith(DECLINED) else f"error {reply.error.code}: {reason[:200]}"
         return replies
 
-    # Grid's abstract interface, delegated.
+    # The rest of Grid's interface, delegated.
     def set_run(self, run_id):
         return self._grid.set_run(run_id)
 
@@ -295,9 +366,21 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: Callable[[
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, context)
     try:
+        _check_unmask(msg, context)
         return secaggplus_mod(msg, context, lambda m, c: masked_update(m, c, call_next))
     except SecureAggregationRefused as refusal:
         return Message(Error(code=0, reason=f"{DECLINED}{refusal}"[:300]), reply_to=msg)
+
+
+def _check_unmask(msg: Message, context: Context) -> None:
+    """With distributed noise, a lab helps unmask only a sum of at least ``noise_labs`` labs (else too little noise)."""
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    if configs.get(Key.STAGE) != Stage.UNMASK or context.run_config.get("dp-noise") != "distributed":
+        return
+    settings = RunSettings.from_run_config(context.run_config)
+    active = len(configs.get(Key.ACTIVE_NODE_ID_LIST, []))
+    if active < settings.noise_labs:
+        raise SecureAggregationRefused(f"only {active} labs in the sum; the noise needs {settings.noise_labs}")
 
 
 def is_secure_round(msg: Message) -> bool:
@@ -317,6 +400,9 @@ def masked_update(msg: Message, context: Context, call_next) -> Message:
         raise SecureAggregationRefused(f"a secure sum of {secagg['sample_num']} labs would reveal updates "
                                        f"(at least {MIN_SECURE_LABS} needed)")  # fmt: skip
     settings = RunSettings.from_run_config(context.run_config)
+    if float(secagg["clipping_range"]) < clipping_range(settings):
+        raise SecureAggregationRefused(f"the clipping range {secagg['clipping_range']} would cut off values "
+                                       f"(at least {clipping_range(settings):g} needed)")  # fmt: skip
     global_arrays = msg.content.array_records[ARRAYS_KEY]
     reply = call_next(msg, context)
     if reply.has_error():
@@ -330,7 +416,8 @@ def masked_update(msg: Message, context: Context, call_next) -> Message:
     total = math.sqrt(sum(float(np.sum(d * d)) for d in deltas))
     if not math.isfinite(total):
         raise SecureAggregationRefused("the lab's update is not finite; not sent")
-    if settings.max_update_norm and total > settings.max_update_norm:  # the lab bounds its own update
+    distributed = settings.dp_noise == "distributed"  # scaling a noise share would void the sum's noise
+    if settings.max_update_norm and total > settings.max_update_norm and not distributed:  # the lab bounds its update
         deltas = [d * (settings.max_update_norm / total) for d in deltas]
     bound = float(settings.secure_clipping_range)
     clipped = sum(int(np.count_nonzero(np.abs(d) > bound)) for d in deltas)

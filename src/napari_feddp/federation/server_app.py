@@ -34,7 +34,7 @@ from flwr.supercore import log
 
 from .checkpoints import CheckpointWriter
 from .local import build_model
-from .secure import SecureRound, secure_aggregation_on
+from .secure import SecureRound, ServerOptimizer, secure_aggregation_on
 from .settings import RunSettings
 from .strategy import GuardedStrategy, build_strategy, valid_epsilon
 
@@ -97,6 +97,7 @@ def run_federation(grid: Grid, settings: RunSettings, writer: CheckpointWriter |
     strategy.summary()
     secure = secure_aggregation_on(settings)
     log(logging.INFO, "Secure aggregation (SecAgg+): %s", "on" if secure else "off")
+    server_optimizer = ServerOptimizer(settings) if settings.dp_noise == "distributed" else None
     # Nothing lab-reported is in the first card: a failure is the operator's to see.
     writer.save_model(f"round-{done:03d}", arrays, strict=True, round=done, federated_rounds=done)
     epsilon = None
@@ -109,7 +110,7 @@ def run_federation(grid: Grid, settings: RunSettings, writer: CheckpointWriter |
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
         if secure:
             strategy.forget_train(server_round)
-            new_arrays, strategy.reports[server_round] = SecureRound(settings, len(messages)).run(
+            new_arrays, strategy.reports[server_round] = SecureRound(settings, len(messages), server_optimizer).run(
                 grid, context, server_round, arrays, messages)
         else:
             new_arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages,

@@ -106,6 +106,13 @@ class RunSettings(_FlatConfig):
         "none: no DP (testing only)", cli=True)
     noise_multiplier: float = _setting(1.0, "DP-SGD noise multiplier (sample mode)", cli=True, ge=0)
     max_grad_norm: float = _setting(1.0, "DP-SGD per-sample clipping norm (sample mode)", cli=True, gt=0)
+    dp_noise: Literal["local", "distributed"] = _setting(
+        "local", "sample mode: local: each lab adds the full DP-SGD noise to its own update; distributed: one "
+        "DP-SGD step per round (max-steps 1), each lab adds its share of the noise, secure aggregation sums the "
+        "shares and the server applies the step", cli=True)
+    noise_split: int = _setting(
+        0, "distributed noise: labs the noise is split over, each adding noise-multiplier / sqrt(this); the "
+        "epsilon labs record assumes at least this many honest labs in every sum (0: min-clients)", cli=True, ge=0)
     update_noise_multiplier: float = _setting(1.0, "noise multiplier on the aggregate (update mode)", cli=True, ge=0)
     update_clipping_norm: float = _setting(1.0, "clipping norm of each lab's update (update mode)", cli=True, gt=0)
     target_delta: float = _setting(1e-5, "delta of the reported epsilon", cli="--delta", gt=0, lt=1)
@@ -167,6 +174,17 @@ class RunSettings(_FlatConfig):
             if self.aggregation != "mean":
                 raise ValueError(f"aggregation {self.aggregation!r} cannot be used with secure-aggregation 'on' "
                                  "(the coordinator only learns a sum); use aggregation 'mean'")
+        if self.dp_noise == "distributed":
+            secure = self.secure_aggregation == "on" or (
+                self.secure_aggregation == "auto" and self.min_clients >= 3 and self.aggregation == "mean")
+            if self.dp_mode != "sample" or not secure or self.max_steps != 1:
+                raise ValueError("dp-noise 'distributed' needs dp-mode 'sample', secure aggregation (min-clients 3 or "
+                                 f"more) and max-steps 1; received dp-mode {self.dp_mode!r}, min-clients "
+                                 f"{self.min_clients}, secure-aggregation {self.secure_aggregation!r}, max-steps "
+                                 f"{self.max_steps}")
+            if self.noise_split > self.min_clients:
+                raise ValueError(f"noise-split {self.noise_split} cannot exceed min-clients {self.min_clients}: a sum "
+                                 "of fewer labs would carry less noise than the labs account for")
         multiple = 2 ** (self.model_depth - 1)
         if self.crop_size % multiple:
             raise ValueError(f"crop-size {self.crop_size} must be a multiple of {multiple} for model-depth "
@@ -181,6 +199,18 @@ class RunSettings(_FlatConfig):
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """Flat hyphenated dictionary for ``[tool.flwr.app.config]``."""
         return self.model_dump(by_alias=True)
+
+    @property
+    def noise_labs(self) -> int:
+        """Labs the DP-SGD noise is split over in distributed mode (``noise-split``, or ``min-clients``)."""
+        return self.noise_split or self.min_clients
+
+    @property
+    def noise_share(self) -> float:
+        """Noise multiplier each lab adds: the whole in local mode, ``1 / sqrt(noise_labs)`` of it when distributed."""
+        if self.dp_noise == "distributed":
+            return self.noise_multiplier / self.noise_labs**0.5
+        return self.noise_multiplier
 
     @property
     def unet_params(self) -> dict[str, Any]:
@@ -248,6 +278,9 @@ class NodeSettings(_FlatConfig):
     max_local_epochs: int = _setting(5, "most local epochs a round may ask for", cli=True, ge=0)
     max_crop_size: int = _setting(512, "largest training crop a run may ask for", cli=True, ge=0)
     max_batch_size: int = _setting(64, "largest batch a run may ask for", cli=True, ge=0)
+    max_noise_split: int = _setting(
+        1, "distributed noise: the most labs this lab lets the DP-SGD noise be split over, i.e. the most other labs "
+        "it relies on to add theirs (1: distributed-noise runs are declined)", cli=True, ge=1)
     require_secure_aggregation: bool = _setting(
         False, "decline rounds that would send this lab's update to the coordinator in the clear (not inside a "
         "SecAgg+ sum of 3 or more labs)", cli=True)

@@ -37,7 +37,7 @@ from .ledger import (
     privacy_report,
     reset_ledger,
 )
-from .local import RoundPlan, TrainConfig, TrainResult, evaluate, plan_round, train_local
+from .local import RoundPlan, TrainConfig, TrainResult, evaluate, plan_round, private_gradient_sum, train_local
 from .losses import DiceCELoss
 from .metrics import IGNORE_INDEX, SegmentationMetrics, dice, jaccard, pixel_accuracy
 
@@ -74,4 +74,5 @@ __all__ = [
     "reset_ledger",
     "save_annotated_tile",
     "train_local",
+    "private_gradient_sum",
 ]

@@ -326,6 +326,94 @@ def train_local(
     )
 
 
+def private_gradient_sum(
+    model: nn.Module,
+    dataset: Dataset,
+    config: TrainConfig,
+    *,
+    noise_share: float,
+    ledger: PrivacyLedger | None = None,
+    round_id: Any = None,
+    loss_fn: nn.Module | None = None,
+) -> tuple[dict[str, torch.Tensor], TrainResult]:
+    """One DP-SGD step's noisy gradient **sum**, not applied: a lab's part of a distributed-noise round.
+
+    A Poisson sample of the dataset (rate from :func:`plan_round`), per-sample gradients clipped to
+    ``config.max_grad_norm`` and summed, plus Gaussian noise of standard deviation
+    ``noise_share * max_grad_norm`` (the lab's share of the noise). Summed over labs by secure
+    aggregation, the shares add up to noise of ``config.noise_multiplier``, and the privacy ledger
+    accounts the round at that multiplier: one step of DP-SGD at the lab's sample rate.
+
+    Returns
+    -------
+    (dict, TrainResult)
+        The noisy sum per parameter name (``model``'s parameters are left unchanged) and the
+        round's figures (``steps`` 1, ``epsilon`` from the ledger as in :func:`train_local`).
+
+    Raises
+    ------
+    BudgetExceededError
+        The step would exceed ``config.epsilon_max``; nothing was computed.
+    """
+    started = time.perf_counter()
+    config = config.model_copy(update={"steps": 1, "epochs": None})
+    if config.dp_mode != "sample" or config.noise_multiplier is None:
+        raise ValueError("a distributed-noise round needs dp_mode='sample' and an explicit noise_multiplier")
+    if not 0 < noise_share <= config.noise_multiplier:
+        raise ValueError(f"noise_share must be in (0, noise_multiplier={config.noise_multiplier}], "
+                         f"received {noise_share}")  # fmt: skip
+    _check_dataset(dataset, config)
+    plan = plan_round(len(dataset), config)
+    if ledger is not None:
+        ledger.check_budget(plan.noise_multiplier, plan.sample_rate, 1, config.epsilon_max)
+    if config.seed is not None:
+        torch.manual_seed(config.seed)
+    device = torch.device(config.device)
+    model.to(device).train()
+    loss_fn = loss_fn or DiceCELoss()
+    stats = _Stats(SegmentationMetrics(_n_classes(model, dataset, device)))
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    engine, private_model, dp_optimizer, dp_loader = make_private(
+        model, torch.optim.SGD(model.parameters(), lr=1.0), _loader(dataset, config, shuffle=False), config,
+        noise_share)  # fmt: skip
+    names = {id(p): name for name, p in model.named_parameters()}
+    try:
+        with BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=config.max_physical_batch_size,
+                                optimizer=dp_optimizer) as memory_loader:
+            for images, masks in _repeat(memory_loader, 1, stats):
+                _private_step(private_model, dp_optimizer, loss_fn, images.to(device), masks.to(device), stats,
+                              apply=False)  # fmt: skip
+        # Opacus scaled the noisy sum by 1 / expected batch size: undo it.
+        total = {names[id(p)]: (p.grad.detach() * dp_optimizer.expected_batch_size).cpu().clone()
+                 for p in dp_optimizer.params}  # fmt: skip
+    finally:
+        private_model.cleanup()
+        for p in model.parameters():
+            p.grad = None
+    history = [(float(plan.noise_multiplier), float(plan.sample_rate), 1)]
+    if [tuple(e)[2] for e in engine.accountant.history] != [1]:
+        raise RuntimeError(f"Opacus accounted {engine.accountant.history} for one step")
+    epsilon = epsilon_round = epsilon_of(config.accountant, history, config.delta)
+    if ledger is not None:
+        epsilon = ledger.record_round(
+            noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=1, history=history,
+            n_examples=plan.n_examples, round_id=round_id, epsilon_max=config.epsilon_max,
+            meta={"max_grad_norm": config.max_grad_norm, "batch_size": config.batch_size, "noise": "distributed",
+                  "noise_share": noise_share},
+        ).epsilon
+    scores = stats.metrics.compute() if stats.metrics.n_pixels else dict.fromkeys(("dice", "jaccard", "pixel_accuracy"), math.nan)
+    result = TrainResult(
+        state_dict={}, n_examples=plan.n_examples, loss=stats.loss_sum / stats.n_samples if stats.n_samples else math.nan,
+        dice=scores["dice"], jaccard=scores["jaccard"], pixel_accuracy=scores["pixel_accuracy"], epsilon=epsilon,
+        epsilon_round=epsilon_round, delta=config.delta, steps=1, noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate, max_grad_norm=config.max_grad_norm, dp_mode="sample",
+        grad_sample_mode=config.grad_sample_mode, accountant_state={"mechanism": config.accountant, "history": history},
+        seconds=time.perf_counter() - started,
+    )
+    return total, result
+
+
 @dataclass
 class _Stats:
     metrics: SegmentationMetrics
@@ -418,7 +506,8 @@ def _train_private(model, dataset, config, plan, loss_fn, device, stats, ledger,
     return history
 
 
-def _private_step(model, optimizer, loss_fn, images, masks, stats: _Stats) -> None:
+def _private_step(model, optimizer, loss_fn, images, masks, stats: _Stats, apply: bool = True) -> None:
+    """One physical batch of DP-SGD; ``apply=False`` leaves the noisy gradient in ``.grad`` without stepping."""
     if len(images) == 0:
         # Empty Poisson batch: the update is noise only, and it still counts as a step.
         for p in optimizer.params:
@@ -431,6 +520,12 @@ def _private_step(model, optimizer, loss_fn, images, masks, stats: _Stats) -> No
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             loss.backward()
         stats.add(logits, masks, loss)
+    if not apply:
+        if optimizer.pre_step():  # the last physical batch: clipped sum + noise, scaled; kept in .grad
+            stats.steps += 1
+        else:  # an earlier physical batch: its clipped sum is accumulated, its per-sample grads go
+            optimizer.zero_grad(set_to_none=True)
+        return
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if not optimizer._is_last_step_skipped:
