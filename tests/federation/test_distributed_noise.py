@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -28,7 +29,8 @@ from napari_feddp.models import UNet
 from napari_feddp.training import SegmentationDataset, TrainConfig, private_gradient_sum
 from napari_feddp.training.ledger import epsilon_of
 
-from .conftest import make_grid, tiny_settings
+from .conftest import HERE, make_grid, tiny_settings
+from .fault_trainers import known_delta
 
 TRUSTING = {"max_noise_split": 3}
 
@@ -84,15 +86,36 @@ def test_a_distributed_noise_run_trains_and_each_lab_accounts_the_full_noise(tmp
     assert strategy.reports[2].epsilon_max == pytest.approx(expected, rel=1e-6)
 
 
-def test_labs_decline_distributed_noise_unless_their_policy_trusts_enough_labs(tmp_path, task_identity):
+def test_the_server_applies_the_mean_of_the_labs_gradient_sums(tmp_path, task_identity, monkeypatch):
+    """Labs whose 'gradient sums' are known: the server's Adam step goes against their mean (descent)."""
+    monkeypatch.syspath_prepend(str(HERE))
     settings = distributed(num_rounds=1, final_evaluation=False, checkpoint_dir=str(tmp_path / "ckpt"))
+    known = {**TRUSTING, "train_fn": "fault_trainers:shifted_update"}
+    grid = make_grid(tmp_path, settings, a=known, b=known, c=known)
+    initial, _ = server_app.initial_arrays(settings)
+    arrays, strategy = _run(tmp_path, grid, settings)
+    assert strategy.reports[1].aggregated
+    for name in initial:
+        mean = np.mean([known_delta(lab, name, initial[name].numpy().shape) for lab in "abc"], axis=0)
+        step = arrays[name].numpy() - initial[name].numpy()
+        strong = np.abs(mean) > 0.01  # Adam's first step is -lr * sign(gradient) where the gradient is clear
+        np.testing.assert_array_equal(np.sign(step[strong]), -np.sign(mean[strong]))
+        np.testing.assert_allclose(np.abs(step[strong]), settings.learning_rate, rtol=0.01)
+
+
+def test_labs_decline_distributed_noise_unless_their_policy_trusts_enough_labs(tmp_path, task_identity):
+    settings = distributed(min_clients=4, num_rounds=1, final_evaluation=False, checkpoint_dir=str(tmp_path / "ckpt"))
     assert "at most 1" in policy_refusal(settings, NodeSettings())
-    assert policy_refusal(settings, NodeSettings(max_noise_split=3)) is None
-    grid = make_grid(tmp_path, settings, a=TRUSTING, b=TRUSTING)  # c keeps the default (1)
+    assert policy_refusal(settings, NodeSettings(max_noise_split=4)) is None
+    trusting = {"max_noise_split": 4}
+    grid = make_grid(tmp_path, settings, labs="abcd", a=trusting, b=trusting, c=trusting)  # d keeps the default (1)
     _, strategy = _run(tmp_path, grid, settings)
     report = strategy.reports[1]
-    assert "distributed noise split over 3 labs" in report.declined["103"]
-    assert not report.aggregated  # two labs' shares are too little noise: the round is not released
+    assert "distributed noise split over 4 labs" in report.declined["104"]
+    # Three shares are too little noise for a split over four: the labs refuse to unmask the sum.
+    assert not report.aggregated
+    for node in ("101", "102", "103"):
+        assert "the noise needs 4" in report.declined[node]
 
 
 def test_distributed_noise_needs_secure_aggregation_and_one_step_per_round():
@@ -107,8 +130,16 @@ def test_distributed_noise_needs_secure_aggregation_and_one_step_per_round():
 
 
 def _secagg_context(settings, **state):
-    record = RecordDict({RECORD_KEY_STATE: ConfigRecord({"sample_num": 3, "clipping_range": 1.0, **state})})
+    """A lab's SecAgg+ state after the key exchange with labs 1 and 2 (it is node 5)."""
+    values = {"nid": 5, "sample_num": 3, "threshold": 2, "public_keys_dict:K": [1, 2, 5], "max_weight": 1.0,
+              "clipping_range": 1.0, **state}
+    record = RecordDict({RECORD_KEY_STATE: ConfigRecord(values)})
     return Context(run_id=1, node_id=5, node_config={}, state=record, run_config=settings.to_run_config())
+
+
+def _collect_message(sources=(1, 2)):
+    return Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.SOURCE_LIST: list(sources)})}), dst_node_id=5,
+                   message_type="train")
 
 
 def test_a_lab_refuses_to_help_unmask_a_sum_with_too_few_noise_shares(task_identity):
@@ -131,5 +162,19 @@ def test_a_lab_refuses_a_clipping_range_that_would_cut_its_noise(task_identity):
         raise AssertionError("the lab must not train")
 
     with pytest.raises(SecureAggregationRefused, match="would cut off values"):
-        masked_update(Message(RecordDict(), dst_node_id=5, message_type="train"),
-                      _secagg_context(settings, clipping_range=needed / 2), train)  # fmt: skip
+        masked_update(_collect_message(), _secagg_context(settings, clipping_range=needed / 2), train)
+
+
+@pytest.mark.parametrize(("state", "sources", "why"), [
+    ({}, (1,), "key shares from 1 other lab"),
+    ({"threshold": 1}, (1, 2), "threshold 1 of 3 keys is not a majority"),
+    ({"max_weight": 1000.0}, (1, 2), "secure rounds use unit weights"),
+])
+def test_a_lab_refuses_protocol_parameters_that_would_expose_its_update(task_identity, state, sources, why):
+    """What a coordinator deviating from SecAgg+ could declare to unmask one lab."""
+
+    def train(msg, ctx):
+        raise AssertionError("the lab must not train")
+
+    with pytest.raises(SecureAggregationRefused, match=why):
+        masked_update(_collect_message(sources), _secagg_context(tiny_settings(), **state), train)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.common import bytes_to_ndarray
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
+from flwr.supercore.differential_privacy import compute_stdv
 
 from napari_feddp.federation import server_app
 from napari_feddp.federation.checkpoints import CheckpointWriter
@@ -23,7 +24,7 @@ from napari_feddp.federation.secure import (
 )
 from napari_feddp.federation.settings import SettingsError
 
-from .conftest import HERE, make_grid, tiny_settings
+from .conftest import HERE, InProcessGrid, make_grid, tiny_settings
 from .fault_trainers import known_delta
 
 SHIFTED = {"train_fn": "fault_trainers:shifted_update"}
@@ -114,6 +115,64 @@ def test_a_lab_that_declines_is_reported_and_left_out(tmp_path, task_identity, m
     expected = _expected_mean(initial, "abc")
     name = next(iter(initial))
     np.testing.assert_allclose(arrays[name].numpy() - initial[name].numpy(), expected[name], atol=1e-5)
+
+
+def test_a_sum_of_two_labs_is_never_released(tmp_path, task_identity, monkeypatch):
+    """Three labs sampled, one declines: the two others refuse to unmask (each would read the other's update)."""
+    monkeypatch.syspath_prepend(str(HERE))
+    grid = make_grid(tmp_path, tiny_settings(), a=SHIFTED, b=SHIFTED, c={"max_epsilon": 0.01})
+    initial, arrays, strategy = _run(tmp_path, grid, tiny_settings())
+    report = strategy.reports[1]
+    assert not report.aggregated and "budget" in report.declined["103"]
+    for node in ("101", "102"):
+        assert "a secure sum needs 3" in report.declined[node]
+    for name in initial:
+        np.testing.assert_array_equal(arrays[name].numpy(), initial[name].numpy())
+
+
+class TamperingGrid(InProcessGrid):
+    """The network of a lab whose altered code sends a masked vector shifted by half the modulus."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for reply in replies:
+            configs = None if reply.has_error() else reply.content.config_records.get(RECORD_KEY_CONFIGS)
+            if reply.metadata.src_node_id == 103 and configs is not None and Key.MASKED_PARAMETERS in configs:
+                vectors = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]
+                vectors[1:] = [(v + 2**31) % 2**32 for v in vectors[1:]]
+                configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(v) for v in vectors]
+        return replies
+
+
+def test_a_malformed_masked_vector_loses_the_round_not_the_model(tmp_path, task_identity, monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+    plain = make_grid(tmp_path, tiny_settings(), a=SHIFTED, b=SHIFTED, c=SHIFTED)
+    grid = TamperingGrid(plain.contexts, plain.run_config)
+    initial, arrays, strategy = _run(tmp_path, grid, tiny_settings(), rounds=2)
+    for report in strategy.reports.values():
+        assert not report.aggregated and "leaves the clipping range" in report.note
+    for name in initial:
+        np.testing.assert_array_equal(arrays[name].numpy(), initial[name].numpy())
+
+
+def test_client_level_dp_inside_a_secure_sum(tmp_path, task_identity, monkeypatch):
+    """dp-mode update: each lab clips its update to the norm, the server adds the noise to the unmasked mean."""
+    monkeypatch.syspath_prepend(str(HERE))
+    settings = tiny_settings(dp_mode="update", update_clipping_norm=1.0, update_noise_multiplier=1.0)
+    update = {**SHIFTED, "accept_dp_modes": "update"}
+    grid = make_grid(tmp_path, settings, a=update, b=update, c=update)
+    initial, arrays, strategy = _run(tmp_path, grid, settings)
+    report = strategy.reports[1]
+    assert report.aggregated and report.update_noise_std == pytest.approx(compute_stdv(1.0, 1.0, 3))
+    names = list(initial)
+    clipped = []
+    for lab in "abc":
+        delta = [known_delta(lab, n, initial[n].numpy().shape) for n in names]
+        norm = np.sqrt(sum(float((d.astype(np.float64) ** 2).sum()) for d in delta))
+        clipped.append([d / max(1.0, norm) for d in delta])
+    residual = np.concatenate([(arrays[n].numpy() - initial[n].numpy() - np.mean([c[i] for c in clipped], axis=0)).ravel()
+                               for i, n in enumerate(names)])  # fmt: skip
+    assert residual.std() == pytest.approx(report.update_noise_std, rel=0.1)
 
 
 def test_a_round_that_leaves_too_few_labs_changes_nothing(tmp_path, task_identity, monkeypatch):

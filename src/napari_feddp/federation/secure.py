@@ -17,11 +17,14 @@ This module fits that protocol to napari-feddp's Message-API federation:
   ``secaggplus_mod`` and turns the lab's trained weights into the update it
   masks: the difference to the global model, checked finite, bounded, weighted.
 
-What it does not stop: a lab that alters its own code can still add any vector
-within the quantization range to the sum (the server cannot inspect it). Its
-effect is bounded per coordinate by the clipping range, and every lab checks the
-final model on its own tiles before making it its default
-(:mod:`~napari_feddp.federation.promotion`).
+What it does not stop: a lab that alters its own code can add any integer
+vector to the sum (the server cannot inspect it, nor the weight it claims). The
+server discards a round whose mean leaves the clipping range, which bounds what
+such a lab can do per coordinate, and every lab checks the final model on its
+own tiles before making it its default (:mod:`~napari_feddp.federation.promotion`).
+A coordinator that deviates from the protocol (sends different labs different
+lists of dropped labs, or adds labs of its own) can unmask a lab: Flower's
+SecAgg+ protects against an honest-but-curious coordinator.
 """
 
 from __future__ import annotations
@@ -55,9 +58,10 @@ from .strategy import ARRAYS_KEY, METRICS_KEY, REASON_KEY, RoundReport, check_tr
 #: from the sum and its own, so the protocol would protect nothing.
 MIN_SECURE_LABS = 3
 #: Integer range the weighted updates are quantized to; the modulus (2**32)
-#: leaves room for the sum of 256 labs without overflow.
+#: leaves room for the sum of :data:`MAX_SECURE_LABS` labs without overflow.
 QUANTIZATION_RANGE = 2**24
 MODULUS_RANGE = 2**32
+MAX_SECURE_LABS = MODULUS_RANGE // QUANTIZATION_RANGE - 1
 #: Seconds between two polls for the labs' replies in a SecAgg+ stage.
 POLL_SECONDS = 0.2
 #: How a lab's error reply says it sat the round out.
@@ -167,17 +171,22 @@ class SecureRound(SecAggPlusWorkflow):
         """Aggregate the labs' replies to ``messages`` securely; return the new global model (or None) and the report."""
         sampled = [m.metadata.dst_node_id for m in messages]
         report = RoundReport(round=server_round, sampled=sampled, aggregation="secure-mean")
-        if len(sampled) < MIN_SECURE_LABS:
-            report.failed = {str(n): "not asked: too few labs for secure aggregation" for n in sampled}
-            report.note = (f"secure aggregation needs at least {MIN_SECURE_LABS} labs, {len(sampled)} sampled; "
-                           "global model unchanged")  # fmt: skip
+        if not MIN_SECURE_LABS <= len(sampled) <= MAX_SECURE_LABS:
+            report.failed = {str(n): "not asked: secure aggregation cannot take this many labs" for n in sampled}
+            report.note = (f"secure aggregation needs {MIN_SECURE_LABS} to {MAX_SECURE_LABS} labs, {len(sampled)} "
+                           "sampled; global model unchanged")  # fmt: skip
             log(WARNING, "Round %s: %s", server_round, report.note)
             return None, report
         self._contents = {m.metadata.dst_node_id: m.content for m in messages}
         collector = _Collector(grid, context.run_id, sampled)
         legacy = LegacyContext(context, strategy=collector, client_manager=SimpleClientManager())
         legacy.state = RecordDict({MAIN_CONFIGS_RECORD: _round_config(server_round), MAIN_PARAMS_RECORD: ArrayRecord()})
-        self(_RoundGrid(grid, self.error_replies), legacy)
+        try:
+            self(_RoundGrid(grid, self.error_replies), legacy)
+        except Exception as exc:  # a malformed masked vector or share list: this round is lost, not the run
+            log(WARNING, "Round %s: secure aggregation failed: %s", server_round, exc)
+            report.failed = {str(n): self.error_replies.get(str(n), "secure aggregation failed") for n in sampled}
+            return _skip(report, f"secure aggregation failed ({type(exc).__name__}: {str(exc)[:200]})")
         finished = {int(proxy.node_id) for proxy, _ in collector.results}
         for node in (str(n) for n in sampled if n not in finished):
             reason = self.error_replies.get(node, "dropped out of secure aggregation")
@@ -198,8 +207,10 @@ class SecureRound(SecAggPlusWorkflow):
         report.accepted = [int(proxy.node_id) for proxy, _ in results if str(proxy.node_id) not in report.rejected]
         if report.rejected:
             return _skip(report, "a lab's report is invalid and its update cannot be taken out of the secure sum")
-        if collector.mean is None or len(results) < max(self.settings.min_updates, 2):
-            return _skip(report, f"secure aggregation finished with {len(results)} lab(s)")
+        if collector.mean is None or len(results) < max(self.settings.min_updates, MIN_SECURE_LABS):
+            # A sum of two would let each of them read the other's update.
+            return _skip(report, f"secure aggregation finished with {len(results)} lab(s), "
+                                 f"{max(self.settings.min_updates, MIN_SECURE_LABS)} needed")  # fmt: skip
         examples = [min(float(f.metrics["num-examples"]), float(self.settings.max_examples)) for _, f in results]
         report.num_examples = int(sum(examples))
         for key, attribute in (("train-loss", "train_loss"), ("train-dice", "train_dice")):
@@ -212,6 +223,10 @@ class SecureRound(SecAggPlusWorkflow):
         if [a.shape for a in collector.mean] != [tuple(global_arrays[n].numpy().shape) for n in names]:
             return _skip(report, "the secure sum does not have the model's shapes")
         mean = dict(zip(names, collector.mean, strict=True))
+        bound = clipping_range(self.settings) * (1 + 1e-6)
+        if not all(np.all(np.abs(d) <= bound) for d in mean.values()):
+            # Every honest lab's update is within the range, so their mean is: a lab sent a malformed vector.
+            return _skip(report, f"the secure mean leaves the clipping range {bound:g} (a malformed masked vector)")
         if self.settings.dp_noise == "distributed":
             # Each lab sent its noisy gradient sum; the sum over labs carries the full noise. Their mean over
             # the expected batch is the noisy mean gradient, which the server's optimizer applies.
@@ -373,14 +388,18 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: Callable[[
 
 
 def _check_unmask(msg: Message, context: Context) -> None:
-    """With distributed noise, a lab helps unmask only a sum of at least ``noise_labs`` labs (else too little noise)."""
+    """A lab helps unmask only a sum of at least :data:`MIN_SECURE_LABS` labs (with two, each would read the
+    other's update), and with distributed noise of at least ``noise_labs`` (else too little noise)."""
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-    if configs.get(Key.STAGE) != Stage.UNMASK or context.run_config.get("dp-noise") != "distributed":
+    if configs.get(Key.STAGE) != Stage.UNMASK:
         return
-    settings = RunSettings.from_run_config(context.run_config)
-    active = len(configs.get(Key.ACTIVE_NODE_ID_LIST, []))
-    if active < settings.noise_labs:
-        raise SecureAggregationRefused(f"only {active} labs in the sum; the noise needs {settings.noise_labs}")
+    active = len(set(configs.get(Key.ACTIVE_NODE_ID_LIST, [])))
+    if active < MIN_SECURE_LABS:
+        raise SecureAggregationRefused(f"only {active} labs in the sum; a secure sum needs {MIN_SECURE_LABS}")
+    if context.run_config.get("dp-noise") == "distributed":
+        settings = RunSettings.from_run_config(context.run_config)
+        if active < settings.noise_labs:
+            raise SecureAggregationRefused(f"only {active} labs in the sum; the noise needs {settings.noise_labs}")
 
 
 def is_secure_round(msg: Message) -> bool:
@@ -399,6 +418,18 @@ def masked_update(msg: Message, context: Context, call_next) -> Message:
     if int(secagg["sample_num"]) < MIN_SECURE_LABS:
         raise SecureAggregationRefused(f"a secure sum of {secagg['sample_num']} labs would reveal updates "
                                        f"(at least {MIN_SECURE_LABS} needed)")  # fmt: skip
+    # What the coordinator declared must match what the protocol needs: masks shared with at least two
+    # other labs, a key rebuilt only by a majority, and unit weights (a weight rescales the update).
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS, {})
+    partners = len(set(configs.get(Key.SOURCE_LIST, [])) - {secagg.get("nid")})
+    keys = len(secagg.get("public_keys_dict:K", []))
+    if partners + 1 < MIN_SECURE_LABS:
+        raise SecureAggregationRefused(f"key shares from {partners} other lab(s): the masks would not hide the update")
+    if not 2 * int(secagg.get("threshold", 0)) > keys:
+        raise SecureAggregationRefused(f"reconstruction threshold {secagg.get('threshold')} of {keys} keys is not a "
+                                       "majority")  # fmt: skip
+    if float(secagg.get("max_weight", 0.0)) != 1.0:
+        raise SecureAggregationRefused(f"weight range {secagg.get('max_weight')}: secure rounds use unit weights")
     settings = RunSettings.from_run_config(context.run_config)
     if float(secagg["clipping_range"]) < clipping_range(settings):
         raise SecureAggregationRefused(f"the clipping range {secagg['clipping_range']} would cut off values "
@@ -417,12 +448,17 @@ def masked_update(msg: Message, context: Context, call_next) -> Message:
     if not math.isfinite(total):
         raise SecureAggregationRefused("the lab's update is not finite; not sent")
     distributed = settings.dp_noise == "distributed"  # scaling a noise share would void the sum's noise
-    if settings.max_update_norm and total > settings.max_update_norm and not distributed:  # the lab bounds its update
-        deltas = [d * (settings.max_update_norm / total) for d in deltas]
-    bound = float(settings.secure_clipping_range)
-    clipped = sum(int(np.count_nonzero(np.abs(d) > bound)) for d in deltas)
+    bound = settings.update_clipping_norm if settings.dp_mode == "update" else settings.max_update_norm
+    if bound and total > bound and not distributed:  # the lab bounds its own update (client-level DP: clips it)
+        deltas = [d * (bound / total) for d in deltas]
+    scalars = dict(metrics)
+    if distributed:  # computed on this lab's sample without noise: they stay in the lab
+        for key in ("train-loss", "train-dice"):
+            scalars.pop(key, None)
+    limit = clipping_range(settings)
+    clipped = sum(int(np.count_nonzero(np.abs(d) > limit)) for d in deltas)
     log(INFO, "Secure aggregation: update norm %.4g, %d coordinate(s) beyond the clipping range %g", total, clipped,
-        bound)  # fmt: skip
+        limit)  # fmt: skip
     fitres = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters([d.astype(np.float32) for d in deltas]),
-                    num_examples=1, metrics=dict(metrics))  # fmt: skip
+                    num_examples=1, metrics=scalars)  # fmt: skip
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
