@@ -37,6 +37,18 @@ References scored the same way, with the same crops:
   split (no attack at all);
 * ``mask_paint`` - the known mask painted with the public mean nucleus and
   background colours: what knowing the labels alone gives the attacker.
+
+Secure aggregation (``--secagg-labs N``, N >= 2; writes
+``benchmarks/results/privacy_attack_secagg.json`` and no figure unless ``--figure``).
+Under Flower SecAgg+ the server never reads one lab's update, only the uniform mean
+of the N labs' updates. Each lab takes one step from the same global model on its
+own B crops (lab k's from the k-th group of B tiles, lab 1's are the crops the
+one-lab audit uses for the first batch size) and, with DP, clips per sample and
+adds its own full DP-SGD noise (seed ``--seed + k - 1``). The attacker knows what
+it knows above and lab 1's masks, and runs the same attack against the mean: it
+matches the gradient of B dummy crops to the observed update (the other labs'
+data is unknown to it). Scores are against lab 1's true crops; the references are
+computed exactly as for one lab.
 """
 
 from __future__ import annotations
@@ -81,8 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4], help="client batch sizes B to attack")
     parser.add_argument("--crop", type=int, default=defaults.crop_size, help="crop edge in pixels at 0.5 µm/px")
-    parser.add_argument("--iterations", type=int, nargs="+", default=[2000, 1000],
-                        help="attack iterations per batch size (one value, or one per --batch-sizes)")
+    parser.add_argument("--iterations", type=int, nargs="+", default=None,
+                        help="attack iterations per batch size (one value, or one per --batch-sizes; "
+                        "default 2000 for B = 1, 1000 for larger B)")
     parser.add_argument("--tv", type=float, default=0.03, help="total-variation weight")
     parser.add_argument("--restarts", type=int, default=1, help="random restarts per attack")
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
@@ -95,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1 is ~10x faster than 2 for this workload on a "
                              "shared 2-core machine: thread barriers stall when cores are busy)")
+    parser.add_argument("--secagg-labs", type=int, default=0,
+                        help="N >= 2: the attacker observes the mean of N labs' one-step updates (secure "
+                        "aggregation) and attacks lab 1's crops; 0 (default): one lab's update in the clear")
     parser.add_argument("--data", type=Path, default=DATA, help="MoNuSeg folder with train/ and test/")
     parser.add_argument("--quick", action="store_true",
                         help="32 px crops, 200 iterations; prints the result, writes only what --out/--figure name")
@@ -102,8 +118,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--figure", type=Path, default=None)
     parser.add_argument("--log-every", type=int, default=0, help="print attack progress every N iterations")
     args = parser.parse_args(argv)
+    if args.secagg_labs == 1 or args.secagg_labs < 0:
+        parser.error("--secagg-labs: 0 (one lab in the clear) or the number of labs, at least 2")
+    if args.iterations is None:
+        args.iterations = [2000 if batch == 1 else 1000 for batch in args.batch_sizes]
     if args.quick:
         args.crop, args.iterations = 32, [200]
+    elif args.out is None and args.figure is None and args.secagg_labs:
+        args.out = REPO / "benchmarks" / "results" / "privacy_attack_secagg.json"
     elif args.out is None and args.figure is None:
         args.out = REPO / "benchmarks" / "results" / "privacy_attack.json"
         args.figure = REPO / "docs" / "images" / "privacy_attack.png"
@@ -155,17 +177,42 @@ def public_colours(data_dir: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- one batch size
 
 
+def observed_updates(model, images: torch.Tensor, masks: torch.Tensor, args, settings: RunSettings,
+                     normalization) -> tuple[dict, dict]:
+    """What the server reads, without and with DP, and lab 1's own updates.
+
+    ``images``/``masks`` hold the labs' crops one lab after the other (``max(1, args.secagg_labs)``
+    labs, lab 1 first, equal shares). Each lab's update is :func:`client_update` from ``model``
+    with DP noise seed ``args.seed + k`` for the k-th lab (0-based); the observation is their uniform
+    mean (secure aggregation), i.e. lab 1's update itself when there is one lab.
+
+    Returns
+    -------
+    observed, lab1 : dict
+        ``{"no_dp": update, "dp": update}`` each, an update being a dict of parameter name to tensor.
+    """
+    share = len(images) // max(1, args.secagg_labs)
+    per_lab: dict[str, list[dict[str, torch.Tensor]]] = {"no_dp": [], "dp": []}
+    for k, (lab_images, lab_masks) in enumerate(zip(images.split(share), masks.split(share))):
+        common = {"normalization": normalization, "lr": settings.learning_rate, "optimizer": args.optimizer,
+                  "seed": args.seed + k}
+        per_lab["no_dp"].append(client_update(model, lab_images, lab_masks, dp=False, **common))
+        per_lab["dp"].append(client_update(model, lab_images, lab_masks, dp=True, max_grad_norm=settings.max_grad_norm,
+                                           noise_multiplier=settings.noise_multiplier, **common))
+    observed = {key: {name: torch.stack([u[name] for u in updates]).mean(0) for name in updates[0]}
+                for key, updates in per_lab.items()}
+    return observed, {key: updates[0] for key, updates in per_lab.items()}
+
+
 def attack_batch(model, card, settings: RunSettings, batch: int, iterations: int, args, first_tile: int,
                  colours: dict[str, torch.Tensor]) -> dict:
     normalization = (card.input.normalization.mean, card.input.normalization.std)
-    images, masks, sources = pick_crops(args.data, batch, args.crop, first_tile=first_tile, seed=args.seed)
-    common = {"normalization": normalization, "lr": settings.learning_rate, "optimizer": args.optimizer, "seed": args.seed}
+    labs = max(1, args.secagg_labs)
+    all_images, all_masks, all_sources = pick_crops(args.data, batch * labs, args.crop, first_tile=first_tile,
+                                                    seed=args.seed)
+    images, masks, sources = all_images[:batch], all_masks[:batch], all_sources[:batch]  # lab 1: the victim
     started = time.perf_counter()
-    updates = {
-        "no_dp": client_update(model, images, masks, dp=False, **common),
-        "dp": client_update(model, images, masks, dp=True, noise_multiplier=settings.noise_multiplier,
-                            max_grad_norm=settings.max_grad_norm, **common),
-    }
+    updates, lab1 = observed_updates(model, all_images, all_masks, args, settings, normalization)
     client_seconds = time.perf_counter() - started
     generator = torch.Generator().manual_seed(args.seed + 7)
     updates["prior_only"] = {name: torch.randn(v.shape, generator=generator) for name, v in updates["dp"].items()}
@@ -178,6 +225,9 @@ def attack_batch(model, card, settings: RunSettings, batch: int, iterations: int
         start01 = colours["all"].reshape(1, 3, 1, 1).expand(images.shape).clone()
     out: dict = {"batch_size": batch, "iterations": iterations, "crops": sources,
                  "client_update_seconds": round(client_seconds, 2), "attacks": {}}
+    if args.secagg_labs:
+        out["secagg_labs"] = labs
+        out["other_labs_crops"] = [all_sources[k * batch:(k + 1) * batch] for k in range(1, labs)]
     recon = {}
     for name, update in updates.items():
         print(f"B={batch}: attacking the {name} update ({iterations} iterations)...", flush=True)
@@ -202,6 +252,8 @@ def attack_batch(model, card, settings: RunSettings, batch: int, iterations: int
     out["mean_colour"] = {"psnr": flat.psnr, "ssim": flat.ssim}
     out["mask_paint"] = {"psnr": paint.psnr, "ssim": paint.ssim}
     out["update_diagnostics"] = _diagnostics(updates)
+    if args.secagg_labs:
+        out["update_diagnostics"].update(_secagg_diagnostics(updates, lab1))
     out["_images"] = {"original": images, "no_dp": recon["no_dp"], "dp": recon["dp"],
                       "prior_only": recon["prior_only"], "start": init01[baseline.assignment], "mask_paint": painted}
     return out
@@ -217,6 +269,16 @@ def _diagnostics(updates: dict) -> dict:
             "cosine_dp_vs_no_dp": cosine}
 
 
+def _secagg_diagnostics(observed: dict, lab1: dict) -> dict:
+    """How much of lab 1's own update is left in the observed mean (cosines; 1 = all of it)."""
+    def flat(update):
+        return torch.cat([v.flatten() for v in update.values()])
+
+    own = flat(lab1["no_dp"])
+    return {f"cosine_{key}_vs_lab1_no_dp": float(torch.nn.functional.cosine_similarity(flat(observed[key]), own, dim=0))
+            for key in ("no_dp", "dp")}
+
+
 # --------------------------------------------------------------------------- summary
 
 
@@ -230,6 +292,7 @@ def summarise(args, settings: RunSettings, runs: list[dict], n_params: int, seco
 
     result = {
         "benchmark": "privacy_attack",
+        "secagg_labs": args.secagg_labs,
         "psnr_no_dp": pooled("no_dp", "psnr"),
         "psnr_dp": pooled("dp", "psnr"),
         "ssim_no_dp": pooled("no_dp", "ssim"),
@@ -288,6 +351,11 @@ def summarise(args, settings: RunSettings, runs: list[dict], n_params: int, seco
         "iterations": dict(zip(map(str, args.batch_sizes), args.iterations)),
         "threads": args.threads, "seed": args.seed, "quick": args.quick,
     }
+    if args.secagg_labs:
+        result["settings"]["observation"] = (
+            f"secure aggregation: the uniform mean of {args.secagg_labs} labs' one-step updates from the same global "
+            f"model, each lab on its own B crops (other tiles) with its own DP noise (seed + lab index); the attack "
+            f"matches lab 1's B crops (masks known) to the mean, scored against lab 1's true crops")
     result["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
                          "torch": torch.__version__, "opacus": _version("opacus"),
                          "scikit-image": _version("skimage"), "device": "cpu"}
@@ -313,7 +381,7 @@ def _jsonable(value):
 # --------------------------------------------------------------------------- figure
 
 
-def save_figure(runs: list[dict], path: Path, start: str = "noise") -> None:
+def save_figure(runs: list[dict], path: Path, start: str = "noise", labs: int = 0) -> None:
     """Originals, no-DP, DP, prior-only control and attack start; one column per crop."""
     import matplotlib
 
@@ -338,6 +406,8 @@ def save_figure(runs: list[dict], path: Path, start: str = "noise") -> None:
             if c == 0:
                 ax.set_ylabel(label, fontsize=7)
     title = "Gradient inversion of one client update (PSNR / SSIM vs original)"
+    if labs:
+        title = f"Gradient inversion, mean of {labs} labs (PSNR / SSIM vs lab 1's crops)"
     fig.suptitle(title if len(columns) > 2 else title.replace(" (", "\n("), fontsize=9 if len(columns) > 2 else 7,
                  y=0.995)
     fig.tight_layout(pad=0.3, h_pad=0.4, w_pad=0.2, rect=(0, 0, 1, 0.97))
@@ -375,10 +445,10 @@ def main(argv: list[str] | None = None) -> dict:
     runs, first_tile = [], 0
     for batch, iterations in zip(args.batch_sizes, args.iterations):
         runs.append(attack_batch(model, card, settings, batch, iterations, args, first_tile, colours))
-        first_tile += batch  # distinct tiles for every crop
+        first_tile += batch * max(1, args.secagg_labs)  # distinct tiles for every crop of every lab
     result = summarise(args, settings, runs, n_params, time.perf_counter() - started)
     if args.figure is not None:
-        save_figure(runs, args.figure, args.start)
+        save_figure(runs, args.figure, args.start, args.secagg_labs)
     text = json.dumps(_jsonable(result), indent=2)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
