@@ -23,6 +23,7 @@ from napari_feddp.federation.secure import (
     secure_aggregation_on,
 )
 from napari_feddp.federation.settings import SettingsError
+from napari_feddp.models import load_checkpoint
 
 from .conftest import HERE, InProcessGrid, make_grid, tiny_settings
 from .fault_trainers import known_delta
@@ -225,3 +226,19 @@ def test_a_lab_that_requires_secure_aggregation_declines_a_round_in_the_clear(tm
     grid = make_grid(tmp_path / "secure", tiny_settings(), a={**SHIFTED, **strict}, b={**SHIFTED, **strict}, c=SHIFTED)
     _, _, strategy = _run(tmp_path / "secure", grid, tiny_settings())
     assert sorted(strategy.reports[1].accepted) == [101, 102, 103]
+
+
+def test_the_final_model_can_be_the_mean_of_the_last_rounds(tmp_path, task_identity, monkeypatch):
+    """average-last: post-processing of released models, so the card's epsilon is the last round's."""
+    monkeypatch.syspath_prepend(str(HERE))
+    settings = tiny_settings(average_last=2)
+    grid = make_grid(tmp_path, settings, a=SHIFTED, b=SHIFTED, c=SHIFTED)
+    _, arrays, strategy = _run(tmp_path, grid, settings, rounds=3)
+    second, _ = load_checkpoint(tmp_path / "ckpt" / "round-002")
+    third, _ = load_checkpoint(tmp_path / "ckpt" / "round-003")
+    final, card = load_checkpoint(tmp_path / "ckpt" / "final")
+    for name, value in final.state_dict().items():
+        expected = (second.state_dict()[name] + third.state_dict()[name]) / 2
+        np.testing.assert_allclose(value.numpy(), expected.numpy(), atol=1e-6)
+        np.testing.assert_allclose(arrays[name].numpy(), expected.numpy(), atol=1e-6)
+    assert card.provenance.privacy.epsilon == pytest.approx(strategy.reports[3].epsilon_max)

@@ -128,3 +128,18 @@ class CheckpointWriter:
         if self.directory is not None:
             summary = {"status": status, "updated": time.time(), **fields}
             write_atomic(self.directory / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def average_arrays(records: list) -> object:
+    """The mean of ArrayRecords with the same arrays (floating-point arrays averaged, others from the last)."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    last = records[-1]
+    averaged = {}
+    for name in last:
+        value = last[name].numpy()
+        if value.dtype.kind == "f":
+            value = np.mean([r[name].numpy().astype(np.float64) for r in records], axis=0).astype(value.dtype)
+        averaged[name] = Array(np.ascontiguousarray(value))
+    return ArrayRecord(averaged)

@@ -17,6 +17,8 @@ Loaded by ``flwr-serverapp`` (started by the SuperLink's SuperExec) as
 * a checkpoint (safetensors + model card) and a ``rounds.jsonl`` line per round;
   a card value that cannot be written is recorded in the round line, it does
   not stop the run,
+* the final model: the last global model, or the mean of the last
+  ``average-last`` ones,
 * a final federated evaluation on every connected node,
 * ``summary.json`` with the run status.
 """
@@ -32,7 +34,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from .checkpoints import CheckpointWriter
+from .checkpoints import CheckpointWriter, average_arrays
 from .local import build_model
 from .secure import SecureRound, ServerOptimizer, secure_aggregation_on
 from .settings import RunSettings
@@ -102,6 +104,7 @@ def run_federation(grid: Grid, settings: RunSettings, writer: CheckpointWriter |
     writer.save_model(f"round-{done:03d}", arrays, strict=True, round=done, federated_rounds=done)
     epsilon = None
     released = 0  # noisy aggregates published (client-level DP accounting)
+    recent: list[ArrayRecord] = []  # the last average-last global models
     last_round = done + settings.num_rounds
     for server_round in range(done + 1, last_round + 1):
         started = time.monotonic()
@@ -116,6 +119,7 @@ def run_federation(grid: Grid, settings: RunSettings, writer: CheckpointWriter |
             new_arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages,
                                                                                        timeout=settings.round_timeout))
         arrays = arrays if new_arrays is None else new_arrays
+        recent = [*recent, arrays][-max(1, settings.average_last):]
         report = strategy.reports[server_round]
         report.seconds = time.monotonic() - started
         if settings.dp_mode == "update" and report.aggregated:
@@ -138,6 +142,9 @@ def run_federation(grid: Grid, settings: RunSettings, writer: CheckpointWriter |
         writer.append_round(row)
         log(logging.INFO, "Round %d: %d accepted, %d rejected, %d declined, %d failed, aggregated=%s", server_round,
             len(report.accepted), len(report.rejected), len(report.declined), len(report.failed), report.aggregated)
+    if len(recent) > 1:  # averaging released models is post-processing: no privacy cost
+        arrays = average_arrays(recent)
+        log(logging.INFO, "Final model: the mean of the last %d rounds' global models", len(recent))
     evaluation_metrics = {}
     if settings.final_evaluation:
         config = ConfigRecord({"final": True})

@@ -149,6 +149,9 @@ class RunSettings(_FlatConfig):
         "mean", "mean: weighted FedAvg; median / trimmed-mean: coordinate-wise (unweighted) with 4 or more "
         "updates, else FedAvg; only mean with dp-mode update", cli=True)
     trim_fraction: float = _setting(0.25, "fraction cut from each tail by trimmed-mean", cli=True, gt=0, lt=0.5)
+    average_last: int = _setting(
+        0, "the final model is the mean of the last N rounds' global models (post-processing of what was "
+        "released: no privacy cost); 0 or 1 keeps the last", cli=True, ge=0)
     secure_aggregation: Literal["auto", "on", "off"] = _setting(
         "auto", "SecAgg+: the coordinator learns only the sum of the labs' updates; auto: on with min-clients 3 "
         "or more and aggregation mean", cli=True)
