@@ -116,6 +116,16 @@ def bundle_from_record(record_path: str | os.PathLike, dest: str | os.PathLike, 
         f"{record.get('dp_batch_size') or budget['batch_size']}, crop {budget['crop_size']}, Adam lr "
         f"{record.get('dp_learning_rate') or budget['learning_rate']}, noise multiplier {record['noise_multiplier']:.4f}, clip "
         f"{budget['max_grad_norm']}, seed {record['seed']}.")
+    distributed = record.get("dp_noise") == "distributed"
+    if distributed:
+        steps = budget["rounds"] * (record.get("dp_local_steps") or budget["local_steps"])
+        training_data = training_data.split("FedDP through Flower")[0] + (
+            f"FedDP with distributed noise under secure aggregation (Flower SecAgg+, the product's ServerApp and "
+            f"ClientApps run in one process): {steps} rounds of one DP-SGD step per hospital, batch "
+            f"{record.get('dp_batch_size') or budget['batch_size']}, crop {budget['crop_size']}; each hospital adds "
+            f"noise multiplier {record['noise_multiplier']:.4f} / sqrt({record['noise_split']}) to its clipped gradient "
+            f"sum (clip {budget['max_grad_norm']}), the sum carries {record['noise_multiplier']:.4f}; server Adam lr "
+            f"{record.get('dp_learning_rate') or budget['learning_rate']}, seed {record['seed']}.")
     if budget.get("pretrain_steps"):
         training_data += (
             f" Initial model: {budget['pretrain_steps']} steps of public pretraining (no DP needed, no MoNuSeg "
@@ -124,7 +134,9 @@ def bundle_from_record(record_path: str | os.PathLike, dest: str | os.PathLike, 
     description = (
         "Default nuclei (background / nucleus) GroupNorm U-Net of napari-feddp, trained with FedDP: federated "
         f"averaging over {len(budget['hospitals'])} simulated hospitals with sample-level DP-SGD (Opacus), "
-        f"epsilon {record['epsilon']:.2f} at delta {record['delta']:g} per hospital dataset. Test metrics: "
+        f"epsilon {record['epsilon']:.2f} at delta {record['delta']:g} per hospital dataset"
+        + (f" (distributed noise: the epsilon holds if all {record['noise_split']} hospitals add their noise share "
+           "and the coordinator follows SecAgg+)" if distributed else "") + ". Test metrics: "
         f"MoNuSeg 2018 test split ({full['n_images']} images) scored by `napari-feddp evaluate --mpp 0.25` "
         f"({METRICS_NOTE}); subset3_*: the first 3 test images in sorted order.")
     return bundle_default_model(checkpoint, dest, record=record, metrics=metrics, training_data=training_data,

@@ -25,7 +25,18 @@ from napari_feddp.models.store import bundled_checkpoint, model_store, resolve_c
 from .conftest import context, instruction, tiny_settings
 
 #: Run settings whose global model has the bundled model's architecture and tile size.
-BUNDLED_RUN = dict(model_depth=4, model_base_width=16, model_groups=8, crop_size=128)
+
+
+def _bundled_run() -> dict:
+    """Run settings whose model is the bundled model's architecture (from its card)."""
+    if bundled_checkpoint() is None:
+        return {}
+    params = load_checkpoint(bundled_checkpoint())[1].architecture.params
+    return dict(model_depth=params["depth"], model_base_width=params["base_width"], model_groups=params["groups"],
+                crop_size=128)
+
+
+BUNDLED_RUN = _bundled_run()
 
 pytestmark = pytest.mark.skipif(bundled_checkpoint() is None, reason="this build bundles no default model")
 

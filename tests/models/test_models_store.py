@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -24,11 +25,14 @@ def test_bundled_model_is_listed_with_its_card(isolated_feddp_home):
     assert [m.source for m in models] == ["bundled"]
     bundled = models[0]
     assert bundled.path == bundled_checkpoint() == resolve_checkpoint(None)
-    assert bundled.name == "feddp-nuclei" and bundled.date == "2026-11-27"
-    assert bundled.epsilon == pytest.approx(7.917, abs=1e-3)
+    card = json.loads(bundled.path.with_suffix(".json").read_text())
+    date = card["created"][:10]
+    assert bundled.name == "feddp-nuclei" and bundled.date == date
+    assert bundled.epsilon == pytest.approx(card["provenance"]["privacy"]["epsilon"]) and 0 < bundled.epsilon <= 8
     line = bundled.description
     assert "\n" not in line
-    assert line.startswith("feddp-nuclei · bundled · 2026-11-27 · ε 7.92 · test dice 0.760")
+    expected = f"feddp-nuclei · bundled · {date} · ε {bundled.epsilon:.2f} · test dice {card['metrics']['test_dice']:.3f}"
+    assert line.startswith(expected)
 
 
 def test_received_models_newest_first_then_bundled_refused_never(isolated_feddp_home):
