@@ -15,7 +15,7 @@ This module fits that protocol to napari-feddp's Message-API federation:
   per-lab norms (the server has none);
 * :func:`secure_aggregation_mod` is the lab's side: it hands SecAgg+ messages to
   ``secaggplus_mod`` and turns the lab's trained weights into the update it
-  masks: the difference to the global model, checked finite, bounded, weighted.
+  masks: the difference to the global model, checked finite and bounded, with unit weight.
 
 What it does not stop: a lab that alters its own code can add any integer
 vector to the sum (the server cannot inspect it, nor the weight it claims). The
@@ -57,7 +57,7 @@ from .strategy import ARRAYS_KEY, METRICS_KEY, REASON_KEY, RoundReport, check_tr
 #: Fewest labs in a secure sum. With two, each lab learns the other's update
 #: from the sum and its own, so the protocol would protect nothing.
 MIN_SECURE_LABS = 3
-#: Integer range the weighted updates are quantized to; the modulus (2**32)
+#: Integer range the updates are quantized to; the modulus (2**32)
 #: leaves room for the sum of :data:`MAX_SECURE_LABS` labs without overflow.
 QUANTIZATION_RANGE = 2**24
 MODULUS_RANGE = 2**32
@@ -112,7 +112,7 @@ class _Collector(LegacyStrategy):
 
     def aggregate_fit(self, server_round, results, failures):
         self.results = list(results)
-        if results:  # every result carries the same unmasked weighted mean
+        if results:  # every result carries the same unmasked mean
             self.mean = parameters_to_ndarrays(results[0][1].parameters)
         return None, {}
 
@@ -265,10 +265,8 @@ class ServerOptimizer:
     """
 
     def __init__(self, settings: RunSettings) -> None:
-        import torch
-
         self.settings = settings
-        self._params: dict[str, torch.nn.Parameter] = {}
+        self._params: dict = {}  # name -> torch Parameter, made at the first step
         self._optimizer = None
 
     def step(self, arrays: ArrayRecord, gradient: dict[str, np.ndarray]) -> ArrayRecord:
@@ -408,7 +406,7 @@ def is_secure_round(msg: Message) -> bool:
 
 
 def masked_update(msg: Message, context: Context, call_next) -> Message:
-    """Train, then reply with the update SecAgg+ masks: the weighted difference to the global model.
+    """Train, then reply with the update SecAgg+ masks: the difference to the global model, weight 1.
 
     Refused (an error, so the lab drops out of the round and the sum goes on
     without it) when fewer than :data:`MIN_SECURE_LABS` labs take part, when
