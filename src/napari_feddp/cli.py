@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from . import __version__
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if not is_out_of_memory(exc):
             raise
+        # Reads that zarr's I/O loop had in flight when memory ran out are abandoned; asyncio
+        # would log each one at exit ("Task was destroyed but it is pending") after our message.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         print(f"napari-feddp {args.command}: error: {user_message(exc, CLI_CONTROLS)}", file=sys.stderr)
         return 3
 
