@@ -126,7 +126,11 @@ def bundle_from_record(record_path: str | os.PathLike, dest: str | os.PathLike, 
             f"noise multiplier {record['noise_multiplier']:.4f} / sqrt({record['noise_split']}) to its clipped gradient "
             f"sum (clip {budget['max_grad_norm']}), the sum carries {record['noise_multiplier']:.4f}; server Adam lr "
             f"{record.get('dp_learning_rate') or budget['learning_rate']}, seed {record['seed']}.")
-    if budget.get("pretrain_steps"):
+    if budget.get("pretrain_steps") and budget.get("pretrain_data") == "tnbc":
+        training_data += (
+            f" Initial model: {budget['pretrain_steps']} steps of public pretraining (no DP needed, no MoNuSeg "
+            "data) on the TNBC nuclei set (Naylor et al. 2019, Institut Curie, 50 annotated tiles).")
+    elif budget.get("pretrain_steps"):
         training_data += (
             f" Initial model: {budget['pretrain_steps']} steps of public pretraining (no DP needed, no MoNuSeg "
             "data) on the CC0 CMU-1-Small-Region sample slide with colour-deconvolution pseudo-labels "

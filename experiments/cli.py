@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--pretrain-steps", type=int,
                        help="steps of public pretraining (CC0 sample slide, pseudo-labels) giving every setting "
                             "its initial model; 0 starts from a random init (default: the budget's)")
+    run_p.add_argument("--pretrain-data", choices=("cmu1", "tnbc"),
+                       help="public pretraining data: cmu1, the CC0 sample slide with pseudo-labels (default), "
+                            "or tnbc, the annotated TNBC set (foreground-only models)")
     run_p.add_argument("--rerun", action="store_true",
                        help="run again (setting, seed) pairs whose JSON is already in --out (default: keep them)")
     run_p.add_argument("--round-eval", type=int, default=None,
@@ -143,6 +146,12 @@ def budget_of(args):
         if args.pretrain_steps < 0:
             raise UsageError("--pretrain-steps: expected 0 (random init) or a positive number of steps")
         budget = replace(budget, pretrain_steps=args.pretrain_steps)
+    if args.pretrain_data:
+        if not budget.pretrain_steps:
+            raise UsageError("--pretrain-data: give --pretrain-steps N (N > 0) too")
+        if args.pretrain_data == "tnbc" and budget.contours:
+            raise UsageError("--pretrain-data tnbc: TNBC's masks are binary; add --foreground-only")
+        budget = replace(budget, pretrain_data=None if args.pretrain_data == "cmu1" else args.pretrain_data)
     if args.round_eval:
         from .runner import find_monuseg, first_test_names
 

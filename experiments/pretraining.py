@@ -1,5 +1,14 @@
 """Public pretraining: the initial model of every setting, trained on public data only.
 
+Two public sources, chosen with the budget's ``pretrain_data``:
+
+* ``"cmu1"`` (the default): the CC0 sample slide bundled with the package, labelled
+  without annotation (below);
+* ``"tnbc"``: the TNBC nuclei set (Naylor et al. 2019; 50 annotated 512-px tiles at
+  40x, one site, no overlap with MoNuSeg), from ``tnbc/`` in the shared data folder.
+  Its licence is not stated in the copies reachable here: use it for experiments;
+  shipping weights trained on it needs the Zenodo record's terms first.
+
 DP-SGD pays for every bit it learns from private data, so the DP literature
 starts private training from a model pretrained on public data (e.g. De et al.
 2022, "Unlocking high-accuracy differentially private image classification
@@ -105,27 +114,95 @@ def prepare_public_patches(out_dir: str | os.PathLike, *, slide: str | os.PathLi
     return out
 
 
+#: TNBC's pixel size: the files carry none; the dataset paper gives 40x (about 0.25 µm/px).
+TNBC_MPP = 0.25
+#: Public pretraining sources (``Budget.pretrain_data``).
+PUBLIC_SOURCES = ("cmu1", "tnbc")
+
+
+def find_tnbc() -> Path:
+    """The TNBC set (``images/``, ``masks/``) in ``$FEDDP_SHARED_DATA`` or in ``shared/data`` beside the checkout."""
+    from .runner import find_monuseg
+
+    try:
+        shared = find_monuseg().parent
+    except FileNotFoundError:
+        shared = Path(os.environ.get("FEDDP_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    found = shared / "tnbc"
+    if not (found / "images").is_dir() or not (found / "masks").is_dir():
+        raise FileNotFoundError(f"TNBC not found in {found}: set FEDDP_SHARED_DATA to the folder holding tnbc/")
+    return found
+
+
+def prepare_tnbc_patches(out_dir: str | os.PathLike, *, source: str | os.PathLike | None = None,
+                         mpp: float = 0.5) -> Path:
+    """Write the TNBC tiles, resampled from 0.25 µm/px to ``mpp``, to ``out_dir/{images,masks}`` (PNG).
+
+    Each 512-px tile becomes one patch (256 px at 0.5 µm/px), resampled as the hospitals'
+    tiles are (:func:`napari_feddp.training.dataset.resample_pair`). Reused as it is when already
+    prepared from the same folder and pixel size.
+    """
+    from PIL import Image
+
+    from napari_feddp.training._io import read_image, read_mask
+    from napari_feddp.training.dataset import find_pairs, resample_pair
+
+    source = Path(source) if source is not None else find_tnbc()
+    out = Path(out_dir)
+    params = {"source": str(source.resolve()), "source_mpp": TNBC_MPP, "mpp": mpp}
+    stamp = out / "prepared.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("params") == params:
+        return out
+    pairs = find_pairs(source, source_mpp=TNBC_MPP)
+    if not pairs:
+        raise ValueError(f"TNBC folder {source}: no image with a mask of the same name")
+    for sub in ("images", "masks"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for old in (out / sub).iterdir():
+            old.unlink()
+    foreground = []
+    for pair in pairs:
+        image, mask = resample_pair(read_image(pair.image_path), read_mask(pair.mask_path, n_classes=2),
+                                    TNBC_MPP / mpp)
+        Image.fromarray(np.ascontiguousarray(image)).save(out / "images" / f"{pair.name}.png")
+        Image.fromarray((mask > 0).astype(np.uint8) * 255).save(out / "masks" / f"{pair.name}.png")
+        foreground.append(float((mask > 0).mean()))
+    stamp.write_text(json.dumps({"params": params, "patches": len(pairs),
+                                 "foreground": float(np.mean(foreground))}, indent=2) + "\n")
+    return out
+
+
 def pretrain_public(out_dir: str | os.PathLike, budget, *, seed: int = 0) -> Path:
     """The public-pretrained initial model for ``budget`` (``budget.pretrain_steps`` steps, no DP).
 
-    Trained once per ``out_dir`` and budget (architecture, crop, batch, lr, steps) and reused;
-    returns the checkpoint path.
+    Trained once per ``out_dir`` and budget (data, architecture, crop, batch, lr, steps) and
+    reused; returns the checkpoint path.
     """
     from .runner import train_direct
 
     out = Path(out_dir)
     if budget.pretrain_steps <= 0:
         raise ValueError("pretrain_public: budget.pretrain_steps is 0 (random initialisation)")
+    data = budget.pretrain_data or "cmu1"
+    if data not in PUBLIC_SOURCES:
+        raise ValueError(f"pretrain_public: unknown public data {data!r}; expected one of {list(PUBLIC_SOURCES)}")
+    if data == "tnbc" and budget.settings.n_classes != 2:
+        raise ValueError("pretraining on TNBC needs a foreground-only model: its masks are binary, without "
+                         "the per-nucleus outlines a contour model learns")
     keys = ("pretrain_steps", "batch_size", "crop_size", "learning_rate", "base_width", "depth", "groups", "mpp")
-    params = {k: v for k, v in budget.as_record().items() if k in keys} | {"seed": seed}
+    params = {k: v for k, v in budget.as_record().items() if k in keys} | {"seed": seed, "data": data}
     checkpoint = out / "public-pretrained.safetensors"
     stamp = out / "pretrained.json"
     if checkpoint.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("params") == params:
         return checkpoint
-    folder = prepare_public_patches(out / "public-patches", mpp=budget.settings.mpp)
+    if data == "tnbc":
+        folder = prepare_tnbc_patches(out / "tnbc-patches", mpp=budget.settings.mpp)
+    else:
+        folder = prepare_public_patches(out / "public-patches", mpp=budget.settings.mpp)
     checkpoint = train_direct(folder, budget.pretrain_steps, budget.settings, seed, out, "public-pretrained")
     stamp.write_text(json.dumps({"params": params, "checkpoint": checkpoint.name}, indent=2) + "\n")
     return checkpoint
 
 
-__all__ = ["prepare_public_patches", "pretrain_public", "public_tissue"]
+__all__ = ["PUBLIC_SOURCES", "TNBC_MPP", "find_tnbc", "prepare_public_patches", "prepare_tnbc_patches",
+           "pretrain_public", "public_tissue"]

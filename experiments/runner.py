@@ -104,6 +104,9 @@ class Budget:
     #: every setting starts from that model. 0 (the default): a seeded random init. Public
     #: pretraining (500 steps) is measured in ``docs/results.md`` and not used by default.
     pretrain_steps: int = 0
+    #: The public pretraining data: None or ``"cmu1"`` (the CC0 sample slide, pseudo-labels),
+    #: ``"tnbc"`` (the annotated TNBC set; foreground-only models).
+    pretrain_data: str | None = None
     #: Three classes (background, nucleus, contour): the model outlines each nucleus, so
     #: touching nuclei are separated (targets from each hospital's ``instances/``). False:
     #: foreground only, nuclei split by a distance watershed. Sets ``settings.n_classes``.
@@ -455,7 +458,8 @@ def run_grid(out: str | os.PathLike, *, settings: list[str] | None = None, seeds
     if budget.pretrain_steps:
         from .pretraining import pretrain_public
 
-        print(f"== public pretraining ({budget.pretrain_steps} steps on the CC0 sample slide)", flush=True)
+        source = "the TNBC set" if budget.pretrain_data == "tnbc" else "the CC0 sample slide"
+        print(f"== public pretraining ({budget.pretrain_steps} steps on {source})", flush=True)
         init = pretrain_public(out / "pretrained", budget)
     else:
         chosen = [s for s in chosen if s != "pretrained"]  # random init: nothing to score
