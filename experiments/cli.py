@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="local steps per round of the sample-level DP runs (default: the shared value)")
     run_p.add_argument("--dp-lr", type=float,
                        help="Adam learning rate of the sample-level DP runs (default: the shared one)")
+    run_p.add_argument("--dp-augmentations", type=int, metavar="K",
+                       help="augmentation multiplicity of the sample-level DP runs: each tile's gradient is the "
+                            "mean over K augmented crops before clipping (default 1)")
     run_p.add_argument("--pretrain-steps", type=int,
                        help="steps of public pretraining (CC0 sample slide, pseudo-labels) giving every setting "
                             "its initial model; 0 starts from a random init (default: the budget's)")
@@ -142,6 +145,10 @@ def budget_of(args):
         if args.dp_lr <= 0:
             raise UsageError("--dp-lr: expected a positive learning rate")
         budget = replace(budget, dp_learning_rate=args.dp_lr)
+    if args.dp_augmentations is not None:
+        if not 1 <= args.dp_augmentations <= 32:
+            raise UsageError("--dp-augmentations: expected 1 to 32 augmented crops per tile")
+        budget = replace(budget, dp_augmentations=args.dp_augmentations if args.dp_augmentations > 1 else None)
     if args.pretrain_steps is not None:
         if args.pretrain_steps < 0:
             raise UsageError("--pretrain-steps: expected 0 (random init) or a positive number of steps")

@@ -99,6 +99,9 @@ class Budget:
     #: makes every Adam step partly a random step of size ~lr, so DP usually wants its own lr;
     #: choose it on training data (see ``docs/results.md``), never on the test split.
     dp_learning_rate: float | None = None
+    #: Sample-level DP runs only: augmentation multiplicity K (each tile's gradient averaged
+    #: over K augmented crops before clipping; same accounting, K times the compute). None: 1.
+    dp_augmentations: int | None = None
     #: Steps of public pretraining (:mod:`~experiments.pretraining`: the CC0 sample
     #: slide with colour-deconvolution pseudo-labels, no DP, not counted in any setting's budget);
     #: every setting starts from that model. 0 (the default): a seeded random init. Public
@@ -127,7 +130,8 @@ class Budget:
         """The budget a sample-level DP run uses (its own batch, local steps and lr, if set)."""
         changes = {name: value for name, value in (("batch_size", self.dp_batch_size),
                                                     ("max_steps", self.dp_local_steps),
-                                                    ("learning_rate", self.dp_learning_rate)) if value}
+                                                    ("learning_rate", self.dp_learning_rate),
+                                                    ("augmentation_multiplicity", self.dp_augmentations)) if value}
         return replace(self, settings=self.settings.replace(**changes))
 
     @property

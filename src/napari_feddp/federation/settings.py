@@ -113,6 +113,9 @@ class RunSettings(_FlatConfig):
     noise_split: int = _setting(
         0, "distributed noise: labs the noise is split over, each adding noise-multiplier / sqrt(this); the "
         "epsilon labs record assumes at least this many honest labs in every sum (0: min-clients)", cli=True, ge=0)
+    augmentation_multiplicity: int = _setting(
+        1, "sample mode: each tile's gradient is the mean over this many augmented crops of it, before clipping "
+        "(same privacy accounting, this many times the compute)", cli=True, ge=1, le=32)
     update_noise_multiplier: float = _setting(1.0, "noise multiplier on the aggregate (update mode)", cli=True, ge=0)
     update_clipping_norm: float = _setting(1.0, "clipping norm of each lab's update (update mode)", cli=True, gt=0)
     target_delta: float = _setting(1e-5, "delta of the reported epsilon", cli="--delta", gt=0, lt=1)
@@ -165,6 +168,9 @@ class RunSettings(_FlatConfig):
             raise ValueError(f"min-updates ({self.min_updates}) cannot exceed min-clients ({self.min_clients})")
         if self.dp_mode == "sample" and self.noise_multiplier <= 0:
             raise ValueError("noise-multiplier must be > 0 with dp-mode 'sample'")
+        if self.augmentation_multiplicity > 1 and self.dp_mode != "sample":
+            raise ValueError(f"augmentation-multiplicity {self.augmentation_multiplicity} needs dp-mode 'sample' "
+                             "(it averages per-sample gradients before DP-SGD's clipping)")
         if self.dp_mode == "update" and self.aggregation != "mean":
             # The server's Gaussian noise is calibrated to the sensitivity of a
             # mean of clipped updates; a median or trimmed mean has another one.
@@ -240,6 +246,7 @@ class RunSettings(_FlatConfig):
             dp_mode="sample" if private else "none", max_grad_norm=self.max_grad_norm,
             noise_multiplier=self.noise_multiplier if private else None, delta=node.max_delta,
             epsilon_max=node.epsilon_budget if private else None, seed=None,
+            augmentation_multiplicity=self.augmentation_multiplicity if private else 1,
         )
 
 

@@ -66,6 +66,12 @@ class TrainConfig(BaseModel):
         Budget; with a ledger, a round that would exceed it is refused before training.
     accountant : {"rdp", "prv"}
         Opacus accountant.
+    augmentation_multiplicity : int
+        DP-SGD only: each sampled tile's gradient is the mean of the gradients of K
+        independently augmented crops of it, taken *before* per-sample clipping (De et al. 2022,
+        "augmentation multiplicity"). The tile stays the privacy unit and its clipped
+        contribution is still bounded by ``max_grad_norm``, so accounting is unchanged; the
+        clipped gradient is less noisy, at K times the compute per step.
     grad_sample_mode : {"hooks", "functorch", "ew"}
         How Opacus computes per-sample gradients (``"ew"`` fails on U-Nets with skip
         concatenations for batches > 1).
@@ -106,6 +112,7 @@ class TrainConfig(BaseModel):
     delta: Annotated[float, Field(strict=True, gt=0, lt=1)] = 1e-5
     epsilon_max: _Positive | None = None
     accountant: Literal["rdp", "prv"] = "rdp"
+    augmentation_multiplicity: Annotated[int, Field(strict=True, ge=1, le=32)] = 1
     grad_sample_mode: Literal["hooks", "functorch", "ew"] = "hooks"
     fast_conv_grads: bool = True
     seed: int | None = 0
@@ -125,6 +132,9 @@ class TrainConfig(BaseModel):
             self.epochs = 1
         if self.dp_mode == "sample" and self.noise_multiplier is None and self.target_epsilon is None:
             self.noise_multiplier = 1.0
+        if self.augmentation_multiplicity > 1 and self.dp_mode != "sample":
+            raise ValueError("augmentation_multiplicity averages per-sample gradients before DP-SGD's clipping; "
+                             "with dp_mode='none' use a larger batch instead")
         return self
 
 
@@ -375,7 +385,7 @@ def private_gradient_sum(
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     engine, private_model, dp_optimizer, dp_loader = make_private(
-        model, torch.optim.SGD(model.parameters(), lr=1.0), _loader(dataset, config, shuffle=False), config,
+        model, torch.optim.SGD(model.parameters(), lr=1.0), _private_loader(dataset, config), config,
         noise_share)  # fmt: skip
     names = {id(p): name for name, p in model.named_parameters()}
     try:
@@ -477,7 +487,7 @@ def _train_private(model, dataset, config, plan, loss_fn, device, stats, ledger,
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     engine, private_model, dp_optimizer, dp_loader = make_private(
-        model, _make_optimizer(model, config), _loader(dataset, config, shuffle=False), config, plan.noise_multiplier
+        model, _make_optimizer(model, config), _private_loader(dataset, config), config, plan.noise_multiplier
     )
     if not math.isclose(dp_optimizer.expected_batch_size, int(plan.expected_batch_size)):
         raise RuntimeError(f"Opacus planned batch {dp_optimizer.expected_batch_size}, expected {plan.expected_batch_size}")
@@ -513,12 +523,17 @@ def _private_step(model, optimizer, loss_fn, images, masks, stats: _Stats, apply
         for p in optimizer.params:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     else:
+        views = images.shape[1] if images.ndim == 5 else 0  # (tiles, K views, 3, H, W): augmentation multiplicity
+        if views:
+            images, masks = images.flatten(0, 1), masks.flatten(0, 1)
         logits = model(images)
         loss = loss_fn(logits, masks)
         with warnings.catch_warnings():
             # Opacus' hooks on the first layer fire without input gradients; harmless.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             loss.backward()
+        if views:
+            _average_views(optimizer.params, views)
         stats.add(logits, masks, loss)
     if not apply:
         if optimizer.pre_step():  # the last physical batch: clipped sum + noise, scaled; kept in .grad
@@ -631,6 +646,40 @@ def _loader(dataset: Dataset, config: TrainConfig, *, shuffle: bool) -> DataLoad
         generator.manual_seed(config.seed)
     return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, num_workers=config.num_workers,
                       generator=generator)
+
+
+class _Views(Dataset):
+    """``k`` independently drawn (cropped, augmented) views of each item of a ``"train"`` dataset,
+    stacked: ``(k, 3, H, W)`` images and ``(k, H, W)`` masks. One item stays one privacy unit."""
+
+    def __init__(self, dataset: Dataset, k: int) -> None:
+        self.dataset, self.k = dataset, k
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, masks = zip(*(self.dataset[index] for _ in range(self.k)), strict=True)
+        return torch.stack(images), torch.stack(masks)
+
+
+def _private_loader(dataset: Dataset, config: TrainConfig) -> DataLoader:
+    """The loader Opacus turns into a Poisson sampler; with augmentation multiplicity, of stacked views."""
+    if config.augmentation_multiplicity > 1:
+        if getattr(dataset, "mode", "train") != "train" or getattr(dataset, "augmentation", True) is None:
+            raise ValueError("augmentation_multiplicity needs a dataset that draws a new augmented crop on each "
+                             "access (SegmentationDataset in mode='train' with augmentation)")
+        dataset = _Views(dataset, config.augmentation_multiplicity)
+    return _loader(dataset, config, shuffle=False)
+
+
+def _average_views(params, views: int) -> None:
+    """Per-sample gradients of ``tiles * views`` rows -> the mean over each tile's views (before clipping)."""
+    for p in params:
+        sample = p.grad_sample
+        if isinstance(sample, list):
+            sample = torch.cat(sample)
+        p.grad_sample = sample.view(-1, views, *sample.shape[1:]).mean(1)
 
 
 def _n_classes(model: nn.Module, dataset: Dataset, device: torch.device) -> int:
