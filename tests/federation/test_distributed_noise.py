@@ -6,6 +6,7 @@ Grid gives each lab its own copy of every message (``experiments.inprocess.InPro
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -72,8 +73,10 @@ def _run(tmp_path, grid, settings):
                                      context=context)  # fmt: skip
 
 
-def test_a_distributed_noise_run_trains_and_each_lab_accounts_the_full_noise(tmp_path, task_identity):
-    settings = distributed(num_rounds=2, final_evaluation=False, checkpoint_dir=str(tmp_path / "ckpt"))
+@pytest.mark.parametrize("augmentations", [1, 2])
+def test_a_distributed_noise_run_trains_and_each_lab_accounts_the_full_noise(tmp_path, task_identity, augmentations):
+    settings = distributed(num_rounds=2, final_evaluation=False, checkpoint_dir=str(tmp_path / "ckpt"),
+                           augmentation_multiplicity=augmentations)
     grid = make_grid(tmp_path, settings, a=TRUSTING, b=TRUSTING, c=TRUSTING)
     initial, _ = server_app.initial_arrays(settings)
     arrays, strategy = _run(tmp_path, grid, settings)
@@ -84,6 +87,10 @@ def test_a_distributed_noise_run_trains_and_each_lab_accounts_the_full_noise(tmp
     # 4 tiles, batch 2: sample rate 1/2; one step per round at the full noise multiplier.
     expected = epsilon_of("rdp", [(settings.noise_multiplier, 0.5, 2)], 1e-5)
     assert strategy.reports[2].epsilon_max == pytest.approx(expected, rel=1e-6)
+    # Augmentation multiplicity reaches every lab's DP-SGD and leaves the accounting as it is.
+    records = [json.loads(line) for path in (tmp_path / "ledgers").rglob("*.jsonl") for line in path.read_text().splitlines()]
+    rounds = [r for r in records if "meta" in r and r["meta"].get("noise") == "distributed"]
+    assert len(rounds) == 6 and {r["meta"]["augmentations"] for r in rounds} == {augmentations}
 
 
 def test_the_server_applies_the_mean_of_the_labs_gradient_sums(tmp_path, task_identity, monkeypatch):

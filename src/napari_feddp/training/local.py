@@ -321,7 +321,8 @@ def train_local(
         epsilon = ledger.record_round(
             noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=stats.steps,
             history=history, n_examples=plan.n_examples, round_id=round_id, epsilon_max=config.epsilon_max,
-            meta={"max_grad_norm": config.max_grad_norm, "batch_size": config.batch_size, "lr": config.lr},
+            meta={"max_grad_norm": config.max_grad_norm, "batch_size": config.batch_size, "lr": config.lr,
+                  "augmentations": config.augmentation_multiplicity},
         ).epsilon
     return TrainResult(
         state_dict={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
@@ -410,7 +411,7 @@ def private_gradient_sum(
             noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=1, history=history,
             n_examples=plan.n_examples, round_id=round_id, epsilon_max=config.epsilon_max,
             meta={"max_grad_norm": config.max_grad_norm, "batch_size": config.batch_size, "noise": "distributed",
-                  "noise_share": noise_share},
+                  "noise_share": noise_share, "augmentations": config.augmentation_multiplicity},
         ).epsilon
     scores = stats.metrics.compute() if stats.metrics.n_pixels else dict.fromkeys(("dice", "jaccard", "pixel_accuracy"), math.nan)
     result = TrainResult(
