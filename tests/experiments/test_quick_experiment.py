@@ -198,8 +198,8 @@ GRID_RECORD = {"rounds": 10, "local_steps": 10, "batch_size": 32, "crop_size": 1
                "max_grad_norm": 1.0, "update_clipping_norm": 1.0,
                "hospitals": ["h1-breast", "h2-kidney", "h3-liver", "h4-prostate", "h5-mixed"], "max_tiles": None,
                "test_names": None, "round_eval_names": None, "timeout": 5400.0, "dp_batch_size": None,
-               "dp_local_steps": None, "dp_learning_rate": None, "pretrain_steps": 0, "contours": True,
-               "holdout": None}
+               "dp_local_steps": None, "dp_learning_rate": None, "dp_augmentations": None, "pretrain_steps": 0,
+               "pretrain_data": None, "contours": True, "holdout": None}
 
 
 def _budget(*flags):
@@ -221,6 +221,16 @@ def test_recorded_runs_are_kept_by_the_options_that_made_them():
     assert same_budget(shipped, recipe.as_record(), "feddp-eps8")
     assert recipe.settings.unet_params == {"in_channels": 3, "n_classes": 2, "depth": 4, "base_width": 16, "groups": 8}
     assert not same_budget(shipped, _budget("--base-width", "16", "--batch-size", "8").as_record(), "feddp-eps8")
+    # Records made before augmentation multiplicity and TNBC pretraining existed are kept for the
+    # default budget, and refused by a grid that uses either.
+    older = {k: v for k, v in GRID_RECORD.items() if k not in ("dp_augmentations", "pretrain_data")}
+    assert same_budget(older, _budget().as_record(), "feddp-dist-eps8")
+    many = _budget("--dp-augmentations", "4").as_record()
+    assert many["dp_augmentations"] == 4 and _budget("--dp-augmentations", "1").as_record()["dp_augmentations"] is None
+    assert not same_budget(older, many, "feddp-dist-eps8") and same_budget(older, many, "fedavg")
+    tnbc = _budget("--foreground-only", "--pretrain-steps", "500", "--pretrain-data", "tnbc").as_record()
+    assert tnbc["pretrain_data"] == "tnbc"
+    assert not same_budget({**older, "contours": False, "pretrain_steps": 500}, tnbc, "fedavg")
 
 
 def test_the_budget_records_every_shared_setting_it_changes():
