@@ -115,6 +115,7 @@ def node(tmp_path, lab_dir) -> NodeSettings:
         ({"max_steps": 10**6}, "max-steps 1000000 is above"),
         ({"crop_size": 4096}, "crop-size 4096 is above"),
         ({"batch_size": 4096}, "batch-size 4096 is above"),
+        ({"batch_size": 16, "augmentation_multiplicity": 8}, "x augmentation-multiplicity 8 = 128 crops per step"),
     ],
 )
 def test_a_run_outside_the_lab_policy_is_declined_before_training(node, tmp_path, changes, reason):

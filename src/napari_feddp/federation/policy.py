@@ -68,6 +68,11 @@ def policy_refusal(settings: RunSettings, node: NodeSettings) -> str | None:
                               ("max-steps", settings.max_steps, node.max_steps_per_round)):
         if asked > limit:
             return f"lab policy: {key} {asked} is above this lab's limit {limit}"
+    crops = settings.batch_size * settings.augmentation_multiplicity  # what one step pushes through the model
+    if settings.augmentation_multiplicity > 1 and crops > node.max_batch_size:
+        return (f"lab policy: batch-size {settings.batch_size} x augmentation-multiplicity "
+                f"{settings.augmentation_multiplicity} = {crops} crops per step is above this lab's limit "
+                f"{node.max_batch_size}")  # fmt: skip
     if settings.max_steps == 0 and settings.local_epochs > node.max_local_epochs:
         return f"lab policy: local-epochs {settings.local_epochs} is above this lab's limit {node.max_local_epochs}"
     if settings.model_depth > 8 or settings.model_base_width > 4096:
