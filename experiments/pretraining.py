@@ -121,14 +121,10 @@ PUBLIC_SOURCES = ("cmu1", "tnbc")
 
 
 def find_tnbc() -> Path:
-    """The TNBC set (``images/``, ``masks/``) in ``$FEDDP_SHARED_DATA`` or in ``shared/data`` beside the checkout."""
-    from .runner import find_monuseg
+    """The TNBC set (``images/``, ``masks/``) in the shared data folder (:func:`~experiments.runner.shared_data`)."""
+    from .runner import shared_data
 
-    try:
-        shared = find_monuseg().parent
-    except FileNotFoundError:
-        shared = Path(os.environ.get("FEDDP_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
-    found = shared / "tnbc"
+    found = shared_data() / "tnbc"
     if not (found / "images").is_dir() or not (found / "masks").is_dir():
         raise FileNotFoundError(f"TNBC not found in {found}: set FEDDP_SHARED_DATA to the folder holding tnbc/")
     return found

@@ -547,10 +547,14 @@ def _relevant(budget: dict[str, Any], setting: str) -> dict[str, Any]:
     return {k: v for k, v in budget.items() if not k.startswith("dp_")}
 
 
+def shared_data() -> Path:
+    """The shared data folder: ``$FEDDP_SHARED_DATA``, or ``shared/data`` beside the checkout."""
+    return Path(os.environ.get("FEDDP_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
 def find_monuseg() -> Path:
-    """MoNuSeg (``train/``, ``test/``) in ``$FEDDP_SHARED_DATA`` or in ``shared/data`` beside the checkout."""
-    shared = os.environ.get("FEDDP_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
-    found = Path(shared) / "monuseg"
+    """MoNuSeg (``train/``, ``test/``) in the :func:`shared_data` folder."""
+    found = shared_data() / "monuseg"
     if not (found / "test" / "images").is_dir():
         raise FileNotFoundError(f"MoNuSeg not found in {found}: pass --data (folder with train/ and test/) "
                                 "or set FEDDP_SHARED_DATA")
