@@ -152,6 +152,17 @@ def test_contour_only_pieces_and_specks_still_become_nuclei():
         nuclei_from_contours(classes, 0)
 
 
+def test_a_foreground_map_is_split_with_the_given_watershed_parameters():
+    from napari_feddp.inference.instances import nuclei_from_classes
+
+    mpp = 0.25
+    classes = _two_touching_disks(int(round(3.0 / mpp))).astype(np.uint8)  # 6 µm nuclei, centres 5.5 µm apart
+    assert nuclei_from_classes(classes, mpp).max() == 2
+    # Centres must lie further apart than the two nuclei do: they stay one object.
+    assert nuclei_from_classes(classes, mpp, min_centre_distance_um=8.0).max() == 1
+    assert nuclei_from_classes(classes, mpp, smoothing_um=0.5, min_centre_distance_um=2.0).max() == 2
+
+
 def test_contour_class_is_found_by_name():
     from napari_feddp.inference.instances import contour_class_of
 

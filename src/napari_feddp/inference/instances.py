@@ -140,12 +140,15 @@ def nuclei_from_classes(
     nucleus_class: int = 1,
     contour_class: int | None = None,
     min_area_um2: float = MIN_NUCLEUS_AREA_UM2,
+    smoothing_um: float = SMOOTHING_UM,
+    min_centre_distance_um: float = MIN_CENTRE_DISTANCE_UM,
 ) -> np.ndarray:
     """One label per nucleus from a class map: what the product shows as nuclei.
 
     Foreground pieces smaller than ``min_area_um2`` are dropped as noise; then, with a
     ``contour_class`` (see :func:`contour_class_of`), :func:`nuclei_from_contours`; without
-    (a foreground-only model), :func:`split_nuclei` on the nucleus class.
+    (a foreground-only model), :func:`split_nuclei` on the nucleus class (``smoothing_um``,
+    ``min_centre_distance_um``: its parameters).
     """
     from skimage.morphology import remove_small_objects
 
@@ -157,7 +160,8 @@ def nuclei_from_classes(
         if specks.any():
             classes = np.where(specks, 0, classes).astype(classes.dtype, copy=False)
     if contour_class is None:
-        return split_nuclei(classes == nucleus_class, mpp)
+        return split_nuclei(classes == nucleus_class, mpp, smoothing_um=smoothing_um,
+                            min_centre_distance_um=min_centre_distance_um)
     return nuclei_from_contours(classes, mpp, nucleus_class=nucleus_class, contour_class=contour_class)
 
 
