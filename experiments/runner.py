@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -260,11 +261,7 @@ def train_federated(folders: dict[str, Path], budget: Budget, *, dp_mode: str, n
                                  on_round=lambda r: print(f"  [{name}] round {r.get('round')}: "
                                                           f"loss={r.get('train_loss')} eps={r.get('epsilon_max')}",
                                                           flush=True))
-    trained = [r for r in outcome.rounds if r.get("aggregated")]
-    if not trained:
-        first = (outcome.rounds or [{}])[0]
-        raise RuntimeError(f"{name}: no round was aggregated (failed: {first.get('failed')}, "
-                           f"declined: {first.get('declined')})")
+    _all_rounds_aggregated(name, outcome.rounds, settings.num_rounds)
     return outcome.checkpoint_dir / "final.safetensors", outcome.rounds
 
 
@@ -288,9 +285,23 @@ def train_distributed(folders: dict[str, Path], budget: Budget, *, noise: float,
             for h in budget.hospitals]  # fmt: skip
     _, strategy = run_in_process(settings, labs, run_id=seed + 1)
     rounds = [report.to_dict() for _, report in sorted(strategy.reports.items())]
-    if not any(r["aggregated"] for r in rounds):
-        raise RuntimeError(f"{name}: no round was aggregated ({rounds[0].get('note')})")
+    _all_rounds_aggregated(name, rounds, settings.num_rounds)
     return Path(settings.checkpoint_dir) / "final.safetensors", rounds
+
+
+def _all_rounds_aggregated(name: str, rounds: list[dict], planned: int) -> None:
+    """Refuse a run that trained fewer rounds than its budget: its scores would not be the budget's.
+
+    In a deployment a round without enough updates leaves the global model unchanged and the
+    federation goes on; in an experiment every hospital is simulated, so such a round is a fault
+    (a lab declining, e.g. its ledger already spent) that would silently shorten the run.
+    """
+    aggregated = sum(1 for r in rounds if r.get("aggregated"))
+    if aggregated < planned:
+        first = next((r for r in rounds if not r.get("aggregated")), {})
+        raise RuntimeError(
+            f"{name}: {aggregated} of {planned} rounds aggregated; round {first.get('round')} was not "
+            f"(failed: {first.get('failed')}, declined: {first.get('declined')}, note: {first.get('note')})")
 
 
 def _ledger_folders(budget: Budget, folders: dict[str, Path], out: Path) -> dict[str, Path]:
@@ -328,13 +339,26 @@ def hospital_labs(hospitals, folders: dict[str, Path], dp_mode: str, epsilon_bud
 # --------------------------------------------------------------------------- one setting
 
 
+def fresh_workdir(out: Path, setting: str, seed: int) -> Path:
+    """An empty ``out/runs/<setting>-s<seed>`` for a run about to start.
+
+    A folder left there belongs to a run that never wrote its record (interrupted) or is
+    being replaced (``--rerun``); its privacy ledgers would make the new run start with that
+    run's spending, and its checkpoints could be mistaken for the new run's.
+    """
+    work = out / "runs" / f"{setting}-s{seed}"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return work
+
+
 def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_dir: Path, seed: int,
                 out: Path, init: Path | None = None) -> dict[str, Any]:
     """Train and score one setting with one seed; writes ``out/<setting>-s<seed>.json``."""
     if setting not in SETTINGS:
         raise ValueError(f"unknown setting {setting!r}; expected one of {SETTINGS}")
-    work = out / "runs" / f"{setting}-s{seed}"
-    work.mkdir(parents=True, exist_ok=True)
+    work = fresh_workdir(out, setting, seed)
     started = time.monotonic()
     shared = budget  # recorded: the grid's budget, which kept runs are compared against
     if setting in SAMPLE_DP:
