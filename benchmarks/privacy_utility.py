@@ -4,12 +4,17 @@ Run from the repository root after the grid's runs exist::
 
     .venv/bin/python -m experiments run --foreground-only --out runs/monuseg-fg \\
         --settings fedavg local feddp-eps8 feddp-dist-eps8
-    .venv/bin/python benchmarks/privacy_utility.py --grid runs/monuseg-fg
+    .venv/bin/python -m experiments run --foreground-only --out runs/monuseg-fg-tnbc \
+        --settings feddp-dist-eps8 fedavg --pretrain-steps 500 --pretrain-data tnbc
+    .venv/bin/python benchmarks/privacy_utility.py --grid runs/monuseg-fg --pretrained-grid runs/monuseg-fg-tnbc
 
 Writes ``benchmarks/results/privacy_utility.json`` (``--out`` to change)::
 
     {"fedavg": {...}, "local_mean": {...}, "feddp_eps8_local_noise": {...}, "feddp_eps8_distributed": {...},
-     "feddp_eps8_distributed_average_last_20": {...}, "feddp_eps8_adopted": {...}, "recipe": "...",
+     "feddp_eps8_distributed_average_last_20": {...},
+     "public_pretrained_only": {...}, "fedavg_public_pretrained": {...},
+     "feddp_eps8_distributed_public_pretrained": {...},
+     "feddp_eps8_adopted": {...}, "recipe": "...",
      "secagg_round_overhead": x,
      "attack_secagg": {"psnr", "ssim", "psnr_noise_baseline"}}
 
@@ -18,8 +23,11 @@ means over the grid's seeds on the MoNuSeg test split, as the runner scored them
 mean over the hospitals' own models). ``secagg_round_overhead`` comes from
 ``benchmarks/results/federation_round.json``, ``attack_secagg`` from
 ``benchmarks/results/privacy_attack_secagg.json`` (the gradient-inversion attack on what the
-coordinator receives under secure aggregation), when those files exist. The adopted recipe is
-distributed noise. ``feddp_eps8_distributed_average_last_20`` scores the same runs with the mean
+coordinator receives under secure aggregation), when those files exist. ``--pretrained-grid``
+adds the same settings started from the public-pretrained model (TNBC, no privacy cost) as
+``*_public_pretrained`` rows, and the pretrained model alone. The adopted recipe is distributed
+noise, from the public-pretrained start when that grid is given (the start chosen on the held-out
+hospital, ``docs/results.md``). ``feddp_eps8_distributed_average_last_20`` scores the same runs with the mean
 of their last 20 round models (a fifth of the rounds, fixed beforehand; the ServerApp's
 ``average-last``) as the final model, computed here from each run's round checkpoints.
 """
@@ -37,6 +45,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the checkout's experiments/ package
 
 KEYS = ("aji", "pq", "dice", "jaccard", "accuracy")
+PRETRAINED_ROWS = {"pretrained": "public_pretrained_only", "fedavg": "fedavg_public_pretrained",
+                   "feddp-dist-eps8": "feddp_eps8_distributed_public_pretrained"}
 #: The adopted FedDP recipe: distributed noise under secure aggregation.
 ADOPTED = "feddp-dist-eps8"
 ROWS = {"fedavg": "fedavg", "local": "local_mean", "feddp-eps8": "feddp_eps8_local_noise",
@@ -48,16 +58,17 @@ THREAT = {
                   "coordinator and all other labs included",
     ADOPTED: "distributed noise: at least noise-split labs of every sum honest, the coordinator follows SecAgg+ "
              "(docs/privacy.md)",
+    "pretrained": "public data only: no hospital data, nothing to protect",
 }
 
 
-def summarise(grid: Path) -> dict:
-    """One row per setting the grid has run (means over its seeds)."""
+def summarise(grid: Path, names: dict[str, str] = ROWS) -> dict:
+    """One row per setting the grid has run (means over its seeds), named by ``names``."""
     from experiments.report import load_records
 
     rows = {}
     for setting, records in load_records(grid).items():
-        if setting not in ROWS:
+        if setting not in names:
             continue
         row = {k: statistics.fmean(r[k] for r in records) for k in KEYS if all(k in r for r in records)}
         if len(records) > 1:
@@ -66,7 +77,7 @@ def summarise(grid: Path) -> dict:
         row.update(epsilon=max(epsilons) if epsilons else None, delta=records[0].get("delta"), seeds=len(records),
                    seed_dice=[round(r["dice"], 4) for r in records], threat_model=THREAT[setting],
                    minutes_per_run=round(statistics.fmean(r.get("seconds", 0) for r in records) / 60, 1))
-        rows[ROWS[setting]] = row
+        rows[names[setting]] = row
     return rows
 
 
@@ -109,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--average-last", type=int, default=20,
                         help="also score the distributed runs with the mean of their last N round models "
                         "(0: not)")
+    parser.add_argument("--pretrained-grid", type=Path, default=None,
+                        help="a grid of the same budget started from the public-pretrained model "
+                        "(--pretrain-steps N --pretrain-data tnbc)")
     parser.add_argument("--data", type=Path, default=None, help="MoNuSeg folder with test/ (default: found)")
     args = parser.parse_args(argv)
     from experiments.runner import find_monuseg
@@ -123,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
             rows[f"feddp_eps8_distributed_average_last_{args.average_last}"] = row
     if "feddp_eps8_distributed" in rows:
         rows["feddp_eps8_adopted"] = rows["feddp_eps8_distributed"]
+    if args.pretrained_grid is not None:
+        pretrained = summarise(args.pretrained_grid, PRETRAINED_ROWS)
+        rows.update(pretrained)
+        if "feddp_eps8_distributed_public_pretrained" in pretrained:
+            rows["feddp_eps8_adopted"] = pretrained["feddp_eps8_distributed_public_pretrained"]
+            budget = json.loads(next(args.pretrained_grid.glob("feddp-dist-eps8-s*.json")).read_text())["budget"]
+            recipe += (f", started from a model pretrained for {budget['pretrain_steps']} steps without DP on the "
+                       f"public {budget['pretrain_data'].upper()} set (no privacy cost)")
     result = {"benchmark": "privacy_utility", "created": datetime.now(UTC).isoformat(timespec="seconds"),
               "grid": str(args.grid), **rows, "recipe": recipe}
     rounds = HERE / "results" / "federation_round.json"
