@@ -31,10 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="smoke run in a few minutes (tiny crops, 1 round, 2 hospitals, 2 test images)")
     run_p.add_argument("--settings", nargs="+", metavar="NAME",
                        help="subset of: centralized local fedavg feddp-eps1 feddp-eps3 feddp-eps8 feddp-update "
-                            "(default: all of them); on request only: the privacy-cost sweep feddp-eps16 "
-                            "feddp-eps32, distributed noise feddp-dist-eps8, and the clipping-only diagnostics "
-                            "feddp-clip and feddp-dist-clip (the DP-SGD path of local and of distributed noise "
-                            "without noise, no privacy)")
+                            "(default: all of them); on request only: the privacy-cost sweep feddp-eps16 feddp-eps32 "
+                            "and the clipping-only diagnostic feddp-clip (DP-SGD path without noise, no privacy)")
     run_p.add_argument("--seeds", type=int, default=1, help="seeds per setting (mean ± std)")
     run_p.add_argument("--data", help=f"MoNuSeg folder with train/ and test/ {DEFAULT_DATA}")
     run_p.add_argument("--scratch", help="where hospital patches are written (default: OUT/hospitals)")

@@ -20,7 +20,6 @@ LABELS = {
     "feddp-eps3": "FedDP sample-level, ε=3",
     "feddp-eps8": "FedDP sample-level, ε=8",
     "feddp-dist-eps8": "FedDP distributed noise, ε=8",
-    "feddp-dist-clip": "FedDP distributed recipe, clipping only (diagnostic, no privacy)",
     "feddp-eps16": "FedDP sample-level, ε=16 (privacy-cost sweep)",
     "feddp-eps32": "FedDP sample-level, ε=32 (privacy-cost sweep)",
     "feddp-clip": "FedDP machinery, clipping only (diagnostic, no privacy)",
@@ -92,7 +91,7 @@ def markdown_table(rows: list[dict[str, Any]], command: str = "python -m experim
         if row["setting"] == "pretrained":
             eps = "0 (public data only)"
         elif row.get("epsilon") is None:
-            eps = "∞ (no DP)" if row["setting"] in ("centralized", "local", "fedavg", "feddp-clip", "feddp-dist-clip") else "-"
+            eps = "∞ (no DP)" if row["setting"] in ("centralized", "local", "fedavg", "feddp-clip") else "-"
         else:
             eps = f"{row['epsilon']:.2f}"
         rel = f"{row['rel_change_pct']:+.1f} %" if "rel_change_pct" in row else ""

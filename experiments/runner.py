@@ -35,29 +35,23 @@ from .hospitals import HOSPITALS, prepare_hospitals
 
 #: Every setting the runner knows, in table order.
 SETTINGS = ("pretrained", "centralized", "local", "fedavg", "feddp-eps1", "feddp-eps3", "feddp-eps8",
-            "feddp-eps16", "feddp-eps32", "feddp-clip", "feddp-update", "feddp-dist-eps8", "feddp-dist-clip")
+            "feddp-eps16", "feddp-eps32", "feddp-clip", "feddp-update", "feddp-dist-eps8")
 DP_EPSILONS = {"feddp-eps1": 1.0, "feddp-eps3": 3.0, "feddp-eps8": 8.0, "feddp-eps16": 16.0, "feddp-eps32": 32.0}
 #: Diagnostic: the sample-level DP-SGD machinery (per-sample clipping, Poisson sampling, the
 #: ledger) with a negligible noise multiplier, i.e. no privacy. Its gap to FedAvg is what
 #: clipping and sampling cost; the rest of a DP setting's gap is the noise.
 CLIP_ONLY_NOISE = 1e-4
 #: Settings trained with sample-level DP-SGD (their own ``Budget.for_sample_dp``).
-SAMPLE_DP = (*DP_EPSILONS, "feddp-clip", "feddp-dist-eps8", "feddp-dist-clip")
+SAMPLE_DP = (*DP_EPSILONS, "feddp-clip", "feddp-dist-eps8")
 #: Run only when asked for (``--settings``): the privacy-cost sweep past the grid's epsilons,
 #: which measures what budget FedDP needs to come within 1 Dice point of FedAvg, and the
 #: clipping-only diagnostic.
-SWEEP_ONLY = ("feddp-eps16", "feddp-eps32", "feddp-clip", "feddp-dist-eps8", "feddp-dist-clip")
+SWEEP_ONLY = ("feddp-eps16", "feddp-eps32", "feddp-clip", "feddp-dist-eps8")
 #: Distributed DP noise at epsilon 8: one DP-SGD step per round over all hospitals, each adding
 #: its share of the noise under secure aggregation (``dp-noise distributed``). The same lab-steps,
 #: sample rate and steps per hospital as ``feddp-eps8``, hence the same noise multiplier; run
 #: in one process (:mod:`experiments.inprocess`: one round per step).
 DISTRIBUTED = {"feddp-dist-eps8": 8.0}
-#: Diagnostic: the distributed-noise run's structure (one clipped DP-SGD step per round over all
-#: hospitals, secure aggregation, server Adam) with the clipping-only noise, i.e. no privacy. Its
-#: gap to ``feddp-dist-eps8`` is what the noise costs in that recipe.
-DISTRIBUTED_CLIP_ONLY = "feddp-dist-clip"
-#: Settings without a privacy guarantee although they run the DP-SGD path.
-CLIP_ONLY = ("feddp-clip", DISTRIBUTED_CLIP_ONLY)
 #: What ``run_grid`` runs when no settings are given.
 GRID = tuple(s for s in SETTINGS if s not in SWEEP_ONLY)
 
@@ -410,10 +404,9 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
             # aggregate of clipped client updates (Flower's client-side fixed clipping).
             dp_mode = "update"
             update_noise = noise_for_epsilon(8.0, min(n_examples.values()), budget.settings)
-        if setting in DISTRIBUTED or setting == DISTRIBUTED_CLIP_ONLY:
-            dp_mode, eps_budget = "sample", DISTRIBUTED.get(setting, 0.0)  # 0: the labs set no limit
-            noise = (noise_for_epsilon(eps_budget, min(n_examples.values()), budget.settings) if eps_budget
-                     else CLIP_ONLY_NOISE)
+        if setting in DISTRIBUTED:
+            dp_mode, eps_budget = "sample", DISTRIBUTED[setting]
+            noise = noise_for_epsilon(eps_budget, min(n_examples.values()), budget.settings)
             ckpt, rounds = train_distributed(folders, budget, noise=noise, epsilon_budget=eps_budget, seed=seed,
                                              out=work, name=setting, init=init)
         else:
@@ -421,7 +414,7 @@ def run_setting(setting: str, *, budget: Budget, folders: dict[str, Path], test_
                                            epsilon_budget=eps_budget, seed=seed, out=work, name=setting, init=init)
         # The clipping-only diagnostic gives no guarantee: the accountant's astronomical epsilon
         # for its negligible noise is not a privacy claim, so none is recorded.
-        guarantee = dp_mode != "none" and setting not in CLIP_ONLY
+        guarantee = dp_mode != "none" and setting != "feddp-clip"
         per_round = []
         for row in rounds:
             entry = {"round": row.get("round"), "train_loss": row.get("train_loss"),

@@ -62,17 +62,6 @@ def test_clipping_only_diagnostic_is_a_sample_dp_setting_without_privacy():
     assert "clipping only (diagnostic, no privacy) | 0.4950 | 0.4000 | 0.8000 | ∞ (no DP) | -1.0 % |" in table
 
 
-
-@pytest.mark.parametrize("setting", ["feddp-clip", "feddp-dist-clip"])
-def test_both_clipping_only_diagnostics_claim_no_privacy(setting):
-    from experiments.runner import SAMPLE_DP, SWEEP_ONLY, Budget, _relevant
-
-    assert setting in SAMPLE_DP and setting in SWEEP_ONLY  # run on request only, with the DP-SGD path
-    assert "dp_learning_rate" in _relevant(Budget().as_record(), setting)
-    rows = summarize({setting: [{"dice": 0.6, "jaccard": 0.4, "accuracy": 0.8, "epsilon": None}]})
-    assert "clipping only (diagnostic, no privacy) | 0.6000 | 0.4000 | 0.8000 | ∞ (no DP) |" in markdown_table(rows)
-
-
 def test_round_curves_follow_table_order_and_only_settings_with_epsilon_have_an_epsilon_curve():
     from experiments.report import round_series
 
