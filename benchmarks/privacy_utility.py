@@ -12,7 +12,7 @@ Writes ``benchmarks/results/privacy_utility.json`` (``--out`` to change)::
 
     {"fedavg": {...}, "local_mean": {...}, "feddp_eps8_local_noise": {...}, "feddp_eps8_distributed": {...},
      "feddp_eps8_distributed_average_last_20": {...},
-     "public_pretrained_only": {...}, "fedavg_public_pretrained": {...},
+     "public_pretrained_only": {...}, "local_mean_public_pretrained": {...}, "fedavg_public_pretrained": {...},
      "feddp_eps8_distributed_public_pretrained": {...},
      "feddp_eps8_adopted": {...}, "recipe": "...",
      "secagg_round_overhead": x,
@@ -45,7 +45,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the checkout's experiments/ package
 
 KEYS = ("aji", "pq", "dice", "jaccard", "accuracy")
-PRETRAINED_ROWS = {"pretrained": "public_pretrained_only", "fedavg": "fedavg_public_pretrained",
+PRETRAINED_ROWS = {"pretrained": "public_pretrained_only", "local": "local_mean_public_pretrained",
+                   "fedavg": "fedavg_public_pretrained",
                    "feddp-dist-eps8": "feddp_eps8_distributed_public_pretrained"}
 #: The adopted FedDP recipe: distributed noise under secure aggregation.
 ADOPTED = "feddp-dist-eps8"
