@@ -172,8 +172,10 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 def test_interrupted_and_killed_runs_continue_where_they_stopped(tmp_path, capsys):
     slides = tmp_path / "slides"
     slides.mkdir()
-    names = ["c1", "c2", "c3"]
-    for name, (top, left) in zip(names, [(300, 900), (1200, 900), (2100, 900)]):
+    # Six slides, so that the run cannot finish all of them in the moment between the first
+    # marker and the Ctrl-C (one small slide takes well under a second on a fast machine).
+    names = ["c1", "c2", "c3", "c4", "c5", "c6"]
+    for name, (top, left) in zip(names, [(300, 900), (1200, 900), (2100, 900), (750, 900), (1650, 900), (2100, 1400)]):
         _crop(slides / f"{name}.tif", top, left)
     manifest = tmp_path / "cohort.csv"
     manifest.write_text("slide,mpp\n" + "".join(f"slides/{name}.tif,\n" for name in names))
@@ -236,7 +238,7 @@ def test_interrupted_and_killed_runs_continue_where_they_stopped(tmp_path, capsy
     # Everything done: the next run skips all slides without starting a cluster.
     assert main(["segment-cohort", *args]) == 0
     printed = capsys.readouterr().out
-    assert "3 slides: 0 done, 3 skipped, 0 failed" in printed and "cluster:" not in printed
+    assert f"{len(names)} slides: 0 done, {len(names)} skipped, 0 failed" in printed and "cluster:" not in printed
 
 
 def test_bad_invocations(tmp_path, capsys):
