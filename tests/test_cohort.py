@@ -40,8 +40,11 @@ def _crop(path: Path, top: int, left: int, size: int = 768) -> Path:
 
 
 def _cohort_cli(*args: str, **popen) -> subprocess.Popen:
+    # As from a terminal: Ctrl-C at its default. A child inherits an ignored SIGINT (and Python then
+    # installs no KeyboardInterrupt handler), so the test must not depend on what ran before it.
     return subprocess.Popen([sys.executable, "-m", "napari_feddp.cli", "segment-cohort", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
 
 
 def _rows(out_dir: Path) -> dict[str, dict]:
