@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(attack.read_text())
         result["attack_secagg"] = {k: data.get(k) for k in ("psnr_no_dp", "ssim_no_dp", "psnr_dp", "ssim_dp",
                                                             "psnr_noise_baseline", "ssim_noise_baseline")}
-        result["attack_secagg"].update(psnr=data.get("psnr_dp"), ssim=data.get("ssim_dp"))
+        result["attack_secagg"].update(psnr=data.get("psnr_dp"), ssim=data.get("ssim_dp"),
+                                       labs=data.get("secagg_labs"), by_batch_size=data.get("by_batch_size"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

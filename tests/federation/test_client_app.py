@@ -88,7 +88,7 @@ def test_over_budget_lab_declines_without_training(settings, node, tmp_path):
 
 
 def test_update_mode_clips_the_update_with_flowers_mod(node):
-    settings = tiny_settings(dp_mode="update", learning_rate=0.5, max_steps=3)
+    settings = tiny_settings(dp_mode="update", batch_size=4, learning_rate=0.5, max_steps=3)
     arrays = global_arrays(settings)
     clip = 1e-3
     msg = instruction(arrays, {"server-round": 1, "clipping_norm": clip})
@@ -100,7 +100,7 @@ def test_update_mode_clips_the_update_with_flowers_mod(node):
 
 
 def test_update_mode_lets_declines_through(node):
-    settings = tiny_settings(dp_mode="update")
+    settings = tiny_settings(dp_mode="update", batch_size=4)
     poor = NodeSettings(**{**node.__dict__, "train_fn": "tests.federation.test_client_app:declining"})
     msg = instruction(global_arrays(settings), {"server-round": 1, "clipping_norm": 1.0})
     out = client_app.app(msg, context(settings, poor))
@@ -130,7 +130,7 @@ def test_final_evaluation_keeps_the_model_and_returns_scores_only(settings, node
 
 
 def test_update_mode_clips_even_if_the_server_does_not_ask(node):
-    settings = tiny_settings(dp_mode="update", learning_rate=0.5, max_steps=3, update_clipping_norm=2e-3)
+    settings = tiny_settings(dp_mode="update", batch_size=4, learning_rate=0.5, max_steps=3, update_clipping_norm=2e-3)
     arrays = global_arrays(settings)
     out = client_app.app(instruction(arrays, {"server-round": 1}), context(settings, node))
     assert 0 < update_norm(out.content["arrays"], arrays) <= 2e-3 * (1 + 1e-5)

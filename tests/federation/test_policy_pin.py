@@ -153,9 +153,23 @@ def test_an_invalid_run_config_is_declined_not_a_crash(node):
 
 def test_a_lab_that_accepts_a_mode_trains_under_it(node):
     lenient = NodeSettings(**{**node.__dict__, "accept_dp_modes": "sample,none"})
-    assert policy_refusal(tiny_settings(dp_mode="none"), lenient) is None
+    assert policy_refusal(tiny_settings(dp_mode="none", batch_size=lenient.min_clear_batch_size), lenient) is None
     with pytest.raises(ValueError, match="unknown mode"):
         policy_refusal(tiny_settings(), NodeSettings(accept_dp_modes="sample,maybe"))
+
+
+@pytest.mark.parametrize("mode", ["none", "update"])
+def test_an_update_without_dp_noise_must_mix_several_tiles(node, mode):
+    """A coordinator cannot ask a lab that accepts un-noised updates for one-tile batches (easiest to invert)."""
+    lenient = NodeSettings(**{**node.__dict__, "accept_dp_modes": f"sample,{mode}"})
+    assert lenient.min_clear_batch_size == 4
+    reason = policy_refusal(tiny_settings(dp_mode=mode, batch_size=1), lenient)
+    assert reason == (f"lab policy: batch-size 1 without DP-SGD noise (dp-mode {mode}) is below this lab's "
+                      "minimum 4")
+    assert policy_refusal(tiny_settings(dp_mode=mode, batch_size=4), lenient) is None
+    assert policy_refusal(tiny_settings(dp_mode="sample", batch_size=1), lenient) is None  # DP-SGD bounds any batch
+    trusting = NodeSettings(**{**lenient.__dict__, "min_clear_batch_size": 1})
+    assert policy_refusal(tiny_settings(dp_mode=mode, batch_size=1), trusting) is None
 
 
 def test_the_policy_is_described_in_one_line():

@@ -159,7 +159,7 @@ def test_a_malformed_masked_vector_loses_the_round_not_the_model(tmp_path, task_
 def test_client_level_dp_inside_a_secure_sum(tmp_path, task_identity, monkeypatch):
     """dp-mode update: each lab clips its update to the norm, the server adds the noise to the unmasked mean."""
     monkeypatch.syspath_prepend(str(HERE))
-    settings = tiny_settings(dp_mode="update", update_clipping_norm=1.0, update_noise_multiplier=1.0)
+    settings = tiny_settings(dp_mode="update", batch_size=4, update_clipping_norm=1.0, update_noise_multiplier=1.0)
     update = {**SHIFTED, "accept_dp_modes": "update"}
     grid = make_grid(tmp_path, settings, a=update, b=update, c=update)
     initial, arrays, strategy = _run(tmp_path, grid, settings)

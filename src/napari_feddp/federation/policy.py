@@ -16,7 +16,12 @@ What the policy pins
 * the epsilon budget (``max-epsilon``, enforced by the privacy ledger);
 * limits on model size (parameters, counted without allocating weights), local
   steps or epochs, crop and batch size, so that a run cannot exhaust the lab's
-  memory or time.
+  memory or time;
+* for updates that leave the lab without DP-SGD noise (modes ``none`` and
+  ``update``, both opt-in), the smallest batch: a gradient-inversion attack
+  on a one-tile update recovers the tile's layout, and secure aggregation
+  alone hides it only once each lab's update mixes several tiles
+  (``docs/privacy.md``).
 """
 
 from __future__ import annotations
@@ -63,6 +68,9 @@ def policy_refusal(settings: RunSettings, node: NodeSettings) -> str | None:
         if settings.dp_noise == "distributed" and settings.noise_labs > node.max_noise_split:
             return (f"lab policy: distributed noise split over {settings.noise_labs} labs; this lab accepts at most "
                     f"{node.max_noise_split}")  # fmt: skip
+    elif settings.batch_size < node.min_clear_batch_size:
+        return (f"lab policy: batch-size {settings.batch_size} without DP-SGD noise (dp-mode {settings.dp_mode}) is "
+                f"below this lab's minimum {node.min_clear_batch_size}")  # fmt: skip
     for key, asked, limit in (("crop-size", settings.crop_size, node.max_crop_size),
                               ("batch-size", settings.batch_size, node.max_batch_size),
                               ("max-steps", settings.max_steps, node.max_steps_per_round)):

@@ -288,6 +288,9 @@ class NodeSettings(_FlatConfig):
     max_local_epochs: int = _setting(5, "most local epochs a round may ask for", cli=True, ge=0)
     max_crop_size: int = _setting(512, "largest training crop a run may ask for", cli=True, ge=0)
     max_batch_size: int = _setting(64, "largest batch a run may ask for", cli=True, ge=0)
+    min_clear_batch_size: int = _setting(
+        4, "smallest batch a run may ask for when this lab's update leaves it without DP-SGD noise (dp-mode none or "
+        "update): the fewer tiles an update holds, the easier it is to invert", cli=True, ge=1)
     max_noise_split: int = _setting(
         1, "distributed noise: the most labs this lab lets the DP-SGD noise be split over, i.e. the most other labs "
         "it relies on to add theirs (1: distributed-noise runs are declined)", cli=True, ge=1)
