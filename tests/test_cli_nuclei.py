@@ -66,6 +66,26 @@ def test_a_png_or_jpeg_tile_with_mpp_gives_nuclei_measurements_and_polygons(tmp_
     assert "per mm²" in summary and "median area" in summary
 
 
+def test_tta_segments_with_the_eight_views(tmp_path, monuseg_tile, capsys):
+    """--tta: the class map is the engine's augmented one (the bundled model is not rotation-equivariant)."""
+    from napari_feddp.inference import run_to_completion
+    from napari_feddp.segmentation import load_model, run_segmentation
+
+    picture = tmp_path / "tile.png"
+    Image.fromarray(monuseg_tile).save(picture)
+    maps = {}
+    for flags in ([], ["--tta"]):
+        classes = tmp_path / f"classes{len(flags)}.ome.tif"
+        rc = main(["segment", str(picture), "--out", str(tmp_path / f"nuclei{len(flags)}.ome.tif"), "--mpp",
+                   MONUSEG_MPP, "--classes-out", str(classes), "--no-csv", "--quiet", *flags])
+        assert rc == 0, capsys.readouterr().err
+        maps[bool(flags)] = tifffile.imread(classes)
+    core = run_to_completion(run_segmentation(open_plain_image(picture), load_model(None), mpp=float(MONUSEG_MPP),
+                                              tissue=False, device="cpu", augment=True))
+    np.testing.assert_array_equal(maps[True], np.asarray(core.labels[:]))
+    assert (maps[True] != maps[False]).any()
+
+
 def test_pictures_need_a_pixel_size_and_must_be_pictures_of_tissue(tmp_path, monuseg_tile, capsys):
     picture = tmp_path / "tile.png"
     Image.fromarray(monuseg_tile).save(picture)

@@ -106,6 +106,13 @@ def test_cli_writes_json(tmp_path, tiny_checkpoint, capsys):
     assert 0.0 <= data["dice"] <= 1.0
     assert 0.0 <= data["aji"] <= 1.0 and 0.0 <= data["pq"] <= 1.0  # MoNuSeg has instances/
     assert "Dice" in capsys.readouterr().out
+    assert data["test_time_augmentation"] is False
+
+    augmented = tmp_path / "augmented.json"
+    assert main(["evaluate", "--data", str(test_dir), "--model", str(tiny_checkpoint), "--mpp", "0.25",
+                 "--json", str(augmented), "--only", SUBSET[0], "--tta"]) == 0
+    tta = json.loads(augmented.read_text())
+    assert tta["test_time_augmentation"] is True and tta["dice"] != data["dice"]
 
 
 def test_cli_bad_inputs(tmp_path, tiny_checkpoint, capsys):

@@ -116,6 +116,39 @@ def test_pixel_size_override_keeps_the_result_over_the_slide(qtbot, make_napari_
     np.testing.assert_allclose(labels.scale, np.asarray(image.scale) * 2, rtol=1e-3)
 
 
+def test_test_time_augmentation_box_reaches_the_engine(qtbot, make_napari_viewer, cmu1_path, tiny_checkpoint):
+    """The checkbox gives the core's augmented result for the same region; unchecked, the plain one."""
+    from napari_feddp.inference import run_to_completion
+    from napari_feddp.segmentation import load_model, run_segmentation
+    from napari_feddp.slides import open_slide
+
+    viewer = make_napari_viewer()
+    viewer.open(str(cmu1_path), plugin=PLUGIN)
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.reset_choices()
+    assert widget.augment.value is False and "8 times" in widget.augment.tooltip
+    widget.model_source.value = MODEL_FILE
+    widget.checkpoint.value = str(tiny_checkpoint)
+    widget.region.value = "current view"
+    viewer.scene.camera.center = (0, 1200 * 0.499, 1100 * 0.499)
+    viewer.scene.camera.zoom = viewer.scene.camera.zoom * 6
+    results = {}
+    for augment in (False, True):
+        widget.augment.value = augment
+        _wait(qtbot, widget.run())
+        results[augment] = widget.last_result
+    region = results[True].region
+    assert region == results[False].region
+    loaded, slide = load_model(str(tiny_checkpoint)), open_slide(cmu1_path)
+    try:
+        core = run_to_completion(run_segmentation(slide, loaded, region=region, device="cpu", augment=True))
+    finally:
+        slide.close()
+    np.testing.assert_array_equal(results[True].labels[:], core.labels[:])
+    assert (results[True].labels[:] != results[False].labels[:]).any()
+
+
 def test_long_error_wraps_inside_the_dock(qtbot, make_napari_viewer, cmu1_path, tmp_path):
     viewer = make_napari_viewer(show=True)
     viewer.open(str(cmu1_path), plugin=PLUGIN)

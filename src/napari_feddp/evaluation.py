@@ -50,12 +50,14 @@ class EvaluationReport:
     instances: dict[str, float] | None = None
     #: How predicted objects were made from the class map.
     objects: str = ""
+    #: Whether the predictions used test-time augmentation.
+    test_time_augmentation: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = {
             "dice": self.dice, "jaccard": self.jaccard, "accuracy": self.accuracy,
             "n_images": self.n_images, "per_image": self.per_image, "model": self.model,
-            "mpp": self.mpp, "seconds": round(self.seconds, 2),
+            "mpp": self.mpp, "seconds": round(self.seconds, 2), "test_time_augmentation": self.test_time_augmentation,
             "convention": "foreground Dice/Jaccard pooled over all pixels of the set; accuracy over all pixels",
         }
         if self.instances is not None:
@@ -75,20 +77,22 @@ def evaluate_folder(
     names: list[str] | None = None,
     batch_size: int = 8,
     device: str = "auto",
+    augment: bool = False,
 ) -> EvaluationReport:
     """Predict every image in ``data_dir/images`` with ``loaded`` and score it against ``data_dir/masks``.
 
     ``mpp`` is the images' µm per pixel (default: the model's, i.e. no resampling); ``names``
-    limits the run to these file stems.
+    limits the run to these file stems; ``augment``: test-time augmentation (the engine's).
     """
     image_mpp = float(mpp) if mpp is not None else loaded.spec.mpp
     report = score_folder(
         data_dir,
-        lambda image: predict_image(image, loaded, mpp=image_mpp, batch_size=batch_size, device=device),
+        lambda image: predict_image(image, loaded, mpp=image_mpp, batch_size=batch_size, device=device,
+                                    augment=augment),
         n_classes=loaded.card.n_classes, source_mpp=image_mpp, names=names,
         contour_class=contour_class_of(loaded.card.class_names),
     )
-    report.model, report.mpp = str(loaded.path), image_mpp
+    report.model, report.mpp, report.test_time_augmentation = str(loaded.path), image_mpp, augment
     return report
 
 
@@ -166,9 +170,10 @@ def score_folder(
 
 
 def predict_image(image: np.ndarray, loaded: LoadedModel, *, mpp: float | None, batch_size: int = 8,
-                  device: str = "auto") -> np.ndarray:
+                  device: str = "auto", augment: bool = False) -> np.ndarray:
     """Class map of ``image`` at its own resolution (every tile predicted, no tissue masking)."""
-    generator = run_segmentation(image, loaded, mpp=mpp, tissue=False, batch_size=batch_size, device=device)
+    generator = run_segmentation(image, loaded, mpp=mpp, tissue=False, batch_size=batch_size, device=device,
+                                 augment=augment)
     result = run_to_completion(generator)
     labels = np.asarray(result.labels[:])
     if labels.shape != image.shape[:2]:

@@ -66,6 +66,41 @@ def test_conv_model_equals_direct_prediction_within_blending_tolerance(cmu_crop,
         assert np.abs(probabilities[1][differ] - 0.5).max() < 0.01
 
 
+def test_test_time_augmentation_maps_every_view_back(cmu_crop):
+    """A pointwise model sees the same pixel in every flip/rotation: averaging changes nothing."""
+    model = PixelNet()
+    plain = _run(cmu_crop, model, tissue=False)
+    augmented = _run(cmu_crop, model, tissue=False, augment=True)
+    np.testing.assert_array_equal(augmented.labels[:], plain.labels[:])
+
+
+class _EightViews(torch.nn.Module):
+    """Log of the mean class probabilities over the 8 rotations and flips of each tile."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = 0
+        for flipped in (False, True):
+            view = x.flip(-1) if flipped else x
+            for k in range(4):
+                p = torch.softmax(self.model(view.rot90(k, (-2, -1))), 1).rot90(-k, (-2, -1))
+                total = total + (p.flip(-1) if flipped else p)
+        return torch.log(total / 8)
+
+
+def test_test_time_augmentation_averages_the_eight_views(cmu_crop):
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 2, 5, padding=2).eval()  # random weights: not rotation-equivariant
+    plain = _run(cmu_crop, model, tissue=False).labels[:]
+    augmented = _run(cmu_crop, model, tissue=False, augment=True).labels[:]
+    expected = _run(cmu_crop, _EightViews(model), tissue=False).labels[:]
+    assert (augmented != plain).mean() > 1e-3  # thousands of pixels change
+    assert (augmented != expected).mean() < 1e-4  # float rounding at near-ties only
+
+
 def test_without_overlap_tile_borders_show(cmu_crop):
     """Control for the test above: with overlap=0 the same net leaves tile-border errors."""
     model = StainNet()
@@ -350,6 +385,7 @@ def test_bad_images(image, message):
         ({"tissue": np.zeros((8, 8), bool)}, "mask is empty"),
         ({"mpp": -1.0}, "mpp: expected a positive number"),
         ({"num_workers": -1}, "num_workers"),
+        ({"augment": "yes"}, "augment: expected True or False"),
     ],
 )
 def test_bad_arguments(half_tissue, kwargs, message):

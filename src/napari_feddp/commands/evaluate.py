@@ -15,6 +15,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="evaluate only these file stems")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average each tile over its 8 flips/rotations (8x slower)")
     parser.set_defaults(func=run)
 
 
@@ -28,7 +30,7 @@ def run(args) -> int:
     # Before scoring, which can take minutes: the scores must have somewhere to go.
     out = check_output_path(args.json_out, "--json")
     report = evaluate_folder(args.data, load_model(args.model), mpp=args.mpp, names=args.only,
-                             batch_size=args.batch_size, device=args.device)
+                             batch_size=args.batch_size, device=args.device, augment=args.tta)
     try:
         out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     except OSError as exc:

@@ -37,6 +37,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--overlap", type=float, default=0.25, help="fraction of a tile shared with neighbours")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average each tile over its 8 flips/rotations (8x the model time)")
     parser.add_argument("--region", help="X,Y,W,H in level-0 pixels, or a GeoJSON file of polygons in "
                         "level-0 pixels (e.g. QuPath annotations): labels only inside them (default: all tissue)")
     parser.add_argument("--all-tiles", action="store_true", help="predict background tiles too "
@@ -100,7 +102,8 @@ def _segment(args, slide, outputs: dict, region) -> int:
     bar = _ProgressBar(enabled=not args.quiet)
     try:
         run = segment_nuclei(slide, loaded, region=region, tissue=not (args.all_tiles or is_field_of_view(slide)),
-                             batch_size=args.batch_size, overlap=args.overlap, device=args.device, mpp=mpp)
+                             batch_size=args.batch_size, overlap=args.overlap, device=args.device, mpp=mpp,
+                             augment=args.tta)
         nuclei = run_to_completion(run, allow_partial=True, callback=bar.update)  # nothing cancels it
     except (InferenceError, ValueError) as exc:
         raise CommandError(user_message(exc, CLI_CONTROLS)) from None

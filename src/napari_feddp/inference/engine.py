@@ -177,6 +177,7 @@ def segment_slide(
     window: str = "hann",
     mixed_precision: bool = True,
     mask_output: bool = True,
+    augment: bool = False,
 ) -> Generator[Progress, None, SegmentationResult]:
     """Segment ``image`` with ``model``; a generator of :class:`Progress`.
 
@@ -220,6 +221,10 @@ def segment_slide(
         Autocast the forward pass to bfloat16/float16 on CUDA.
     mask_output : bool
         Set labels outside the tissue mask to 0.
+    augment : bool
+        Test-time augmentation: every tile's class probabilities are the mean over its 8
+        flips and 90-degree rotations (each mapped back), at 8 times the model time. Free in
+        privacy (it only post-processes the model) and measured in ``docs/results.md``.
 
     Yields
     ------
@@ -242,6 +247,8 @@ def segment_slide(
     _check_model(model, spec)
     _check_int("batch_size", batch_size, 1)
     _check_int("prefetch_batches", prefetch_batches, 0)
+    if not isinstance(augment, bool):
+        raise InferenceError(f"augment: expected True or False, received {augment!r}")
     if num_workers is not None:
         _check_int("num_workers", num_workers, 0)
     if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap <= MAX_OVERLAP:
@@ -258,8 +265,24 @@ def segment_slide(
     if num_workers is None:
         num_workers = 1 if chosen_device.type == "cpu" else min(4, os.cpu_count() or 1)
     run = _Run(slide, model, spec, geometry, clipped, tissue_arg, batch_size, float(overlap), chosen_device, out,
-               overwrite, is_cancelled, num_workers, prefetch_batches, window, mixed_precision, mask_output)
+               overwrite, is_cancelled, num_workers, prefetch_batches, window, mixed_precision, mask_output, augment)
     return run.execute()
+
+
+#: Views of a square tile for test-time augmentation: 4 rotations, each with and without a flip.
+DIHEDRAL = 8
+
+
+def _view(batch: torch.Tensor, t: int) -> torch.Tensor:
+    """View ``t`` of a ``(B, C, T, T)`` batch: a 90-degree rotation ``t % 4`` times, flipped when ``t >= 4``."""
+    out = torch.flip(batch, dims=(3,)) if t >= 4 else batch
+    return torch.rot90(out, t % 4, dims=(2, 3))
+
+
+def _unview(batch: torch.Tensor, t: int) -> torch.Tensor:
+    """Map view ``t``'s prediction back onto the tile (inverse of :func:`_view`)."""
+    out = torch.rot90(batch, -(t % 4), dims=(2, 3))
+    return torch.flip(out, dims=(3,)) if t >= 4 else out
 
 
 def run_to_completion(
@@ -391,6 +414,7 @@ class _Run:
     window: str
     mixed_precision: bool
     mask_output: bool
+    augment: bool
     plan: TilePlan | None = None
     mask: TissueMask | None = None
     done: int = 0
@@ -515,15 +539,11 @@ class _Run:
             # uint8 crosses to the device (4x less than float), is normalised there, in place.
             batch = batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
             batch = torch.addcmul(shift, batch.float(), scale)  # (x / 255 - mean) / std
-            with autocast(device, self.mixed_precision):
-                logits = self.model(batch)
-            self._check_output(logits, len(pixels))
-            logits = logits.float()
-            if logits.shape[1] == 1:
-                foreground = torch.sigmoid(logits)
-                probabilities = torch.cat([1 - foreground, foreground], dim=1)
+            if self.augment:
+                probabilities = sum(_unview(self._probabilities(_view(batch, t), len(pixels)), t)
+                                    for t in range(DIHEDRAL)) / DIHEDRAL
             else:
-                probabilities = torch.softmax(logits, dim=1)
+                probabilities = self._probabilities(batch, len(pixels))
             for k, window in enumerate(windows):
                 probabilities[k].mul_(window)
         if device.type != "cuda":
@@ -532,6 +552,17 @@ class _Run:
         event = torch.cuda.Event()
         event.record()
         return host, event
+
+    def _probabilities(self, batch: torch.Tensor, n: int) -> torch.Tensor:
+        """Class probabilities ``(B, C, T, T)`` (C >= 2) of a normalised batch."""
+        with autocast(self.device, self.mixed_precision):
+            logits = self.model(batch)
+        self._check_output(logits, n)
+        logits = logits.float()
+        if logits.shape[1] == 1:
+            foreground = torch.sigmoid(logits)
+            return torch.cat([1 - foreground, foreground], dim=1)
+        return torch.softmax(logits, dim=1)
 
     def _check_output(self, logits: Any, n: int) -> None:
         size, n_classes = self.spec.tile_size, self.spec.n_classes

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
     FileEdit,
@@ -76,6 +77,9 @@ class SegmentWidget(Container):
         self.region = ComboBox(choices=self._region_choices, value="tissue", label="region")
         self.batch_size = SpinBox(value=8, min=1, max=512, label="batch size")
         self.overlap = FloatSpinBox(value=0.25, min=0.0, max=0.9, step=0.05, label="overlap")
+        self.augment = CheckBox(value=False, label="test-time augmentation",
+                                tooltip="Average every tile over its 8 flips and rotations: a little more "
+                                        "accurate, 8 times the model time")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.correct_button = PushButton(text="Correct current view", visible=False,
@@ -83,7 +87,7 @@ class SegmentWidget(Container):
         self.progress = ProgressBar(value=0, min=0, max=1000, label="progress")
         self.status = Label(value="", label="status")
         self.extend([self.image, self.model_source, self.checkpoint, self.pixel_size, self.device, self.region,
-                     self.batch_size, self.overlap, self.run_button, self.cancel_button, self.correct_button,
+                     self.batch_size, self.overlap, self.augment, self.run_button, self.cancel_button, self.correct_button,
                      self.progress, self.status])
         wrap_message_label(self.status)
         # A combo box is as wide as its longest entry by default; model lines are long.
@@ -212,7 +216,7 @@ class SegmentWidget(Container):
                 source, loaded, mpp=mpp, region=region,
                 tissue=choice != "whole slide" and not is_field_of_view(source),
                 batch_size=int(self.batch_size.value), overlap=float(self.overlap.value),
-                device=self.device.value, cancel=self._cancel,
+                device=self.device.value, cancel=self._cancel, augment=bool(self.augment.value),
             )
         except (ValueError, FileNotFoundError) as exc:  # bad input: say it, lose nothing
             self._set_status(user_message(exc, WIDGET_CONTROLS), error=True)
@@ -407,8 +411,8 @@ def _view_region(viewer, layer) -> tuple[int, int, int, int]:
     loaded level's chunks, which can be several times what is on screen.
     """
     height, width = (float(n) for n in viewer.canvas.size[-2:])
-    zoom = float(viewer.camera.zoom)
-    cy, cx = (float(c) for c in viewer.camera.center[-2:])
+    zoom = float(viewer.scene.camera.zoom)
+    cy, cx = (float(c) for c in viewer.scene.camera.center[-2:])
     point = list(viewer.dims.point)
     corners = []
     for dy, dx in ((-1, -1), (1, 1)):
