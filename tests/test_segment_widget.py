@@ -80,7 +80,7 @@ def test_current_view_region(qtbot, widget_with_slide):
     # Exactly what is on screen (canvas pixels / zoom, in slide pixels of 0.499 µm), not the
     # loaded level's chunks around it.
     height, width = viewer.canvas.size
-    zoom = viewer.camera.zoom
+    zoom = viewer.scene.camera.zoom
     assert abs((y1 - y0) - height / zoom / 0.499) <= 3 and abs((x1 - x0) - width / zoom / 0.499) <= 3
     assert abs((y0 + y1) / 2 - 1200) <= 3 and abs((x0 + x1) / 2 - 1100) <= 3
 
