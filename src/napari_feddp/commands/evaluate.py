@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: average each tile over its 8 flips/rotations (8x slower)")
+                        help="test-time augmentation: average each tile over its 8 flips/rotations (8x the model time)")
     parser.set_defaults(func=run)
 
 
