@@ -64,12 +64,11 @@ def checkpoint_of(run: Path) -> Path:
     return run
 
 
-def score(folder: str, checkpoint: Path, mpp: float, augment: bool) -> dict:
+def score(folder: str, loaded, mpp: float, augment: bool) -> dict:
     from napari_feddp.evaluation import evaluate_folder
-    from napari_feddp.segmentation import load_model
 
     started = time.perf_counter()
-    report = evaluate_folder(folder, load_model(checkpoint), mpp=mpp, device="cpu", augment=augment).to_dict()
+    report = evaluate_folder(folder, loaded, mpp=mpp, device="cpu", augment=augment).to_dict()
     return {**{k: report[k] for k in KEYS}, "seconds": time.perf_counter() - started}
 
 
@@ -91,14 +90,17 @@ def summarise(scored: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
+    from napari_feddp.segmentation import load_model
+
     args = parse_args(argv)
     started = time.perf_counter()
     rows: dict[str, list[dict]] = {}
     for name, row, run in args.models:
         checkpoint = checkpoint_of(run)
+        loaded = load_model(checkpoint)  # once: both variants score the same weights
         entry = {"checkpoint": str(checkpoint.relative_to(REPO) if checkpoint.is_relative_to(REPO) else checkpoint)}
         for augment, which in ((False, "plain"), (True, "tta")):
-            entry[which] = score(args.sets[name], checkpoint, args.mpp, augment)
+            entry[which] = score(args.sets[name], loaded, args.mpp, augment)
         rows.setdefault(f"{name}:{row}", []).append(entry)
         print(f"{name}:{row} {entry['checkpoint']}: " + ", ".join(
             f"{k} {entry['plain'][k]:.4f} -> {entry['tta'][k]:.4f}" for k in ("dice", "aji", "pq")), flush=True)

@@ -6,6 +6,8 @@ import json
 
 
 def add_parser(subparsers) -> None:
+    from . import add_tta_option
+
     parser = subparsers.add_parser(
         "evaluate", help="score a model (Dice, Jaccard, pixel accuracy) on a folder of images/ and masks/")
     parser.add_argument("--data", required=True, help="folder with images/ and masks/ (matching file stems)")
@@ -15,8 +17,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="evaluate only these file stems")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: average each tile over its 8 flips/rotations (8x the model time)")
+    add_tta_option(parser)
     parser.set_defaults(func=run)
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
+    from . import add_tta_option
+
     parser = subparsers.add_parser(
         "segment",
         help="segment a slide's nuclei: one label per nucleus (OME-TIFF), measurements (CSV), QuPath GeoJSON",
@@ -37,8 +39,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--overlap", type=float, default=0.25, help="fraction of a tile shared with neighbours")
-    parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: average each tile over its 8 flips/rotations (8x the model time)")
+    add_tta_option(parser)
     parser.add_argument("--region", help="X,Y,W,H in level-0 pixels, or a GeoJSON file of polygons in "
                         "level-0 pixels (e.g. QuPath annotations): labels only inside them (default: all tissue)")
     parser.add_argument("--all-tiles", action="store_true", help="predict background tiles too "
