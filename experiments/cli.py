@@ -17,7 +17,7 @@ class UsageError(Exception):
 
 #: ``run`` options that override a shared setting of the budget (option -> ``RunSettings`` field).
 SETTING_OPTIONS = {"rounds": "num_rounds", "local_steps": "max_steps", "batch_size": "batch_size",
-                   "base_width": "model_base_width", "mpp": "mpp"}
+                   "base_width": "model_base_width", "mpp": "mpp", "rim_fraction": "rim_fraction"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--foreground-only", action="store_true",
                        help="two-class models (background, nucleus; nuclei split by a distance watershed) "
                             "instead of contour models (background, nucleus, contour)")
+    run_p.add_argument("--rim-fraction", type=float, metavar="F",
+                       help="contour models: the contour class is each nucleus's rim, cut from its normalised "
+                            "inner-distance map at F (0 < F < 1; default 0: the one-pixel outline)")
     run_p.add_argument("--holdout", metavar="HOSPITAL",
                        help="model selection on training data: leave this hospital out of training and score "
                             "on its MoNuSeg training tiles instead of the test split")
@@ -136,6 +139,8 @@ def budget_of(args):
             raise UsageError(f"--holdout: expected one of {list(budget.hospitals)}, got {args.holdout!r}")
         budget = replace(budget, holdout=args.holdout)
     if args.foreground_only:
+        if args.rim_fraction:
+            raise UsageError("--rim-fraction: contour models only; drop --foreground-only")
         budget = replace(budget, contours=False)
     if args.dp_batch_size:
         budget = replace(budget, dp_batch_size=args.dp_batch_size)

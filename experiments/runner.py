@@ -229,7 +229,7 @@ def train_direct(folder: Path, steps: int, settings: RunSettings, seed: int, out
     # The patches are prepared at the model's pixel size.
     dataset = SegmentationDataset(folder, crop_size=settings.crop_size, source_mpp=settings.mpp,
                                   target_mpp=settings.mpp, n_classes=settings.n_classes,
-                                  normalization=(IMAGENET_MEAN, IMAGENET_STD))
+                                  rim_fraction=settings.rim_fraction, normalization=(IMAGENET_MEAN, IMAGENET_STD))
     run = settings.replace(max_steps=steps, dp_mode="sample" if noise else "none",
                            noise_multiplier=noise or settings.noise_multiplier)
     # Seeded (a federated round draws fresh noise and crops): every run of the grid is reproducible.

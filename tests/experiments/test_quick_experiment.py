@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments.cli import main
+from experiments.cli import UsageError, main
 from experiments.hospitals import HOSPITALS
 from experiments.report import markdown_table, summarize
 from napari_feddp.federation.sites import split_by_site
@@ -231,6 +231,14 @@ def test_recorded_runs_are_kept_by_the_options_that_made_them():
     tnbc = _budget("--foreground-only", "--pretrain-steps", "500", "--pretrain-data", "tnbc").as_record()
     assert tnbc["pretrain_data"] == "tnbc"
     assert not same_budget({**older, "contours": False, "pretrain_steps": 500}, tnbc, "fedavg")
+    # Rim targets are recorded (and kept apart from outline models); foreground-only models have none.
+    rim = _budget("--rim-fraction", "0.3")
+    assert rim.settings.rim_fraction == 0.3 and rim.as_record() == {**GRID_RECORD, "rim_fraction": 0.3}
+    assert not same_budget(GRID_RECORD, rim.as_record(), "centralized")
+    with pytest.raises(UsageError, match="--rim-fraction: contour models only"):
+        _budget("--rim-fraction", "0.3", "--foreground-only")
+    with pytest.raises(UsageError, match="--rim-fraction"):
+        _budget("--rim-fraction", "1")
 
 
 def test_the_budget_records_every_shared_setting_it_changes():

@@ -34,6 +34,7 @@ def test_run_settings_round_trip_through_a_flower_run_config():
         ({"noise_multiplier": 0.0}, "noise-multiplier"),
         ({"fraction_train": 0.0}, "fraction-train"),
         ({"target_delta": 1.0}, "target-delta"),
+        ({"rim_fraction": 1.0}, "rim-fraction"),
     ],
 )
 def test_bad_run_settings_name_the_key(changes, message):
@@ -130,3 +131,24 @@ def test_settings_values_are_never_booleans_and_integers_stay_whole():
     with pytest.raises(ValueError, match="num-rounds"):
         RunSettings.from_run_config({"num-rounds": 2.5})
     assert RunSettings.from_run_config({"final-evaluation": "false"}).final_evaluation is False
+
+
+def test_a_lab_builds_its_contour_targets_with_the_runs_rim_fraction(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from napari_feddp.federation.local import LocalRequest, _dataset
+    from napari_feddp.training.dataset import contour_target
+
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    mask = np.zeros((64, 64), np.uint8)
+    mask[8:40, 8:40] = 255
+    Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(mask).save(tmp_path / "masks" / "a.png")
+    settings = tiny_settings(n_classes=3, rim_fraction=0.5, mpp=0.5, source_mpp=0.5)
+    assert RunSettings.from_run_config(settings.to_run_config()).rim_fraction == 0.5
+    request = LocalRequest(model=None, settings=settings, node=NodeSettings(data_dir=str(tmp_path)), server_round=1)
+    _, target = _dataset(request, "train").load_tile(0)
+    assert np.array_equal(target, contour_target((mask > 0).astype(np.int32), 0.5))
+    assert (target == 1).sum() < (contour_target((mask > 0).astype(np.int32)) == 1).sum()

@@ -231,3 +231,48 @@ def test_contour_targets_come_from_instances_or_mask_components(tmp_path):
     assert set(np.unique(half.load_tile(0)[1])) <= {0, 1, 2}
     with pytest.raises(ValueError, match="3 classes"):
         SegmentationDataset(tmp_path, n_classes=2, contours=True)
+
+
+def test_rim_targets_cut_each_nucleus_inner_distance_at_a_fraction(tmp_path):
+    from skimage.measure import label
+
+    from napari_feddp.training.dataset import contour_target
+
+    instances = np.zeros((40, 60), np.int32)
+    instances[5:26, 5:26] = 3  # 21 x 21 square: largest inner distance 9 (from its outline)
+    instances[5:26, 26:35] = 8  # a 9 px wide nucleus touching it: largest inner distance 3
+    outline = contour_target(instances)
+    rim = contour_target(instances, 0.5)
+    # The outline is always rim; the rim is a band of the nucleus's own size.
+    assert ((outline == 2) <= (rim == 2)).all() and (rim > 0).sum() == (instances > 0).sum()
+    big_core, small_core = (rim == 1) & (instances == 3), (rim == 1) & (instances == 8)
+    assert big_core[15].sum() == 11 and small_core[15].sum() == 5  # distances >= 4.5 and >= 1.5
+    # Touching nuclei: the cores lie farther apart than two outline pixels.
+    assert label(rim == 1, connectivity=1).max() == 2
+    gap = np.flatnonzero(small_core[15]).min() - np.flatnonzero(big_core[15]).max() - 1
+    assert gap > np.flatnonzero((outline == 1)[15] & (instances[15] == 8)).min() \
+        - np.flatnonzero((outline == 1)[15] & (instances[15] == 3)).max() - 1
+    assert np.array_equal(contour_target(instances, 0.0), outline)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="rim_fraction"):
+            contour_target(instances, bad)
+
+
+def test_dataset_passes_rim_fraction_to_its_targets(tmp_path):
+    import tifffile
+
+    from napari_feddp.training.dataset import contour_target
+
+    for sub in ("images", "masks", "instances"):
+        (tmp_path / sub).mkdir()
+    instances = np.zeros((32, 32), np.uint16)
+    instances[4:16, 4:16], instances[4:16, 16:28] = 1, 2
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(((instances > 0) * 255).astype(np.uint8)).save(tmp_path / "masks" / "a.png")
+    tifffile.imwrite(tmp_path / "instances" / "a.tif", instances)
+    dataset = SegmentationDataset(tmp_path, n_classes=3, crop_size=32, mode="center", rim_fraction=0.4)
+    _, target = dataset.load_tile(0)
+    assert np.array_equal(target, contour_target(instances.astype(np.int32), 0.4))
+    assert not np.array_equal(target, contour_target(instances.astype(np.int32)))
+    with pytest.raises(ValueError, match="rim_fraction"):
+        SegmentationDataset(tmp_path, n_classes=3, rim_fraction=1.5)

@@ -129,6 +129,9 @@ class RunSettings(_FlatConfig):
     model_groups: int = _setting(8, "GroupNorm groups of the UNet", ge=1)
     in_channels: int = _setting(3, "input channels of the UNet", ge=1)
     n_classes: int = _setting(2, "output classes of the UNet, background included", ge=1)
+    rim_fraction: float = _setting(
+        0.0, "contour models (3 classes): the contour class is each nucleus's rim, the pixels nearer its edge "
+        "than this fraction of its largest inner distance (0: the one-pixel outline)", cli=True, ge=0, lt=1)
     mpp: float = _setting(0.5, "model pixel size (µm/px)", cli=True, gt=0)
     source_mpp: float = _setting(0.5, "pixel size of lab tiles without provenance (MoNuSeg: 0.25)",
                                  cli=True, cli_default=0.25, gt=0)

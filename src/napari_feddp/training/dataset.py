@@ -201,14 +201,30 @@ def resample_pair(image: np.ndarray, mask: np.ndarray, scale: float) -> tuple[np
     return image_out, classes[np.argmax(cover, axis=-1)].astype(mask.dtype)
 
 
-def contour_target(instances: np.ndarray) -> np.ndarray:
+def contour_target(instances: np.ndarray, rim_fraction: float = 0.0) -> np.ndarray:
     """Three-class target of an instance map: 0 background, 1 nucleus interior, 2 nucleus contour.
 
-    The contour is each nucleus's own one-pixel outline (pixels with a 4-neighbour
-    outside the nucleus), so touching nuclei are separated by two contour pixels.
+    With ``rim_fraction`` 0 the contour is each nucleus's own one-pixel outline (pixels
+    with a 4-neighbour outside the nucleus), so touching nuclei are separated by two
+    contour pixels. With ``rim_fraction`` f in (0, 1) it is the nucleus's rim: the outline
+    and every pixel whose distance to the outline is under f times the nucleus's largest
+    such distance (its inner-distance map, normalised per nucleus, cut at f), so the
+    interior is a core shrunk in proportion to the nucleus's size.
     """
-    outline = find_boundaries(instances, connectivity=1, mode="inner") & (instances > 0)
-    return np.where(instances > 0, np.where(outline, 2, 1), 0).astype(np.uint8)
+    if not 0.0 <= rim_fraction < 1.0:
+        raise ValueError(f"rim_fraction: expected a fraction in [0, 1), received {rim_fraction!r}")
+    inside = instances > 0
+    outline = find_boundaries(instances, connectivity=1, mode="inner") & inside
+    rim = outline
+    if rim_fraction > 0 and inside.any():
+        from scipy import ndimage as ndi
+
+        distance = ndi.distance_transform_edt(inside & ~outline)
+        ids = np.unique(instances[inside])
+        largest = np.zeros(int(ids.max()) + 1)
+        largest[ids] = ndi.maximum(distance, instances, index=ids)
+        rim = outline | (inside & (distance < rim_fraction * largest[instances]))
+    return np.where(inside, np.where(rim, 2, 1), 0).astype(np.uint8)
 
 
 class SegmentationDataset(Dataset):
@@ -241,6 +257,10 @@ class SegmentationDataset(Dataset):
         Targets for a contour model (background, nucleus interior, nucleus contour;
         :func:`contour_target`) from ``instances/`` or, without it, from the mask's connected
         components. Default: when ``n_classes == 3``.
+    rim_fraction : float
+        Contour models: the contour class is each nucleus's rim, cut from its normalised
+        inner-distance map at this fraction (:func:`contour_target`); 0, the default, is
+        the one-pixel outline.
     mask_mode : {"auto", "binary", "classes"}
         How mask values are read (see :func:`~napari_feddp.training._io.read_mask`).
     normalization : (mean, std) or None
@@ -270,6 +290,7 @@ class SegmentationDataset(Dataset):
         augment: bool | Augmentation = True,
         n_classes: int = 2,
         contours: bool | None = None,
+        rim_fraction: float = 0.0,
         mask_mode: str = "auto",
         normalization: tuple[Sequence[float], Sequence[float]] | None = None,
         seed: int | None = None,
@@ -293,6 +314,9 @@ class SegmentationDataset(Dataset):
         self.contours = self.n_classes == 3 if contours is None else bool(contours)
         if self.contours and self.n_classes != 3:
             raise ValueError(f"contours: a contour model has 3 classes, received n_classes={n_classes}")
+        if not 0.0 <= rim_fraction < 1.0:
+            raise ValueError(f"rim_fraction: expected a fraction in [0, 1), received {rim_fraction!r}")
+        self.rim_fraction = float(rim_fraction)
         self.mask_mode = mask_mode
         self.normalization = _normalization_arrays(normalization)
         self.cache = cache
@@ -366,7 +390,7 @@ class SegmentationDataset(Dataset):
             _check_same_size(image.shape[:2], instances.shape, pair.image_path, path)
             if not math.isclose(scale, 1.0, rel_tol=1e-6):
                 image = resize_image(image, scaled_size(image.shape[:2], scale))
-            result = image, contour_target(resample_instances(instances, image.shape[:2]))
+            result = image, contour_target(resample_instances(instances, image.shape[:2]), self.rim_fraction)
         else:
             mask = read_mask(pair.mask_path, n_classes=self.n_classes, mask_mode=self.mask_mode)
             _check_same_size(image.shape[:2], mask.shape, pair.image_path, pair.mask_path)
