@@ -154,7 +154,8 @@ def _dataset(request: LocalRequest, mode: str):
         raise ValueError("node setting 'data-dir' is empty: this lab has no dataset configured")
     return SegmentationDataset(folder, crop_size=settings.crop_size, mode=mode, source_mpp=settings.source_mpp,
                                target_mpp=settings.mpp, n_classes=settings.n_classes,
-                               rim_fraction=settings.rim_fraction, normalization=(IMAGENET_MEAN, IMAGENET_STD), augment=mode == "train", seed=None)
+                               rim_fraction=settings.rim_fraction, normalization=(IMAGENET_MEAN, IMAGENET_STD),
+                               augment=mode == "train", seed=None)
 
 
 def ledger_dir(node: NodeSettings) -> Path:
