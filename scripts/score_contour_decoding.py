@@ -48,7 +48,7 @@ def main() -> int:
     import numpy as np
 
     from napari_feddp.evaluation import predict_image
-    from napari_feddp.inference.instances import contour_class_of, nuclei_from_classes, split_nuclei
+    from napari_feddp.inference.instances import contour_class_of, grow_markers, nuclei_from_classes, split_nuclei
     from napari_feddp.segmentation import load_model
     from napari_feddp.training._io import find_instance_map, read_image, read_instances
     from napari_feddp.training.dataset import find_pairs
@@ -56,19 +56,8 @@ def main() -> int:
 
     def cores_split(classes, mpp):
         """Interiors split by the distance watershed, then grown over the foreground."""
-        from scipy import ndimage as ndi
-        from skimage.measure import label
-        from skimage.segmentation import watershed
-
         foreground = nuclei_from_classes(classes, mpp, contour_class=2) > 0  # the product's speck filter
-        markers = split_nuclei((classes == 1) & foreground, mpp)
-        pieces = label(foreground, connectivity=1)  # foreground without an interior: a nucleus of its own
-        unmarked = np.setdiff1d(np.unique(pieces[foreground]), np.unique(pieces[markers > 0]))
-        if unmarked.size:
-            extra = np.zeros(int(pieces.max()) + 1, np.int32)
-            extra[unmarked] = np.arange(markers.max() + 1, markers.max() + 1 + unmarked.size)
-            markers = np.where(markers > 0, markers, extra[pieces])
-        return watershed(-ndi.distance_transform_edt(foreground), markers, mask=foreground)
+        return grow_markers(split_nuclei((classes == 1) & foreground, mpp), foreground)
 
     decoders = {
         "contours": lambda c, mpp: nuclei_from_classes(c, mpp, contour_class=2),

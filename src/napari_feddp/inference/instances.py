@@ -99,10 +99,8 @@ def nuclei_from_contours(
     every contour pixel (and smaller interior piece) to the nucleus it borders. Foreground
     without any marker (a small nucleus drawn as contour only) is one nucleus per connected piece.
     """
-    from scipy import ndimage as ndi
     from skimage.measure import label
     from skimage.morphology import remove_small_objects
-    from skimage.segmentation import watershed
 
     classes = np.asarray(classes)
     if classes.ndim != 2:
@@ -115,9 +113,18 @@ def nuclei_from_contours(
     min_size = max(1, int(round(min_marker_area_um2 / mpp**2)))
     interior = remove_small_objects(classes == nucleus_class, max_size=min_size - 1) if min_size > 1 \
         else classes == nucleus_class
-    markers = label(interior, connectivity=1).astype(np.int32)
+    return grow_markers(label(interior, connectivity=1).astype(np.int32), foreground)
+
+
+def grow_markers(markers: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """Instance labels (int32) grown from ``markers`` (int, 0: none) over the boolean ``foreground``
+    by a watershed on the distance to the background; a foreground piece holding no marker
+    becomes one nucleus of its own."""
+    from scipy import ndimage as ndi
+    from skimage.measure import label
+    from skimage.segmentation import watershed
+
     count = int(markers.max())
-    # Foreground pieces that hold no marker become nuclei of their own.
     pieces = label(foreground, connectivity=1)
     unmarked = np.setdiff1d(np.unique(pieces[foreground]), np.unique(pieces[markers > 0]))
     if unmarked.size:

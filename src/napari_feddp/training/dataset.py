@@ -201,6 +201,11 @@ def resample_pair(image: np.ndarray, mask: np.ndarray, scale: float) -> tuple[np
     return image_out, classes[np.argmax(cover, axis=-1)].astype(mask.dtype)
 
 
+def _check_rim_fraction(rim_fraction: float) -> None:
+    if not 0.0 <= rim_fraction < 1.0:
+        raise ValueError(f"rim_fraction: expected a fraction in [0, 1), received {rim_fraction!r}")
+
+
 def contour_target(instances: np.ndarray, rim_fraction: float = 0.0) -> np.ndarray:
     """Three-class target of an instance map: 0 background, 1 nucleus interior, 2 nucleus contour.
 
@@ -211,8 +216,7 @@ def contour_target(instances: np.ndarray, rim_fraction: float = 0.0) -> np.ndarr
     such distance (its inner-distance map, normalised per nucleus, cut at f), so the
     interior is a core shrunk in proportion to the nucleus's size.
     """
-    if not 0.0 <= rim_fraction < 1.0:
-        raise ValueError(f"rim_fraction: expected a fraction in [0, 1), received {rim_fraction!r}")
+    _check_rim_fraction(rim_fraction)
     inside = instances > 0
     outline = find_boundaries(instances, connectivity=1, mode="inner") & inside
     rim = outline
@@ -314,8 +318,7 @@ class SegmentationDataset(Dataset):
         self.contours = self.n_classes == 3 if contours is None else bool(contours)
         if self.contours and self.n_classes != 3:
             raise ValueError(f"contours: a contour model has 3 classes, received n_classes={n_classes}")
-        if not 0.0 <= rim_fraction < 1.0:
-            raise ValueError(f"rim_fraction: expected a fraction in [0, 1), received {rim_fraction!r}")
+        _check_rim_fraction(rim_fraction)
         self.rim_fraction = float(rim_fraction)
         self.mask_mode = mask_mode
         self.normalization = _normalization_arrays(normalization)
