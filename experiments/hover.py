@@ -173,6 +173,8 @@ def nuclei_from_maps(nucleus: np.ndarray, maps: np.ndarray, mpp: float, *, smoot
     from skimage.morphology import disk, remove_small_objects
     from skimage.segmentation import watershed
 
+    from napari_feddp.inference.instances import grow_markers
+
     min_pixels = max(1, round(min_area_um2 / mpp**2))
     mask = nucleus > 0.5
     mask = remove_small_objects(mask, max_size=min_pixels - 1) if min_pixels > 1 else mask
@@ -191,13 +193,8 @@ def nuclei_from_maps(nucleus: np.ndarray, maps: np.ndarray, mpp: float, *, smoot
     min_marker = round(min_marker_um2 / mpp**2)
     markers = label(remove_small_objects(markers, max_size=min_marker - 1) if min_marker > 1 else markers,
                     connectivity=1)
-    from napari_feddp.inference.instances import grow_markers
-
-    if not markers.any():
-        return grow_markers(markers.astype(np.int32), mask)
-    labels = watershed(edge, markers, mask=mask).astype(np.int32)
-    # Foreground pieces without a marker still become nuclei.
-    return grow_markers(labels, mask)
+    labels = watershed(edge, markers, mask=mask) if markers.any() else markers
+    return grow_markers(labels.astype(np.int32), mask)  # foreground without a marker: a nucleus of its own
 
 
 # --------------------------------------------------------------------------- training
