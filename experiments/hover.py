@@ -89,6 +89,11 @@ def _sobel(maps: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(maps, (2, 2, 2, 2), mode="replicate"), kernels, groups=2)
 
 
+def _classes(target: torch.Tensor) -> torch.Tensor:
+    """Nucleus / background targets of instance maps (:data:`IGNORE_INDEX` kept)."""
+    return torch.where(target != IGNORE_INDEX, (target > 0).long(), IGNORE_INDEX)
+
+
 class HoverLoss(nn.Module):
     """Per-sample ``DiceCE(classes) + MSE(maps) + MSGE(map gradients inside nuclei)``.
 
@@ -110,8 +115,7 @@ class HoverLoss(nn.Module):
             raise ValueError(f"HoverLoss: expected output (B, {CHANNELS}, H, W) and target (B, H, W), "
                              f"received {tuple(output.shape)} and {tuple(target.shape)}")
         valid = target != IGNORE_INDEX
-        classes = torch.where(valid, (target > 0).long(), IGNORE_INDEX)
-        loss = self.classes.per_sample(output[:, :2], classes)
+        loss = self.classes.per_sample(output[:, :2], _classes(target))
         maps, truth = output[:, 2:], hv_maps(target)
         n_valid = valid.flatten(1).sum(1).clamp(min=1)
         mse = ((maps - truth) ** 2 * valid.unsqueeze(1)).flatten(1).sum(1) / (2 * n_valid)
@@ -129,22 +133,12 @@ class InstanceDataset(SegmentationDataset):
         super().__init__(dataset_dir, n_classes=3, **kwargs)
 
     def load_tile(self, tile: int) -> tuple[np.ndarray, np.ndarray]:
-        if tile in self._cache:
-            return self._cache[tile]
-        from skimage.measure import label
-
-        from napari_feddp.training._io import find_instance_map, read_image, read_instances, read_mask
-
-        if not math.isclose(self._scale(tile), 1.0, rel_tol=1e-6):
-            raise ValueError(f"InstanceDataset: tiles must be at the model's pixel size ({self.target_mpp} µm/px)")
-        pair = self.pairs[tile]
-        path = find_instance_map(self.dataset_dir, pair.name)
-        instances = read_instances(path) if path is not None else \
-            label(read_mask(pair.mask_path, mask_mode="binary"), connectivity=1)
-        result = read_image(pair.image_path), instances.astype(np.int32)
-        if self.cache:
-            self._cache[tile] = result
-        return result
+        if tile not in self._cache:
+            image, instances = self.load_instances(tile)
+            if not self.cache:
+                return image, instances.astype(np.int32, copy=False)
+            self._cache[tile] = image, instances.astype(np.int32, copy=False)
+        return self._cache[tile]
 
 
 # --------------------------------------------------------------------------- decoding
@@ -208,7 +202,7 @@ class ForegroundLoss(nn.Module):
         self.classes = DiceCELoss()
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.classes(output, torch.where(target != IGNORE_INDEX, (target > 0).long(), IGNORE_INDEX))
+        return self.classes(output, _classes(target))
 
 
 #: Model heads: output channels and loss.
@@ -281,8 +275,7 @@ def predict(model: nn.Module, image: np.ndarray, source_mpp: float, mpp: float) 
     h, w = (round(s * source_mpp / mpp) for s in image.shape[:2])
     pixels = torch.from_numpy(resize_image(image, (h, w)).astype(np.float32) / 255.0).permute(2, 0, 1)
     pixels = (pixels - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    step = 2 ** (getattr(model, "depth", 4))
-    pad_y, pad_x = -h % step, -w % step
+    pad_y, pad_x = -h % model.size_multiple, -w % model.size_multiple
     pixels = F.pad(pixels.unsqueeze(0), (0, pad_x, 0, pad_y), mode="reflect")
     model.eval()
     with torch.no_grad():

@@ -104,8 +104,10 @@ def test_dp_sgd_trains_the_four_output_model_on_instance_targets(tmp_path):
     model, record = train(tmp_path, settings, steps=2, seed=0, noise=1.0)
     assert record["steps"] == 2 and 0 < record["epsilon"] < float("inf")
     assert not hasattr(next(model.parameters()), "grad_sample")  # Opacus' hooks removed
-    with pytest.raises(ValueError, match="model's pixel size"):
-        InstanceDataset(tmp_path, crop_size=16, source_mpp=0.25, target_mpp=0.5).load_tile(0)
+    # Tiles at another pixel size are resampled with their instance maps (ids kept, none invented).
+    image, instances = InstanceDataset(tmp_path, crop_size=16, source_mpp=0.25, target_mpp=0.5).load_tile(0)
+    assert image.shape == (12, 20, 3) and instances.shape == (12, 20) and instances.dtype == np.int32
+    assert set(np.unique(instances).tolist()) == {0, 1, 2}
 
 
 def test_map_fit_is_one_for_the_true_maps_and_zero_for_flat_maps():

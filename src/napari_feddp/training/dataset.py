@@ -381,26 +381,40 @@ class SegmentationDataset(Dataset):
         """
         if tile in self._cache:
             return self._cache[tile]
-        pair, scale = self.pairs[tile], self._scale(tile)
-        image = read_image(pair.image_path)
         if self.contours:
-            path = find_instance_map(self.dataset_dir, pair.name)
-            if path is not None:
-                instances = read_instances(path)
-            else:
-                path = pair.mask_path
-                instances = label(read_mask(path, mask_mode="binary"), connectivity=1)
-            _check_same_size(image.shape[:2], instances.shape, pair.image_path, path)
-            if not math.isclose(scale, 1.0, rel_tol=1e-6):
-                image = resize_image(image, scaled_size(image.shape[:2], scale))
-            result = image, contour_target(resample_instances(instances, image.shape[:2]), self.rim_fraction)
+            image, instances = self.load_instances(tile)
+            result = image, contour_target(instances, self.rim_fraction)
         else:
+            pair, scale = self.pairs[tile], self._scale(tile)
+            image = read_image(pair.image_path)
             mask = read_mask(pair.mask_path, n_classes=self.n_classes, mask_mode=self.mask_mode)
             _check_same_size(image.shape[:2], mask.shape, pair.image_path, pair.mask_path)
             result = resample_pair(image, mask, scale)
         if self.cache:
             self._cache[tile] = result
         return result
+
+    def load_instances(self, tile: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded, validated and resampled ``(image (H, W, 3) uint8, instances (H, W) int)`` of a
+        tile: its ``instances/`` map, else the connected components of its mask (not cached).
+
+        Raises
+        ------
+        DatasetError
+            If a file is corrupt or its decoded size differs from the image's.
+        """
+        pair, scale = self.pairs[tile], self._scale(tile)
+        image = read_image(pair.image_path)
+        path = find_instance_map(self.dataset_dir, pair.name)
+        if path is not None:
+            instances = read_instances(path)
+        else:
+            path = pair.mask_path
+            instances = label(read_mask(path, mask_mode="binary"), connectivity=1)
+        _check_same_size(image.shape[:2], instances.shape, pair.image_path, path)
+        if not math.isclose(scale, 1.0, rel_tol=1e-6):
+            image = resize_image(image, scaled_size(image.shape[:2], scale))
+        return image, resample_instances(instances, image.shape[:2])
 
     def verify(self) -> None:
         """Decode every tile once, raising :class:`DatasetError` on the first bad file."""
